@@ -1,0 +1,58 @@
+#pragma once
+// Exceptions and argument checks. Messages name the component, the parameter and the values:
+//   "moe::TopKRouter: k must satisfy 1 <= k <= num_experts (k = 0, num_experts = 8)"
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "config.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+// A caller passed something the API does not accept (shape, range, option).
+class invalid_argument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// A value is not finite where a finite value is required (logits, scores).
+class numeric_error : public std::domain_error {
+ public:
+  using std::domain_error::domain_error;
+};
+
+namespace detail {
+
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+template <class... Parts>
+[[noreturn]] void throw_invalid(const Parts&... parts) {
+  MOE_THROW(::moe::invalid_argument(concat("moe::", parts...)));
+}
+
+template <class... Parts>
+[[noreturn]] void throw_numeric(const Parts&... parts) {
+  MOE_THROW(::moe::numeric_error(concat("moe::", parts...)));
+}
+
+// Checks that `actual == expected` for a named dimension, e.g.
+//   check_dim("MoELayer::forward", "x.cols()", x.cols(), "d", d)
+//   -> "moe::MoELayer::forward: x.cols() must equal d (x.cols() = 7, d = 8)"
+template <class A, class B>
+void check_dim(const char* where, const char* actual_name, const A& actual, const char* expected_name,
+               const B& expected) {
+  if (actual != expected) {
+    throw_invalid(where, ": ", actual_name, " must equal ", expected_name, " (", actual_name, " = ", actual, ", ",
+                  expected_name, " = ", expected, ")");
+  }
+}
+
+}  // namespace detail
+
+MOE_NAMESPACE_END

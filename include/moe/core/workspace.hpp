@@ -1,0 +1,36 @@
+#pragma once
+// Growable, reusable buffers: they grow to the largest size requested and never shrink, so once
+// a workspace has seen the largest batch, further use performs no heap allocation.
+#include <cstddef>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "config.hpp"
+#include "types.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+template <class T>
+class Buffer {
+ public:
+  // Returns storage for at least `n` elements. Contents are unspecified; pointers from earlier
+  // calls are invalidated only when the buffer has to grow.
+  T* ensure(index_t n) {
+    if (static_cast<std::size_t>(n) > data_.size()) data_.resize(static_cast<std::size_t>(n));
+    return data_.data();
+  }
+  std::size_t capacity() const noexcept { return data_.size(); }
+
+ private:
+  std::vector<T, Eigen::aligned_allocator<T>> data_;  // 16/32/64-byte aligned for SIMD loads
+};
+
+// Resizes a std::vector without releasing memory; allocation happens only when it grows past
+// its capacity. Used by the routing plan, whose arrays are reused across batches.
+template <class V>
+void resize_keep(V& v, index_t n) {
+  v.resize(static_cast<std::size_t>(n));
+}
+
+MOE_NAMESPACE_END

@@ -1,0 +1,28 @@
+#pragma once
+// Combine: y row t = Σ weight · expert output row, over token t's assignments in rank order.
+// Each output row is written once; the fixed order makes the bits independent of threads.
+#include <cstddef>
+
+#include "../core/types.hpp"
+#include "../routing/routing.hpp"
+#include "../simd/rows.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+// y [T, d] (rows `ldy` apart) from expert_out [A, d] in the plan's expert-grouped order.
+// Tokens with no assignment get zeros.
+template <class Arch, class T>
+void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, T* y, index_t ldy) {
+  const index_t T_ = plan.num_tokens;
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for schedule(static) if (T_ * d > 65536)
+#endif
+  for (index_t t = 0; t < T_; ++t) {
+    const index_t first = plan.token_begin[t];
+    simd::weighted_row_sum(arch, expert_out, static_cast<std::size_t>(d), plan.assignment.data() + first,
+                           plan.weight.data(), static_cast<std::size_t>(plan.token_begin[t + 1] - first), y + t * ldy,
+                           static_cast<std::size_t>(d));
+  }
+}
+
+MOE_NAMESPACE_END

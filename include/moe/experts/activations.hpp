@@ -1,0 +1,80 @@
+#pragma once
+// Activation functions, each usable on a scalar and on an xsimd batch with the same formula.
+#include <cmath>
+#include <cstddef>
+
+#include "../simd/arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+// max(x, 0).
+struct ReLU {
+  static constexpr const char* name = "relu";
+  template <class V>
+  static V apply(const V& x) noexcept {
+    using std::max;
+    using xsimd::max;
+    return max(x, V(0));
+  }
+};
+
+// Exact GELU: x · Φ(x) = 0.5 · x · (1 + erf(x / √2)) (PyTorch approximate='none').
+struct GELU {
+  static constexpr const char* name = "gelu";
+  template <class V>
+  static V apply(const V& x) noexcept {
+    using std::erf;
+    using xsimd::erf;
+    return V(0.5) * x * (V(1) + erf(x * V(0.70710678118654752440)));
+  }
+};
+
+// Tanh GELU: 0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) (PyTorch approximate='tanh').
+struct GELUTanh {
+  static constexpr const char* name = "gelu_tanh";
+  template <class V>
+  static V apply(const V& x) noexcept {
+    using std::tanh;
+    using xsimd::tanh;
+    return V(0.5) * x * (V(1) + tanh(V(0.79788456080286535588) * (x + V(0.044715) * x * x * x)));
+  }
+};
+
+// SiLU (swish): x · sigmoid(x) = x / (1 + exp(-x)).
+struct SiLU {
+  static constexpr const char* name = "silu";
+  template <class V>
+  static V apply(const V& x) noexcept {
+    using std::exp;
+    using xsimd::exp;
+    return x / (V(1) + exp(-x));
+  }
+};
+
+namespace simd {
+
+// x[0, n) = act(x[0, n)).
+template <class Activation, class Arch, class T>
+void activate(Arch, T* x, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) Activation::apply(B::load_unaligned(x + i)).store_unaligned(x + i);
+  for (; i < n; ++i) x[i] = Activation::apply(x[i]);
+}
+
+// gate[0, n) = act(gate) ⊙ up.
+template <class Activation, class Arch, class T>
+void gated_activate(Arch, T* gate, const T* up, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    (Activation::apply(B::load_unaligned(gate + i)) * B::load_unaligned(up + i)).store_unaligned(gate + i);
+  }
+  for (; i < n; ++i) gate[i] = Activation::apply(gate[i]) * up[i];
+}
+
+}  // namespace simd
+
+MOE_NAMESPACE_END

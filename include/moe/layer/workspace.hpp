@@ -1,0 +1,22 @@
+#pragma once
+// Per-caller reusable memory for MoELayer::forward. It grows to the largest batch seen and is
+// then reused, so a warm forward performs no heap allocation. One workspace per thread: a layer
+// is const and may be shared, a workspace may not.
+//
+// (It lives in layer/ rather than core/ because it holds a RouterOutput, and core/ sits above
+// routing/ in the dependency order.)
+#include "../core/types.hpp"
+#include "../core/workspace.hpp"
+#include "../routing/router_output.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+template <class T>
+struct Workspace {
+  RouterOutput<T> routing;  // logits, scores and plan of the last forward
+  Buffer<T> dispatched;     // [A, d] expert-grouped token rows
+  Buffer<T> expert_out;     // [A, d] expert outputs in the same order
+  Buffer<T> scratch;        // expert hidden activations
+};
+
+MOE_NAMESPACE_END

@@ -1,0 +1,23 @@
+#pragma once
+// moe: Mixture-of-Experts layers for the CPU. The umbrella header: includes the public headers.
+#include "version.hpp"
+
+#include "core/error.hpp"
+#include "core/types.hpp"
+#include "core/weight.hpp"
+#include "core/workspace.hpp"
+
+#include "experts/activations.hpp"
+#include "experts/feed_forward.hpp"
+#include "experts/gated_feed_forward.hpp"
+
+#include "routing/context.hpp"
+#include "routing/router_output.hpp"
+#include "routing/routing.hpp"
+#include "routing/top_k.hpp"
+
+#include "dispatch/combine.hpp"
+#include "dispatch/dispatch.hpp"
+
+#include "layer/moe_layer.hpp"
+#include "layer/workspace.hpp"

@@ -1,0 +1,50 @@
+#pragma once
+// What a sparse router produces for a batch: the logits and scores that losses and backward need,
+// and the Routing plan the hot path executes. Reused across batches: once it has seen the largest
+// batch, routing into it allocates nothing.
+#include "../core/types.hpp"
+#include "../core/workspace.hpp"
+#include "routing.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+template <class T>
+class RouterOutput {
+ public:
+  Routing<T> plan;
+
+  index_t num_tokens() const noexcept { return num_tokens_; }
+  index_t num_experts() const noexcept { return num_experts_; }
+  // [T, E] router logits x · Wᵀ (without any selection bias).
+  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_data_, num_tokens_, num_experts_); }
+  // [T, E] scores: softmax over experts or sigmoid of the logits, as the router is configured.
+  ConstMatrixMap<T> scores() const noexcept { return ConstMatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
+
+  // For routers: sizes the [T, E] buffers and returns writable views of them.
+  void reshape(index_t tokens, index_t experts) {
+    num_tokens_ = tokens;
+    num_experts_ = experts;
+    logits_data_ = logits_.ensure(tokens * experts);
+    scores_data_ = scores_.ensure(tokens * experts);
+  }
+  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_data_, num_tokens_, num_experts_); }
+  MatrixMap<T> mutable_scores() noexcept { return MatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
+
+  // Router scratch: token-major choices before the plan is built, and per-row selection buffers.
+  Buffer<index_t> choice_begin;   // [T + 1]
+  Buffer<index_t> choice_expert;  // [T · k]
+  Buffer<T> choice_weight;        // [T · k]
+  Buffer<T> row_values;           // [E] selection values of one row
+  Buffer<T> row_scratch;          // [E]
+  Buffer<index_t> row_indices;    // [E]
+
+ private:
+  index_t num_tokens_ = 0;
+  index_t num_experts_ = 0;
+  Buffer<T> logits_;
+  Buffer<T> scores_;
+  T* logits_data_ = nullptr;
+  T* scores_data_ = nullptr;
+};
+
+MOE_NAMESPACE_END

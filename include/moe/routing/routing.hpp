@@ -1,0 +1,82 @@
+#pragma once
+// The Routing plan: the one hand-off between every sparse router and the hot path.
+//
+// A plan is a list of assignments (token, expert, weight), stored twice:
+//  - grouped by expert: expert e owns assignments [expert_begin[e], expert_begin[e+1]) of
+//    `token` and `weight`, tokens ascending inside each expert (the dispatch order);
+//  - grouped by token: token t owns [token_begin[t], token_begin[t+1]) of `assignment`, which
+//    holds indices into the expert-grouped arrays in the token's rank order (best expert first),
+//    so combine sums each token's contributions in a fixed order without atomics.
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "../core/workspace.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+template <class T>
+struct Routing {
+  index_t num_tokens = 0;
+  index_t num_experts = 0;
+  std::vector<index_t> expert_begin;  // [E + 1]
+  std::vector<index_t> token;         // [A] token of each assignment, grouped by expert
+  std::vector<T> weight;              // [A] combine weight of each assignment, grouped by expert
+  std::vector<index_t> token_begin;   // [T + 1]
+  std::vector<index_t> assignment;    // [A] per token, in rank order: index into token/weight
+  std::vector<index_t> dropped;       // tokens that lost one or more chosen experts to capacity
+  std::vector<index_t> fill_cursor;   // [E] scratch for build_routing, kept to avoid reallocation
+
+  index_t num_assignments() const noexcept { return static_cast<index_t>(token.size()); }
+  index_t tokens_of(index_t expert) const noexcept { return expert_begin[expert + 1] - expert_begin[expert]; }
+  index_t experts_of(index_t tok) const noexcept { return token_begin[tok + 1] - token_begin[tok]; }
+
+  // The expert that owns expert-grouped assignment `a` (binary search over expert_begin).
+  index_t expert_of_assignment(index_t a) const noexcept {
+    const auto it = std::upper_bound(expert_begin.begin(), expert_begin.end(), a);
+    return static_cast<index_t>(it - expert_begin.begin()) - 1;
+  }
+};
+
+// Builds `plan` from token-major choices: token t chose experts[c] with weight weights[c] for c in
+// [choice_begin[t], choice_begin[t+1]), best first. O(T·k) counting sort; reuses the plan's
+// memory. `dropped` is left untouched (the caller owns drop policy).
+template <class T>
+void build_routing(index_t num_tokens, index_t num_experts, const index_t* choice_begin, const index_t* experts,
+                   const T* weights, Routing<T>& plan) {
+  const index_t num_choices = num_tokens > 0 ? choice_begin[num_tokens] : 0;
+  for (index_t c = 0; c < num_choices; ++c) {
+    if (experts[c] < 0 || experts[c] >= num_experts) {
+      detail::throw_invalid("build_routing: expert id out of range (expert = ", experts[c], ", num_experts = ", num_experts,
+                            ", choice = ", c, ")");
+    }
+  }
+  plan.num_tokens = num_tokens;
+  plan.num_experts = num_experts;
+  resize_keep(plan.expert_begin, num_experts + 1);
+  resize_keep(plan.token, num_choices);
+  resize_keep(plan.weight, num_choices);
+  resize_keep(plan.token_begin, num_tokens + 1);
+  resize_keep(plan.assignment, num_choices);
+
+  // Count per expert, exclusive scan, then a stable fill in token order (tokens ascend within
+  // each expert because t ascends).
+  std::fill(plan.expert_begin.begin(), plan.expert_begin.end(), index_t(0));
+  for (index_t c = 0; c < num_choices; ++c) ++plan.expert_begin[experts[c] + 1];
+  for (index_t e = 0; e < num_experts; ++e) plan.expert_begin[e + 1] += plan.expert_begin[e];
+  plan.fill_cursor.assign(plan.expert_begin.begin(), plan.expert_begin.end() - 1);
+  for (index_t t = 0; t < num_tokens; ++t) {
+    plan.token_begin[t] = choice_begin[t];
+    for (index_t c = choice_begin[t]; c < choice_begin[t + 1]; ++c) {
+      const index_t slot = plan.fill_cursor[experts[c]]++;
+      plan.token[slot] = t;
+      plan.weight[slot] = weights[c];
+      plan.assignment[c] = slot;
+    }
+  }
+  plan.token_begin[num_tokens] = num_choices;
+}
+
+MOE_NAMESPACE_END

@@ -1,0 +1,75 @@
+#pragma once
+// Row movement for dispatch and combine: copy rows, gather rows, and the weighted sum of rows.
+#include <cstddef>
+
+#include "../core/types.hpp"
+#include "arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace simd {
+
+// dst[0, n) = src[0, n). Rows never overlap.
+template <class Arch, class T>
+void copy_row(Arch, const T* src, T* dst, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const B a = B::load_unaligned(src + i);
+    const B b = B::load_unaligned(src + i + L);
+    a.store_unaligned(dst + i);
+    b.store_unaligned(dst + i + L);
+  }
+  for (; i + L <= n; i += L) B::load_unaligned(src + i).store_unaligned(dst + i);
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// dst row r = src row rows[r], for r in [0, count); rows are n elements long.
+template <class Arch, class T>
+void gather_rows(Arch arch, const T* src, std::size_t src_stride, const index_t* rows, std::size_t count, T* dst,
+                 std::size_t dst_stride, std::size_t n) noexcept {
+  for (std::size_t r = 0; r < count; ++r) {
+    copy_row(arch, src + static_cast<std::size_t>(rows[r]) * src_stride, dst + r * dst_stride, n);
+  }
+}
+
+// y[0, n) += w * x[0, n).
+template <class Arch, class T>
+void axpy(Arch, T w, const T* x, T* y, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  const B vw(w);
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) xsimd::fma(vw, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+// out[0, n) = sum over j in [0, count) of row_weight[rows[j]] * src row rows[j], summed in j
+// order and written once (each output chunk is accumulated in registers). count == 0 gives zeros.
+// The fixed order makes the result independent of threads and of where the rows came from.
+template <class Arch, class T>
+void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t* rows, const T* row_weight,
+                      std::size_t count, T* out, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    B acc(T(0));
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t r = static_cast<std::size_t>(rows[j]);
+      acc = xsimd::fma(B(row_weight[r]), B::load_unaligned(src + r * src_stride + i), acc);
+    }
+    acc.store_unaligned(out + i);
+  }
+  for (; i < n; ++i) {
+    T acc(0);
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t r = static_cast<std::size_t>(rows[j]);
+      acc = std::fma(row_weight[r], src[r * src_stride + i], acc);
+    }
+    out[i] = acc;
+  }
+}
+
+}  // namespace simd
+MOE_NAMESPACE_END

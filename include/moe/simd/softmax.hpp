@@ -1,0 +1,89 @@
+#pragma once
+// Row-wise score functions: softmax, sigmoid and log-sum-exp over one contiguous row.
+#include <cmath>
+#include <cstddef>
+#include <limits>
+
+#include "arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace simd {
+
+// Largest element of x[0, n); -infinity for n == 0.
+template <class Arch, class T>
+T max_value(Arch, const T* x, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  T m = -std::numeric_limits<T>::infinity();
+  std::size_t i = 0;
+  if (n >= L) {
+    B vm = B::load_unaligned(x);
+    for (i = L; i + L <= n; i += L) vm = xsimd::max(vm, B::load_unaligned(x + i));
+    m = reduce_max(vm);
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// out[i] = exp(x[i] - shift); returns the sum of out. `out` may equal `x`.
+template <class Arch, class T>
+T exp_shifted(Arch, const T* x, T shift, T* out, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  const B vshift(shift);
+  B vsum(T(0));
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    const B e = xsimd::exp(B::load_unaligned(x + i) - vshift);
+    e.store_unaligned(out + i);
+    vsum += e;
+  }
+  T sum = reduce_add(vsum);
+  for (; i < n; ++i) {
+    out[i] = std::exp(x[i] - shift);
+    sum += out[i];
+  }
+  return sum;
+}
+
+// out[i] *= factor.
+template <class Arch, class T>
+void scale(Arch, T factor, T* out, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  const B vf(factor);
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) (B::load_unaligned(out + i) * vf).store_unaligned(out + i);
+  for (; i < n; ++i) out[i] *= factor;
+}
+
+// out = softmax(x), stable (max subtracted). `out` may equal `x`. Finite input is assumed.
+template <class Arch, class T>
+void softmax(Arch arch, const T* x, T* out, std::size_t n) noexcept {
+  if (n == 0) return;
+  const T m = max_value(arch, x, n);
+  const T sum = exp_shifted(arch, x, m, out, n);
+  scale(arch, T(1) / sum, out, n);
+}
+
+// log(sum(exp(x))), stable; -infinity for n == 0. `scratch` holds n elements.
+template <class Arch, class T>
+T log_sum_exp(Arch arch, const T* x, T* scratch, std::size_t n) noexcept {
+  if (n == 0) return -std::numeric_limits<T>::infinity();
+  const T m = max_value(arch, x, n);
+  return m + std::log(exp_shifted(arch, x, m, scratch, n));
+}
+
+// out = 1 / (1 + exp(-x)). `out` may equal `x`. Saturates to 0 and 1 without overflow.
+template <class Arch, class T>
+void sigmoid(Arch, const T* x, T* out, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  const B one(T(1));
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) (one / (one + xsimd::exp(-B::load_unaligned(x + i)))).store_unaligned(out + i);
+  for (; i < n; ++i) out[i] = T(1) / (T(1) + std::exp(-x[i]));
+}
+
+}  // namespace simd
+MOE_NAMESPACE_END

@@ -1,0 +1,52 @@
+#pragma once
+// Top-k selection over one row in the library's total order: larger value first, and on equal
+// values the lower index first. Every router breaks ties this way (DESIGN.md §6).
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+
+#include "../core/types.hpp"
+#include "softmax.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace simd {
+
+// True when (va, ia) comes before (vb, ib) in the selection order.
+template <class T>
+constexpr bool ranks_before(T va, index_t ia, T vb, index_t ib) noexcept {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// For k at or below this, selection is k vectorized max passes; above it, a partial sort.
+inline constexpr std::size_t kTopKPassLimit = 8;
+
+// Writes the indices of the k best values of x[0, n) to out[0, k), best first.
+// Requires k <= n and values that are not NaN. Scratch: `values` and `indices`, n elements each.
+template <class Arch, class T>
+void top_k(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T* values, index_t* indices) noexcept {
+  if (k == 0) return;
+  if (k <= kTopKPassLimit) {
+    // k passes: vectorized max over a copy, then the first index holding it that is not taken.
+    // Taken entries are set to -inf; the explicit `taken` test keeps real -inf values correct.
+    std::copy(x, x + n, values);
+    for (std::size_t pass = 0; pass < k; ++pass) {
+      const T best = max_value(arch, values, n);
+      for (std::size_t i = 0; i < n; ++i) {
+        if (values[i] != best) continue;
+        const bool taken = std::find(out, out + pass, static_cast<index_t>(i)) != out + pass;
+        if (taken) continue;
+        out[pass] = static_cast<index_t>(i);
+        values[i] = -std::numeric_limits<T>::infinity();
+        break;
+      }
+    }
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) indices[i] = static_cast<index_t>(i);
+  std::partial_sort(indices, indices + k, indices + n,
+                    [x](index_t a, index_t b) { return ranks_before(x[a], a, x[b], b); });
+  std::copy(indices, indices + k, out);
+}
+
+}  // namespace simd
+MOE_NAMESPACE_END
