@@ -1,2 +1,244 @@
+// TopKRouter against a plain double reference, plan invariants, ties and errors.
 #include <catch2/catch.hpp>
-#include <moe/moe.hpp>
+
+#include <limits>
+#include <set>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+struct RefChoice {
+  std::vector<index_t> experts;
+  std::vector<double> weights;
+};
+
+// The router's documented math, written plainly, on one token's logits.
+RefChoice reference_top_k(const std::vector<double>& logits, const moe::TopKOptions& o, const std::vector<double>& bias) {
+  const index_t E = index_t(logits.size());
+  std::vector<double> scores(logits.size());
+  if (o.score == moe::ScoreFunction::softmax) {
+    scores = softmax(logits);
+  } else {
+    for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = sigmoid(logits[e]);
+  }
+  const bool on_logits = o.softmax_placement == moe::SoftmaxPlacement::after_top_k;
+  std::vector<double> selection = on_logits ? logits : scores;
+  for (index_t e = 0; e < E && !bias.empty(); ++e) selection[std::size_t(e)] += bias[std::size_t(e)];
+  RefChoice c;
+  c.experts = top_k(selection, o.k);
+  for (index_t e : c.experts) c.weights.push_back(on_logits ? logits[std::size_t(e)] : scores[std::size_t(e)]);
+  if (on_logits) c.weights = softmax(c.weights);
+  if (o.normalize) {
+    double sum = 0;
+    for (double w : c.weights) sum += w;
+    if (o.score == moe::ScoreFunction::sigmoid) sum += 1e-20;
+    for (double& w : c.weights) w /= sum;
+  }
+  for (double& w : c.weights) w *= o.scale;
+  return c;
+}
+
+// Invariants every Routing plan satisfies, whatever the router.
+template <class T>
+void check_plan_invariants(const moe::Routing<T>& plan) {
+  const index_t E = plan.num_experts, Tn = plan.num_tokens, A = plan.num_assignments();
+  REQUIRE(index_t(plan.expert_begin.size()) == E + 1);
+  REQUIRE(index_t(plan.token_begin.size()) == Tn + 1);
+  REQUIRE(plan.expert_begin[0] == 0);
+  REQUIRE(plan.expert_begin[std::size_t(E)] == A);
+  REQUIRE(plan.token_begin[0] == 0);
+  REQUIRE(plan.token_begin[std::size_t(Tn)] == A);
+  REQUIRE(index_t(plan.assignment.size()) == A);
+  for (index_t e = 0; e < E; ++e) {
+    REQUIRE(plan.expert_begin[std::size_t(e)] <= plan.expert_begin[std::size_t(e + 1)]);
+    for (index_t a = plan.expert_begin[std::size_t(e)] + 1; a < plan.expert_begin[std::size_t(e + 1)]; ++a)
+      REQUIRE(plan.token[std::size_t(a - 1)] < plan.token[std::size_t(a)]);  // ascending, no duplicates
+  }
+  std::vector<int> seen(std::size_t(A), 0);
+  for (index_t t = 0; t < Tn; ++t) {
+    std::set<index_t> experts;
+    for (index_t j = plan.token_begin[std::size_t(t)]; j < plan.token_begin[std::size_t(t + 1)]; ++j) {
+      const index_t a = plan.assignment[std::size_t(j)];
+      REQUIRE(a >= 0);
+      REQUIRE(a < A);
+      REQUIRE(plan.token[std::size_t(a)] == t);
+      ++seen[std::size_t(a)];
+      experts.insert(plan.expert_of_assignment(a));
+    }
+    REQUIRE(index_t(experts.size()) == plan.experts_of(t));  // a token never meets an expert twice
+  }
+  for (int s : seen) REQUIRE(s == 1);  // the token CSR is a permutation of the expert CSR
+}
+
+template <class T>
+void check_router_against_reference(index_t Tn, index_t d, index_t E, const moe::TopKOptions& o, bool with_bias,
+                                    std::uint32_t seed) {
+  const moe::Matrix<T> W = random_matrix<T>(E, d, seed, 0.5);
+  const moe::Matrix<T> x = random_matrix<T>(Tn, d, seed + 1);
+  moe::TopKRouter<T> router(moe::ConstMatrixMap<T>(W.data(), E, d), o);
+  std::vector<double> bias;
+  if (with_bias) {
+    const moe::Matrix<T> b = random_matrix<T>(E, 1, seed + 2, 0.3);
+    router.set_selection_bias(moe::Vector<T>(b.col(0)));
+    for (index_t e = 0; e < E; ++e) bias.push_back(double(b(e, 0)));
+  }
+  moe::RouterOutput<T> out;
+  router.route(x, out);
+  const auto& plan = out.plan;
+  check_plan_invariants(plan);
+  REQUIRE(out.logits().rows() == Tn);
+  REQUIRE(out.logits().cols() == E);
+
+  const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-12;
+  const Mat Wd = to_double(W), xd = to_double(x);
+  for (index_t t = 0; t < Tn; ++t) {
+    const std::vector<double> ref_logits = linear(Wd, xd[std::size_t(t)]);
+    for (index_t e = 0; e < E; ++e) {
+      REQUIRE(double(out.logits()(t, e)) == Approx(ref_logits[std::size_t(e)]).margin(tol * 10).epsilon(tol));
+    }
+    // Selection and weights from the router's own logits, so near-ties rounded differently in
+    // float cannot flip the reference's choice.
+    std::vector<double> logits(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) logits[std::size_t(e)] = double(out.logits()(t, e));
+    const RefChoice ref = reference_top_k(logits, o, bias);
+    REQUIRE(plan.experts_of(t) == o.k);
+    for (index_t j = 0; j < o.k; ++j) {
+      const index_t a = plan.assignment[std::size_t(plan.token_begin[std::size_t(t)] + j)];
+      CHECK(plan.expert_of_assignment(a) == ref.experts[std::size_t(j)]);
+      CHECK(double(plan.weight[std::size_t(a)]) == Approx(ref.weights[std::size_t(j)]).epsilon(tol).margin(tol));
+    }
+    const std::vector<double> ref_scores =
+        o.score == moe::ScoreFunction::softmax ? softmax(logits) : [&] {
+          std::vector<double> s(logits.size());
+          for (std::size_t e = 0; e < s.size(); ++e) s[e] = sigmoid(logits[e]);
+          return s;
+        }();
+    for (index_t e = 0; e < E; ++e) CHECK(double(out.scores()(t, e)) == Approx(ref_scores[std::size_t(e)]).epsilon(tol).margin(tol));
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("TopKRouter matches the reference for every option", "[routing][top_k]", float, double) {
+  const index_t E = GENERATE(1, 3, 8, 17);
+  const index_t k = GENERATE_COPY(filter([E](index_t v) { return v <= E; }, values<index_t>({1, 2, 3, 8, 17})));
+  const index_t Tn = GENERATE(0, 1, 7, 33);
+  const index_t d = 13;
+  const auto score = GENERATE(moe::ScoreFunction::softmax, moe::ScoreFunction::sigmoid);
+  const auto placement = GENERATE(moe::SoftmaxPlacement::before_top_k, moe::SoftmaxPlacement::after_top_k);
+  if (score == moe::ScoreFunction::sigmoid && placement == moe::SoftmaxPlacement::after_top_k) return;
+  const bool normalize = GENERATE(false, true);
+  const bool with_bias = GENERATE(false, true);
+  moe::TopKOptions o;
+  o.k = k;
+  o.score = score;
+  o.softmax_placement = placement;
+  o.normalize = normalize;
+  o.scale = normalize ? 2.5 : 1.0;
+  CAPTURE(E, k, Tn, int(score), int(placement), normalize, with_bias);
+  check_router_against_reference<TestType>(Tn, d, E, o, with_bias, std::uint32_t(E * 1000 + k * 10 + Tn));
+}
+
+TEST_CASE("TopKRouter breaks ties toward the lower expert index", "[routing][top_k]") {
+  // Experts 1, 2 and 4 share one weight row, so their logits are equal for every token.
+  const index_t E = 5, d = 6;
+  moe::Matrix<double> W = random_matrix<double>(E, d, 7, 0.1);
+  W.row(2) = W.row(1);
+  W.row(4) = W.row(1);
+  W.row(1) *= 1.0;  // keep the tie exact
+  // A strong shared direction makes experts 1, 2, 4 the best three for x = row 1 scaled.
+  moe::Matrix<double> x(2, d);
+  x.row(0) = 10.0 * W.row(1);
+  x.row(1) = -10.0 * W.row(1);
+  for (const auto placement : {moe::SoftmaxPlacement::before_top_k, moe::SoftmaxPlacement::after_top_k}) {
+    moe::TopKOptions o;
+    o.k = 2;
+    o.softmax_placement = placement;
+    moe::TopKRouter<double> router(W, o);
+    moe::RouterOutput<double> out;
+    router.route(x, out);
+    // Token 0: the three tied experts lead; the lower two (1, 2) win, in that order.
+    const auto& p = out.plan;
+    REQUIRE(p.expert_of_assignment(p.assignment[0]) == 1);
+    REQUIRE(p.expert_of_assignment(p.assignment[1]) == 2);
+    REQUIRE(p.weight[std::size_t(p.assignment[0])] == p.weight[std::size_t(p.assignment[1])]);
+  }
+}
+
+TEST_CASE("Selection bias changes the choice, never the weights", "[routing][top_k]") {
+  const index_t E = 4, d = 5;
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 3);
+  const moe::Matrix<double> x = random_matrix<double>(6, d, 4);
+  moe::TopKOptions o;
+  o.k = 1;
+  o.score = moe::ScoreFunction::sigmoid;
+  moe::TopKRouter<double> router(W, o);
+  moe::Vector<double> bias = moe::Vector<double>::Zero(E);
+  bias[3] = 10.0;  // sigmoid scores are < 1, so expert 3 wins every token
+  router.set_selection_bias(bias);
+  moe::RouterOutput<double> out;
+  router.route(x, out);
+  REQUIRE(out.plan.tokens_of(3) == 6);
+  for (index_t t = 0; t < 6; ++t) {
+    const index_t a = out.plan.assignment[std::size_t(t)];
+    REQUIRE(out.plan.weight[std::size_t(a)] == out.scores()(t, 3));  // raw score, no bias
+  }
+}
+
+TEST_CASE("TopKRouter rejects bad input with named values", "[routing][top_k][errors]") {
+  const moe::Matrix<float> W = random_matrix<float>(4, 3, 1);
+  moe::TopKOptions o;
+  o.k = 0;
+  REQUIRE_THROWS_AS(moe::TopKRouter<float>(W, o), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(moe::TopKRouter<float>(W, o), Catch::Contains("k = 0") && Catch::Contains("num_experts = 4"));
+  o.k = 5;
+  REQUIRE_THROWS_WITH(moe::TopKRouter<float>(W, o), Catch::Contains("k = 5") && Catch::Contains("num_experts = 4"));
+  o.k = 1;
+  o.score = moe::ScoreFunction::sigmoid;
+  o.softmax_placement = moe::SoftmaxPlacement::after_top_k;
+  REQUIRE_THROWS_AS(moe::TopKRouter<float>(W, o), moe::invalid_argument);
+  o = moe::TopKOptions{};
+  o.scale = std::numeric_limits<double>::infinity();
+  REQUIRE_THROWS_WITH(moe::TopKRouter<float>(W, o), Catch::Contains("scale"));
+  REQUIRE_THROWS_WITH(moe::TopKRouter<float>(moe::Matrix<float>(0, 3)), Catch::Contains("num_experts = 0"));
+
+  moe::TopKRouter<float> router(W);
+  moe::RouterOutput<float> out;
+  const moe::Matrix<float> wrong_width = random_matrix<float>(2, 4, 2);
+  REQUIRE_THROWS_AS(router.route(wrong_width, out), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(router.route(wrong_width, out), Catch::Contains("x.cols() = 4") && Catch::Contains("d_model = 3"));
+
+  moe::Matrix<float> x = random_matrix<float>(3, 3, 2);
+  x(1, 2) = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_AS(router.route(x, out), moe::numeric_error);
+  REQUIRE_THROWS_WITH(router.route(x, out), Catch::Contains("token = 1") && Catch::Contains("not finite"));
+  x(1, 2) = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_AS(router.route(x, out), moe::numeric_error);
+
+  REQUIRE_THROWS_WITH(router.set_selection_bias(moe::Vector<float>::Zero(3)),
+                      Catch::Contains("bias.size() = 3") && Catch::Contains("num_experts = 4"));
+  moe::Vector<float> nan_bias = moe::Vector<float>::Zero(4);
+  nan_bias[2] = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_WITH(router.set_selection_bias(nan_bias), Catch::Contains("bias[2]"));
+
+  // Groups that do not partition the batch.
+  const std::vector<index_t> bad_groups = {0, 2};
+  const moe::Matrix<float> x3 = random_matrix<float>(3, 3, 5);
+  REQUIRE_THROWS_WITH(router.route(x3, moe::RouteContext::with_groups(bad_groups), out),
+                      Catch::Contains("group_begin[num_groups] = 2") && Catch::Contains("tokens = 3"));
+}
+
+TEST_CASE("An empty batch routes to an empty plan", "[routing][top_k]") {
+  const moe::Matrix<float> W = random_matrix<float>(4, 3, 1);
+  moe::TopKOptions o;
+  o.k = 2;
+  moe::TopKRouter<float> router(W, o);
+  moe::RouterOutput<float> out;
+  router.route(moe::Matrix<float>(0, 3), out);
+  REQUIRE(out.plan.num_assignments() == 0);
+  REQUIRE(out.plan.num_tokens == 0);
+  check_plan_invariants(out.plan);
+}
