@@ -201,3 +201,24 @@ TEST_CASE("Expert weight shapes that disagree are rejected", "[experts][errors]"
   REQUIRE_THROWS_WITH(moe::SwiGLU<float>(a, b, random_matrix<float>(8, 7, 3)), Catch::Contains("w_down.cols() = 7"));
   REQUIRE_THROWS_WITH((moe::FeedForward<float, moe::ReLU>(a, random_matrix<float>(7, 6, 3))), Catch::Contains("w_out.rows() = 7") && Catch::Contains("= 8"));
 }
+
+TEST_CASE("A token's output bits do not depend on the rest of its batch (dropless top-k)", "[layer][isolation]") {
+  // Expert blocks mix tokens of the whole batch, so this holds only because every kernel computes
+  // each element in a fixed order whatever the block sizes (simd/matmul.hpp).
+  const index_t d = 37, ff = 45, E = 4;
+  SwiGLUModel<float> model(d, ff, E, 17);
+  moe::TopKOptions o;
+  o.k = 2;
+  o.normalize = true;
+  moe::MoELayer layer(moe::TopKRouter<float>(moe::ConstMatrixMap<float>(model.gate.data(), E, d), o), model.experts());
+  const moe::Matrix<float> x = random_matrix<float>(57, d, 3);
+  moe::Workspace<float> ws;
+  const moe::Matrix<float> y = layer.forward(x, ws);
+  for (index_t t = 0; t < x.rows(); t += 7) {
+    const moe::Matrix<float> alone = layer.forward(x.row(t), ws);
+    CAPTURE(t);
+    REQUIRE(alone == y.row(t));
+  }
+  const moe::Matrix<float> y_tail = layer.forward(x.bottomRows(20), ws);
+  REQUIRE(y_tail == y.bottomRows(20));
+}

@@ -8,7 +8,7 @@
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "activations.hpp"
-#include "expert_kernels.hpp"
+#include "../simd/matmul.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -33,16 +33,18 @@ class FeedForward {
   ConstMatrixMap<T> w_out() const noexcept { return w_out_.map(); }
 
   // Scratch elements forward() needs for `tokens` rows.
-  index_t scratch_size(index_t tokens) const noexcept { return tokens * d_ff() + 2 * tokens * max_threads(); }
+  index_t scratch_size(index_t tokens) const noexcept { return tokens * d_ff(); }
 
   // y [m, d] = expert(x [m, d]); x and y are contiguous rows. `scratch` holds scratch_size(m).
   template <class Arch>
   void forward(Arch arch, const T* x, index_t m, T* y, T* scratch) const {
+    const auto d = static_cast<std::size_t>(d_model()), ff = static_cast<std::size_t>(d_ff());
+    const auto rows = static_cast<std::size_t>(m);
     T* hidden = scratch;  // [m, d_ff]
-    T* dots = hidden + m * d_ff();
-    detail::linear_nt(arch, x, m, d_model(), w_in(), hidden, d_ff(), dots);
-    simd::activate<Activation>(arch, hidden, static_cast<std::size_t>(m * d_ff()));
-    detail::linear_nt(arch, hidden, m, d_ff(), w_out(), y, d_model(), dots);
+    simd::matmul_nt(arch, x, rows, d, w_in_.data(), ff, hidden, ff);
+    // Row by row, so an element's activation path (SIMD body or scalar tail) does not depend on m.
+    for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
+    simd::matmul_nt(arch, hidden, rows, ff, w_out_.data(), d, y, d);
   }
 
  private:

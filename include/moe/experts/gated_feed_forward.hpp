@@ -10,7 +10,7 @@
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "activations.hpp"
-#include "expert_kernels.hpp"
+#include "../simd/matmul.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -42,27 +42,16 @@ class GatedFeedForward {
   ConstMatrixMap<T> w_down() const noexcept { return w_down_.map(); }
 
   // Scratch elements forward() needs for `tokens` rows.
-  index_t scratch_size(index_t tokens) const noexcept { return 2 * tokens * d_ff() + 2 * tokens * max_threads(); }
+  index_t scratch_size(index_t tokens) const noexcept { return tokens * d_ff(); }
 
   // y [m, d] = expert(x [m, d]); x and y are contiguous rows. `scratch` holds scratch_size(m).
   template <class Arch>
   void forward(Arch arch, const T* x, index_t m, T* y, T* scratch) const {
-    const index_t d = d_model();
-    const index_t ff = d_ff();
-    T* hidden = scratch;           // [m, d_ff]
-    T* up = hidden + m * ff;       // [m, d_ff], GEMM path only
-    T* dots = up + m * ff;
-    if (m <= kStreamingMaxTokens) {
-      // One pass over w_gate and w_up with the activation fused in.
-      simd::gated_matmul_nt_small_m<Arch, T, Activation>(arch, x, static_cast<std::size_t>(m), static_cast<std::size_t>(d),
-                                                          w_gate_.data(), w_up_.data(), static_cast<std::size_t>(ff), hidden,
-                                                          static_cast<std::size_t>(ff), dots);
-    } else {
-      detail::linear_nt(arch, x, m, d, w_gate(), hidden, ff, dots);
-      detail::linear_nt(arch, x, m, d, w_up(), up, ff, dots);
-      simd::gated_activate<Activation>(arch, hidden, up, static_cast<std::size_t>(m * ff));
-    }
-    detail::linear_nt(arch, hidden, m, ff, w_down(), y, d, dots);
+    const auto d = static_cast<std::size_t>(d_model()), ff = static_cast<std::size_t>(d_ff());
+    const auto rows = static_cast<std::size_t>(m);
+    T* hidden = scratch;  // [m, d_ff]: act(gate) ⊙ up, fused in one pass over w_gate and w_up
+    simd::gated_matmul_nt<Activation>(arch, x, rows, d, w_gate_.data(), w_up_.data(), ff, hidden, ff);
+    simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
   }
 
  private:

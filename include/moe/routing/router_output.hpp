@@ -2,6 +2,8 @@
 // What a sparse router produces for a batch: the logits and scores that losses and backward need,
 // and the Routing plan the hot path executes. Reused across batches: once it has seen the largest
 // batch, routing into it allocates nothing.
+#include <cstdint>
+
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "routing.hpp"
@@ -31,12 +33,22 @@ class RouterOutput {
   MatrixMap<T> mutable_scores() noexcept { return MatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
 
   // Router scratch: token-major choices before the plan is built, and per-row selection buffers.
-  Buffer<index_t> choice_begin;   // [T + 1]
-  Buffer<index_t> choice_expert;  // [T · k]
-  Buffer<T> choice_weight;        // [T · k]
-  Buffer<T> row_values;           // [E] selection values of one row
-  Buffer<T> row_scratch;          // [E]
-  Buffer<index_t> row_indices;    // [E]
+  Buffer<index_t> choice_begin;        // [T + 1]
+  Buffer<index_t> choice_expert;       // [T · k]
+  Buffer<T> choice_weight;             // [T · k]
+  Buffer<index_t> candidate_expert;    // [T, R] ranked candidates per token
+  Buffer<T> candidate_raw;             // [T, R] their raw weights
+  Buffer<index_t> candidate_chosen;    // [T] leading candidates chosen
+  Buffer<index_t> candidate_ranked;    // [T] candidates eligible for rerouting
+  Buffer<std::uint8_t> candidate_kept; // [T, R] survived capacity
+  Buffer<index_t> candidate_order;     // [T · R] priority order scratch
+  Buffer<index_t> expert_load;         // [E]
+  Buffer<T> group_scores;              // [expert groups]
+  Buffer<index_t> group_rank;          // [expert groups + group_score_top]
+  Buffer<T> input_scratch;             // [T, d] jittered router input
+  Buffer<T> row_values;                // [E] selection values of one row
+  Buffer<T> row_scratch;               // [E]
+  Buffer<index_t> row_indices;         // [E]
 
  private:
   index_t num_tokens_ = 0;

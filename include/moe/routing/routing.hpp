@@ -26,7 +26,9 @@ struct Routing {
   std::vector<T> weight;              // [A] combine weight of each assignment, grouped by expert
   std::vector<index_t> token_begin;   // [T + 1]
   std::vector<index_t> assignment;    // [A] per token, in rank order: index into token/weight
-  std::vector<index_t> dropped;       // tokens that lost one or more chosen experts to capacity
+  std::vector<index_t> dropped;       // tokens that lost one or more chosen experts to capacity, ascending
+  std::vector<T> dropped_weight;      // [dropped] total weight of the choices each of them lost
+  std::vector<index_t> rerouted;      // tokens with a choice moved to a next-best expert, ascending
   std::vector<index_t> fill_cursor;   // [E] scratch for build_routing, kept to avoid reallocation
 
   index_t num_assignments() const noexcept { return static_cast<index_t>(token.size()); }
@@ -42,7 +44,7 @@ struct Routing {
 
 // Builds `plan` from token-major choices: token t chose experts[c] with weight weights[c] for c in
 // [choice_begin[t], choice_begin[t+1]), best first. O(T·k) counting sort; reuses the plan's
-// memory. `dropped` is left untouched (the caller owns drop policy).
+// memory. `dropped`, `dropped_weight` and `rerouted` are left untouched (the router owns them).
 template <class T>
 void build_routing(index_t num_tokens, index_t num_experts, const index_t* choice_begin, const index_t* experts,
                    const T* weights, Routing<T>& plan) {

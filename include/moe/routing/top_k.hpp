@@ -1,24 +1,32 @@
 #pragma once
-// Token-choice top-k routing (Switch, GShard, Mixtral, Qwen, DeepSeek-V3 scoring).
+// Token-choice top-k routing (Switch, GShard, Mixtral, Qwen, DeepSeek-V3, Megatron-Core).
 //
-//   logits = x · Wᵀ                       W [E, d] (PyTorch gate.weight)
+//   logits = x · Wᵀ                       W [E, d] (PyTorch gate.weight); x jittered in training
 //   scores = softmax(logits) over E, or sigmoid(logits)
-//   chosen = the k best of (selection values + selection bias), ties to the lower expert index;
-//            selection values are the scores, or the logits when the softmax comes after top-k
-//   weight = score of each chosen expert (or softmax over the k chosen logits), optionally
-//            divided by the sum of the k, then multiplied by `scale`
+//   selection values = scores (or logits when the softmax comes after top-k) + selection bias,
+//            with experts outside the best expert groups excluded (group-limited routing)
+//   chosen = the k best selection values, ties to the lower expert index; with top_p, the
+//            fewest leading experts whose scores reach p (at most k)
+//   raw    = score of each chosen expert (or softmax over the k chosen logits)
+//   weight = raw / Σ raw over the choices if `normalize`, then × scale
+// Capacity (capacity.hpp) may then drop or reroute choices, per routing group.
 // The selection bias (DeepSeek e_score_correction_bias) changes which experts are chosen, never
 // the weights.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <utility>
 
 #include "../core/error.hpp"
+#include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "../simd/matmul.hpp"
 #include "../simd/softmax.hpp"
 #include "../simd/top_k.hpp"
+#include "capacity.hpp"
 #include "context.hpp"
 #include "router_output.hpp"
 
@@ -29,22 +37,53 @@ enum class ScoreFunction {
   sigmoid,  // independent per-expert scores (DeepSeek-V3)
 };
 
-// Where the softmax sits relative to the top-k selection. The two give the same experts; the
+// Where the softmax sits relative to the top-k selection. The two choose the same experts; their
 // weights agree in exact arithmetic when `normalize` is on, and differ without it.
-// Note the naming: Megatron-Core's `moe_router_pre_softmax = true` is `before_top_k`, its default
-// is `after_top_k`.
+// Naming: Megatron-Core's `moe_router_pre_softmax = true` is `before_top_k`; its default is
+// `after_top_k`. (DESIGN.md's "pre/post-softmax" wording is ambiguous, so the enum says where.)
 enum class SoftmaxPlacement {
   before_top_k,  // softmax over all E, then top-k of the probabilities (Mixtral, Switch)
   after_top_k,   // top-k of the logits, then softmax over the k chosen (Megatron default)
+};
+
+// What excluded expert groups look like to the final top-k in group-limited routing.
+enum class GroupMask {
+  exclude,  // never chosen (Megatron-Core, the DeepSeek-V3 paper)
+  zero,     // selection value set to 0 (Hugging Face DeepSeek-V3 `masked_fill(..., 0.0)`): an
+            // excluded expert can still win when every kept value is negative
 };
 
 struct TopKOptions {
   index_t k = 1;
   ScoreFunction score = ScoreFunction::softmax;
   SoftmaxPlacement softmax_placement = SoftmaxPlacement::before_top_k;
-  bool normalize = false;     // divide the k weights by their sum (Mixtral: yes, Switch: no)
-  double scale = 1.0;         // routed scaling factor applied to the final weights (DeepSeek-V3: 2.5)
-  bool check_finite = true;   // throw moe::numeric_error on a non-finite logit
+  bool normalize = false;  // divide the weights by their sum (Mixtral: yes, Switch: no)
+  double scale = 1.0;      // routed scaling factor applied to the final weights (DeepSeek-V3: 2.5)
+
+  // Group-limited routing (DeepSeek-V3 n_group / topk_group, Pangu MoGE): E experts in
+  // `expert_groups` equal groups; a group's score is the sum of its best `group_score_top`
+  // selection values; only the best `selected_groups` groups compete in the final top-k.
+  index_t expert_groups = 1;
+  index_t selected_groups = 1;
+  index_t group_score_top = 2;
+  GroupMask group_mask = GroupMask::exclude;
+
+  // Dynamic top-p ("Harder tasks need more experts"): when > 0, a token takes experts in
+  // descending score until their cumulative score reaches top_p, at most k of them.
+  double top_p = 0.0;
+
+  // Capacity (Switch, GShard): ≤ 0 means dropless; otherwise C = ceil(cf · Tg · k / E) per group.
+  double capacity_factor = 0.0;
+  CapacityPriority capacity_priority = CapacityPriority::position;
+  OverflowPolicy overflow = OverflowPolicy::drop;
+  bool renormalize_after_drop = false;  // weights divided by the sum of the surviving raw weights
+
+  // Training jitter (Switch): router inputs × U(1 − jitter, 1 + jitter), keyed by
+  // (jitter_seed, RouteContext::layer_id, token id, feature); only when RouteContext::training.
+  double jitter = 0.0;
+  std::uint64_t jitter_seed = 0;
+
+  bool check_finite = true;  // throw moe::numeric_error on a non-finite logit
 };
 
 template <class T>
@@ -56,17 +95,7 @@ class TopKRouter {
   TopKRouter(ConstMatrixMap<T> weight, TopKOptions options = {}) : TopKRouter(Weight<T>::view(weight), options) {}
   // Owns its gate weight.
   TopKRouter(Matrix<T> weight, TopKOptions options = {}) : TopKRouter(Weight<T>::own(std::move(weight)), options) {}
-  TopKRouter(Weight<T> weight, TopKOptions options) : weight_(std::move(weight)), options_(options) {
-    const index_t E = num_experts();
-    if (E < 1) detail::throw_invalid("TopKRouter: num_experts must be at least 1 (num_experts = ", E, ")");
-    if (options_.k < 1 || options_.k > E) {
-      detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", options_.k, ", num_experts = ", E, ")");
-    }
-    if (!std::isfinite(options_.scale)) detail::throw_invalid("TopKRouter: scale must be finite (scale = ", options_.scale, ")");
-    if (options_.score == ScoreFunction::sigmoid && options_.softmax_placement == SoftmaxPlacement::after_top_k) {
-      detail::throw_invalid("TopKRouter: softmax_placement = after_top_k needs score = softmax (score = sigmoid)");
-    }
-  }
+  TopKRouter(Weight<T> weight, TopKOptions options) : weight_(std::move(weight)), options_(options) { check_options(); }
 
   index_t num_experts() const noexcept { return weight_.rows(); }
   index_t d_model() const noexcept { return weight_.cols(); }
@@ -95,21 +124,87 @@ class TopKRouter {
     detail::check_dim("TopKRouter::route", "x.cols()", x.cols(), "d_model", d_model());
     const index_t T_ = x.rows();
     const index_t E = num_experts();
-    const index_t k = options_.k;
     const GroupBounds groups(ctx, T_, "TopKRouter::route");
-    (void)groups;  // plain top-k has no cross-token dependence; capacity will use the groups
     out.reshape(T_, E);
     MatrixMap<T> logits = out.mutable_logits();
-    if (T_ > 0) logits.noalias() = x * weight().transpose();
+    if (T_ > 0) {
+      // Row-independent product (simd/matmul.hpp): a token's logits do not depend on the batch.
+      const bool jitter = ctx.training && options_.jitter > 0;
+      const T* input = jitter ? jittered(x, ctx, out) : x.data();
+      const auto ldx = static_cast<std::size_t>(jitter ? x.cols() : x.outerStride());
+      simd::matmul_nt_strided(arch, input, ldx, static_cast<std::size_t>(T_), static_cast<std::size_t>(d_model()),
+                              weight_.data(), static_cast<std::size_t>(E), logits.data(), static_cast<std::size_t>(E));
+    }
     if (options_.check_finite) check_finite_logits(logits);
     compute_scores(arch, logits, out.mutable_scores());
-    select(arch, out, T_, E, k);
-    out.plan.dropped.clear();
-    build_routing(T_, E, out.choice_begin.ensure(T_ + 1), out.choice_expert.ensure(T_ * k),
-                  out.choice_weight.ensure(T_ * k), out.plan);
+    rank_candidates(arch, out, T_, E);
+    decide_and_build(out, groups, T_, E);
   }
 
  private:
+  bool reroutes() const noexcept { return options_.capacity_factor > 0 && options_.overflow == OverflowPolicy::reroute; }
+  // Candidates ranked per token: the k choices, or every expert when choices may be rerouted.
+  index_t candidate_stride() const noexcept { return reroutes() ? num_experts() : options_.k; }
+
+  void check_options() const {
+    const TopKOptions& o = options_;
+    const index_t E = num_experts();
+    if (E < 1) detail::throw_invalid("TopKRouter: num_experts must be at least 1 (num_experts = ", E, ")");
+    if (o.k < 1 || o.k > E) {
+      detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", o.k, ", num_experts = ", E, ")");
+    }
+    if (!std::isfinite(o.scale)) detail::throw_invalid("TopKRouter: scale must be finite (scale = ", o.scale, ")");
+    if (o.score == ScoreFunction::sigmoid && o.softmax_placement == SoftmaxPlacement::after_top_k) {
+      detail::throw_invalid("TopKRouter: softmax_placement = after_top_k needs score = softmax (score = sigmoid)");
+    }
+    if (o.expert_groups < 1 || E % o.expert_groups != 0) {
+      detail::throw_invalid("TopKRouter: expert_groups must divide num_experts (expert_groups = ", o.expert_groups,
+                            ", num_experts = ", E, ")");
+    }
+    const index_t group_size = E / o.expert_groups;
+    if (o.selected_groups < 1 || o.selected_groups > o.expert_groups) {
+      detail::throw_invalid("TopKRouter: selected_groups must satisfy 1 <= selected_groups <= expert_groups (selected_groups = ",
+                            o.selected_groups, ", expert_groups = ", o.expert_groups, ")");
+    }
+    if (o.expert_groups > 1) {
+      if (o.k > o.selected_groups * group_size) {
+        detail::throw_invalid("TopKRouter: k must not exceed selected_groups * experts per group (k = ", o.k,
+                              ", selected_groups = ", o.selected_groups, ", experts per group = ", group_size, ")");
+      }
+      if (o.group_score_top < 1 || o.group_score_top > group_size) {
+        detail::throw_invalid("TopKRouter: group_score_top must satisfy 1 <= group_score_top <= experts per group (group_score_top = ",
+                              o.group_score_top, ", experts per group = ", group_size, ")");
+      }
+    }
+    if (!(o.top_p >= 0 && o.top_p <= 1)) detail::throw_invalid("TopKRouter: top_p must be in [0, 1] (top_p = ", o.top_p, ")");
+    if (o.top_p > 0 && (o.score != ScoreFunction::softmax || o.softmax_placement != SoftmaxPlacement::before_top_k)) {
+      detail::throw_invalid("TopKRouter: top_p needs score = softmax and softmax_placement = before_top_k (top_p = ", o.top_p, ")");
+    }
+    if (!std::isfinite(o.capacity_factor) || o.capacity_factor < 0) {
+      detail::throw_invalid("TopKRouter: capacity_factor must be finite and >= 0, 0 meaning dropless (capacity_factor = ",
+                            o.capacity_factor, ")");
+    }
+    if (!(o.jitter >= 0 && o.jitter < 1)) detail::throw_invalid("TopKRouter: jitter must be in [0, 1) (jitter = ", o.jitter, ")");
+  }
+
+  // x ⊙ U(1 − ε, 1 + ε), the noise a pure function of (seed, layer, token id, feature).
+  const T* jittered(const ConstMatrixRef<T>& x, const RouteContext& ctx, RouterOutput<T>& out) const {
+    if (ctx.token_ids == nullptr) {
+      detail::throw_invalid("TopKRouter::route: jitter in training needs RouteContext::token_ids (token_ids = null, jitter = ",
+                            options_.jitter, ")");
+    }
+    const index_t T_ = x.rows(), d = x.cols();
+    T* noisy = out.input_scratch.ensure(T_ * d);
+    for (index_t t = 0; t < T_; ++t) {
+      const auto id = static_cast<std::uint64_t>(ctx.token_ids[t]);
+      for (index_t i = 0; i < d; ++i) {
+        const double u = unit_double(mix64(options_.jitter_seed, ctx.layer_id, id, static_cast<std::uint64_t>(i)));
+        noisy[t * d + i] = x(t, i) * static_cast<T>(1.0 - options_.jitter + 2.0 * options_.jitter * u);
+      }
+    }
+    return noisy;
+  }
+
   static void check_finite_logits(const MatrixMap<T>& logits) {
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (index_t e = 0; e < logits.cols(); ++e) {
@@ -126,52 +221,145 @@ class TopKRouter {
     const auto E = static_cast<std::size_t>(logits.cols());
     for (index_t t = 0; t < logits.rows(); ++t) {
       if (options_.score == ScoreFunction::softmax) {
-        simd::softmax(arch, &logits(t, 0), &scores(t, 0), E);
+        simd::softmax(arch, logits.data() + t * logits.cols(), scores.data() + t * logits.cols(), E);
       } else {
-        simd::sigmoid(arch, &logits(t, 0), &scores(t, 0), E);
+        simd::sigmoid(arch, logits.data() + t * logits.cols(), scores.data() + t * logits.cols(), E);
       }
     }
   }
 
+  // Group-limited routing: keep the best selected_groups groups by the sum of their best
+  // group_score_top values; mask the rest.
   template <class Arch>
-  void select(Arch arch, RouterOutput<T>& out, index_t T_, index_t E, index_t k) const {
-    index_t* begin = out.choice_begin.ensure(T_ + 1);
-    index_t* chosen = out.choice_expert.ensure(T_ * k);
-    T* weights = out.choice_weight.ensure(T_ * k);
+  void limit_groups(Arch arch, T* values, RouterOutput<T>& out) const {
+    const index_t G = options_.expert_groups, size = num_experts() / G, top = options_.group_score_top;
+    T* group_score = out.group_scores.ensure(G);
+    T* scratch = out.row_scratch.ensure(num_experts());
+    index_t* indices = out.row_indices.ensure(num_experts());
+    index_t* best = out.group_rank.ensure(G + top);
+    for (index_t g = 0; g < G; ++g) {
+      index_t* members = best + G;
+      simd::top_k(arch, values + g * size, static_cast<std::size_t>(size), static_cast<std::size_t>(top), members, scratch, indices);
+      T sum(0);
+      for (index_t j = 0; j < top; ++j) sum += values[g * size + members[j]];
+      group_score[g] = sum;
+    }
+    simd::top_k(arch, group_score, static_cast<std::size_t>(G), static_cast<std::size_t>(G), best, scratch, indices);
+    const T masked = options_.group_mask == GroupMask::zero ? T(0) : -std::numeric_limits<T>::infinity();
+    for (index_t r = options_.selected_groups; r < G; ++r) std::fill(values + best[r] * size, values + (best[r] + 1) * size, masked);
+  }
+
+  // Per token: candidates in rank order, how many are chosen, and each candidate's raw weight.
+  template <class Arch>
+  void rank_candidates(Arch arch, RouterOutput<T>& out, index_t T_, index_t E) const {
+    const index_t k = options_.k, R = candidate_stride();
+    index_t* ranked = out.candidate_expert.ensure(T_ * R);
+    T* raw = out.candidate_raw.ensure(T_ * R);
+    index_t* num_chosen = out.candidate_chosen.ensure(T_);
+    index_t* num_ranked = out.candidate_ranked.ensure(T_);
     T* values = out.row_values.ensure(E);
     T* scratch = out.row_scratch.ensure(E);
     index_t* indices = out.row_indices.ensure(E);
-    const bool select_on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
+    const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
     const bool has_bias = selection_bias_.size() > 0;
     const ConstMatrixMap<T> logits = out.logits();
     const ConstMatrixMap<T> scores = out.scores();
 
     for (index_t t = 0; t < T_; ++t) {
-      begin[t] = t * k;
-      const T* source = (select_on_logits ? logits.data() : scores.data()) + t * E;
+      const T* source = (on_logits ? logits.data() : scores.data()) + t * E;
       for (index_t e = 0; e < E; ++e) values[e] = source[e] + (has_bias ? selection_bias_[e] : T(0));
-      index_t* row_chosen = chosen + t * k;
-      T* row_weights = weights + t * k;
-      simd::top_k(arch, values, static_cast<std::size_t>(E), static_cast<std::size_t>(k), row_chosen, scratch, indices);
+      if (options_.expert_groups > 1) limit_groups(arch, values, out);
+      index_t* row = ranked + t * R;
+      simd::top_k(arch, values, static_cast<std::size_t>(E), static_cast<std::size_t>(R), row, scratch, indices);
 
-      if (select_on_logits) {
-        for (index_t j = 0; j < k; ++j) row_weights[j] = logits(t, row_chosen[j]);
-        simd::softmax(arch, row_weights, row_weights, static_cast<std::size_t>(k));
-      } else {
-        for (index_t j = 0; j < k; ++j) row_weights[j] = scores(t, row_chosen[j]);
+      // Masked (excluded) experts are never rerouting targets.
+      index_t eligible = R;
+      while (eligible > k && values[row[eligible - 1]] == -std::numeric_limits<T>::infinity()) --eligible;
+      num_ranked[t] = eligible;
+
+      index_t chosen = k;
+      if (options_.top_p > 0) {
+        T cumulative(0);
+        chosen = 0;
+        while (chosen < k && cumulative < static_cast<T>(options_.top_p)) cumulative += scores(t, row[chosen++]);
       }
-      if (options_.normalize) {
+      num_chosen[t] = chosen;
+
+      T* row_raw = raw + t * R;
+      if (on_logits) {
+        // Softmax over the k chosen logits; rerouting candidates share the same denominator.
+        const T top = logits(t, row[0]);
         T sum(0);
-        for (index_t j = 0; j < k; ++j) sum += row_weights[j];
-        // Sigmoid scores can all underflow to 0; DeepSeek-V3 adds 1e-20 to the denominator.
-        if (options_.score == ScoreFunction::sigmoid) sum += T(1e-20);
-        for (index_t j = 0; j < k; ++j) row_weights[j] /= sum;
-      }
-      if (options_.scale != 1.0) {
-        for (index_t j = 0; j < k; ++j) row_weights[j] *= static_cast<T>(options_.scale);
+        for (index_t j = 0; j < R; ++j) row_raw[j] = std::exp(logits(t, row[j]) - top);
+        for (index_t j = 0; j < k; ++j) sum += row_raw[j];
+        for (index_t j = 0; j < R; ++j) row_raw[j] /= sum;
+      } else {
+        for (index_t j = 0; j < R; ++j) row_raw[j] = scores(t, row[j]);
       }
     }
-    begin[T_] = T_ * k;
+  }
+
+  // Applies capacity, computes final weights, records drops and reroutes, builds the plan.
+  void decide_and_build(RouterOutput<T>& out, const GroupBounds& groups, index_t T_, index_t E) const {
+    const index_t k = options_.k, R = candidate_stride();
+    TokenCandidates<T> c;
+    c.stride = R;
+    c.expert = out.candidate_expert.ensure(T_ * R);
+    c.raw = out.candidate_raw.ensure(T_ * R);
+    c.num_chosen = out.candidate_chosen.ensure(T_);
+    c.num_ranked = out.candidate_ranked.ensure(T_);
+    std::uint8_t* kept = out.candidate_kept.ensure(T_ * R);
+    const bool capped = options_.capacity_factor > 0;
+    if (capped) {
+      apply_capacity(options_.capacity_factor, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
+                     out.expert_load.ensure(E), out.candidate_order.ensure(T_ * R));
+    } else {
+      for (index_t t = 0; t < T_; ++t)
+        for (index_t j = 0; j < R; ++j) kept[t * R + j] = j < c.num_chosen[t] ? 1 : 0;
+    }
+
+    index_t* begin = out.choice_begin.ensure(T_ + 1);
+    index_t* chosen = out.choice_expert.ensure(T_ * k);
+    T* weights = out.choice_weight.ensure(T_ * k);
+    Routing<T>& plan = out.plan;
+    plan.dropped.clear();
+    plan.dropped_weight.clear();
+    plan.rerouted.clear();
+    const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);  // DeepSeek-V3's denominator guard
+    const T scale = static_cast<T>(options_.scale);
+    index_t n = 0;
+    for (index_t t = 0; t < T_; ++t) {
+      begin[t] = n;
+      const T* raw = c.raw + t * R;
+      const std::uint8_t* keep = kept + t * R;
+      T chosen_sum(0), kept_sum(0), lost(0);
+      for (index_t j = 0; j < c.num_chosen[t]; ++j) chosen_sum += raw[j];
+      for (index_t j = 0; j < R; ++j) kept_sum += keep[j] ? raw[j] : T(0);
+      T denominator(1);
+      if (options_.renormalize_after_drop && capped) {
+        denominator = kept_sum + eps;
+      } else if (options_.normalize) {
+        denominator = chosen_sum + eps;
+      }
+      bool was_rerouted = false;
+      for (index_t j = 0; j < R; ++j) {
+        const T w = raw[j] / denominator * scale;
+        if (keep[j]) {
+          chosen[n] = c.expert[t * R + j];
+          weights[n++] = w;
+          was_rerouted = was_rerouted || j >= c.num_chosen[t];
+        } else if (j < c.num_chosen[t]) {
+          lost += w;
+        }
+      }
+      if (n - begin[t] < c.num_chosen[t]) {
+        plan.dropped.push_back(t);
+        plan.dropped_weight.push_back(lost);
+      }
+      if (was_rerouted) plan.rerouted.push_back(t);
+    }
+    begin[T_] = n;
+    build_routing(T_, E, begin, chosen, weights, plan);
   }
 
   Weight<T> weight_;  // [E, d]

@@ -1,0 +1,90 @@
+#pragma once
+// Expert capacity for token-choice routing (Switch, GShard, Megatron-Core).
+//
+// Each routing group of Tg tokens gives every expert room for C = ceil(capacity_factor · Tg · k / E)
+// assignments. Over-capacity choices are decided by priority:
+//   position: per expert, earlier tokens win (Switch, Megatron "position");
+//   score:    per expert, higher raw weights win, ties to the earlier token (Megatron "probs",
+//             V-MoE batch prioritized routing).
+// and then either dropped, or rerouted to the token's next-best expert that still has room
+// (Capacity-Aware Token Reroute). Capacity is counted within each group, so one group's tokens
+// never displace another's.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "context.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+enum class CapacityPriority { position, score };
+enum class OverflowPolicy { drop, reroute };
+
+// ceil(capacity_factor · tokens · k / E); the formula Megatron-Core and Switch use.
+inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k, index_t num_experts) {
+  return static_cast<index_t>(std::ceil(capacity_factor * static_cast<double>(tokens) * static_cast<double>(k) /
+                                        static_cast<double>(num_experts)));
+}
+
+// Each token's candidates in rank order: the first num_chosen[t] are its choices; the rest (up to
+// num_ranked[t]) are where a rerouted choice may go. Arrays are [T, stride] and [T].
+template <class T>
+struct TokenCandidates {
+  index_t stride = 0;
+  const index_t* expert = nullptr;
+  const T* raw = nullptr;
+  const index_t* num_chosen = nullptr;
+  const index_t* num_ranked = nullptr;
+};
+
+// Decides which candidates survive capacity: kept[t·stride + j] = 1 for each surviving one.
+// Scratch: load [E], order [T · stride].
+template <class T>
+void apply_capacity(double capacity_factor, CapacityPriority priority, OverflowPolicy overflow, index_t k,
+                    index_t num_experts, const GroupBounds& groups, const TokenCandidates<T>& c, std::uint8_t* kept,
+                    index_t* load, index_t* order) {
+  const index_t R = c.stride;
+  for (index_t g = 0; g < groups.count(); ++g) {
+    const index_t first = groups.begin(g), last = groups.end(g);
+    const index_t capacity = expert_capacity(capacity_factor, last - first, k, num_experts);
+    std::fill(load, load + num_experts, index_t(0));
+    std::fill(kept + first * R, kept + last * R, std::uint8_t(0));
+    auto try_take = [&](index_t t, index_t j) {
+      const index_t e = c.expert[t * R + j];
+      if (load[e] >= capacity) return false;
+      ++load[e];
+      kept[t * R + j] = 1;
+      return true;
+    };
+
+    if (priority == CapacityPriority::position) {
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < c.num_chosen[t]; ++j) try_take(t, j);
+    } else {
+      index_t n = 0;
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < c.num_chosen[t]; ++j) order[n++] = t * R + j;
+      std::sort(order, order + n, [&](index_t a, index_t b) {
+        if (c.raw[a] != c.raw[b]) return c.raw[a] > c.raw[b];
+        return a < b;  // earlier token, then better rank
+      });
+      for (index_t i = 0; i < n; ++i) try_take(order[i] / R, order[i] % R);
+    }
+
+    if (overflow == OverflowPolicy::reroute) {
+      // In token order, each lost choice moves to the next-ranked expert with room.
+      for (index_t t = first; t < last; ++t) {
+        index_t next = c.num_chosen[t];
+        for (index_t j = 0; j < c.num_chosen[t]; ++j) {
+          if (kept[t * R + j]) continue;
+          while (next < c.num_ranked[t] && !try_take(t, next)) ++next;
+          if (next < c.num_ranked[t]) ++next;
+        }
+      }
+    }
+  }
+}
+
+MOE_NAMESPACE_END

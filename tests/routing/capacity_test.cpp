@@ -1,0 +1,368 @@
+// Token-choice options beyond plain top-k: capacity with each priority and overflow policy,
+// group-limited selection, dynamic top-p and training jitter; against plain references.
+#include <catch2/catch.hpp>
+
+#include <limits>
+#include <map>
+#include <set>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+struct Assigned {
+  index_t expert;
+  double weight;
+};
+
+// The plan as token -> list of (expert, weight) in the token's order.
+template <class T>
+std::vector<std::vector<Assigned>> by_token(const moe::Routing<T>& plan) {
+  std::vector<std::vector<Assigned>> out(std::size_t(plan.num_tokens));
+  for (index_t t = 0; t < plan.num_tokens; ++t)
+    for (index_t j = plan.token_begin[std::size_t(t)]; j < plan.token_begin[std::size_t(t + 1)]; ++j) {
+      const index_t a = plan.assignment[std::size_t(j)];
+      out[std::size_t(t)].push_back({plan.expert_of_assignment(a), double(plan.weight[std::size_t(a)])});
+    }
+  return out;
+}
+
+// Unlimited top-k routing of the same batch: what each token chose before capacity.
+std::vector<std::vector<Assigned>> dropless(const moe::Matrix<double>& W, const moe::Matrix<double>& x, moe::TopKOptions o) {
+  o.capacity_factor = 0;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(W, o).route(x, out);
+  return by_token(out.plan);
+}
+
+index_t capacity_of(double cf, index_t tokens, index_t k, index_t E) {
+  return index_t(std::ceil(cf * double(tokens) * double(k) / double(E)));
+}
+
+}  // namespace
+
+TEST_CASE("Capacity drops by position: per expert the earliest tokens win", "[routing][capacity]") {
+  const index_t E = GENERATE(2, 4, 7), d = 9, Tn = GENERATE(1, 10, 37);
+  const index_t k = GENERATE_COPY(filter([E](index_t v) { return v <= E; }, values<index_t>({1, 2, 3})));
+  const double cf = GENERATE(0.5, 1.0, 1.25);
+  const bool renormalize = GENERATE(false, true);
+  CAPTURE(E, Tn, k, cf, renormalize);
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 11, 1.0), x = random_matrix<double>(Tn, d, 12);
+  moe::TopKOptions o;
+  o.k = k;
+  o.normalize = true;
+  o.capacity_factor = cf;
+  o.renormalize_after_drop = renormalize;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(W, o).route(x, out);
+  const auto got = by_token(out.plan);
+  const auto wanted = dropless(W, x, o);
+  const index_t C = capacity_of(cf, Tn, k, E);
+
+  // Reference, per expert column: the first C tokens (by index) that chose it keep it.
+  std::map<std::pair<index_t, index_t>, bool> keeps;  // (token, expert) -> kept
+  for (index_t e = 0; e < E; ++e) {
+    index_t taken = 0;
+    for (index_t t = 0; t < Tn; ++t)
+      for (const Assigned& a : wanted[std::size_t(t)])
+        if (a.expert == e) keeps[{t, e}] = taken++ < C;
+  }
+  std::vector<index_t> ref_dropped;
+  for (index_t t = 0; t < Tn; ++t) {
+    std::vector<Assigned> ref;
+    double kept_sum = 0;
+    for (const Assigned& a : wanted[std::size_t(t)])
+      if (keeps[{t, a.expert}]) ref.push_back(a), kept_sum += a.weight;
+    if (ref.size() < wanted[std::size_t(t)].size()) ref_dropped.push_back(t);
+    REQUIRE(got[std::size_t(t)].size() == ref.size());
+    for (std::size_t j = 0; j < ref.size(); ++j) {
+      CHECK(got[std::size_t(t)][j].expert == ref[j].expert);
+      // Dropless weights are normalized over the k choices; renormalize_after_drop rescales the
+      // survivors to sum to 1.
+      const double w = renormalize ? ref[j].weight / kept_sum : ref[j].weight;
+      CHECK(got[std::size_t(t)][j].weight == Approx(w).epsilon(1e-12));
+    }
+  }
+  REQUIRE(out.plan.dropped == ref_dropped);
+  for (index_t e = 0; e < E; ++e) REQUIRE(out.plan.tokens_of(e) <= C);
+  REQUIRE(out.plan.rerouted.empty());
+}
+
+TEST_CASE("Capacity drops by score: per expert the highest weights win", "[routing][capacity]") {
+  const index_t E = 4, d = 6, Tn = 23, k = 2;
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 21, 1.5), x = random_matrix<double>(Tn, d, 22);
+  moe::TopKOptions o;
+  o.k = k;
+  o.capacity_factor = 0.75;
+  o.capacity_priority = moe::CapacityPriority::score;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(W, o).route(x, out);
+  const auto got = by_token(out.plan);
+  const auto wanted = dropless(W, x, o);
+  const index_t C = capacity_of(0.75, Tn, k, E);
+  for (index_t e = 0; e < E; ++e) {
+    // Reference: sort the tokens that chose e by weight (descending, earlier token on ties).
+    std::vector<std::pair<double, index_t>> column;
+    for (index_t t = 0; t < Tn; ++t)
+      for (const Assigned& a : wanted[std::size_t(t)])
+        if (a.expert == e) column.push_back({-a.weight, t});
+    std::sort(column.begin(), column.end());
+    std::set<index_t> ref;
+    for (std::size_t i = 0; i < column.size() && index_t(i) < C; ++i) ref.insert(column[i].second);
+    std::set<index_t> kept;
+    for (index_t a = out.plan.expert_begin[std::size_t(e)]; a < out.plan.expert_begin[std::size_t(e + 1)]; ++a)
+      kept.insert(out.plan.token[std::size_t(a)]);
+    CAPTURE(e);
+    REQUIRE(kept == ref);
+  }
+  (void)got;
+}
+
+TEST_CASE("Reroute moves lost choices to the next-best expert with room", "[routing][capacity]") {
+  const index_t E = 6, d = 7, Tn = GENERATE(5, 40), k = 2;
+  const auto priority = GENERATE(moe::CapacityPriority::position, moe::CapacityPriority::score);
+  CAPTURE(Tn, int(priority));
+  // A skewed router: experts 0 and 1 are popular, so they overflow.
+  moe::Matrix<double> W = random_matrix<double>(E, d, 31, 0.5);
+  const moe::Matrix<double> x = random_matrix<double>(Tn, d, 32).cwiseAbs();
+  W.row(0).setConstant(0.6);
+  W.row(1).setConstant(0.5);
+  moe::TopKOptions o;
+  o.k = k;
+  o.capacity_factor = 1.0;
+  o.capacity_priority = priority;
+  o.overflow = moe::OverflowPolicy::reroute;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(W, o).route(x, out);
+  const auto& plan = out.plan;
+  const index_t C = capacity_of(1.0, Tn, k, E);
+  for (index_t e = 0; e < E; ++e) REQUIRE(plan.tokens_of(e) <= C);
+  REQUIRE_FALSE(plan.rerouted.empty());
+
+  // Reference: choose the kept primaries as the drop policy would, then walk the token's full
+  // ranking (descending probability) for each lost choice, in token order.
+  moe::TopKOptions drop = o;
+  drop.overflow = moe::OverflowPolicy::drop;
+  moe::RouterOutput<double> dropped_out;
+  moe::TopKRouter<double>(W, drop).route(x, dropped_out);
+  const auto primaries = by_token(dropped_out.plan);
+  std::vector<index_t> load(std::size_t(E), 0);
+  for (index_t e = 0; e < E; ++e) load[std::size_t(e)] = dropped_out.plan.tokens_of(e);
+  const auto got = by_token(plan);
+  for (index_t t = 0; t < Tn; ++t) {
+    std::vector<double> p(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) p[std::size_t(e)] = out.scores()(t, e);
+    const std::vector<index_t> ranking = top_k(p, E);
+    std::vector<index_t> ref;
+    for (const Assigned& a : primaries[std::size_t(t)]) ref.push_back(a.expert);
+    std::size_t next = std::size_t(k);
+    for (std::size_t lost = ref.size(); lost < std::size_t(k); ++lost) {
+      while (next < ranking.size() && load[std::size_t(ranking[next])] >= C) ++next;
+      if (next == ranking.size()) break;
+      ref.push_back(ranking[next]);
+      ++load[std::size_t(ranking[next++])];
+    }
+    // The plan lists a token's experts in rank order, so its weights never increase.
+    std::vector<index_t> ref_in_rank_order;
+    for (index_t e : ranking)
+      if (std::find(ref.begin(), ref.end(), e) != ref.end()) ref_in_rank_order.push_back(e);
+    REQUIRE(got[std::size_t(t)].size() == ref_in_rank_order.size());
+    for (std::size_t j = 0; j < ref_in_rank_order.size(); ++j) {
+      CHECK(got[std::size_t(t)][j].expert == ref_in_rank_order[j]);
+      CHECK(got[std::size_t(t)][j].weight == Approx(p[std::size_t(ref_in_rank_order[j])]).epsilon(1e-12));
+      if (j > 0) CHECK(got[std::size_t(t)][j].weight <= got[std::size_t(t)][j - 1].weight);
+    }
+  }
+}
+
+TEST_CASE("Capacity is counted per routing group, and groups are isolated", "[routing][capacity][groups]") {
+  const index_t E = 4, d = 8, k = 2;
+  const moe::Matrix<float> W = random_matrix<float>(E, d, 41, 1.0);
+  moe::TopKOptions o;
+  o.k = k;
+  o.capacity_factor = 1.0;
+  o.normalize = true;
+  const moe::TopKRouter<float> router(W, o);
+  // Victim group (6 tokens) after adversary groups of different sizes and contents.
+  const moe::Matrix<float> victim = random_matrix<float>(6, d, 42);
+  std::vector<std::vector<Assigned>> reference;
+  for (int trial = 0; trial < 4; ++trial) {
+    const index_t adversary_tokens = 3 + 7 * trial;
+    moe::Matrix<float> x(adversary_tokens + 6, d);
+    x.topRows(adversary_tokens) = random_matrix<float>(adversary_tokens, d, 100 + std::uint32_t(trial), 5.0);
+    x.bottomRows(6) = victim;
+    const std::vector<index_t> groups = {0, adversary_tokens, adversary_tokens + 6};
+    moe::RouterOutput<float> out;
+    router.route(x, moe::RouteContext::with_groups(groups), out);
+    const index_t C = capacity_of(1.0, 6, k, E);
+    std::vector<index_t> victim_load(std::size_t(E), 0);
+    auto tokens = by_token(out.plan);
+    std::vector<std::vector<Assigned>> victim_tokens(tokens.begin() + adversary_tokens, tokens.end());
+    for (const auto& v : victim_tokens)
+      for (const Assigned& a : v) ++victim_load[std::size_t(a.expert)];
+    for (index_t l : victim_load) REQUIRE(l <= C);
+    if (trial == 0) reference = victim_tokens;
+    for (std::size_t t = 0; t < victim_tokens.size(); ++t) {
+      REQUIRE(victim_tokens[t].size() == reference[t].size());
+      for (std::size_t j = 0; j < reference[t].size(); ++j) {
+        REQUIRE(victim_tokens[t][j].expert == reference[t][j].expert);
+        REQUIRE(victim_tokens[t][j].weight == reference[t][j].weight);  // bit-identical
+      }
+    }
+  }
+}
+
+TEST_CASE("Group-limited routing keeps the best groups by top-2 sum", "[routing][groups]") {
+  const index_t E = 12, d = 10, Tn = 30;
+  const index_t G = GENERATE(2, 3, 4), kept_groups = GENERATE(1, 2);
+  const auto mask = GENERATE(moe::GroupMask::exclude, moe::GroupMask::zero);
+  const bool with_bias = GENERATE(false, true);
+  CAPTURE(G, kept_groups, int(mask), with_bias);
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 51, 1.0), x = random_matrix<double>(Tn, d, 52);
+  moe::TopKOptions o;
+  o.k = 3;
+  o.score = moe::ScoreFunction::sigmoid;
+  o.expert_groups = G;
+  o.selected_groups = kept_groups;
+  o.group_mask = mask;
+  o.normalize = true;
+  if (o.k > kept_groups * (E / G)) return;
+  moe::TopKRouter<double> router(W, o);
+  std::vector<double> bias(std::size_t(E), 0.0);
+  if (with_bias) {
+    moe::Vector<double> b(E);
+    for (index_t e = 0; e < E; ++e) b[e] = bias[std::size_t(e)] = 0.4 * std::sin(double(e)) - 0.5;  // mostly negative
+    router.set_selection_bias(b);
+  }
+  moe::RouterOutput<double> out;
+  router.route(x, out);
+  const auto got = by_token(out.plan);
+  const index_t size = E / G;
+  for (index_t t = 0; t < Tn; ++t) {
+    std::vector<double> s(static_cast<std::size_t>(E)), sel(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) {
+      s[std::size_t(e)] = sigmoid(double(out.logits()(t, e)));
+      sel[std::size_t(e)] = s[std::size_t(e)] + bias[std::size_t(e)];
+    }
+    std::vector<double> group_score(static_cast<std::size_t>(G));
+    for (index_t g = 0; g < G; ++g) {
+      std::vector<double> members(sel.begin() + g * size, sel.begin() + (g + 1) * size);
+      std::sort(members.rbegin(), members.rend());
+      group_score[std::size_t(g)] = members[0] + members[1];
+    }
+    const std::vector<index_t> best_groups = top_k(group_score, kept_groups);
+    std::vector<double> masked = sel;
+    for (index_t e = 0; e < E; ++e) {
+      const bool kept = std::find(best_groups.begin(), best_groups.end(), e / size) != best_groups.end();
+      if (!kept) masked[std::size_t(e)] = mask == moe::GroupMask::zero ? 0.0 : -std::numeric_limits<double>::infinity();
+    }
+    const std::vector<index_t> chosen = top_k(masked, o.k);
+    double sum = 0;
+    for (index_t e : chosen) sum += s[std::size_t(e)];
+    CAPTURE(t);
+    REQUIRE(got[std::size_t(t)].size() == std::size_t(o.k));
+    for (std::size_t j = 0; j < chosen.size(); ++j) {
+      CHECK(got[std::size_t(t)][j].expert == chosen[j]);
+      CHECK(got[std::size_t(t)][j].weight == Approx(s[std::size_t(chosen[j])] / (sum + 1e-20)).epsilon(1e-12));
+    }
+  }
+}
+
+TEST_CASE("Dynamic top-p takes experts until the cumulative probability reaches p", "[routing][top_p]") {
+  const index_t E = 8, d = 6, Tn = 50;
+  const double p = GENERATE(0.3, 0.5, 0.9, 1.0);
+  const index_t k_max = GENERATE(1, 3, 8);
+  CAPTURE(p, k_max);
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 61, 1.5), x = random_matrix<double>(Tn, d, 62);
+  moe::TopKOptions o;
+  o.k = k_max;
+  o.top_p = p;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(W, o).route(x, out);
+  const auto got = by_token(out.plan);
+  for (index_t t = 0; t < Tn; ++t) {
+    std::vector<double> probs(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) probs[std::size_t(e)] = out.scores()(t, e);
+    const std::vector<index_t> order = top_k(probs, E);
+    std::vector<index_t> ref;
+    double cumulative = 0;
+    for (index_t e : order) {
+      if (cumulative >= p || index_t(ref.size()) == k_max) break;
+      ref.push_back(e);
+      cumulative += probs[std::size_t(e)];
+    }
+    REQUIRE(got[std::size_t(t)].size() == ref.size());
+    for (std::size_t j = 0; j < ref.size(); ++j) {
+      CHECK(got[std::size_t(t)][j].expert == ref[j]);
+      CHECK(got[std::size_t(t)][j].weight == Approx(probs[std::size_t(ref[j])]).epsilon(1e-12));
+    }
+  }
+}
+
+TEST_CASE("Training jitter is keyed by token id, not by batch position", "[routing][jitter]") {
+  const index_t E = 5, d = 7, Tn = 9;
+  const moe::Matrix<double> W = random_matrix<double>(E, d, 71, 1.0), x = random_matrix<double>(Tn, d, 72);
+  moe::TopKOptions o;
+  o.k = 2;
+  o.jitter = 0.1;
+  o.jitter_seed = 123;
+  const moe::TopKRouter<double> router(W, o);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(Tn));
+  for (index_t t = 0; t < Tn; ++t) ids[std::size_t(t)] = 1000 + 17 * t;
+  moe::RouteContext ctx;
+  ctx.token_ids = ids.data();
+  ctx.training = true;
+  moe::RouterOutput<double> out, plain, reversed;
+  router.route(x, ctx, out);
+  router.route(x, plain);  // not training: no jitter
+
+  const moe::Matrix<double> exact = x * W.transpose();
+  REQUIRE(moe::Matrix<double>(plain.logits()).isApprox(exact, 1e-14));
+  REQUIRE_FALSE(moe::Matrix<double>(out.logits()).isApprox(exact, 1e-6));
+  // Each jittered input lies in x · [0.9, 1.1], so each logit is within Σ|x_i w_i| · 0.1.
+  for (index_t t = 0; t < Tn; ++t)
+    for (index_t e = 0; e < E; ++e) {
+      double bound = 0;
+      for (index_t i = 0; i < d; ++i) bound += std::fabs(x(t, i) * W(e, i)) * 0.1;
+      REQUIRE(std::fabs(out.logits()(t, e) - exact(t, e)) <= bound + 1e-12);
+    }
+  // Reverse the batch (ids travel with their tokens): logits reverse bit for bit.
+  const moe::Matrix<double> x_rev = x.colwise().reverse();
+  std::vector<std::int64_t> ids_rev(ids.rbegin(), ids.rend());
+  moe::RouteContext ctx_rev = ctx;
+  ctx_rev.token_ids = ids_rev.data();
+  router.route(x_rev, ctx_rev, reversed);
+  for (index_t t = 0; t < Tn; ++t) REQUIRE(moe::Matrix<double>(reversed.logits().row(Tn - 1 - t)) == moe::Matrix<double>(out.logits().row(t)));
+  // Another layer draws other noise.
+  moe::RouteContext other_layer = ctx;
+  other_layer.layer_id = 1;
+  moe::RouterOutput<double> out_layer1;
+  router.route(x, other_layer, out_layer1);
+  REQUIRE(moe::Matrix<double>(out_layer1.logits()) != moe::Matrix<double>(out.logits()));
+
+  moe::RouteContext no_ids;
+  no_ids.training = true;
+  REQUIRE_THROWS_WITH(router.route(x, no_ids, out), Catch::Contains("token_ids = null") && Catch::Contains("jitter = 0.1"));
+}
+
+TEST_CASE("Routing options are validated with named values", "[routing][errors]") {
+  const moe::Matrix<float> W = random_matrix<float>(8, 4, 1);
+  auto make = [&](auto edit) {
+    moe::TopKOptions o;
+    o.k = 2;
+    edit(o);
+    return moe::TopKRouter<float>(W, o);
+  };
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.capacity_factor = -1; }), Catch::Contains("capacity_factor = -1"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.expert_groups = 3; }),
+                      Catch::Contains("expert_groups = 3") && Catch::Contains("num_experts = 8"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.expert_groups = 4, o.selected_groups = 5; }), Catch::Contains("selected_groups = 5"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.expert_groups = 4, o.selected_groups = 1, o.k = 3; }),
+                      Catch::Contains("k = 3") && Catch::Contains("experts per group = 2"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.expert_groups = 4, o.group_score_top = 3; }), Catch::Contains("group_score_top = 3"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.top_p = 1.5; }), Catch::Contains("top_p = 1.5"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.top_p = 0.5, o.score = moe::ScoreFunction::sigmoid; }), Catch::Contains("top_p"));
+  REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.jitter = 1.0; }), Catch::Contains("jitter = 1"));
+}
