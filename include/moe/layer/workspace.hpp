@@ -17,6 +17,10 @@ struct Workspace {
   Buffer<T> dispatched;     // [A, d] expert-grouped token rows
   Buffer<T> expert_out;     // [A, d] expert outputs in the same order
   Buffer<T> scratch;        // expert hidden activations
+  Buffer<T> extra;          // [T, d] shared-expert and pass-through contributions
+  Buffer<T> shared_in;      // [T, d] contiguous copy of the input for the shared experts
+  Buffer<T> shared_out;     // [T, d] one shared expert's output
+  Buffer<T> shared_gate;    // [T] sigmoid gate of the shared experts
 };
 
 MOE_NAMESPACE_END

@@ -41,14 +41,16 @@ struct TokenCandidates {
 
 // Decides which candidates survive capacity: kept[t·stride + j] = 1 for each surviving one.
 // Scratch: load [E], order [T · stride].
+// fixed_capacity > 0 overrides the formula (Hugging Face Switch's expert_capacity).
 template <class T>
-void apply_capacity(double capacity_factor, CapacityPriority priority, OverflowPolicy overflow, index_t k,
+void apply_capacity(double capacity_factor, index_t fixed_capacity, CapacityPriority priority, OverflowPolicy overflow, index_t k,
                     index_t num_experts, const GroupBounds& groups, const TokenCandidates<T>& c, std::uint8_t* kept,
                     index_t* load, index_t* order) {
   const index_t R = c.stride;
   for (index_t g = 0; g < groups.count(); ++g) {
     const index_t first = groups.begin(g), last = groups.end(g);
-    const index_t capacity = expert_capacity(capacity_factor, last - first, k, num_experts);
+    const index_t capacity =
+        fixed_capacity > 0 ? fixed_capacity : expert_capacity(capacity_factor, last - first, k, num_experts);
     std::fill(load, load + num_experts, index_t(0));
     std::fill(kept + first * R, kept + last * R, std::uint8_t(0));
     auto try_take = [&](index_t t, index_t j) {

@@ -74,6 +74,7 @@ struct TopKOptions {
 
   // Capacity (Switch, GShard): ≤ 0 means dropless; otherwise C = ceil(cf · Tg · k / E) per group.
   double capacity_factor = 0.0;
+  index_t fixed_capacity = 0;  // > 0: this many slots per expert and group, whatever capacity_factor says
   CapacityPriority capacity_priority = CapacityPriority::position;
   OverflowPolicy overflow = OverflowPolicy::drop;
   bool renormalize_after_drop = false;  // weights divided by the sum of the surviving raw weights
@@ -142,7 +143,8 @@ class TopKRouter {
   }
 
  private:
-  bool reroutes() const noexcept { return options_.capacity_factor > 0 && options_.overflow == OverflowPolicy::reroute; }
+  bool capped() const noexcept { return options_.capacity_factor > 0 || options_.fixed_capacity > 0; }
+  bool reroutes() const noexcept { return capped() && options_.overflow == OverflowPolicy::reroute; }
   // Candidates ranked per token: the k choices, or every expert when choices may be rerouted.
   index_t candidate_stride() const noexcept { return reroutes() ? num_experts() : options_.k; }
 
@@ -184,6 +186,7 @@ class TopKRouter {
       detail::throw_invalid("TopKRouter: capacity_factor must be finite and >= 0, 0 meaning dropless (capacity_factor = ",
                             o.capacity_factor, ")");
     }
+    if (o.fixed_capacity < 0) detail::throw_invalid("TopKRouter: fixed_capacity must be >= 0 (fixed_capacity = ", o.fixed_capacity, ")");
     if (!(o.jitter >= 0 && o.jitter < 1)) detail::throw_invalid("TopKRouter: jitter must be in [0, 1) (jitter = ", o.jitter, ")");
   }
 
@@ -309,9 +312,9 @@ class TopKRouter {
     c.num_chosen = out.candidate_chosen.ensure(T_);
     c.num_ranked = out.candidate_ranked.ensure(T_);
     std::uint8_t* kept = out.candidate_kept.ensure(T_ * R);
-    const bool capped = options_.capacity_factor > 0;
+    const bool capped = this->capped();
     if (capped) {
-      apply_capacity(options_.capacity_factor, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
+      apply_capacity(options_.capacity_factor, options_.fixed_capacity, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
                      out.expert_load.ensure(E), out.candidate_order.ensure(T_ * R));
     } else {
       for (index_t t = 0; t < T_; ++t)

@@ -1,0 +1,160 @@
+// Zero-computation experts, shared experts, the dropped-token policy and routing statistics,
+// against per-token double references.
+#include <catch2/catch.hpp>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+struct Model {
+  index_t d = 11, ff = 9, E_ffn = 3;
+  std::vector<moe::Matrix<double>> wg, wu, wd;
+  Model() {
+    for (index_t e = 0; e < E_ffn + 2; ++e) {  // two extra for shared experts
+      wg.push_back(random_matrix<double>(ff, d, 10 + std::uint32_t(e), 0.4));
+      wu.push_back(random_matrix<double>(ff, d, 20 + std::uint32_t(e), 0.4));
+      wd.push_back(random_matrix<double>(d, ff, 30 + std::uint32_t(e), 0.4));
+    }
+  }
+  moe::SwiGLU<double> expert(index_t e) const { return moe::SwiGLU<double>(wg[std::size_t(e)], wu[std::size_t(e)], wd[std::size_t(e)]); }
+  std::vector<double> ref(index_t e, const std::vector<double>& x) const {
+    return swiglu(to_double(wg[std::size_t(e)]), to_double(wu[std::size_t(e)]), to_double(wd[std::size_t(e)]), x);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Zero-computation experts take routing slots and cost no products", "[layer][zero_compute]") {
+  const Model m;
+  const index_t E = m.E_ffn + 3;  // + zero, copy, constant (mixed, MoE++)
+  const moe::Matrix<double> gate = random_matrix<double>(E, m.d, 5, 2.0);
+  const moe::Matrix<double> constant = random_matrix<double>(m.d, 1, 6);
+  const moe::Matrix<double> mix = random_matrix<double>(2, m.d, 7);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  std::vector<moe::ZeroComputeExpert<double>> zc = {moe::ZeroComputeExpert<double>::zero(m.d), moe::ZeroComputeExpert<double>::copy(m.d),
+                                                    moe::ZeroComputeExpert<double>::constant(constant.col(0), mix)};
+  moe::TopKOptions o;
+  o.k = 2;
+  moe::MoELayer layer(moe::TopKRouter<double>(gate, o), experts, zc);
+  const moe::Matrix<double> x = random_matrix<double>(60, m.d, 8);
+  moe::Workspace<double> ws;
+  const moe::Matrix<double> y = layer.forward(x, ws);
+  for (index_t e = m.E_ffn; e < E; ++e) REQUIRE(ws.routing.plan.tokens_of(e) > 0);  // every kind is exercised
+
+  const Mat xd = to_double(x), gd = to_double(gate);
+  for (index_t t = 0; t < x.rows(); ++t) {
+    const std::vector<double> p = softmax(linear(gd, xd[std::size_t(t)]));
+    std::vector<double> ref(std::size_t(m.d), 0.0);
+    for (index_t e : top_k(p, 2)) {
+      std::vector<double> out(std::size_t(m.d), 0.0);
+      if (e < m.E_ffn) {
+        out = m.ref(e, xd[std::size_t(t)]);
+      } else if (e == m.E_ffn + 1) {
+        out = xd[std::size_t(t)];
+      } else if (e == m.E_ffn + 2) {
+        const std::vector<double> a = softmax(linear(to_double(mix), xd[std::size_t(t)]));
+        for (index_t i = 0; i < m.d; ++i) out[std::size_t(i)] = a[0] * xd[std::size_t(t)][std::size_t(i)] + a[1] * constant(i, 0);
+      }
+      for (index_t i = 0; i < m.d; ++i) ref[std::size_t(i)] += p[std::size_t(e)] * out[std::size_t(i)];
+    }
+    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).margin(1e-12));
+  }
+  // The plain constant expert outputs its vector.
+  std::vector<double> out(std::size_t(m.d));
+  moe::ZeroComputeExpert<double>::constant(constant.col(0)).forward(moe::simd::default_arch{}, x.data(), 1, out.data());
+  for (index_t i = 0; i < m.d; ++i) REQUIRE(out[std::size_t(i)] == constant(i, 0));
+
+  REQUIRE_THROWS_WITH(moe::MoELayer(moe::TopKRouter<double>(gate, o), experts),
+                      Catch::Contains("experts.size() + zero_compute.size() = 3") && Catch::Contains("router.num_experts() = 6"));
+  REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::constant(constant.col(0), random_matrix<double>(3, m.d, 1)), Catch::Contains("mix.rows() = 3"));
+  REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::zero(0), Catch::Contains("d_model = 0"));
+}
+
+TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "[layer][shared]") {
+  const Model m;
+  const moe::Matrix<double> gate = random_matrix<double>(m.E_ffn, m.d, 5, 2.0);
+  const moe::Matrix<double> shared_gate = random_matrix<double>(1, m.d, 9);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  const bool gated = GENERATE(false, true);
+  moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
+  moe::MoELayer layer(moe::TopKRouter<double>(gate, o), experts);
+  layer.set_shared_experts({m.expert(m.E_ffn), m.expert(m.E_ffn + 1)},
+                           gated ? moe::Weight<double>::own(shared_gate) : moe::Weight<double>());
+  const moe::Matrix<double> x = random_matrix<double>(23, m.d, 8);
+  moe::Workspace<double> ws;
+  moe::Matrix<double> y = x;
+  layer.forward(y, y, ws);  // in place: shared experts must read x before combine writes y
+  const Mat xd = to_double(x);
+  for (index_t t = 0; t < x.rows(); ++t) {
+    const std::vector<double> p = softmax(linear(to_double(gate), xd[std::size_t(t)]));
+    const std::vector<index_t> chosen = top_k(p, 2);
+    const double sum = p[std::size_t(chosen[0])] + p[std::size_t(chosen[1])];
+    const double g = gated ? sigmoid(linear(to_double(shared_gate), xd[std::size_t(t)])[0]) : 1.0;
+    std::vector<double> ref(std::size_t(m.d), 0.0);
+    for (index_t e : chosen) {
+      const std::vector<double> out = m.ref(e, xd[std::size_t(t)]);
+      for (index_t i = 0; i < m.d; ++i) ref[std::size_t(i)] += p[std::size_t(e)] / sum * out[std::size_t(i)];
+    }
+    for (index_t s = m.E_ffn; s < m.E_ffn + 2; ++s) {
+      const std::vector<double> out = m.ref(s, xd[std::size_t(t)]);
+      for (index_t i = 0; i < m.d; ++i) ref[std::size_t(i)] += g * out[std::size_t(i)];
+    }
+    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).margin(1e-12));
+  }
+  REQUIRE_THROWS_WITH(layer.set_shared_experts({m.expert(0)}, moe::Weight<double>::own(random_matrix<double>(2, m.d, 1))),
+                      Catch::Contains("gate.rows() = 2"));
+}
+
+TEST_CASE("Switch: a dropped token leaves the layer as probability times its input", "[layer][switch]") {
+  const Model m;
+  const index_t E = m.E_ffn, Tn = 16;
+  moe::Matrix<double> gate = random_matrix<double>(E, m.d, 5, 0.3);
+  gate.row(0).setConstant(1.0);  // expert 0 is popular for positive inputs, so it overflows
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < E; ++e) experts.push_back(m.expert(e));
+  moe::MoELayer layer(moe::TopKRouter<double>(gate, moe::presets::switch_transformers(1.0)), experts);
+  layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+  const moe::Matrix<double> x = random_matrix<double>(Tn, m.d, 8).cwiseAbs();
+  // Two sequences of 8 tokens: capacity ceil(1.0 · 8 · 1 / 3) = 3 per expert and sequence.
+  const std::vector<index_t> sequences = {0, 8, 16};
+  moe::Workspace<double> ws;
+  moe::Matrix<double> y(Tn, m.d);
+  layer.forward(x, moe::RouteContext::with_groups(sequences), y, ws);
+  REQUIRE_FALSE(ws.routing.plan.dropped.empty());
+
+  const Mat xd = to_double(x);
+  for (index_t s = 0; s < 2; ++s) {
+    std::vector<index_t> load(std::size_t(E), 0);
+    for (index_t t = 8 * s; t < 8 * s + 8; ++t) {
+      const std::vector<double> p = softmax(linear(to_double(gate), xd[std::size_t(t)]));
+      const index_t e = top_k(p, 1)[0];
+      const bool kept = load[std::size_t(e)]++ < 3;  // earlier positions win
+      const std::vector<double> out = kept ? m.ref(e, xd[std::size_t(t)]) : xd[std::size_t(t)];
+      for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(p[std::size_t(e)] * out[std::size_t(i)]).margin(1e-12));
+    }
+  }
+}
+
+TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
+  const std::vector<index_t> begin = {0, 2, 3, 4, 6};
+  const std::vector<index_t> experts = {0, 1, 0, 0, 2, 0};
+  const std::vector<double> weights(6, 0.5);
+  moe::Routing<double> plan;
+  moe::build_routing(4, 4, begin.data(), experts.data(), weights.data(), plan);
+  plan.dropped = {1};
+  moe::Matrix<double> scores(2, 4);
+  scores << 0.25, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0;
+  const moe::RoutingStats s = moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 2, 4));
+  REQUIRE(s.load == std::vector<index_t>{4, 1, 1, 0});
+  REQUIRE(s.assignments == 6);
+  REQUIRE(s.dropped_tokens == 1);
+  REQUIRE(s.imbalance == Approx(4.0 / 1.5));
+  REQUIRE(s.load_entropy == Approx(-(4.0 / 6) * std::log(4.0 / 6) - 2 * (1.0 / 6) * std::log(1.0 / 6)));
+  REQUIRE(s.mean_score_entropy == Approx(std::log(4.0) / 2));
+  const moe::Routing<double> empty;
+  REQUIRE(moe::routing_stats(empty).imbalance == 0);
+}
