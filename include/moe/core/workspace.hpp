@@ -20,6 +20,9 @@ class Buffer {
     if (static_cast<std::size_t>(n) > data_.size()) data_.resize(static_cast<std::size_t>(n));
     return data_.data();
   }
+  // The storage of the last ensure(); null before the first.
+  T* data() noexcept { return data_.data(); }
+  const T* data() const noexcept { return data_.data(); }
   std::size_t capacity() const noexcept { return data_.size(); }
 
  private:

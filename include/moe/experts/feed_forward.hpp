@@ -2,11 +2,13 @@
 // Plain feed-forward expert: y = act(x · w_inᵀ) · w_outᵀ.
 //   w_in  [d_ff, d]   (PyTorch fc1 / w1)
 //   w_out [d, d_ff]   (PyTorch fc2 / w2)
+#include <algorithm>
 #include <cstddef>
 
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
 
@@ -17,6 +19,16 @@ class FeedForward {
  public:
   using Scalar = T;
   using activation_type = Activation;
+
+  // Weight gradients, shaped like the weights.
+  struct Gradient {
+    Matrix<T> w_in;   // [d_ff, d]
+    Matrix<T> w_out;  // [d, d_ff]
+    template <class F>
+    void for_each(F f) { f(w_in); f(w_out); }
+    template <class F>
+    void for_each(F f) const { f(w_in); f(w_out); }
+  };
 
   // Views the caller's weights (no copy); they must outlive the expert.
   FeedForward(ConstMatrixMap<T> w_in, ConstMatrixMap<T> w_out) : FeedForward(Weight<T>::view(w_in), Weight<T>::view(w_out)) {}
@@ -45,6 +57,35 @@ class FeedForward {
     // Row by row, so an element's activation path (SIMD body or scalar tail) does not depend on m.
     for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
     simd::matmul_nt(arch, hidden, rows, ff, w_out_.data(), d, y, d);
+  }
+
+  // Zero gradients of the right shapes.
+  Gradient zero_gradient() const { return {Matrix<T>::Zero(d_ff(), d_model()), Matrix<T>::Zero(d_model(), d_ff())}; }
+  // Elements per token that forward_saving keeps for backward: the pre-activations.
+  index_t saved_size(index_t tokens) const noexcept { return tokens * d_ff(); }
+
+  // forward() that also keeps what backward needs in `saved` (saved_size(m)). Same output bits.
+  template <class Arch>
+  void forward_saving(Arch arch, const T* x, index_t m, T* y, T* saved, T* scratch) const {
+    const auto d = static_cast<std::size_t>(d_model()), ff = static_cast<std::size_t>(d_ff());
+    const auto rows = static_cast<std::size_t>(m);
+    simd::matmul_nt(arch, x, rows, d, w_in_.data(), ff, saved, ff);
+    std::copy(saved, saved + rows * ff, scratch);
+    for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, scratch + j * ff, ff);
+    simd::matmul_nt(arch, scratch, rows, ff, w_out_.data(), d, y, d);
+  }
+
+  // Given dy [m, d] and what forward_saving kept: dx [m, d], and weight gradients added to `grad`.
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad) const {
+    const index_t d = d_model(), ff = d_ff();
+    const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), pre(saved, m, ff);
+    const Matrix<T> hidden = pre.unaryExpr([](T v) { return Activation::apply(v); });  // [m, ff]
+    grad.w_out.noalias() += dY.transpose() * hidden;
+    const Matrix<T> d_pre =
+        (dY * w_out()).cwiseProduct(pre.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }));
+    grad.w_in.noalias() += d_pre.transpose() * X;
+    MatrixMap<T> dX(dx, m, d);
+    dX.noalias() = d_pre * w_in();
   }
 
  private:

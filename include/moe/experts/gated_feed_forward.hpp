@@ -9,6 +9,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
 
@@ -19,6 +20,17 @@ class GatedFeedForward {
  public:
   using Scalar = T;
   using activation_type = Activation;
+
+  // Weight gradients, shaped like the weights.
+  struct Gradient {
+    Matrix<T> w_gate;  // [d_ff, d]
+    Matrix<T> w_up;    // [d_ff, d]
+    Matrix<T> w_down;  // [d, d_ff]
+    template <class F>
+    void for_each(F f) { f(w_gate); f(w_up); f(w_down); }
+    template <class F>
+    void for_each(F f) const { f(w_gate); f(w_up); f(w_down); }
+  };
 
   // Views the caller's weights (no copy); they must outlive the expert.
   GatedFeedForward(ConstMatrixMap<T> w_gate, ConstMatrixMap<T> w_up, ConstMatrixMap<T> w_down)
@@ -52,6 +64,46 @@ class GatedFeedForward {
     T* hidden = scratch;  // [m, d_ff]: act(gate) ⊙ up, fused in one pass over w_gate and w_up
     simd::gated_matmul_nt<Activation>(arch, x, rows, d, w_gate_.data(), w_up_.data(), ff, hidden, ff);
     simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
+  }
+
+  // Zero gradients of the right shapes.
+  Gradient zero_gradient() const {
+    return {Matrix<T>::Zero(d_ff(), d_model()), Matrix<T>::Zero(d_ff(), d_model()), Matrix<T>::Zero(d_model(), d_ff())};
+  }
+  // Elements per token that forward_saving keeps for backward: the gate and up pre-activations.
+  index_t saved_size(index_t tokens) const noexcept { return 2 * tokens * d_ff(); }
+
+  // forward() that also keeps what backward needs in `saved` (saved_size(m)). Same output bits.
+  template <class Arch>
+  void forward_saving(Arch arch, const T* x, index_t m, T* y, T* saved, T* scratch) const {
+    const auto d = static_cast<std::size_t>(d_model()), ff = static_cast<std::size_t>(d_ff());
+    const auto rows = static_cast<std::size_t>(m);
+    T* gate = saved;             // [m, d_ff]
+    T* up = saved + rows * ff;   // [m, d_ff]
+    T* hidden = scratch;         // [m, d_ff]
+    simd::matmul_nt(arch, x, rows, d, w_gate_.data(), ff, gate, ff);
+    simd::matmul_nt(arch, x, rows, d, w_up_.data(), ff, up, ff);
+    for (std::size_t i = 0; i < rows * ff; ++i) hidden[i] = Activation::apply(gate[i]) * up[i];
+    simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
+  }
+
+  // Given dy [m, d] (the gradient of this expert's output rows) and what forward_saving kept:
+  // dx [m, d] = ∂/∂x, and the weight gradients are added to `grad`.
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad) const {
+    const index_t d = d_model(), ff = d_ff();
+    const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), G(saved, m, ff), U(saved + m * ff, m, ff);
+    const Matrix<T> act = G.unaryExpr([](T v) { return Activation::apply(v); });                    // [m, ff]
+    const Matrix<T> hidden = act.cwiseProduct(U);                                                    // [m, ff]
+    grad.w_down.noalias() += dY.transpose() * hidden;                                               // [d, ff]
+    const Matrix<T> d_hidden = dY * w_down();                                                        // [m, ff]
+    const Matrix<T> d_gate =
+        d_hidden.cwiseProduct(U).cwiseProduct(G.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }));
+    const Matrix<T> d_up = d_hidden.cwiseProduct(act);                                               // [m, ff]
+    grad.w_gate.noalias() += d_gate.transpose() * X;
+    grad.w_up.noalias() += d_up.transpose() * X;
+    MatrixMap<T> dX(dx, m, d);
+    dX.noalias() = d_gate * w_gate();
+    dX.noalias() += d_up * w_up();
   }
 
  private:

@@ -6,6 +6,8 @@
 //   copy:     E(x) = x
 //   constant: E(x) = v, or with a mixing gate W_c [2, d] (MoE++): [a1, a2] = softmax(W_c · x),
 //             E(x) = a1 · x + a2 · v
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <utility>
 
@@ -13,7 +15,6 @@
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "../simd/rows.hpp"
-#include "../simd/softmax.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -23,6 +24,16 @@ template <class T>
 class ZeroComputeExpert {
  public:
   using Scalar = T;
+
+  // Gradients of the learned parts (constant experts only; empty otherwise).
+  struct Gradient {
+    Vector<T> value;  // [d]
+    Matrix<T> mix;    // [2, d] when the expert mixes
+    template <class F>
+    void for_each(F f) { f(value); f(mix); }
+    template <class F>
+    void for_each(F f) const { f(value); f(mix); }
+  };
 
   static ZeroComputeExpert zero(index_t d) { return ZeroComputeExpert(ZeroComputeKind::zero, d); }
   static ZeroComputeExpert copy(index_t d) { return ZeroComputeExpert(ZeroComputeKind::copy, d); }
@@ -58,8 +69,8 @@ class ZeroComputeExpert {
         case ZeroComputeKind::copy: simd::copy_row(arch, xj, yj, d); break;
         case ZeroComputeKind::constant:
           if (mixes()) {
-            T a[2] = {dot(xj, mix_.data(), d), dot(xj, mix_.data() + d, d)};
-            simd::softmax(arch, a, a, 2);
+            T a[2];
+            mix_weights(xj, a);
             for (std::size_t i = 0; i < d; ++i) yj[i] = a[0] * xj[i] + a[1] * value_[static_cast<index_t>(i)];
           } else {
             std::copy(value_.data(), value_.data() + d, yj);
@@ -69,9 +80,53 @@ class ZeroComputeExpert {
     }
   }
 
+  Gradient zero_gradient() const {
+    Gradient g;
+    if (kind_ == ZeroComputeKind::constant) g.value = Vector<T>::Zero(d_);
+    if (mixes()) g.mix = Matrix<T>::Zero(2, d_);
+    return g;
+  }
+
+  // Given dy [m, d]: dx [m, d], and the value/mix gradients added to `grad`.
+  void backward(const T* x, index_t m, const T* dy, T* dx, Gradient& grad) const {
+    const ConstMatrixMap<T> X(x, m, d_), dY(dy, m, d_);
+    MatrixMap<T> dX(dx, m, d_);
+    switch (kind_) {
+      case ZeroComputeKind::zero: dX.setZero(); break;
+      case ZeroComputeKind::copy: dX = dY; break;
+      case ZeroComputeKind::constant:
+        if (!mixes()) {
+          dX.setZero();
+          grad.value += dY.colwise().sum().transpose();
+          break;
+        }
+        for (index_t j = 0; j < m; ++j) {
+          T a[2];
+          mix_weights(x + j * d_, a);
+          const T da0 = dY.row(j).dot(X.row(j)), da1 = dY.row(j).dot(value_.transpose());
+          const T mean = a[0] * da0 + a[1] * da1;
+          const T dz0 = a[0] * (da0 - mean), dz1 = a[1] * (da1 - mean);
+          grad.mix.row(0) += dz0 * X.row(j);
+          grad.mix.row(1) += dz1 * X.row(j);
+          grad.value += a[1] * dY.row(j).transpose();
+          dX.row(j) = a[0] * dY.row(j) + dz0 * mix_.map().row(0) + dz1 * mix_.map().row(1);
+        }
+        break;
+    }
+  }
+
  private:
   ZeroComputeExpert(ZeroComputeKind kind, index_t d) : kind_(kind), d_(d) {
     if (d < 1) detail::throw_invalid("ZeroComputeExpert: d_model must be at least 1 (d_model = ", d, ")");
+  }
+  // [a1, a2] = softmax(mix · x) for one token row.
+  void mix_weights(const T* x, T* a) const noexcept {
+    const auto d = static_cast<std::size_t>(d_);
+    const T z0 = dot(x, mix_.data(), d), z1 = dot(x, mix_.data() + d, d);
+    const T top = std::max(z0, z1);
+    const T e0 = std::exp(z0 - top), e1 = std::exp(z1 - top);
+    a[0] = e0 / (e0 + e1);
+    a[1] = e1 / (e0 + e1);
   }
   static T dot(const T* a, const T* b, std::size_t n) noexcept {
     T s(0);

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <utility>
+#include <cmath>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -82,6 +83,111 @@ class MoELayer {
   // As above, with routing groups, token ids or training flags for the router (RouteContext).
   template <class Arch = simd::default_arch>
   void forward(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, Workspace<T>& ws, Arch arch = {}) const {
+    run(x, ctx, y, ws, nullptr, arch);
+  }
+
+  // Convenience: returns a new [T, d] output.
+  template <class Arch = simd::default_arch>
+  Matrix<T> forward(const ConstMatrixRef<T>& x, Workspace<T>& ws, Arch arch = {}) const {
+    Matrix<T> y(x.rows(), d_model());
+    forward(x, y, ws, arch);
+    return y;
+  }
+
+  // --- training -------------------------------------------------------------------------------
+  using ExpertGradient = typename Expert::Gradient;
+  using ZeroComputeGradient = typename ZeroComputeExpert<T>::Gradient;
+  struct Gradients {
+    Matrix<T> router;                                // [E, d]
+    std::vector<ExpertGradient> experts;             // one per FFN expert
+    std::vector<ZeroComputeGradient> zero_compute;   // one per zero-computation expert
+    std::vector<ExpertGradient> shared;              // one per shared expert
+    Matrix<T> shared_gate;                           // [1, d], or empty without a gate
+  };
+  // Zero gradients of the right shapes for this layer.
+  Gradients make_gradients() const {
+    Gradients g;
+    g.router = Matrix<T>::Zero(num_experts(), d_model());
+    for (const Expert& e : experts_) g.experts.push_back(e.zero_gradient());
+    for (const auto& z : zero_compute_) g.zero_compute.push_back(z.zero_gradient());
+    for (const Expert& s : shared_) g.shared.push_back(s.zero_gradient());
+    if (shared_gate_.rows() == 1) g.shared_gate = Matrix<T>::Zero(1, d_model());
+    return g;
+  }
+
+  // forward() that keeps what backward() needs in `ws`; y has the same bits as forward().
+  template <class Arch = simd::default_arch>
+  void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, TrainingWorkspace<T>& ws,
+                     Arch arch = {}) const {
+    ws.num_tokens = -1;  // invalid until this forward completes
+    run(x, ctx, y, ws, &ws, arch);
+    ws.num_tokens = x.rows();
+  }
+
+  // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
+  // writes dx = ∂L/∂x [T, d] and overwrites `grads` (shaped by make_gradients()).
+  // extra_dlogits [T, E] (for example an auxiliary loss's gradient) joins the router's gradient.
+  void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr) const {
+    const index_t T_ = x.rows(), d = d_model();
+    if (ws.num_tokens != T_) {
+      detail::throw_invalid("MoELayer::backward: needs the workspace of a forward_train on the same x (workspace tokens = ",
+                            ws.num_tokens, ", x.rows() = ", T_, ")");
+    }
+    detail::check_dim("MoELayer::backward", "x.cols()", x.cols(), "d_model", d);
+    detail::check_dim("MoELayer::backward", "dy.rows()", dy.rows(), "x.rows()", T_);
+    detail::check_dim("MoELayer::backward", "dy.cols()", dy.cols(), "d_model", d);
+    detail::check_dim("MoELayer::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
+    detail::check_dim("MoELayer::backward", "dx.cols()", dx.cols(), "d_model", d);
+    check_gradients(grads);
+    zero_gradients(grads);
+
+    const Routing<T>& plan = ws.routing.plan;
+    const index_t A = plan.num_assignments();
+    const T* dispatched = ws.dispatched.data();
+    const T* expert_out = ws.expert_out.data();
+    Matrix<T> d_out(A, d), d_in(A, d);  // [A, d] gradients of expert outputs and inputs
+    Vector<T> grad_weight(A);           // [A] ∂L/∂(routing weight)
+    for (index_t a = 0; a < A; ++a) {
+      const index_t t = plan.token[a];
+      grad_weight[a] = dy.row(t).dot(ConstMatrixMap<T>(expert_out + a * d, 1, d).row(0));
+      d_out.row(a) = plan.weight[a] * dy.row(t);
+    }
+    const auto num_ffn = static_cast<index_t>(experts_.size());
+    const T* saved = ws.saved.data();
+    for (index_t e = 0; e < num_experts(); ++e) {
+      const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
+      if (m == 0) continue;
+      if (e < num_ffn) {
+        experts_[e].backward(dispatched + first * d, m, d_out.data() + first * d, saved, d_in.data() + first * d, grads.experts[e]);
+        saved += experts_[e].saved_size(m);
+      } else {
+        zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out.data() + first * d,
+                                                         d_in.data() + first * d, grads.zero_compute[std::size_t(e - num_ffn)]);
+      }
+    }
+    dx.setZero();
+    for (index_t t = 0; t < T_; ++t)
+      for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
+
+    Vector<T> grad_lost;  // [T] ∂L/∂(lost weight), pass-through only
+    if (dropped_tokens_ == DroppedTokens::pass_through) {
+      grad_lost = Vector<T>::Zero(T_);
+      for (std::size_t i = 0; i < plan.dropped.size(); ++i) {
+        const index_t t = plan.dropped[i];
+        grad_lost[t] = dy.row(t).dot(x.row(t));
+        dx.row(t) += plan.dropped_weight[i] * dy.row(t);
+      }
+    }
+    router_.backward(x, ws.routing, grad_weight.data(), grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
+                     grads.router);
+    if (!shared_.empty()) shared_backward(x, dy, dx, grads, ws);
+  }
+
+ private:
+  template <class Arch>
+  void run(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, Workspace<T>& ws, TrainingWorkspace<T>* train,
+           Arch arch) const {
     const index_t d = d_model();
     detail::check_dim("MoELayer::forward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("MoELayer::forward", "y.rows()", y.rows(), "x.rows()", x.rows());
@@ -100,11 +206,20 @@ class MoELayer {
     for (index_t e = 0; e < num_ffn; ++e) scratch_needed = std::max(scratch_needed, experts_[e].scratch_size(plan.tokens_of(e)));
     for (const Expert& s : shared_) scratch_needed = std::max(scratch_needed, s.scratch_size(x.rows()));
     T* scratch = ws.scratch.ensure(scratch_needed);
+    T* saved = nullptr;
+    if (train != nullptr) {
+      index_t saved_needed = 0;
+      for (index_t e = 0; e < num_ffn; ++e) saved_needed += experts_[e].saved_size(plan.tokens_of(e));
+      saved = train->saved.ensure(saved_needed);
+    }
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
       if (m == 0) continue;  // experts without tokens cost nothing
       const index_t first = plan.expert_begin[e];
-      if (e < num_ffn) {
+      if (e < num_ffn && train != nullptr) {
+        experts_[e].forward_saving(arch, dispatched + first * d, m, expert_out + first * d, saved, scratch);
+        saved += experts_[e].saved_size(m);
+      } else if (e < num_ffn) {
         experts_[e].forward(arch, dispatched + first * d, m, expert_out + first * d, scratch);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].forward(arch, dispatched + first * d, m, expert_out + first * d);
@@ -114,7 +229,7 @@ class MoELayer {
     // Shared experts and the pass-through run before combine overwrites y, which may alias x.
     T* extra = nullptr;  // [T, d] shared and pass-through contributions, or null when none
     if (!shared_.empty() || (dropped_tokens_ == DroppedTokens::pass_through && !plan.dropped.empty())) {
-      extra = add_shared_and_dropped(arch, x, ws, scratch);
+      extra = add_shared_and_dropped(arch, x, ws, scratch, train);
     }
     combine(arch, plan, expert_out, d, y.data(), y.outerStride());
     if (extra != nullptr) {
@@ -124,15 +239,7 @@ class MoELayer {
     }
   }
 
-  // Convenience: returns a new [T, d] output.
-  template <class Arch = simd::default_arch>
-  Matrix<T> forward(const ConstMatrixRef<T>& x, Workspace<T>& ws, Arch arch = {}) const {
-    Matrix<T> y(x.rows(), d_model());
-    forward(x, y, ws, arch);
-    return y;
-  }
 
- private:
   void check_width(const char* what, std::size_t index, index_t width) const {
     if (width != router_.d_model()) {
       detail::throw_invalid("MoELayer: ", what, index, " d_model must equal router.d_model() (", what, "d_model = ", width,
@@ -142,7 +249,7 @@ class MoELayer {
 
   // extra [T, d] = Σ_s g · shared_s(x) + (dropped weight) · x, in a fixed order per token.
   template <class Arch>
-  T* add_shared_and_dropped(Arch arch, const ConstMatrixRef<T>& x, Workspace<T>& ws, T* scratch) const {
+  T* add_shared_and_dropped(Arch arch, const ConstMatrixRef<T>& x, Workspace<T>& ws, T* scratch, TrainingWorkspace<T>* train) const {
     const index_t T_ = x.rows(), d = d_model();
     T* extra = ws.extra.ensure(T_ * d);
     T* x_rows = ws.shared_in.ensure(T_ * d);     // contiguous copy of x
@@ -157,9 +264,22 @@ class MoELayer {
       } else {
         std::fill(gate, gate + T_, T(1));
       }
+      T* saved = nullptr;
+      if (train != nullptr) {
+        index_t saved_needed = 0;
+        for (const Expert& s : shared_) saved_needed += s.saved_size(T_);
+        saved = train->shared_saved.ensure(saved_needed);
+        shared_out = train->shared_outputs.ensure(static_cast<index_t>(shared_.size()) * T_ * d);
+      }
       for (const Expert& s : shared_) {
-        s.forward(arch, x_rows, T_, shared_out, scratch);
+        if (train != nullptr) {
+          s.forward_saving(arch, x_rows, T_, shared_out, saved, scratch);
+          saved += s.saved_size(T_);
+        } else {
+          s.forward(arch, x_rows, T_, shared_out, scratch);
+        }
         for (index_t t = 0; t < T_; ++t) simd::axpy(arch, gate[t], shared_out + t * d, extra + t * d, static_cast<std::size_t>(d));
+        if (train != nullptr) shared_out += T_ * d;  // keep each shared expert's output
       }
     }
     if (dropped_tokens_ == DroppedTokens::pass_through) {
@@ -170,6 +290,62 @@ class MoELayer {
       }
     }
     return extra;
+  }
+
+  // Shared experts: y += g ⊙ S(x), g = sigmoid(x · w_gateᵀ) or 1.
+  void shared_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
+                       TrainingWorkspace<T>& ws) const {
+    const index_t T_ = x.rows(), d = d_model();
+    const Matrix<T> x_rows = x;  // contiguous [T, d]
+    const bool gated = shared_gate_.rows() == 1;
+    Vector<T> gate = Vector<T>::Ones(T_), d_gate = Vector<T>::Zero(T_);
+    if (gated) gate = (x_rows * shared_gate_.map().transpose()).col(0).unaryExpr([](T z) { return T(1) / (T(1) + std::exp(-z)); });
+    const T* saved = ws.shared_saved.data();
+    Matrix<T> d_shared(T_, d), dx_shared(T_, d);
+    for (std::size_t s = 0; s < shared_.size(); ++s) {
+      const ConstMatrixMap<T> out(ws.shared_outputs.data() + static_cast<index_t>(s) * T_ * d, T_, d);
+      d_shared = gate.asDiagonal() * dy;
+      shared_[s].backward(x_rows.data(), T_, d_shared.data(), saved, dx_shared.data(), grads.shared[s]);
+      saved += shared_[s].saved_size(T_);
+      dx += dx_shared;
+      if (gated) d_gate += dy.cwiseProduct(out).rowwise().sum();
+    }
+    if (gated) {
+      const Vector<T> dz = d_gate.cwiseProduct(gate).cwiseProduct((Vector<T>::Ones(T_) - gate));  // [T]
+      grads.shared_gate.noalias() += dz.transpose() * x_rows;
+      dx.noalias() += dz * shared_gate_.map();
+    }
+  }
+
+  void check_gradients(const Gradients& g) const {
+    const char* where = "MoELayer::backward";
+    detail::check_dim(where, "grads.router.rows()", g.router.rows(), "num_experts", num_experts());
+    detail::check_dim(where, "grads.router.cols()", g.router.cols(), "d_model", d_model());
+    detail::check_dim(where, "grads.experts.size()", g.experts.size(), "experts", experts_.size());
+    detail::check_dim(where, "grads.zero_compute.size()", g.zero_compute.size(), "zero_compute experts", zero_compute_.size());
+    detail::check_dim(where, "grads.shared.size()", g.shared.size(), "shared experts", shared_.size());
+    detail::check_dim(where, "grads.shared_gate.size()", g.shared_gate.size(), "shared gate size", shared_gate_.rows() * shared_gate_.cols());
+    const Gradients fresh = make_gradients();  // per-expert shapes
+    auto same_shapes = [](const auto& a, const auto& b) { return shapes_of(a) == shapes_of(b); };
+    for (std::size_t e = 0; e < experts_.size(); ++e)
+      if (!same_shapes(g.experts[e], fresh.experts[e])) detail::throw_invalid(where, ": grads.experts[", e, "] has the wrong shape; use make_gradients()");
+    for (std::size_t s = 0; s < shared_.size(); ++s)
+      if (!same_shapes(g.shared[s], fresh.shared[s])) detail::throw_invalid(where, ": grads.shared[", s, "] has the wrong shape; use make_gradients()");
+    for (std::size_t z = 0; z < zero_compute_.size(); ++z)
+      if (!same_shapes(g.zero_compute[z], fresh.zero_compute[z])) detail::throw_invalid(where, ": grads.zero_compute[", z, "] has the wrong shape; use make_gradients()");
+  }
+  template <class G>
+  static std::vector<index_t> shapes_of(const G& g) {
+    std::vector<index_t> out;
+    g.for_each([&](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
+    return out;
+  }
+  static void zero_gradients(Gradients& g) {
+    g.router.setZero();
+    g.shared_gate.setZero();
+    for (auto& e : g.experts) e.for_each([](auto& m) { m.setZero(); });
+    for (auto& e : g.shared) e.for_each([](auto& m) { m.setZero(); });
+    for (auto& e : g.zero_compute) e.for_each([](auto& m) { m.setZero(); });
   }
 
   Router router_;

@@ -23,4 +23,15 @@ struct Workspace {
   Buffer<T> shared_gate;    // [T] sigmoid gate of the shared experts
 };
 
+// A Workspace that also keeps, from MoELayer::forward_train, what MoELayer::backward needs.
+// Memory per token, for k routed experts of hidden size d_ff (gated) and S shared experts:
+// k · (2·d_ff + 2·d) + 2·E values, plus S · (2·d_ff + d) with shared experts.
+template <class T>
+struct TrainingWorkspace : Workspace<T> {
+  Buffer<T> saved;           // expert pre-activations, expert-grouped
+  Buffer<T> shared_saved;    // [S] × shared-expert pre-activations for all tokens
+  Buffer<T> shared_outputs;  // [S, T, d] shared-expert outputs (for the gate's gradient)
+  index_t num_tokens = -1;   // tokens of the forward_train this holds; -1 when none
+};
+
 MOE_NAMESPACE_END

@@ -46,6 +46,8 @@ class RouterOutput {
   Buffer<T> group_scores;              // [expert groups]
   Buffer<index_t> group_rank;          // [expert groups + group_score_top]
   Buffer<T> input_scratch;             // [T, d] jittered router input
+  Buffer<T> input_noise;               // [T, d] its jitter factors
+  bool input_jittered = false;         // the last route used input_scratch
   Buffer<T> row_values;                // [E] selection values of one row
   Buffer<T> row_scratch;               // [E]
   Buffer<index_t> row_indices;         // [E]

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "../core/error.hpp"
 #include "../core/random.hpp"
@@ -128,9 +129,10 @@ class TopKRouter {
     const GroupBounds groups(ctx, T_, "TopKRouter::route");
     out.reshape(T_, E);
     MatrixMap<T> logits = out.mutable_logits();
+    out.input_jittered = T_ > 0 && ctx.training && options_.jitter > 0;
     if (T_ > 0) {
       // Row-independent product (simd/matmul.hpp): a token's logits do not depend on the batch.
-      const bool jitter = ctx.training && options_.jitter > 0;
+      const bool jitter = out.input_jittered;
       const T* input = jitter ? jittered(x, ctx, out) : x.data();
       const auto ldx = static_cast<std::size_t>(jitter ? x.cols() : x.outerStride());
       simd::matmul_nt_strided(arch, input, ldx, static_cast<std::size_t>(T_), static_cast<std::size_t>(d_model()),
@@ -140,6 +142,89 @@ class TopKRouter {
     compute_scores(arch, logits, out.mutable_scores());
     rank_candidates(arch, out, T_, E);
     decide_and_build(out, groups, T_, E);
+  }
+
+  // Backward through the routing weights. Given, for this batch's `out`:
+  //   grad_weight [A]  ∂L/∂(weight of each plan assignment), in the plan's expert-grouped order;
+  //   grad_lost   [T]  ∂L/∂(total weight a token lost to capacity), or null (DroppedTokens::zero);
+  //   extra_dlogits [T, E] ∂L/∂logits from auxiliary losses, or null;
+  // adds ∂L/∂W to dweight [E, d] and ∂L/∂x to dx [T, d]. Selection (top-k, bias, groups,
+  // capacity) is piecewise constant and has no gradient, as in every reference implementation.
+  void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight) const {
+    const index_t T_ = x.rows(), E = num_experts();
+    detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
+    detail::check_dim("TopKRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
+    detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
+    Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
+    const index_t R = candidate_stride();
+    const index_t* ranked = out.candidate_expert.data();
+    const T* raw_all = out.candidate_raw.data();
+    const std::uint8_t* kept_all = out.candidate_kept.data();
+    const index_t* num_chosen = out.candidate_chosen.data();
+    const Routing<T>& plan = out.plan;
+    const bool capped = this->capped();
+    const bool renormalize = options_.renormalize_after_drop && capped;
+    const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
+    const T scale = static_cast<T>(options_.scale);
+    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_raw(static_cast<std::size_t>(R));
+    for (index_t t = 0; t < T_; ++t) {
+      const T* raw = raw_all + t * R;
+      const std::uint8_t* kept = kept_all + t * R;
+      const index_t* row = ranked + t * R;
+      // ∂L/∂(final weight) of every candidate: kept ones from their assignment, lost ones share
+      // the token's lost-weight gradient.
+      index_t q = plan.token_begin[t];
+      for (index_t j = 0; j < R; ++j) {
+        if (kept[j]) {
+          g_weight[j] = grad_weight[plan.assignment[q++]];
+        } else {
+          g_weight[j] = (j < num_chosen[t] && grad_lost != nullptr) ? grad_lost[t] : T(0);
+        }
+      }
+      // weight_j = raw_j / D · scale with D = 1, Σ chosen raw (+eps) or Σ kept raw (+eps).
+      bool kept_any = false;
+      for (index_t j = 0; j < R; ++j) kept_any = kept_any || kept[j] != 0;
+      const bool renormalized = renormalize && kept_any;  // as decide_and_build chose
+      auto in_denominator = [&](index_t j) { return renormalized ? kept[j] != 0 : j < num_chosen[t]; };
+      T D(1), weighted(0);
+      if (renormalized || options_.normalize) {
+        D = eps;
+        for (index_t j = 0; j < R; ++j) D += in_denominator(j) ? raw[j] : T(0);
+        for (index_t j = 0; j < R; ++j) weighted += g_weight[j] * raw[j];
+        for (index_t j = 0; j < R; ++j) g_raw[j] = scale * (g_weight[j] / D - (in_denominator(j) ? weighted / (D * D) : T(0)));
+      } else {
+        for (index_t j = 0; j < R; ++j) g_raw[j] = scale * g_weight[j];
+      }
+      // raw → logits.
+      T* dl = dlogits.data() + t * E;
+      if (options_.softmax_placement == SoftmaxPlacement::after_top_k) {
+        // raw_j = exp(l_j) / Σ_{i<k} exp(l_i): ∂raw_j/∂l_i = raw_j (δ_ij − [i<k] raw_i).
+        T s(0);
+        for (index_t j = 0; j < R; ++j) s += g_raw[j] * raw[j];
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j] - (j < options_.k ? raw[j] * s : T(0));
+      } else if (options_.score == ScoreFunction::sigmoid) {
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j] * (T(1) - raw[j]);
+      } else {
+        // raw_j = p_{e_j}, p = softmax(l): ∂L/∂l = p ⊙ (g − Σ_e p_e g_e), g sparse on candidates.
+        const T* p = out.scores().data() + t * E;
+        T s(0);
+        for (index_t j = 0; j < R; ++j) s += g_raw[j] * raw[j];
+        for (index_t e = 0; e < E; ++e) dl[e] -= p[e] * s;
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j];
+      }
+    }
+    if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
+    // logits = x̃ · Wᵀ with x̃ = x ⊙ noise (noise = 1 without jitter).
+    if (out.input_jittered) {
+      const ConstMatrixMap<T> noisy(out.input_scratch.data(), T_, d_model());
+      dweight.noalias() += dlogits.transpose() * noisy;
+      const ConstMatrixMap<T> noise(out.input_noise.data(), T_, d_model());
+      dx += (dlogits * weight()).cwiseProduct(noise);
+    } else {
+      dweight.noalias() += dlogits.transpose() * x;
+      dx.noalias() += dlogits * weight();
+    }
   }
 
  private:
@@ -198,11 +283,13 @@ class TopKRouter {
     }
     const index_t T_ = x.rows(), d = x.cols();
     T* noisy = out.input_scratch.ensure(T_ * d);
+    T* noise = out.input_noise.ensure(T_ * d);  // kept for backward
     for (index_t t = 0; t < T_; ++t) {
       const auto id = static_cast<std::uint64_t>(ctx.token_ids[t]);
       for (index_t i = 0; i < d; ++i) {
         const double u = unit_double(mix64(options_.jitter_seed, ctx.layer_id, id, static_cast<std::uint64_t>(i)));
-        noisy[t * d + i] = x(t, i) * static_cast<T>(1.0 - options_.jitter + 2.0 * options_.jitter * u);
+        noise[t * d + i] = static_cast<T>(1.0 - options_.jitter + 2.0 * options_.jitter * u);
+        noisy[t * d + i] = x(t, i) * noise[t * d + i];
       }
     }
     return noisy;
@@ -337,9 +424,15 @@ class TopKRouter {
       const std::uint8_t* keep = kept + t * R;
       T chosen_sum(0), kept_sum(0), lost(0);
       for (index_t j = 0; j < c.num_chosen[t]; ++j) chosen_sum += raw[j];
-      for (index_t j = 0; j < R; ++j) kept_sum += keep[j] ? raw[j] : T(0);
+      bool kept_any = false;
+      for (index_t j = 0; j < R; ++j) {
+        kept_sum += keep[j] ? raw[j] : T(0);
+        kept_any = kept_any || keep[j] != 0;
+      }
+      // A token that kept nothing has no survivors to renormalize over: its (lost) weights use
+      // the plain normalization, which only matters for DroppedTokens::pass_through.
       T denominator(1);
-      if (options_.renormalize_after_drop && capped) {
+      if (options_.renormalize_after_drop && capped && kept_any) {
         denominator = kept_sum + eps;
       } else if (options_.normalize) {
         denominator = chosen_sum + eps;

@@ -1,0 +1,219 @@
+// MoELayer::backward against central finite differences in double, for every router option,
+// expert type, zero-computation expert, shared expert and the dropped-token pass-through.
+#include <catch2/catch.hpp>
+
+#include <functional>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+constexpr index_t kD = 6, kFF = 5, kTokens = 9;
+
+// Every learned tensor of a small layer, owned by the test so it can be perturbed.
+struct Params {
+  moe::Matrix<double> x, router, shared_gate, mix;
+  moe::Vector<double> constant;
+  std::vector<moe::Matrix<double>> w;  // 3 per expert (gate, up, down); FFN experts use (in, -, out)
+};
+
+struct Config {
+  const char* name;
+  moe::TopKOptions options;
+  index_t ffn_experts = 4;
+  bool zero_compute = false;  // adds copy + mixed constant experts
+  bool shared = false;        // two shared experts with a sigmoid gate
+  bool pass_through = false;
+  bool jitter = false;
+};
+
+template <class Expert>
+Expert make_expert(const Params& p, index_t e);
+template <>
+moe::SwiGLU<double> make_expert(const Params& p, index_t e) {
+  return moe::SwiGLU<double>(moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e)].data(), kFF, kD),
+                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 1)].data(), kFF, kD),
+                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 2)].data(), kD, kFF));
+}
+template <>
+moe::FeedForward<double, moe::GELU> make_expert(const Params& p, index_t e) {
+  return moe::FeedForward<double, moe::GELU>(moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e)].data(), kFF, kD),
+                                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 2)].data(), kD, kFF));
+}
+
+template <class Expert>
+struct Harness {
+  Config cfg;
+  Params p;
+  moe::Matrix<double> probe;  // L = Σ y ⊙ probe
+  std::vector<std::int64_t> ids;
+  index_t E() const { return cfg.ffn_experts + (cfg.zero_compute ? 2 : 0); }
+
+  explicit Harness(Config c) : cfg(c) {
+    p.x = random_matrix<double>(kTokens, kD, 1);
+    p.router = random_matrix<double>(E(), kD, 2, 1.5);
+    for (index_t e = 0; e < cfg.ffn_experts + 2; ++e) {  // + 2 shared
+      p.w.push_back(random_matrix<double>(kFF, kD, 10 + std::uint32_t(e), 0.6));
+      p.w.push_back(random_matrix<double>(kFF, kD, 30 + std::uint32_t(e), 0.6));
+      p.w.push_back(random_matrix<double>(kD, kFF, 50 + std::uint32_t(e), 0.6));
+    }
+    p.shared_gate = random_matrix<double>(1, kD, 3);
+    p.mix = random_matrix<double>(2, kD, 4);
+    p.constant = random_matrix<double>(kD, 1, 5).col(0);
+    probe = random_matrix<double>(kTokens, kD, 6);
+    for (index_t t = 0; t < kTokens; ++t) ids.push_back(100 + 7 * t);
+  }
+
+  moe::MoELayer<moe::TopKRouter<double>, Expert> layer() const {
+    std::vector<Expert> experts;
+    for (index_t e = 0; e < cfg.ffn_experts; ++e) experts.push_back(make_expert<Expert>(p, e));
+    std::vector<moe::ZeroComputeExpert<double>> zc;
+    if (cfg.zero_compute) zc = {moe::ZeroComputeExpert<double>::copy(kD), moe::ZeroComputeExpert<double>::constant(p.constant, p.mix)};
+    moe::MoELayer<moe::TopKRouter<double>, Expert> l(
+        moe::TopKRouter<double>(moe::ConstMatrixMap<double>(p.router.data(), E(), kD), cfg.options), experts, zc);
+    if (cfg.shared) {
+      l.set_shared_experts({make_expert<Expert>(p, cfg.ffn_experts), make_expert<Expert>(p, cfg.ffn_experts + 1)},
+                           moe::Weight<double>::own(p.shared_gate));
+    }
+    if (cfg.pass_through) l.set_dropped_tokens(moe::DroppedTokens::pass_through);
+    return l;
+  }
+  moe::RouteContext context() const {
+    moe::RouteContext ctx;
+    ctx.training = true;
+    ctx.token_ids = ids.data();
+    return ctx;
+  }
+  // Loss and a fingerprint of the discrete routing decisions.
+  double loss(std::vector<index_t>* selection) const {
+    const auto l = layer();
+    moe::TrainingWorkspace<double> ws;
+    moe::Matrix<double> y(kTokens, kD);
+    l.forward_train(p.x, context(), y, ws);
+    if (selection != nullptr) {
+      const auto& plan = ws.routing.plan;
+      *selection = plan.token;
+      selection->insert(selection->end(), plan.expert_begin.begin(), plan.expert_begin.end());
+      selection->insert(selection->end(), plan.dropped.begin(), plan.dropped.end());
+    }
+    return (y.array() * probe.array()).sum();
+  }
+};
+
+// Compares an analytic gradient entry with a central difference of the loss in `value`.
+template <class H>
+void check_entry(H& h, double& value, double analytic, const std::vector<index_t>& selection, const char* what, index_t index) {
+  const double step = 1e-5, saved = value;
+  std::vector<index_t> sel_plus, sel_minus;
+  value = saved + step;
+  const double plus = h.loss(&sel_plus);
+  value = saved - step;
+  const double minus = h.loss(&sel_minus);
+  value = saved;
+  if (sel_plus != selection || sel_minus != selection) return;  // a routing decision flipped: not differentiable here
+  const double numeric = (plus - minus) / (2 * step);
+  CAPTURE(what, index, analytic, numeric);
+  CHECK(std::fabs(analytic - numeric) <= 1e-6 * std::max(std::fabs(numeric), 1e-2));
+}
+
+template <class Expert>
+void check_gradients(const Config& cfg) {
+  CAPTURE(cfg.name);
+  Harness<Expert> h(cfg);
+  const auto l = h.layer();
+  moe::TrainingWorkspace<double> ws;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD);
+  l.forward_train(h.p.x, h.context(), y, ws);
+  auto grads = l.make_gradients();
+  l.backward(h.p.x, h.probe, dx, grads, ws);
+  std::vector<index_t> selection;
+  h.loss(&selection);
+
+  for (index_t i = 0; i < h.p.x.size(); ++i) check_entry(h, h.p.x.data()[i], dx.data()[i], selection, "x", i);
+  for (index_t i = 0; i < h.p.router.size(); ++i) check_entry(h, h.p.router.data()[i], grads.router.data()[i], selection, "router", i);
+  for (index_t e = 0; e < cfg.ffn_experts + (cfg.shared ? 2 : 0); ++e) {
+    std::vector<const moe::Matrix<double>*> g;
+    const auto& eg = e < cfg.ffn_experts ? grads.experts[std::size_t(e)] : grads.shared[std::size_t(e - cfg.ffn_experts)];
+    eg.for_each([&](const moe::Matrix<double>& m) { g.push_back(&m); });
+    const std::vector<int> slots = g.size() == 3 ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2};
+    for (std::size_t q = 0; q < slots.size(); ++q) {
+      moe::Matrix<double>& w = h.p.w[std::size_t(3 * e + slots[q])];
+      for (index_t i = 0; i < w.size(); ++i) check_entry(h, w.data()[i], g[q]->data()[i], selection, "expert weight", 100 * e + i);
+    }
+  }
+  if (cfg.shared)
+    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.shared_gate.data()[i], grads.shared_gate.data()[i], selection, "shared gate", i);
+  if (cfg.zero_compute) {
+    const auto& zg = grads.zero_compute[1];
+    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.constant.data()[i], zg.value[i], selection, "constant", i);
+    for (index_t i = 0; i < 2 * kD; ++i) check_entry(h, h.p.mix.data()[i], zg.mix.data()[i], selection, "mix", i);
+    REQUIRE(ws.routing.plan.tokens_of(cfg.ffn_experts) + ws.routing.plan.tokens_of(cfg.ffn_experts + 1) > 0);
+  }
+}
+
+moe::TopKOptions options(index_t k) {
+  moe::TopKOptions o;
+  o.k = k;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("Layer gradients match finite differences for every top-k option", "[backward]") {
+  std::vector<Config> configs;
+  configs.push_back({"softmax top-2 renormalized", moe::presets::mixtral(2)});
+  configs.push_back({"softmax top-2 raw", options(2)});
+  auto megatron = moe::presets::megatron(2, false);
+  configs.push_back({"softmax after top-k", megatron});
+  configs.push_back({"sigmoid renormalized scaled (DeepSeek-V3)", moe::presets::deepseek_v3(2, 2, 1, 2.5)});
+  auto capped = options(2);
+  capped.capacity_factor = 0.6, capped.normalize = true, capped.renormalize_after_drop = true;
+  configs.push_back({"capacity, renormalized after drop", capped});
+  auto reroute = capped;
+  reroute.overflow = moe::OverflowPolicy::reroute, reroute.renormalize_after_drop = false;
+  configs.push_back({"capacity with reroute", reroute});
+  Config switch_cfg{"switch pass-through", moe::presets::switch_transformers(0.5)};
+  switch_cfg.pass_through = true;
+  configs.push_back(switch_cfg);
+  auto top_p = options(3);
+  top_p.top_p = 0.6;
+  configs.push_back({"dynamic top-p", top_p});
+  Config jitter{"jitter", moe::presets::mixtral(2)};
+  jitter.options.jitter = 0.2;
+  configs.push_back(jitter);
+  Config extras{"zero-compute and shared experts", moe::presets::qwen2_moe(2, true)};
+  extras.zero_compute = true, extras.shared = true;
+  configs.push_back(extras);
+  for (const Config& c : configs) check_gradients<moe::SwiGLU<double>>(c);
+}
+
+TEST_CASE("Layer gradients match finite differences with GELU feed-forward experts", "[backward]") {
+  Config c{"gelu ffn", moe::presets::mixtral(2)};
+  c.shared = true;
+  check_gradients<moe::FeedForward<double, moe::GELU>>(c);
+}
+
+TEST_CASE("backward rejects a missing forward and wrong shapes", "[backward][errors]") {
+  Harness<moe::SwiGLU<double>> h(Config{"errors", moe::presets::mixtral(2)});
+  const auto l = h.layer();
+  moe::TrainingWorkspace<double> ws;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD);
+  auto grads = l.make_gradients();
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, grads, ws), Catch::Contains("workspace tokens = -1") && Catch::Contains("x.rows() = 9"));
+  l.forward_train(h.p.x, h.context(), y, ws);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x.topRows(4), h.probe.topRows(4), dx, grads, ws), Catch::Contains("workspace tokens = 9"));
+  moe::Matrix<double> narrow(kTokens, kD - 1);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, narrow, dx, grads, ws), Catch::Contains("dy.cols() = 5"));
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, narrow, grads, ws), Catch::Contains("dx.cols() = 5"));
+  auto bad = grads;
+  bad.router.resize(3, kD);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws), Catch::Contains("grads.router.rows() = 3"));
+  bad = grads;
+  bad.experts[2].w_up.resize(1, 1);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws), Catch::Contains("grads.experts[2]"));
+  // The training forward gives the inference forward's bits.
+  moe::Workspace<double> plain;
+  REQUIRE(l.forward(h.p.x, plain) == y);
+}
