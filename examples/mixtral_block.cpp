@@ -1,66 +1,88 @@
-// Quick start: a top-2 SwiGLU MoE layer over weights that live in your own buffers.
-// Build: link moe::moe (CMake) or add include/ plus Eigen and xsimd to the include path.
+// A Mixtral-style MoE block (d = 1024, d_ff = 3584, 8 experts, top-2) on a batch of 256 tokens.
+//
+// The weights sit in plain std::vector<float> buffers in PyTorch layout, as a checkpoint loader
+// would leave them, and moe maps them without copying:
+//   router gate.weight                 [E, d]
+//   expert e: w1 (gate_proj)           [d_ff, d]
+//             w3 (up_proj)             [d_ff, d]
+//             w2 (down_proj)           [d, d_ff]
+// Build: link moe::openmp (or moe::moe for one thread), see examples/CMakeLists.txt.
 #include <moe/moe.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
 int main() {
-  const moe::index_t d = 64, d_ff = 128, num_experts = 4, tokens = 5;
+  const moe::index_t d = 1024, d_ff = 3584, num_experts = 8, tokens = 256;
 
-  // Your model's weights, PyTorch nn.Linear layout [out, in], row-major. Filled here with a
-  // deterministic pattern; in a real model they come from your checkpoint loader.
-  auto fill = [](std::vector<float>& w, float phase) {
-    for (std::size_t i = 0; i < w.size(); ++i) w[i] = 0.05f * std::sin(0.37f * static_cast<float>(i) + phase);
+  // Deterministic uniform numbers in [-1, 1) from a 64-bit LCG (same values on every platform).
+  std::uint64_t state = 42;
+  auto uniform = [&state] {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<float>(state >> 40) / 8388608.0f - 1.0f;  // 24 random bits
   };
-  std::vector<float> gate(num_experts * d);
-  fill(gate, 0.1f);
-  std::vector<std::vector<float>> w_gate(num_experts), w_up(num_experts), w_down(num_experts);
+  // An nn.Linear weight [out, in] with PyTorch's default init, U(-1/sqrt(in), 1/sqrt(in)).
+  auto linear = [&uniform](moe::index_t out, moe::index_t in) {
+    std::vector<float> w(static_cast<std::size_t>(out * in));
+    const float bound = 1.0f / std::sqrt(static_cast<float>(in));
+    for (float& v : w) v = bound * uniform();
+    return w;
+  };
+
+  std::vector<float> gate = linear(num_experts, d);
+  std::vector<std::vector<float>> w1, w3, w2;
   for (moe::index_t e = 0; e < num_experts; ++e) {
-    w_gate[e].resize(d_ff * d), w_up[e].resize(d_ff * d), w_down[e].resize(d * d_ff);
-    fill(w_gate[e], 1.0f + static_cast<float>(e)), fill(w_up[e], 2.0f + static_cast<float>(e)), fill(w_down[e], 3.0f + static_cast<float>(e));
+    w1.push_back(linear(d_ff, d));
+    w3.push_back(linear(d_ff, d));
+    w2.push_back(linear(d, d_ff));
   }
 
-  // Router: softmax over experts, top-2, weights renormalized (Mixtral). Views `gate`, no copy.
+  // Router: softmax over the 8 experts, top-2, the two weights renormalized to sum to 1.
   moe::TopKOptions options;
   options.k = 2;
+  options.score = moe::ScoreFunction::softmax;
   options.normalize = true;
   moe::TopKRouter<float> router(moe::ConstMatrixMap<float>(gate.data(), num_experts, d), options);
 
-  // Experts: SwiGLU views on w_gate [d_ff, d], w_up [d_ff, d], w_down [d, d_ff].
+  // Experts: SwiGLU views on w1, w3, w2 (no copy; the vectors must outlive the layer).
   std::vector<moe::SwiGLU<float>> experts;
   for (moe::index_t e = 0; e < num_experts; ++e) {
-    experts.emplace_back(moe::ConstMatrixMap<float>(w_gate[e].data(), d_ff, d),
-                         moe::ConstMatrixMap<float>(w_up[e].data(), d_ff, d),
-                         moe::ConstMatrixMap<float>(w_down[e].data(), d, d_ff));
+    const auto i = static_cast<std::size_t>(e);
+    experts.emplace_back(moe::ConstMatrixMap<float>(w1[i].data(), d_ff, d), moe::ConstMatrixMap<float>(w3[i].data(), d_ff, d),
+                         moe::ConstMatrixMap<float>(w2[i].data(), d, d_ff));
   }
   moe::MoELayer layer(router, experts);
 
-  // Activations [tokens, d], row-major. The workspace is reused across calls: once it has seen
-  // the largest batch, forward() allocates nothing.
+  // Hidden states [tokens, d] and the output [tokens, d].
   moe::Matrix<float> x(tokens, d), y(tokens, d);
   for (moe::index_t t = 0; t < tokens; ++t)
-    for (moe::index_t i = 0; i < d; ++i) x(t, i) = std::cos(0.1f * static_cast<float>(t * d + i));
+    for (moe::index_t i = 0; i < d; ++i) x(t, i) = uniform();
+
+  // The first forward sizes the workspace; later ones allocate nothing. Time a few warm runs.
   moe::Workspace<float> workspace;
   layer.forward(x, y, workspace);
+  std::vector<double> seconds;
+  for (int run = 0; run < 5; ++run) {
+    const auto start = std::chrono::steady_clock::now();
+    layer.forward(x, y, workspace);
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds[seconds.size() / 2];
 
-  // Which experts each token went to, and with what weight.
+  std::printf("Mixtral-style block: d = %td, d_ff = %td, %td experts, top-2, %td tokens, %d thread(s)\n", d, d_ff,
+              num_experts, tokens, moe::max_threads());
   const moe::Routing<float>& plan = workspace.routing.plan;
-  for (moe::index_t t = 0; t < tokens; ++t) {
-    std::printf("token %td ->", t);
-    for (moe::index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) {
-      const moe::index_t a = plan.assignment[j];
-      std::printf("  expert %td (weight %.3f)", plan.expert_of_assignment(a), static_cast<double>(plan.weight[a]));
-    }
-    std::printf("   y[0] = %+.5f\n", static_cast<double>(y(t, 0)));
-  }
-
-  // Self-check, so this file doubles as a test: each token's two weights sum to 1.
-  for (moe::index_t t = 0; t < tokens; ++t) {
-    float sum = 0;
-    for (moe::index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) sum += plan.weight[plan.assignment[j]];
-    if (plan.experts_of(t) != 2 || std::fabs(sum - 1.0f) > 1e-6f) return 1;
-  }
+  std::printf("tokens per expert:");
+  for (moe::index_t e = 0; e < num_experts; ++e) std::printf(" %td", plan.tokens_of(e));
+  std::printf("  (%td assignments)\n", plan.num_assignments());
+  std::printf("forward: %.1f us/token (median of %zu warm runs, %.2f ms per batch)\n", 1e6 * median / static_cast<double>(tokens),
+              seconds.size(), 1e3 * median);
+  std::printf("y[0, 0:4] = %+.6f %+.6f %+.6f %+.6f\n", static_cast<double>(y(0, 0)), static_cast<double>(y(0, 1)),
+              static_cast<double>(y(0, 2)), static_cast<double>(y(0, 3)));
   return 0;
 }

@@ -1,2 +1,404 @@
+// FeedForward and GatedFeedForward against a per-token double reference written with loops;
+// batch isolation (a token's output bits do not depend on the other tokens in the block);
+// owning versus viewing weights; shape errors.
+//
+// Token counts cover the kernels' register blocks of 4 tokens (full and partial) and counts well
+// past them (16, 17, 40); d and d_ff are not multiples of the lane count, so every dot product
+// has a vector body and a scalar tail.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
+
+namespace {
+
+using Arch = moe::simd::default_arch;
+using moe::index_t;
+
+template <class T>
+constexpr index_t kLanes = static_cast<index_t>(moe::simd::lanes<T, Arch>());
+
+std::size_t sz(index_t i) { return static_cast<std::size_t>(i); }
+
+// Token counts: none, a partial block, a full block of 4 and one more, and many.
+std::vector<index_t> token_counts() { return {0, 1, 3, 4, 5, 16, 17, 40}; }
+
+// (d, d_ff) pairs, none a multiple of the lane count L (except that 1 is tiny): 1 x 1, L+1 x 3L+2,
+// 13 x 37.
+struct Shape {
+  index_t d;
+  index_t ff;
+};
+template <class T>
+std::vector<Shape> shapes() {
+  const index_t L = kLanes<T>;
+  return {{1, 1}, {L + 1, 3 * L + 2}, {13, 37}};
+}
+
+// Tolerance, relative to max(|ref_i|, rms of the token's reference output row). An output
+// element is a dot product over d_ff hidden values, each itself a dot product over d inputs;
+// where the terms cancel, |ref_i| is far smaller than the rounding error its terms carry
+// (about eps·sum|terms|), so an element-relative bound would reject correct code. The row's RMS
+// is the scale of the terms of each of its elements (the weights and inputs are i.i.d.), so
+// the rounding error of every element is a small multiple of eps·rms. With float's eps
+// = 1.2e-7 and sums of at most 37 terms, 1e-5 leaves room for the error to grow like k·eps in
+// the worst case; double's 1e-12 likewise for eps = 2.2e-16.
+template <class T>
+double tolerance() {
+  return std::is_same<T, float>::value ? 1e-5 : 1e-12;
+}
+
+template <class T>
+moe::Matrix<T> random_matrix(index_t rows, index_t cols, double scale, std::mt19937& rng) {
+  std::uniform_real_distribution<double> dist(-scale, scale);
+  moe::Matrix<T> m(rows, cols);
+  for (index_t r = 0; r < rows; ++r) {
+    for (index_t c = 0; c < cols; ++c) m(r, c) = static_cast<T>(dist(rng));
+  }
+  return m;
+}
+
+template <class T>
+std::vector<T> random_tokens(index_t m, index_t d, std::mt19937& rng) {
+  std::uniform_real_distribution<double> dist(-1.5, 1.5);
+  std::vector<T> x(sz(m * d));
+  for (T& v : x) v = static_cast<T>(dist(rng));
+  return x;
+}
+
+// The activations in double, as PyTorch defines them.
+double activation(moe::ReLU, double x) { return x > 0 ? x : 0.0; }
+double activation(moe::GELU, double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
+double activation(moe::GELUTanh, double x) {
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / 3.14159265358979323846) * (x + 0.044715 * x * x * x)));
+}
+double activation(moe::SiLU, double x) { return x / (1.0 + std::exp(-x)); }
+
+// out[i] = sum_j w[i, j] · in[j], in double.
+template <class T>
+std::vector<double> linear(const moe::Matrix<T>& w, const std::vector<double>& in) {
+  std::vector<double> out(sz(w.rows()), 0.0);
+  for (index_t i = 0; i < w.rows(); ++i) {
+    for (index_t j = 0; j < w.cols(); ++j) out[sz(i)] += static_cast<double>(w(i, j)) * in[sz(j)];
+  }
+  return out;
+}
+
+template <class T>
+std::vector<double> token(const std::vector<T>& x, index_t t, index_t d) {
+  std::vector<double> row(sz(d));
+  for (index_t i = 0; i < d; ++i) row[sz(i)] = static_cast<double>(x[sz(t * d + i)]);
+  return row;
+}
+
+// y = act(x · w_inᵀ) · w_outᵀ for one token, in double.
+template <class Act, class T>
+std::vector<double> feed_forward_reference(const moe::Matrix<T>& w_in, const moe::Matrix<T>& w_out,
+                                           const std::vector<double>& x) {
+  std::vector<double> h = linear(w_in, x);  // [d_ff]
+  for (double& v : h) v = activation(Act{}, v);
+  return linear(w_out, h);
+}
+
+// y = (act(x · w_gateᵀ) ⊙ (x · w_upᵀ)) · w_downᵀ for one token, in double.
+template <class Act, class T>
+std::vector<double> gated_reference(const moe::Matrix<T>& w_gate, const moe::Matrix<T>& w_up,
+                                    const moe::Matrix<T>& w_down, const std::vector<double>& x) {
+  std::vector<double> g = linear(w_gate, x);     // [d_ff]
+  const std::vector<double> u = linear(w_up, x);  // [d_ff]
+  for (std::size_t j = 0; j < g.size(); ++j) g[j] = activation(Act{}, g[j]) * u[j];
+  return linear(w_down, g);
+}
+
+constexpr std::size_t kGuard = 16;
+
+template <class T>
+T sentinel() {
+  return T(-4321.25);
+}
+
+// Runs expert.forward on m tokens and compares every token with reference(token). y and
+// scratch are followed by guard elements that must survive: forward writes m·d outputs and
+// uses at most scratch_size(m) scratch elements.
+template <class Expert, class Reference>
+void check_forward(const Expert& expert, index_t m, std::mt19937& rng, Reference reference) {
+  using T = typename Expert::Scalar;
+  const index_t d = expert.d_model();
+  INFO("m = " << m << ", d = " << d << ", d_ff = " << expert.d_ff());
+  const std::vector<T> x = random_tokens<T>(m, d, rng);  // [m, d], exact size
+  std::vector<T> y(sz(m * d) + kGuard, sentinel<T>());  // [m, d] + guard
+  std::vector<T> scratch(sz(expert.scratch_size(m)) + kGuard, sentinel<T>());
+  expert.forward(Arch{}, x.data(), m, y.data(), scratch.data());
+
+  for (index_t t = 0; t < m; ++t) {
+    CAPTURE(t);
+    const std::vector<double> ref = reference(token(x, t, d));
+    double sum_sq = 0;
+    for (const double v : ref) sum_sq += v * v;
+    const double rms = std::sqrt(sum_sq / static_cast<double>(d));
+    for (index_t i = 0; i < d; ++i) {
+      CAPTURE(i);
+      const double got = static_cast<double>(y[sz(t * d + i)]);
+      const double want = ref[sz(i)];
+      CHECK(std::abs(got - want) <= tolerance<T>() * std::max(std::abs(want), rms));
+    }
+  }
+  for (std::size_t i = sz(m * d); i < y.size(); ++i) CHECK(y[i] == sentinel<T>());
+  for (std::size_t i = sz(expert.scratch_size(m)); i < scratch.size(); ++i) CHECK(scratch[i] == sentinel<T>());
+
+  // Batch isolation (DESIGN.md §6): each token alone gives the same bits as in the block.
+  for (index_t t = 0; t < m; ++t) {
+    CAPTURE(t);
+    std::vector<T> alone(sz(d));
+    std::vector<T> alone_scratch(sz(expert.scratch_size(1)));
+    expert.forward(Arch{}, x.data() + t * d, 1, alone.data(), alone_scratch.data());
+    for (index_t i = 0; i < d; ++i) CHECK(alone[sz(i)] == y[sz(t * d + i)]);
+  }
+}
+
+template <class T, class Act>
+void check_feed_forward(index_t m, Shape s, std::uint32_t seed) {
+  INFO("activation " << Act::name);
+  std::mt19937 rng(seed);
+  // Pre-activations of order 1 (|x| <= 1.5, weights scaled by 1/sqrt(fan-in)).
+  const moe::Matrix<T> w_in = random_matrix<T>(s.ff, s.d, 1.7 / std::sqrt(static_cast<double>(s.d)), rng);
+  const moe::Matrix<T> w_out = random_matrix<T>(s.d, s.ff, 1.7 / std::sqrt(static_cast<double>(s.ff)), rng);
+  const moe::FeedForward<T, Act> expert(moe::ConstMatrixMap<T>(w_in.data(), s.ff, s.d),
+                                        moe::ConstMatrixMap<T>(w_out.data(), s.d, s.ff));
+  CHECK(expert.d_model() == s.d);
+  CHECK(expert.d_ff() == s.ff);
+  check_forward(expert, m, rng,
+                [&](const std::vector<double>& x) { return feed_forward_reference<Act>(w_in, w_out, x); });
+}
+
+template <class T, class Act>
+void check_gated_feed_forward(index_t m, Shape s, std::uint32_t seed) {
+  INFO("activation " << Act::name);
+  std::mt19937 rng(seed);
+  const double in_scale = 1.7 / std::sqrt(static_cast<double>(s.d));
+  const moe::Matrix<T> w_gate = random_matrix<T>(s.ff, s.d, in_scale, rng);
+  const moe::Matrix<T> w_up = random_matrix<T>(s.ff, s.d, in_scale, rng);
+  const moe::Matrix<T> w_down = random_matrix<T>(s.d, s.ff, 1.7 / std::sqrt(static_cast<double>(s.ff)), rng);
+  const moe::GatedFeedForward<T, Act> expert(moe::ConstMatrixMap<T>(w_gate.data(), s.ff, s.d),
+                                             moe::ConstMatrixMap<T>(w_up.data(), s.ff, s.d),
+                                             moe::ConstMatrixMap<T>(w_down.data(), s.d, s.ff));
+  CHECK(expert.d_model() == s.d);
+  CHECK(expert.d_ff() == s.ff);
+  check_forward(expert, m, rng,
+                [&](const std::vector<double>& x) { return gated_reference<Act>(w_gate, w_up, w_down, x); });
+}
+
+template <class T>
+moe::ConstMatrixMap<T> view_of(const moe::Matrix<T>& w) {
+  return moe::ConstMatrixMap<T>(w.data(), w.rows(), w.cols());
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("FeedForward matches a per-token double reference", "[experts]", float, double) {
+  using T = TestType;
+  const index_t m = GENERATE(from_range(token_counts()));
+  const Shape s = GENERATE(from_range(shapes<T>()));
+  const auto seed = static_cast<std::uint32_t>(1000 * m + 10 * s.d + s.ff);
+  check_feed_forward<T, moe::ReLU>(m, s, seed);
+  check_feed_forward<T, moe::GELU>(m, s, seed + 1);
+  check_feed_forward<T, moe::GELUTanh>(m, s, seed + 2);
+  check_feed_forward<T, moe::SiLU>(m, s, seed + 3);
+}
+
+TEMPLATE_TEST_CASE("GatedFeedForward (SwiGLU, GeGLU) matches a per-token double reference", "[experts]", float,
+                   double) {
+  using T = TestType;
+  static_assert(std::is_same<moe::SwiGLU<T>, moe::GatedFeedForward<T, moe::SiLU>>::value, "SwiGLU is SiLU-gated");
+  static_assert(std::is_same<moe::GeGLU<T>, moe::GatedFeedForward<T, moe::GELU>>::value, "GeGLU is GELU-gated");
+  const index_t m = GENERATE(from_range(token_counts()));
+  const Shape s = GENERATE(from_range(shapes<T>()));
+  const auto seed = static_cast<std::uint32_t>(2000 * m + 10 * s.d + s.ff);
+  check_gated_feed_forward<T, moe::SiLU>(m, s, seed);
+  check_gated_feed_forward<T, moe::GELU>(m, s, seed + 1);
+}
+
+TEMPLATE_TEST_CASE("FeedForward views the caller's weights or owns a copy", "[experts]", float, double) {
+  using T = TestType;
+  std::mt19937 rng(11);
+  const index_t d = 2 * kLanes<T> + 3;
+  const index_t ff = 3 * kLanes<T> + 1;
+  const index_t m = GENERATE(3, 40);
+  moe::Matrix<T> w_in = random_matrix<T>(ff, d, 0.5, rng);
+  moe::Matrix<T> w_out = random_matrix<T>(d, ff, 0.3, rng);
+  auto reference = [&](const moe::Matrix<T>& a, const moe::Matrix<T>& b) {
+    return [a, b](const std::vector<double>& x) { return feed_forward_reference<moe::SiLU>(a, b, x); };
+  };
+
+  SECTION("a view has the caller's pointers and sees later changes to the weights") {
+    const moe::FeedForward<T, moe::SiLU> view(view_of(w_in), view_of(w_out));
+    CHECK(view.w_in().data() == w_in.data());
+    CHECK(view.w_out().data() == w_out.data());
+    const moe::FeedForward<T, moe::SiLU> copy = view;  // a copy of a view views the same memory
+    CHECK(copy.w_in().data() == w_in.data());
+    CHECK(copy.w_out().data() == w_out.data());
+    w_in *= T(-2);
+    check_forward(view, m, rng, reference(w_in, w_out));
+    check_forward(copy, m, rng, reference(w_in, w_out));
+  }
+  SECTION("an owning expert copies lvalue weights and keeps them when the caller's change") {
+    const moe::Matrix<T> w_in_before = w_in;
+    const moe::FeedForward<T, moe::SiLU> owner(w_in, w_out);
+    CHECK(owner.w_in().data() != w_in.data());
+    CHECK(owner.w_out().data() != w_out.data());
+    w_in.setZero();
+    check_forward(owner, m, rng, reference(w_in_before, w_out));
+  }
+  SECTION("moving a Matrix in transfers its storage (no copy)") {
+    moe::Matrix<T> a = w_in;
+    moe::Matrix<T> b = w_out;
+    const T* a_data = a.data();
+    const T* b_data = b.data();
+    const moe::FeedForward<T, moe::SiLU> owner(std::move(a), std::move(b));
+    CHECK(owner.w_in().data() == a_data);
+    CHECK(owner.w_out().data() == b_data);
+    check_forward(owner, m, rng, reference(w_in, w_out));
+  }
+  SECTION("copies of an owning expert work after the original is destroyed") {
+    auto original = std::make_unique<moe::FeedForward<T, moe::SiLU>>(moe::Matrix<T>(w_in), moe::Matrix<T>(w_out));
+    const moe::FeedForward<T, moe::SiLU> copy = *original;
+    CHECK(copy.w_in().data() != original->w_in().data());
+    CHECK(copy.w_out().data() != original->w_out().data());
+    moe::FeedForward<T, moe::SiLU> assigned(moe::Matrix<T>(random_matrix<T>(1, 1, 1.0, rng)),
+                                            moe::Matrix<T>(random_matrix<T>(1, 1, 1.0, rng)));
+    assigned = *original;
+    CHECK(assigned.d_model() == d);
+    CHECK(assigned.d_ff() == ff);
+    moe::FeedForward<T, moe::SiLU> source = *original;
+    const moe::FeedForward<T, moe::SiLU> moved = std::move(source);
+    original.reset();
+    check_forward(copy, m, rng, reference(w_in, w_out));
+    check_forward(assigned, m, rng, reference(w_in, w_out));
+    check_forward(moved, m, rng, reference(w_in, w_out));
+  }
+}
+
+TEMPLATE_TEST_CASE("GatedFeedForward views the caller's weights or owns a copy", "[experts]", float, double) {
+  using T = TestType;
+  std::mt19937 rng(12);
+  const index_t d = 2 * kLanes<T> + 3;
+  const index_t ff = 3 * kLanes<T> + 1;
+  const index_t m = GENERATE(3, 40);
+  moe::Matrix<T> w_gate = random_matrix<T>(ff, d, 0.5, rng);
+  moe::Matrix<T> w_up = random_matrix<T>(ff, d, 0.5, rng);
+  moe::Matrix<T> w_down = random_matrix<T>(d, ff, 0.3, rng);
+  auto reference = [](const moe::Matrix<T>& g, const moe::Matrix<T>& u, const moe::Matrix<T>& w) {
+    return [g, u, w](const std::vector<double>& x) { return gated_reference<moe::SiLU>(g, u, w, x); };
+  };
+
+  SECTION("a view has the caller's pointers and sees later changes to the weights") {
+    const moe::SwiGLU<T> view(view_of(w_gate), view_of(w_up), view_of(w_down));
+    CHECK(view.w_gate().data() == w_gate.data());
+    CHECK(view.w_up().data() == w_up.data());
+    CHECK(view.w_down().data() == w_down.data());
+    const moe::SwiGLU<T> copy = view;
+    CHECK(copy.w_gate().data() == w_gate.data());
+    w_up *= T(3);
+    check_forward(view, m, rng, reference(w_gate, w_up, w_down));
+    check_forward(copy, m, rng, reference(w_gate, w_up, w_down));
+  }
+  SECTION("copies of an owning expert work after the original is destroyed") {
+    auto original = std::make_unique<moe::SwiGLU<T>>(moe::Matrix<T>(w_gate), moe::Matrix<T>(w_up),
+                                                     moe::Matrix<T>(w_down));
+    CHECK(original->w_gate().data() != w_gate.data());
+    const moe::SwiGLU<T> copy = *original;
+    CHECK(copy.w_gate().data() != original->w_gate().data());
+    CHECK(copy.w_up().data() != original->w_up().data());
+    CHECK(copy.w_down().data() != original->w_down().data());
+    moe::SwiGLU<T> source = *original;
+    const moe::SwiGLU<T> moved = std::move(source);
+    original.reset();
+    check_forward(copy, m, rng, reference(w_gate, w_up, w_down));
+    check_forward(moved, m, rng, reference(w_gate, w_up, w_down));
+  }
+  SECTION("a vector of owning experts survives reallocation") {
+    std::vector<moe::SwiGLU<T>> experts;
+    for (int e = 0; e < 5; ++e) {
+      experts.emplace_back(moe::Matrix<T>(w_gate), moe::Matrix<T>(w_up), moe::Matrix<T>(w_down));
+    }
+    for (const moe::SwiGLU<T>& expert : experts) check_forward(expert, m, rng, reference(w_gate, w_up, w_down));
+  }
+}
+
+TEMPLATE_TEST_CASE("FeedForward rejects mismatched weight shapes, naming both values", "[experts][errors]", float,
+                   double) {
+  using T = TestType;
+  using Expert = moe::FeedForward<T, moe::ReLU>;
+  const moe::Matrix<T> w_in = moe::Matrix<T>::Zero(5, 4);  // [d_ff = 5, d = 4]
+  const moe::Matrix<T> bad_rows = moe::Matrix<T>::Zero(3, 5);
+  const moe::Matrix<T> bad_cols = moe::Matrix<T>::Zero(4, 6);
+
+  SECTION("w_out.rows() != d, viewing and owning") {
+    REQUIRE_THROWS_AS(Expert(view_of(w_in), view_of(bad_rows)), moe::invalid_argument);
+    REQUIRE_THROWS_AS(Expert(w_in, bad_rows), moe::invalid_argument);
+    for (int owning = 0; owning < 2; ++owning) {
+      CAPTURE(owning);
+      auto make = [&] { return owning ? Expert(w_in, bad_rows) : Expert(view_of(w_in), view_of(bad_rows)); };
+      REQUIRE_THROWS_WITH(make(), Catch::Contains("FeedForward") && Catch::Contains("w_out.rows() = 3") &&
+                                      Catch::Contains("w_in.cols() (d) = 4"));
+    }
+  }
+  SECTION("w_out.cols() != d_ff, viewing and owning") {
+    REQUIRE_THROWS_AS(Expert(view_of(w_in), view_of(bad_cols)), moe::invalid_argument);
+    REQUIRE_THROWS_AS(Expert(w_in, bad_cols), moe::invalid_argument);
+    for (int owning = 0; owning < 2; ++owning) {
+      CAPTURE(owning);
+      auto make = [&] { return owning ? Expert(w_in, bad_cols) : Expert(view_of(w_in), view_of(bad_cols)); };
+      REQUIRE_THROWS_WITH(make(), Catch::Contains("FeedForward") && Catch::Contains("w_out.cols() = 6") &&
+                                      Catch::Contains("w_in.rows() (d_ff) = 5"));
+    }
+  }
+  SECTION("matching shapes construct") {
+    const moe::Matrix<T> w_out = moe::Matrix<T>::Zero(4, 5);
+    REQUIRE_NOTHROW(Expert(view_of(w_in), view_of(w_out)));
+  }
+}
+
+TEMPLATE_TEST_CASE("GatedFeedForward rejects mismatched weight shapes, naming both values", "[experts][errors]",
+                   float, double) {
+  using T = TestType;
+  using Expert = moe::GeGLU<T>;
+  const index_t d = 4;
+  const index_t ff = 5;
+  const moe::Matrix<T> w_gate = moe::Matrix<T>::Zero(ff, d);
+  const moe::Matrix<T> w_up = moe::Matrix<T>::Zero(ff, d);
+  const moe::Matrix<T> w_down = moe::Matrix<T>::Zero(d, ff);
+
+  struct Case {
+    const char* what;
+    moe::Matrix<T> up;
+    moe::Matrix<T> down;
+    std::string actual;    // "<name> = <value>"
+    std::string expected;  // "<name> = <value>"
+  };
+  const Case cases[] = {
+      {"w_up rows", moe::Matrix<T>::Zero(ff + 1, d), w_down, "w_up.rows() = 6", "w_gate.rows() (d_ff) = 5"},
+      {"w_up cols", moe::Matrix<T>::Zero(ff, d + 2), w_down, "w_up.cols() = 6", "w_gate.cols() (d) = 4"},
+      {"w_down rows", w_up, moe::Matrix<T>::Zero(d + 3, ff), "w_down.rows() = 7", "w_gate.cols() (d) = 4"},
+      {"w_down cols", w_up, moe::Matrix<T>::Zero(d, ff - 2), "w_down.cols() = 3", "w_gate.rows() (d_ff) = 5"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.what);
+    REQUIRE_THROWS_AS(Expert(view_of(w_gate), view_of(c.up), view_of(c.down)), moe::invalid_argument);
+    REQUIRE_THROWS_AS(Expert(w_gate, c.up, c.down), moe::invalid_argument);
+    REQUIRE_THROWS_WITH(Expert(view_of(w_gate), view_of(c.up), view_of(c.down)),
+                        Catch::Contains("GatedFeedForward") && Catch::Contains(c.actual) && Catch::Contains(c.expected));
+    REQUIRE_THROWS_WITH(Expert(w_gate, c.up, c.down),
+                        Catch::Contains("GatedFeedForward") && Catch::Contains(c.actual) && Catch::Contains(c.expected));
+  }
+  REQUIRE_NOTHROW(Expert(view_of(w_gate), view_of(w_up), view_of(w_down)));
+}

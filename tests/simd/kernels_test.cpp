@@ -1,2 +1,980 @@
+// The SIMD kernels (include/moe/simd/) and the activations (experts/activations.hpp) against
+// scalar references in double written here, for float and double.
+//
+// Every kernel runs at lengths around the lane count L, n ∈ {0, 1, L-1, L, L+1, 3L+2}, so the
+// vector body, the scalar tail and both together are exercised, and with pointers 0 and 1
+// element into an aligned allocation (1 misaligns every vector load and store). Inputs are
+// allocated to their exact size, so the asan preset reports a read past the end; outputs are
+// followed (and, at offset 1, preceded) by guard elements, so a write outside [0, n) is seen in
+// every build.
+//
+// Tolerances are rounding-error bounds of the kernel's algorithm, proportional to eps·|expected|
+// (eps = std::numeric_limits<T>::epsilon()); each is stated where it is used. Where a formula
+// subtracts nearly equal numbers the bound is eps times the size of the operands instead of the
+// result, and where the reference underflows the floor is the smallest normal number.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <type_traits>
+#include <vector>
+
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
+
+namespace {
+
+using Arch = moe::simd::default_arch;
+using moe::index_t;
+
+template <class T>
+constexpr std::size_t kLanes = moe::simd::lanes<T, Arch>();
+
+// Lengths around the lane count: 0, 1, L - 1, L, L + 1, 3L + 2.
+template <class T>
+std::vector<std::size_t> lengths_around_lanes() {
+  constexpr std::size_t L = kLanes<T>;
+  return {0, 1, L - 1, L, L + 1, 3 * L + 2};
+}
+
+template <class T>
+double eps() {
+  return static_cast<double>(std::numeric_limits<T>::epsilon());
+}
+
+// Smallest normal T: the absolute floor of a bound where the reference underflows.
+template <class T>
+double tiny() {
+  return static_cast<double>(std::numeric_limits<T>::min());
+}
+
+template <class T>
+double dbl(T v) {
+  return static_cast<double>(v);
+}
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// `n` elements starting `offset` elements into an aligned allocation, followed by `guard`
+// elements. Everything outside [0, n) holds sentinel() until someone writes there.
+template <class T>
+class Guarded {
+ public:
+  Guarded(std::size_t n, std::size_t offset, std::size_t guard)
+      : n_(n), offset_(offset), storage_(offset + n + guard, sentinel()) {}
+
+  static T sentinel() { return T(-1234.5); }
+
+  T* data() noexcept { return storage_.data() + offset_; }
+  const T* data() const noexcept { return storage_.data() + offset_; }
+  T& operator[](std::size_t i) noexcept { return data()[i]; }
+  const T& operator[](std::size_t i) const noexcept { return data()[i]; }
+  std::size_t size() const noexcept { return n_; }
+
+  // True when nothing outside [0, n) was written.
+  bool guards_intact() const {
+    for (std::size_t i = 0; i < storage_.size(); ++i) {
+      const bool inside = i >= offset_ && i < offset_ + n_;
+      if (!inside && !(storage_[i] == sentinel())) return false;
+    }
+    return true;
+  }
+
+ private:
+  std::size_t n_;
+  std::size_t offset_;
+  std::vector<T, Eigen::aligned_allocator<T>> storage_;
+};
+
+// Guard elements after an output: more than a vector, so a whole stray store lands in them.
+template <class T>
+constexpr std::size_t kGuard = 2 * kLanes<T> + 1;
+
+// An input of n elements (no guard after it: asan sees over-reads).
+template <class T>
+Guarded<T> input(std::size_t n, std::size_t offset) {
+  return Guarded<T>(n, offset, 0);
+}
+// An output of n elements with guards.
+template <class T>
+Guarded<T> output(std::size_t n, std::size_t offset) {
+  return Guarded<T>(n, offset, kGuard<T>);
+}
+
+template <class T>
+void fill_uniform(T* x, std::size_t n, double lo, double hi, std::mt19937& rng) {
+  std::uniform_real_distribution<double> dist(lo, hi);
+  for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(dist(rng));
+}
+
+std::mt19937 make_rng(std::size_t a, std::size_t b = 0, std::size_t c = 0) {
+  return std::mt19937(static_cast<std::uint32_t>(1 + 1000003 * a + 1009 * b + c));
+}
+
+// ---- scalar references in double ----------------------------------------------------------------
+
+double max_reference(const double* x, std::size_t n) {
+  double m = -kInf;
+  for (std::size_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+template <class T>
+std::vector<double> to_doubles(const T* x, std::size_t n) {
+  std::vector<double> out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = dbl(x[i]);
+  return out;
+}
+
+// Softmax in double, with the rounding bound of the kernel's algorithm (max, e_i = exp(x_i - m),
+// sum, one reciprocal, one multiply) for T:
+//   e_i carries a relative error of at most (4 + |x_i - m|)·eps: exp is within 2 ulp, and the
+//   rounding of x_i - m (eps/2 relative) is amplified by |x_i - m| through exp;
+//   the sum adds n·eps relative to the exact sum, plus the e_i errors weighted by e_i / sum;
+//   the reciprocal and the multiply add 2·eps.
+// So |p_i - ref_i| <= (e_rel_i + sum_rel + 2·eps)·ref_i.
+struct SoftmaxReference {
+  std::vector<double> p;      // softmax(x)
+  std::vector<double> bound;  // |kernel p_i - p_i| <= bound_i
+  double sum = 0;             // sum of exp(x_i - m)
+  double sum_rel = 0;         // relative error bound of the kernel's sum
+};
+
+template <class T>
+SoftmaxReference softmax_reference(const std::vector<double>& x) {
+  const std::size_t n = x.size();
+  SoftmaxReference r;
+  r.p.resize(n);
+  r.bound.resize(n);
+  const double m = max_reference(x.data(), n);
+  std::vector<double> e_rel(n);
+  double weighted_rel = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    r.p[i] = std::exp(x[i] - m);
+    r.sum += r.p[i];
+    e_rel[i] = (4 + std::abs(x[i] - m)) * eps<T>();
+    weighted_rel += e_rel[i] * r.p[i];
+  }
+  r.sum_rel = static_cast<double>(n) * eps<T>() + weighted_rel / r.sum;
+  for (std::size_t i = 0; i < n; ++i) {
+    r.p[i] /= r.sum;
+    r.bound[i] = (e_rel[i] + r.sum_rel + 2 * eps<T>()) * r.p[i];
+  }
+  return r;
+}
+
+// Indices of the k largest values, larger first and on equal values the lower index first: a
+// stable sort by descending value. NaN ranks after every number (documented in top_k.hpp).
+std::vector<index_t> top_k_reference(const std::vector<double>& x, std::size_t k) {
+  std::vector<index_t> idx(x.size());
+  std::iota(idx.begin(), idx.end(), index_t(0));
+  std::stable_sort(idx.begin(), idx.end(), [&x](index_t a, index_t b) {
+    const double va = x[static_cast<std::size_t>(a)];
+    const double vb = x[static_cast<std::size_t>(b)];
+    if (std::isnan(va)) return false;
+    if (std::isnan(vb)) return true;
+    return va > vb;
+  });
+  idx.resize(k);
+  return idx;
+}
+
+// Activations in double, in forms free of cancellation (algebraically equal to the definitions
+// the library implements: GELU = 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(-x/√2); tanh GELU
+// = 0.5·x·(1 + tanh(u)) = x / (1 + exp(-2u))), so the reference is accurate to double rounding.
+double reference(moe::ReLU, double x) { return x > 0 ? x : 0.0; }
+double reference(moe::GELU, double x) { return 0.5 * x * std::erfc(-x / std::sqrt(2.0)); }
+double reference(moe::GELUTanh, double x) {
+  const double u = std::sqrt(2.0 / 3.14159265358979323846) * (x + 0.044715 * x * x * x);
+  return x / (1.0 + std::exp(-2.0 * u));
+}
+double reference(moe::SiLU, double x) { return x / (1.0 + std::exp(-x)); }
+
+// |Act::apply(x) - reference| for x in T:
+//  - ReLU is exact;
+//  - SiLU = x / (1 + exp(-x)) has no cancellation: 8·eps·|ref| (exp 2 ulp, add, divide);
+//  - GELU and tanh GELU compute 0.5·x·(1 + f) with f -> -1 for x < 0, where 1 + f cancels; the
+//    absolute error of f is multiplied by 0.5·|x|, so the bound is c·eps·(|ref| + |x|) with c the
+//    error of f in ulp of 1. tanh and std::erf are within a few ulp: c = 8. xsimd 8.1's erf for
+//    double batches is off by up to ~70 ulp near |t| = 2.2 (measured: 17·eps·(|ref| + |x|) at
+//    x = -3.11), so GELU gets c = 32.
+// Plus the smallest normal number where the reference underflows.
+template <class T>
+double activation_bound(moe::ReLU, double, double) {
+  return 0;
+}
+template <class T>
+double activation_bound(moe::SiLU, double, double ref) {
+  return 8 * eps<T>() * std::abs(ref) + tiny<T>();
+}
+template <class T>
+double activation_bound(moe::GELU, double x, double ref) {
+  return 32 * eps<T>() * (std::abs(ref) + std::abs(x)) + tiny<T>();
+}
+template <class T>
+double activation_bound(moe::GELUTanh, double x, double ref) {
+  return 8 * eps<T>() * (std::abs(ref) + std::abs(x)) + tiny<T>();
+}
+
+// Largest |act'(x)| over all x (ReLU 1, SiLU 1.0998, GELU 1.1289, tanh GELU 1.1289), rounded up:
+// how far an error in an activation's argument can move its value.
+constexpr double kActivationLipschitz = 1.2;
+
+}  // namespace
+
+// ---- softmax.hpp ---------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("simd::max_value finds the largest element at every position", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  auto rng = make_rng(n, offset);
+
+  // All negative: a kernel that starts from 0 instead of -inf fails.
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -100.0, -1.0, rng);
+  const std::vector<double> xd = to_doubles(x.data(), n);
+  CHECK(dbl(moe::simd::max_value(Arch{}, x.data(), n)) == max_reference(xd.data(), n));
+
+  // The maximum in each lane, in the tail, first and last.
+  for (std::size_t p = 0; p < n; ++p) {
+    CAPTURE(p);
+    const T saved = x[p];
+    x[p] = T(7.5);
+    CHECK(moe::simd::max_value(Arch{}, x.data(), n) == T(7.5));
+    x[p] = saved;
+  }
+
+  // All -inf (and n == 0) gives -inf.
+  std::fill(x.data(), x.data() + n, -std::numeric_limits<T>::infinity());
+  CHECK(dbl(moe::simd::max_value(Arch{}, x.data(), n)) == -kInf);
+}
+
+TEMPLATE_TEST_CASE("simd::exp_shifted matches exp(x - shift) and its sum", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const T shift = GENERATE(T(0), T(1.25), T(-3.5));
+  CAPTURE(n, offset, shift);
+  auto rng = make_rng(n, offset, 2);
+
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -4.0, 4.0, rng);
+  Guarded<T> out = output<T>(n, offset);
+  const T sum = moe::simd::exp_shifted(Arch{}, x.data(), shift, out.data(), n);
+
+  // Each element: exp within 2 ulp plus the rounding of x - shift amplified by |x - shift|,
+  // (4 + |x_i - shift|)·eps·ref_i. The sum: those errors plus n·eps for the additions.
+  double ref_sum = 0;
+  double sum_bound = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i);
+    const double d = dbl(x[i]) - dbl(shift);
+    const double ref = std::exp(d);
+    const double bound = (4 + std::abs(d)) * eps<T>() * ref;
+    CHECK(std::abs(dbl(out[i]) - ref) <= bound);
+    ref_sum += ref;
+    sum_bound += bound;
+  }
+  sum_bound += static_cast<double>(n) * eps<T>() * ref_sum;
+  CHECK(std::abs(dbl(sum) - ref_sum) <= sum_bound);
+  CHECK(out.guards_intact());
+
+  // In place (out == x) gives the same bits.
+  Guarded<T> y = output<T>(n, offset);
+  std::copy(x.data(), x.data() + n, y.data());
+  const T sum_in_place = moe::simd::exp_shifted(Arch{}, y.data(), shift, y.data(), n);
+  CHECK(sum_in_place == sum);
+  for (std::size_t i = 0; i < n; ++i) CHECK(y[i] == out[i]);
+  CHECK(y.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::scale multiplies every element once", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  auto rng = make_rng(n, offset, 3);
+
+  Guarded<T> x = output<T>(n, offset);
+  fill_uniform(x.data(), n, -10.0, 10.0, rng);
+  const std::vector<double> before = to_doubles(x.data(), n);
+  const T factor = T(0.3710937);
+  moe::simd::scale(Arch{}, factor, x.data(), n);
+  // One rounded multiply: within eps/2·|ref|; eps·|ref| is asked.
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i);
+    const double ref = before[i] * dbl(factor);
+    CHECK(std::abs(dbl(x[i]) - ref) <= eps<T>() * std::abs(ref));
+  }
+  CHECK(x.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::softmax matches a double reference and sums to 1", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  // Moderate logits, and logits of magnitude 1e4 (exp of them overflows; the max shift must
+  // keep the result finite).
+  const double magnitude = GENERATE(0.0, 1e4);
+  CAPTURE(n, offset, magnitude);
+  auto rng = make_rng(n, offset, magnitude > 0 ? 5 : 4);
+
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -4.0, 4.0, rng);
+  std::bernoulli_distribution sign(0.5);
+  for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(dbl(x[i]) + (sign(rng) ? magnitude : -magnitude));
+  const SoftmaxReference ref = softmax_reference<T>(to_doubles(x.data(), n));
+
+  Guarded<T> out = output<T>(n, offset);
+  moe::simd::softmax(Arch{}, x.data(), out.data(), n);
+  double total = 0;
+  double total_bound = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, x[i]);
+    CHECK(std::isfinite(out[i]));
+    CHECK(std::abs(dbl(out[i]) - ref.p[i]) <= ref.bound[i]);
+    total += dbl(out[i]);
+    total_bound += ref.bound[i];
+  }
+  if (n > 0) CHECK(std::abs(total - 1.0) <= total_bound);
+  CHECK(out.guards_intact());
+
+  // In place (out == x) gives the same bits.
+  Guarded<T> y = output<T>(n, offset);
+  std::copy(x.data(), x.data() + n, y.data());
+  moe::simd::softmax(Arch{}, y.data(), y.data(), n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(y[i] == out[i]);
+  CHECK(y.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::softmax of equal logits is uniform", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const T value = GENERATE(T(0), T(-1e4), T(1e4));
+  if (n == 0) return;
+  CAPTURE(n, value);
+  std::vector<T> x(n, value);
+  std::vector<T> out(n);
+  moe::simd::softmax(Arch{}, x.data(), out.data(), n);
+  // exp(0) = 1 exactly, so the only roundings are the sum (exact for small integers), the
+  // reciprocal and the multiply: 2·eps relative.
+  const double ref = 1.0 / static_cast<double>(n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(std::abs(dbl(out[i]) - ref) <= 2 * eps<T>() * ref);
+}
+
+TEMPLATE_TEST_CASE("simd::log_sum_exp matches a double reference", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const double magnitude = GENERATE(0.0, 1e4);
+  CAPTURE(n, offset, magnitude);
+  auto rng = make_rng(n, offset, magnitude > 0 ? 7 : 6);
+
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -4.0, 4.0, rng);
+  std::bernoulli_distribution sign(0.5);
+  for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(dbl(x[i]) + (sign(rng) ? magnitude : -magnitude));
+  Guarded<T> scratch = output<T>(n, offset);
+  const T got = moe::simd::log_sum_exp(Arch{}, x.data(), scratch.data(), n);
+  CHECK(scratch.guards_intact());
+  if (n == 0) {
+    CHECK(dbl(got) == -kInf);
+    return;
+  }
+  // lse = m + log(S). The kernel's S has relative error sum_rel (see softmax_reference), which
+  // moves log(S) by at most sum_rel; log and the final addition round once each:
+  // |got - ref| <= sum_rel + eps·(|log S| + |ref|) + eps.
+  const std::vector<double> xd = to_doubles(x.data(), n);
+  const SoftmaxReference sm = softmax_reference<T>(xd);
+  const double log_s = std::log(sm.sum);
+  const double ref = max_reference(xd.data(), n) + log_s;
+  CHECK(std::isfinite(got));
+  CHECK(std::abs(dbl(got) - ref) <= sm.sum_rel + eps<T>() * (std::abs(log_s) + std::abs(ref) + 1));
+}
+
+TEMPLATE_TEST_CASE("simd::sigmoid matches a double reference", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  auto rng = make_rng(n, offset, 8);
+
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -10.0, 10.0, rng);
+  Guarded<T> out = output<T>(n, offset);
+  moe::simd::sigmoid(Arch{}, x.data(), out.data(), n);
+  // 1 / (1 + exp(-x)): exp within 2 ulp (its argument is exact), then an add and a divide;
+  // d log(sigmoid) / d log(e) <= 1, so 8·eps·ref bounds it, plus the smallest normal.
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, x[i]);
+    const double ref = 1.0 / (1.0 + std::exp(-dbl(x[i])));
+    CHECK(std::abs(dbl(out[i]) - ref) <= 8 * eps<T>() * ref + tiny<T>());
+  }
+  CHECK(out.guards_intact());
+
+  // In place gives the same bits.
+  Guarded<T> y = output<T>(n, offset);
+  std::copy(x.data(), x.data() + n, y.data());
+  moe::simd::sigmoid(Arch{}, y.data(), y.data(), n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(y[i] == out[i]);
+  CHECK(y.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::sigmoid saturates to 0 and 1 without NaN", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  // Arguments where exp(-x) overflows T (float above 88.7, double above 709.8) or underflows.
+  const T pattern[] = {T(1e4), T(-1e4), T(100), T(-1000), T(750), T(-750), T(40), T(-40), T(0)};
+  Guarded<T> x = input<T>(n, offset);
+  for (std::size_t i = 0; i < n; ++i) x[i] = pattern[i % (sizeof(pattern) / sizeof(pattern[0]))];
+  Guarded<T> out = output<T>(n, offset);
+  moe::simd::sigmoid(Arch{}, x.data(), out.data(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, x[i]);
+    CHECK_FALSE(std::isnan(out[i]));
+    CHECK(out[i] >= T(0));
+    CHECK(out[i] <= T(1));
+    const double ref = 1.0 / (1.0 + std::exp(-dbl(x[i])));
+    CHECK(std::abs(dbl(out[i]) - ref) <= 8 * eps<T>() * ref + tiny<T>());
+  }
+  CHECK(out.guards_intact());
+}
+
+// ---- top_k.hpp -----------------------------------------------------------------------------------
+
+namespace {
+
+// Runs top_k for every k in [0, n] on x and compares with the stable-sort reference; also checks
+// that x is not modified and nothing is written to out past k.
+template <class T>
+void check_top_k_all_k(const Guarded<T>& x) {
+  const std::size_t n = x.size();
+  const std::vector<double> xd = to_doubles(x.data(), n);
+  for (std::size_t k = 0; k <= n; ++k) {
+    CAPTURE(k);
+    std::vector<T> values(n);
+    std::vector<index_t> indices(n);
+    std::vector<index_t> out(n + 1, index_t(-7));
+    moe::simd::top_k(Arch{}, x.data(), n, k, out.data(), values.data(), indices.data());
+    const std::vector<index_t> ref = top_k_reference(xd, k);
+    for (std::size_t j = 0; j < k; ++j) {
+      CAPTURE(j);
+      CHECK(out[j] == ref[j]);
+    }
+    for (std::size_t j = k; j <= n; ++j) CHECK(out[j] == index_t(-7));
+    for (std::size_t i = 0; i < n; ++i) CHECK((dbl(x[i]) == xd[i] || (std::isnan(x[i]) && std::isnan(xd[i]))));
+  }
+}
+
+// Lengths for top_k: around the lane count, and long enough that k > kTopKPassLimit (the
+// partial-sort path) is reached for both types.
+template <class T>
+std::vector<std::size_t> top_k_lengths() {
+  std::vector<std::size_t> n = lengths_around_lanes<T>();
+  n.push_back(moe::simd::kTopKPassLimit + 1);
+  n.push_back(40);
+  return n;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("simd::top_k matches a stable sort by descending value", "[simd][top_k]", float, double) {
+  using T = TestType;
+  // Both selection paths are reached: k <= kTopKPassLimit (vectorized passes) and above it
+  // (partial sort), since k runs over [0, n] with n up to 40.
+  REQUIRE(moe::simd::kTopKPassLimit < 40);
+  const std::size_t n = GENERATE(from_range(top_k_lengths<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  auto rng = make_rng(n, offset, 9);
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  Guarded<T> x = input<T>(n, offset);
+
+  SECTION("distinct values") {
+    fill_uniform(x.data(), n, -5.0, 5.0, rng);
+    check_top_k_all_k(x);
+  }
+  SECTION("many ties (values from {-2, ..., 2}) go to the lower index") {
+    std::uniform_int_distribution<int> small(-2, 2);
+    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(small(rng));
+    check_top_k_all_k(x);
+  }
+  SECTION("all values equal: indices 0, 1, ..., k-1") {
+    std::fill(x.data(), x.data() + n, T(0.25));
+    check_top_k_all_k(x);
+  }
+  SECTION("-inf values, also tied among themselves") {
+    std::uniform_int_distribution<int> pick(0, 3);
+    for (std::size_t i = 0; i < n; ++i) {
+      const int p = pick(rng);
+      x[i] = p == 0 ? -inf : p == 1 ? inf : static_cast<T>(p);
+    }
+    check_top_k_all_k(x);
+  }
+  SECTION("NaN values rank last, among themselves by index") {
+    std::uniform_int_distribution<int> pick(0, 4);
+    for (std::size_t i = 0; i < n; ++i) {
+      const int p = pick(rng);
+      x[i] = p == 0 ? std::numeric_limits<T>::quiet_NaN() : p == 1 ? -inf : static_cast<T>(p);
+    }
+    check_top_k_all_k(x);
+  }
+  SECTION("all -inf") {
+    std::fill(x.data(), x.data() + n, -inf);
+    check_top_k_all_k(x);
+  }
+  SECTION("largest value last (in the scalar tail)") {
+    fill_uniform(x.data(), n, -5.0, 5.0, rng);
+    if (n > 0) x[n - 1] = T(100);
+    check_top_k_all_k(x);
+  }
+}
+
+// ---- rows.hpp ------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("simd::copy_row copies exactly n elements", "[simd][rows]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t src_offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const std::size_t dst_offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, src_offset, dst_offset);
+  auto rng = make_rng(n, src_offset, 10 + dst_offset);
+  Guarded<T> src = input<T>(n, src_offset);
+  fill_uniform(src.data(), n, -1.0, 1.0, rng);
+  Guarded<T> dst = output<T>(n, dst_offset);
+  moe::simd::copy_row(Arch{}, src.data(), dst.data(), n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(dst[i] == src[i]);
+  CHECK(dst.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::gather_rows copies the listed rows in order", "[simd][rows]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const std::size_t count = GENERATE(as<std::size_t>{}, 0, 1, 4, 6);
+  CAPTURE(n, offset, count);
+  auto rng = make_rng(n, offset, 20 + count);
+
+  constexpr std::size_t kSrcRows = 5;
+  const std::size_t src_stride = n + 3;  // padded rows
+  const std::size_t dst_stride = n + 2;
+  Guarded<T> src = input<T>(kSrcRows * src_stride, offset);
+  fill_uniform(src.data(), kSrcRows * src_stride, -1.0, 1.0, rng);
+  const index_t all_rows[] = {3, 0, 3, 4, 1, 2};  // a repeat, out of order
+  // dst padding between rows must survive too: fill it with the sentinel and check it below.
+  Guarded<T> dst = output<T>(count * dst_stride, offset);
+  std::fill(dst.data(), dst.data() + count * dst_stride, Guarded<T>::sentinel());
+  moe::simd::gather_rows(Arch{}, src.data(), src_stride, all_rows, count, dst.data(), dst_stride, n);
+  for (std::size_t r = 0; r < count; ++r) {
+    CAPTURE(r);
+    const std::size_t s = static_cast<std::size_t>(all_rows[r]);
+    for (std::size_t i = 0; i < n; ++i) CHECK(dst[r * dst_stride + i] == src[s * src_stride + i]);
+    for (std::size_t i = n; i < dst_stride; ++i) CHECK(dst[r * dst_stride + i] == Guarded<T>::sentinel());
+  }
+  CHECK(dst.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::axpy adds w·x to y", "[simd][rows]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const T w = GENERATE(T(0), T(-0.625), T(3.1));
+  CAPTURE(n, offset, w);
+  auto rng = make_rng(n, offset, 30);
+  Guarded<T> x = input<T>(n, offset);
+  fill_uniform(x.data(), n, -2.0, 2.0, rng);
+  Guarded<T> y = output<T>(n, offset);
+  fill_uniform(y.data(), n, -2.0, 2.0, rng);
+  const std::vector<double> y0 = to_doubles(y.data(), n);
+  moe::simd::axpy(Arch{}, w, x.data(), y.data(), n);
+  // A fused multiply-add rounds once; a multiply then an add rounds twice: either way within
+  // eps·(|w·x| + |y|) (the bound scales with the terms, since w·x + y may cancel).
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i);
+    const double wx = dbl(w) * dbl(x[i]);
+    const double ref = y0[i] + wx;
+    CHECK(std::abs(dbl(y[i]) - ref) <= eps<T>() * (std::abs(wx) + std::abs(y0[i])));
+  }
+  CHECK(y.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::weighted_row_sum sums weighted rows", "[simd][rows]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  const std::size_t count = GENERATE(as<std::size_t>{}, 0, 1, 2, 5, 7);
+  CAPTURE(n, offset, count);
+  auto rng = make_rng(n, offset, 40 + count);
+
+  constexpr std::size_t kSrcRows = 6;
+  const std::size_t stride = n + 1;
+  Guarded<T> src = input<T>(kSrcRows * stride, offset);
+  fill_uniform(src.data(), kSrcRows * stride, -2.0, 2.0, rng);
+  std::vector<T> row_weight(kSrcRows);  // indexed by source row
+  fill_uniform(row_weight.data(), kSrcRows, -1.0, 1.0, rng);
+  const index_t rows[] = {4, 1, 1, 5, 0, 2, 3};
+  Guarded<T> out = output<T>(n, offset);
+  moe::simd::weighted_row_sum(Arch{}, src.data(), stride, rows, row_weight.data(), count, out.data(), n);
+
+  // count fused multiply-adds in sequence: each rounds the running sum once, so the error is at
+  // most count·eps times the sum of |terms| (count == 0 must give exact zeros).
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i);
+    double ref = 0;
+    double abs_terms = 0;
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t r = static_cast<std::size_t>(rows[j]);
+      const double term = dbl(row_weight[r]) * dbl(src[r * stride + i]);
+      ref += term;
+      abs_terms += std::abs(term);
+    }
+    CHECK(std::abs(dbl(out[i]) - ref) <= static_cast<double>(count) * eps<T>() * abs_terms);
+    if (count == 0) CHECK(out[i] == T(0));
+  }
+  CHECK(out.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::weighted_row_sum sums in the given order", "[simd][rows]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  // Rows big, 1, -big with weights 1 and big = 2^(digits+1): big + 1 rounds back to big, so
+  // the result depends on the order: (big, 1, -big) gives 0, (big, -big, 1) gives 1. Products
+  // with weight 1 are exact, so fused and unfused multiply-adds agree and the expected value is
+  // the left-to-right sum in T.
+  const T big = std::ldexp(T(1), std::numeric_limits<T>::digits + 1);
+  const T values[] = {big, T(1), -big};
+  const std::size_t stride = std::max<std::size_t>(n, 1);
+  Guarded<T> src = input<T>(3 * stride, offset);
+  for (std::size_t r = 0; r < 3; ++r) std::fill(src.data() + r * stride, src.data() + r * stride + n, values[r]);
+  const T weight[] = {T(1), T(1), T(1)};
+
+  const index_t orders[][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {2, 1, 0}};
+  std::vector<T> expected;
+  for (const auto& order : orders) {
+    T sum(0);
+    for (const index_t r : order) sum = sum + values[r];
+    expected.push_back(sum);
+  }
+  REQUIRE(expected[0] != expected[1]);  // the case can tell orders apart
+  for (std::size_t o = 0; o < expected.size(); ++o) {
+    CAPTURE(o);
+    Guarded<T> out = output<T>(n, offset);
+    moe::simd::weighted_row_sum(Arch{}, src.data(), stride, orders[o], weight, 3, out.data(), n);
+    for (std::size_t i = 0; i < n; ++i) CHECK(out[i] == expected[o]);
+    CHECK(out.guards_intact());
+  }
+}
+
+// ---- matmul.hpp ----------------------------------------------------------------------------------
+
+namespace {
+
+// k around the lane count (vector body and k % L tail); n past a few register blocks of weight
+// rows, so full blocks and leftover rows both occur.
+template <class T>
+std::vector<std::size_t> matmul_k_values() {
+  constexpr std::size_t L = kLanes<T>;
+  return {1, L - 1, L, L + 1, 3 * L + 2};
+}
+template <class T>
+std::vector<std::size_t> matmul_n_values() {
+  constexpr std::size_t L = kLanes<T>;
+  return {1, 3, L + 1, 19};
+}
+
+// Double dot products of row j of x [m, k] (rows ldx apart) with row r of w [n, k], and the
+// sums of |terms|.
+struct DotReference {
+  std::vector<double> dot;      // [m, n]
+  std::vector<double> abs_sum;  // [m, n]
+};
+
+template <class T>
+DotReference dot_reference(const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n) {
+  DotReference r{std::vector<double>(m * n), std::vector<double>(m * n)};
+  for (std::size_t j = 0; j < m; ++j) {
+    for (std::size_t c = 0; c < n; ++c) {
+      double s = 0;
+      double a = 0;
+      for (std::size_t i = 0; i < k; ++i) {
+        const double t = dbl(w[c * k + i]) * dbl(x[j * ldx + i]);
+        s += t;
+        a += std::abs(t);
+      }
+      r.dot[j * n + c] = s;
+      r.abs_sum[j * n + c] = a;
+    }
+  }
+  return r;
+}
+
+// A dot product of length k summed in any order with (fused) multiply-adds: every term passes
+// through at most k + 2 roundings, so |got - ref| <= (k + 2)·eps·sum|terms|.
+template <class T>
+double dot_bound(std::size_t k, double abs_sum) {
+  return static_cast<double>(k + 2) * eps<T>() * abs_sum;
+}
+
+// matmul_nt (ldx == k) or matmul_nt_strided on x [m, k] with rows ldx apart, w [n, k], against
+// the double reference; y rows are padded (ldy = n + 3) and the padding must survive. Each
+// token's row must also be bit-identical to the product of that token alone (m = 1): the
+// kernel sums every element in one order whatever m is (batch isolation, DESIGN.md §6).
+template <class T>
+void check_matmul(const Guarded<T>& x, std::size_t ldx, std::size_t m, std::size_t k, const Guarded<T>& w,
+                  std::size_t n, std::size_t offset) {
+  const std::size_t ldy = n + 3;
+  auto product = [&](const T* xs, std::size_t rows, T* y) {
+    if (ldx == k) {
+      moe::simd::matmul_nt(Arch{}, xs, rows, k, w.data(), n, y, ldy);
+    } else {
+      moe::simd::matmul_nt_strided(Arch{}, xs, ldx, rows, k, w.data(), n, y, ldy);
+    }
+  };
+  Guarded<T> y = output<T>(m * ldy, offset);  // [m, ldy]
+  product(x.data(), m, y.data());
+
+  const DotReference ref = dot_reference(x.data(), ldx, m, k, w.data(), n);
+  for (std::size_t j = 0; j < m; ++j) {
+    CAPTURE(j);
+    for (std::size_t c = 0; c < n; ++c) {
+      CAPTURE(c);
+      const std::size_t e = j * n + c;
+      CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
+    }
+    for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
+
+    Guarded<T> alone = output<T>(ldy, offset);
+    product(x.data() + j * ldx, 1, alone.data());
+    for (std::size_t c = 0; c < n; ++c) CHECK(alone[c] == y[j * ldy + c]);
+    CHECK(alone.guards_intact());
+  }
+  CHECK(y.guards_intact());
+}
+
+// Checks that h [m, ldh] holds act(gate) ⊙ up for the activation Act, within the propagated bound:
+// with errors dg, du in the dots, |act(g~)·u~ - act(g)·u| <= |u|·(Lip·dg + act_err) +
+// (|act(g)| + Lip·dg)·du + eps·|ref|. As for matmul_nt, each token's row must equal that
+// token's product alone, bit for bit.
+template <class Act, class T>
+void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const Guarded<T>& w_gate,
+                        const Guarded<T>& w_up, std::size_t n, std::size_t offset) {
+  INFO("activation " << Act::name);
+  const std::size_t ldh = n + 3;
+  auto product = [&](const T* xs, std::size_t rows, T* h) {
+    moe::simd::gated_matmul_nt<Act>(Arch{}, xs, rows, k, w_gate.data(), w_up.data(), n, h, ldh);
+  };
+  Guarded<T> h = output<T>(m * ldh, offset);
+  product(x.data(), m, h.data());
+
+  const DotReference g = dot_reference(x.data(), k, m, k, w_gate.data(), n);
+  const DotReference u = dot_reference(x.data(), k, m, k, w_up.data(), n);
+  for (std::size_t j = 0; j < m; ++j) {
+    CAPTURE(j);
+    for (std::size_t c = 0; c < n; ++c) {
+      CAPTURE(c);
+      const std::size_t e = j * n + c;
+      const double act = reference(Act{}, g.dot[e]);
+      const double ref = act * u.dot[e];
+      const double dg = dot_bound<T>(k, g.abs_sum[e]);
+      const double du = dot_bound<T>(k, u.abs_sum[e]);
+      const double act_err = activation_bound<T>(Act{}, g.dot[e], act);
+      const double bound = std::abs(u.dot[e]) * (kActivationLipschitz * dg + act_err) +
+                           (std::abs(act) + kActivationLipschitz * dg) * du + eps<T>() * std::abs(ref) + tiny<T>();
+      CHECK(std::abs(dbl(h[j * ldh + c]) - ref) <= bound);
+    }
+    for (std::size_t c = n; c < ldh; ++c) CHECK(h[j * ldh + c] == Guarded<T>::sentinel());
+
+    Guarded<T> alone = output<T>(ldh, offset);
+    product(x.data() + j * k, 1, alone.data());
+    for (std::size_t c = 0; c < n; ++c) CHECK(alone[c] == h[j * ldh + c]);
+    CHECK(alone.guards_intact());
+  }
+  CHECK(h.guards_intact());
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
+  using T = TestType;
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 7, 9);
+  const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
+  const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(m, k, n, offset);
+  auto rng = make_rng(100 * m + k, n, offset);
+
+  Guarded<T> w = input<T>(n * k, offset);  // [n, k]
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  SECTION("contiguous token rows") {
+    Guarded<T> x = input<T>(m * k, offset);  // [m, k]
+    fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
+    check_matmul(x, k, m, k, w, n, offset);
+  }
+  SECTION("token rows with padding (matmul_nt_strided)") {
+    const std::size_t ldx = k + 2;
+    Guarded<T> x = input<T>(m * ldx, offset);  // [m, ldx]
+    fill_uniform(x.data(), m * ldx, -1.0, 1.0, rng);
+    check_matmul(x, ldx, m, k, w, n, offset);
+  }
+}
+
+TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a few per panel", "[simd][matmul]",
+                   float, double) {
+  using T = TestType;
+  // Rows of 20003 elements (80 KB in float): the L2 panels hold only a few rows each, so n = 19
+  // spans several panels, the last one partial.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 5);
+  const std::size_t k = 20003;
+  const std::size_t n = 19;
+  CAPTURE(m);
+  auto rng = make_rng(m, k, 1);
+  Guarded<T> x = input<T>(m * k, 1);
+  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(n * k, 1);
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  check_matmul(x, k, m, k, w, n, 1);
+  Guarded<T> w_up = input<T>(n * k, 1);
+  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
+  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 1);
+}
+
+TEMPLATE_TEST_CASE("simd::gated_matmul_nt computes act(x · w_gateᵀ) ⊙ (x · w_upᵀ)", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 7, 9);
+  const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
+  const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(m, k, n, offset);
+  auto rng = make_rng(100 * m + k, n, 2 + offset);
+
+  // Arguments of the activation spread over [-3, 3] or so, where the activations bend.
+  Guarded<T> x = input<T>(m * k, offset);
+  fill_uniform(x.data(), m * k, -1.5, 1.5, rng);
+  Guarded<T> w_gate = input<T>(n * k, offset);
+  fill_uniform(w_gate.data(), n * k, -1.0, 1.0, rng);
+  Guarded<T> w_up = input<T>(n * k, offset);
+  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
+
+  check_gated_matmul<moe::SiLU>(x, m, k, w_gate, w_up, n, offset);
+  check_gated_matmul<moe::GELU>(x, m, k, w_gate, w_up, n, offset);
+  check_gated_matmul<moe::GELUTanh>(x, m, k, w_gate, w_up, n, offset);
+  check_gated_matmul<moe::ReLU>(x, m, k, w_gate, w_up, n, offset);
+}
+
+// ---- experts/activations.hpp ---------------------------------------------------------------------
+
+namespace {
+
+// Arguments for the activation tests: a grid over [-10, 10], values near 0, and the saturated
+// ends ±1e4 (no NaN, no overflow).
+template <class T>
+std::vector<T> activation_arguments() {
+  std::vector<T> x;
+  for (int i = -400; i <= 400; ++i) x.push_back(static_cast<T>(0.025 * i));
+  for (const double v : {1e-3, -1e-3, 1e-20, -1e-20, 15.0, -15.0, 30.0, -30.0, 1e4, -1e4}) x.push_back(static_cast<T>(v));
+  return x;
+}
+
+template <class Act, class T>
+void check_activation_scalar_and_batch() {
+  INFO("activation " << Act::name);
+  using B = moe::simd::batch<T, Arch>;
+  constexpr std::size_t L = kLanes<T>;
+  std::vector<T> x = activation_arguments<T>();
+  while (x.size() % L != 0) x.push_back(T(0.5));
+
+  // Scalar form.
+  for (const T v : x) {
+    CAPTURE(v);
+    const T got = Act::apply(v);
+    const double ref = reference(Act{}, dbl(v));
+    CHECK_FALSE(std::isnan(got));
+    CHECK(std::abs(dbl(got) - ref) <= activation_bound<T>(Act{}, dbl(v), ref));
+  }
+  // Batch form, lane by lane.
+  alignas(64) T lanes_out[L];
+  for (std::size_t i = 0; i < x.size(); i += L) {
+    Act::apply(B::load_unaligned(x.data() + i)).store_aligned(lanes_out);
+    for (std::size_t l = 0; l < L; ++l) {
+      const T v = x[i + l];
+      CAPTURE(v);
+      const double ref = reference(Act{}, dbl(v));
+      CHECK_FALSE(std::isnan(lanes_out[l]));
+      CHECK(std::abs(dbl(lanes_out[l]) - ref) <= activation_bound<T>(Act{}, dbl(v), ref));
+    }
+  }
+}
+
+template <class Act, class T>
+void check_activate(std::size_t n, std::size_t offset) {
+  INFO("activation " << Act::name);
+  auto rng = make_rng(n, offset, 50);
+  Guarded<T> x = output<T>(n, offset);
+  fill_uniform(x.data(), n, -6.0, 6.0, rng);
+  const std::vector<double> before = to_doubles(x.data(), n);
+  moe::simd::activate<Act>(Arch{}, x.data(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, before[i]);
+    const double ref = reference(Act{}, before[i]);
+    CHECK(std::abs(dbl(x[i]) - ref) <= activation_bound<T>(Act{}, before[i], ref));
+  }
+  CHECK(x.guards_intact());
+}
+
+template <class Act, class T>
+void check_gated_activate(std::size_t n, std::size_t offset) {
+  INFO("activation " << Act::name);
+  auto rng = make_rng(n, offset, 60);
+  Guarded<T> gate = output<T>(n, offset);
+  fill_uniform(gate.data(), n, -6.0, 6.0, rng);
+  Guarded<T> up = input<T>(n, 1 - offset);  // the other alignment
+  fill_uniform(up.data(), n, -2.0, 2.0, rng);
+  const std::vector<double> g = to_doubles(gate.data(), n);
+  moe::simd::gated_activate<Act>(Arch{}, gate.data(), up.data(), n);
+  // act(g) within activation_bound, times an exact u, then one rounded multiply.
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, g[i], up[i]);
+    const double act = reference(Act{}, g[i]);
+    const double ref = act * dbl(up[i]);
+    const double bound = std::abs(dbl(up[i])) * activation_bound<T>(Act{}, g[i], act) + eps<T>() * std::abs(ref);
+    CHECK(std::abs(dbl(gate[i]) - ref) <= bound);
+  }
+  CHECK(gate.guards_intact());
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Activations: scalar and batch forms match the double formulas", "[simd][activations]", float,
+                   double) {
+  using T = TestType;
+  check_activation_scalar_and_batch<moe::ReLU, T>();
+  check_activation_scalar_and_batch<moe::GELU, T>();
+  check_activation_scalar_and_batch<moe::GELUTanh, T>();
+  check_activation_scalar_and_batch<moe::SiLU, T>();
+}
+
+TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double formulas", "[simd][activations]", float,
+                   double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  check_activate<moe::ReLU, T>(n, offset);
+  check_activate<moe::GELU, T>(n, offset);
+  check_activate<moe::GELUTanh, T>(n, offset);
+  check_activate<moe::SiLU, T>(n, offset);
+  check_gated_activate<moe::ReLU, T>(n, offset);
+  check_gated_activate<moe::GELU, T>(n, offset);
+  check_gated_activate<moe::GELUTanh, T>(n, offset);
+  check_gated_activate<moe::SiLU, T>(n, offset);
+}

@@ -2,10 +2,32 @@
 // Activation functions, each usable on a scalar and on an xsimd batch with the same formula.
 #include <cmath>
 #include <cstddef>
+#include <type_traits>
 
 #include "../simd/arch.hpp"
 
 MOE_NAMESPACE_BEGIN
+
+namespace detail {
+
+// The scalar type of V: V itself, or a batch's value_type.
+template <class V, class = void>
+struct scalar_of {
+  using type = V;
+};
+template <class V>
+struct scalar_of<V, std::void_t<typename V::value_type>> {
+  using type = typename V::value_type;
+};
+
+// The constant c as a V. A batch's constructor takes its scalar type, so a double argument
+// would narrow implicitly (a -Wfloat-conversion error for float batches); cast explicitly.
+template <class V>
+V constant(double c) noexcept {
+  return V(static_cast<typename scalar_of<V>::type>(c));
+}
+
+}  // namespace detail
 
 // max(x, 0).
 struct ReLU {
@@ -25,7 +47,7 @@ struct GELU {
   static V apply(const V& x) noexcept {
     using std::erf;
     using xsimd::erf;
-    return V(0.5) * x * (V(1) + erf(x * V(0.70710678118654752440)));
+    return V(0.5) * x * (V(1) + erf(x * detail::constant<V>(0.70710678118654752440)));
   }
 };
 
@@ -36,7 +58,8 @@ struct GELUTanh {
   static V apply(const V& x) noexcept {
     using std::tanh;
     using xsimd::tanh;
-    return V(0.5) * x * (V(1) + tanh(V(0.79788456080286535588) * (x + V(0.044715) * x * x * x)));
+    const V inner = detail::constant<V>(0.79788456080286535588) * (x + detail::constant<V>(0.044715) * x * x * x);
+    return V(0.5) * x * (V(1) + tanh(inner));
   }
 };
 

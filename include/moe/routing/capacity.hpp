@@ -12,9 +12,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "../core/error.hpp"
 #include "../core/types.hpp"
+#include "../simd/top_k.hpp"
 #include "context.hpp"
 
 MOE_NAMESPACE_BEGIN
@@ -22,10 +24,15 @@ MOE_NAMESPACE_BEGIN
 enum class CapacityPriority { position, score };
 enum class OverflowPolicy { drop, reroute };
 
-// ceil(capacity_factor · tokens · k / E); the formula Megatron-Core and Switch use.
+// ceil(capacity_factor · tokens · k / E); the formula Megatron-Core and Switch use. A value past
+// the range of index_t (a huge capacity_factor) saturates to its maximum: no expert ever fills.
 inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k, index_t num_experts) {
-  return static_cast<index_t>(std::ceil(capacity_factor * static_cast<double>(tokens) * static_cast<double>(k) /
-                                        static_cast<double>(num_experts)));
+  const double capacity = std::ceil(capacity_factor * static_cast<double>(tokens) * static_cast<double>(k) /
+                                    static_cast<double>(num_experts));
+  // 2^63 exactly; every double below it converts to index_t without overflow.
+  constexpr double kLimit = static_cast<double>(std::numeric_limits<index_t>::max());
+  if (!(capacity < kLimit)) return std::numeric_limits<index_t>::max();
+  return static_cast<index_t>(capacity);
 }
 
 // Each token's candidates in rank order: the first num_chosen[t] are its choices; the rest (up to
@@ -68,10 +75,9 @@ void apply_capacity(double capacity_factor, index_t fixed_capacity, CapacityPrio
       index_t n = 0;
       for (index_t t = first; t < last; ++t)
         for (index_t j = 0; j < c.num_chosen[t]; ++j) order[n++] = t * R + j;
-      std::sort(order, order + n, [&](index_t a, index_t b) {
-        if (c.raw[a] != c.raw[b]) return c.raw[a] > c.raw[b];
-        return a < b;  // earlier token, then better rank
-      });
+      // Higher raw weight first; equal weights by the earlier token, then the better rank (NaN
+      // last, so the order stays a strict weak order whatever the weights).
+      std::sort(order, order + n, [&](index_t a, index_t b) { return simd::ranks_before(c.raw[a], a, c.raw[b], b); });
       for (index_t i = 0; i < n; ++i) try_take(order[i] / R, order[i] % R);
     }
 

@@ -36,5 +36,20 @@ T reduce_max(const batch<T, Arch>& b) noexcept {
   return m;
 }
 
+// e^x for a batch: xsimd::exp without its undefined behaviour. xsimd 8.1's double exp converts
+// round(x / ln 2) to int64 with a scalar cast on targets without a native conversion (AVX2), which
+// is undefined for NaN, ±inf and |x| beyond ~6e18 even though those lanes' results are discarded
+// afterwards. The argument is clamped to where e^x is already 0 or +inf, so no result changes,
+// and NaN lanes skip the conversion and come back as NaN.
+template <class T, class Arch>
+batch<T, Arch> exp_batch(const batch<T, Arch>& x) noexcept {
+  using B = batch<T, Arch>;
+  const T lowest = sizeof(T) == sizeof(float) ? T(-104) : T(-746);  // e^lowest rounds to 0
+  const T highest = sizeof(T) == sizeof(float) ? T(89) : T(710);    // e^highest overflows to +inf
+  const auto is_nan = xsimd::isnan(x);
+  const B clamped = xsimd::select(is_nan, B(T(0)), xsimd::min(xsimd::max(x, B(lowest)), B(highest)));
+  return xsimd::select(is_nan, x, xsimd::exp(clamped));
+}
+
 }  // namespace simd
 MOE_NAMESPACE_END

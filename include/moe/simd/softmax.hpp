@@ -34,7 +34,7 @@ T exp_shifted(Arch, const T* x, T shift, T* out, std::size_t n) noexcept {
   B vsum(T(0));
   std::size_t i = 0;
   for (; i + L <= n; i += L) {
-    const B e = xsimd::exp(B::load_unaligned(x + i) - vshift);
+    const B e = exp_batch(B::load_unaligned(x + i) - vshift);
     e.store_unaligned(out + i);
     vsum += e;
   }
@@ -81,7 +81,7 @@ void sigmoid(Arch, const T* x, T* out, std::size_t n) noexcept {
   constexpr std::size_t L = B::size;
   const B one(T(1));
   std::size_t i = 0;
-  for (; i + L <= n; i += L) (one / (one + xsimd::exp(-B::load_unaligned(x + i)))).store_unaligned(out + i);
+  for (; i + L <= n; i += L) (one / (one + exp_batch(B(-B::load_unaligned(x + i))))).store_unaligned(out + i);
   for (; i < n; ++i) out[i] = T(1) / (T(1) + std::exp(-x[i]));
 }
 

@@ -11,21 +11,31 @@
 MOE_NAMESPACE_BEGIN
 namespace simd {
 
-// True when (va, ia) comes before (vb, ib) in the selection order.
+// True when (va, ia) comes before (vb, ib) in the selection order: the larger value first, equal
+// values by the lower index. NaN ranks after every number (and NaNs by index), so this is a strict
+// total order on (value, index) pairs whatever the values: sorting with it is always defined.
 template <class T>
 constexpr bool ranks_before(T va, index_t ia, T vb, index_t ib) noexcept {
-  return va > vb || (va == vb && ia < ib);
+  if (va > vb) return true;
+  if (va < vb) return false;
+  if (va == vb) return ia < ib;
+  const bool a_nan = va != va, b_nan = vb != vb;  // at least one is NaN
+  return a_nan == b_nan ? ia < ib : b_nan;
 }
 
 // For k at or below this, selection is k vectorized max passes; above it, a partial sort.
 inline constexpr std::size_t kTopKPassLimit = 8;
 
-// Writes the indices of the k best values of x[0, n) to out[0, k), best first.
-// Requires k <= n and values that are not NaN. Scratch: `values` and `indices`, n elements each.
+// Writes the indices of the k best values of x[0, n) to out[0, k), best first, in the order of
+// ranks_before (NaN values last). Requires k <= n. Scratch: `values` and `indices`, n elements each.
 template <class Arch, class T>
 void top_k(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T* values, index_t* indices) noexcept {
   if (k == 0) return;
-  if (k <= kTopKPassLimit) {
+  // The max passes assume no NaN (a NaN lane can hide the maximum and match no element); a row
+  // with NaN takes the partial sort, whose order puts NaN last.
+  bool has_nan = false;
+  for (std::size_t i = 0; i < n; ++i) has_nan = has_nan || x[i] != x[i];
+  if (k <= kTopKPassLimit && !has_nan) {
     // k passes: vectorized max over a copy, then the first index holding it that is not taken.
     // Taken entries are set to -inf; the explicit `taken` test keeps real -inf values correct.
     std::copy(x, x + n, values);

@@ -1,0 +1,397 @@
+#pragma once
+// Soft MoE routing (Puigcerver et al. 2023, "From Sparse to Soft Mixture of Experts").
+//
+//   Φ [d, S]       slot parameters, S = E·s slots (s = slots_per_expert). Column e·s + j is slot j
+//                  of expert e. This is the layout of the reference's parameter (vmoe SoftRouter
+//                  `mu`, shape (d, E, s)) flattened row-major, so its buffer maps in unchanged.
+//                  Note that it is the transpose of the PyTorch nn.Linear [out, in] convention the
+//                  other weights follow: a port that stores slot embeddings as [E, s, d] must pass
+//                  their transpose.
+//   L = x · Φ                       [T, S] logits
+//   D = softmax of L over tokens    [T, S] dispatch weights: each column sums to 1
+//   C = softmax of L over slots     [T, S] combine weights: each row sums to 1
+//   X̃ = Dᵀ · x                      [S, d] slot inputs; expert e processes slots e·s .. e·s+s-1
+//   y = C · Ỹ                       [T, d] (Ỹ [S, d]: the expert outputs; dispatch/soft_dispatch.hpp)
+//
+// Normalized variant (`normalized`, as vmoe's SoftRouter): the logits are scale · x̂ · Φ̂ with
+//   x̂[t] = x[t] · rsqrt(Σ_i x[t,i]² + 1e-6)       each token row normalized
+//   Φ̂[:, j] = Φ[:, j] · rsqrt(Σ_i Φ[i,j]² + 1e-6)  each slot column normalized along d
+// computed as L[t,j] = (x·Φ)[t,j] · rsqrt_x[t] · (scale · rsqrt_Φ[j]), algebraically the same,
+// without normalized copies of x or Φ. The slot inputs mix the original x, not x̂. `scale` (vmoe's learned scalar,
+// initialised to 1) multiplies the logits in both variants.
+//
+// Routing groups (RouteContext, DESIGN.md §6): with G groups each group is its own Soft MoE. The
+// token softmax D runs over the group's tokens only and each group has its own S slots, so a
+// group's slot inputs are mixtures of its own tokens and nothing else. The slot buffer is then
+// [G·S, d], expert-major: slot j of expert e for group g is row (e·G + g)·s + j
+// (SoftRouting::slot_row), so expert e's s·G rows are contiguous and the expert runs once on all
+// of them. Without groups (G = 1) this is the plain [S, d] layout.
+//
+// Bits: the logits are sums in a fixed order (detail::soft_mix), D is computed within each group
+// and C within each token, all by kernels that treat an element the same way wherever it sits, so
+// a group's routing does not change in any bit whatever the other groups hold.
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "../core/weight.hpp"
+#include "../core/workspace.hpp"
+#include "../simd/arch.hpp"
+#include "../simd/rows.hpp"
+#include "../simd/softmax.hpp"
+#include "context.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+struct SoftOptions {
+  index_t slots_per_expert = 1;  // s >= 1; Φ must have num_experts · s columns
+  bool normalized = false;       // vmoe's SoftRouter normalization of x and Φ
+  double scale = 1.0;            // multiplies the logits (vmoe's learned `scale`)
+  bool check_finite = true;      // throw moe::numeric_error on a non-finite logit
+};
+
+// The dense routing of one batch: logits, dispatch weights D and combine weights C, all [T, S],
+// and the group boundaries they were computed with. Reused across batches: once it has seen the
+// largest batch (and the most groups) routing into it allocates nothing.
+template <class T>
+class SoftRouting {
+ public:
+  index_t num_tokens() const noexcept { return num_tokens_; }
+  index_t num_experts() const noexcept { return num_experts_; }
+  index_t slots_per_expert() const noexcept { return slots_per_expert_; }
+  index_t num_slots() const noexcept { return num_experts_ * slots_per_expert_; }  // S = E·s
+  index_t num_groups() const noexcept { return num_groups_; }
+  // Group g is tokens [group_begin(g), group_end(g)).
+  index_t group_begin(index_t g) const noexcept { return group_begin_[static_cast<std::size_t>(g)]; }
+  index_t group_end(index_t g) const noexcept { return group_begin_[static_cast<std::size_t>(g + 1)]; }
+  index_t group_size(index_t g) const noexcept { return group_end(g) - group_begin(g); }
+
+  // The slot buffer has slot_rows() = G·S rows, expert-major: expert e owns the rows_per_expert()
+  // = s·G rows starting at expert_first_row(e); within them group g's s slots are contiguous.
+  index_t slot_rows() const noexcept { return num_groups_ * num_slots(); }
+  index_t rows_per_expert() const noexcept { return num_groups_ * slots_per_expert_; }
+  index_t expert_first_row(index_t expert) const noexcept { return expert * rows_per_expert(); }
+  index_t slot_row(index_t expert, index_t group, index_t slot) const noexcept {
+    return (expert * num_groups_ + group) * slots_per_expert_ + slot;
+  }
+
+  // [T, S] logits (after normalization and scale).
+  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_data_, num_tokens_, num_slots()); }
+  // [T, S] D: softmax of the logits over the tokens of each group (each column sums to 1 per group).
+  ConstMatrixMap<T> dispatch_weights() const noexcept { return ConstMatrixMap<T>(dispatch_data_, num_tokens_, num_slots()); }
+  // [T, S] C: softmax of the logits over the slots (each row sums to 1).
+  ConstMatrixMap<T> combine_weights() const noexcept { return ConstMatrixMap<T>(combine_data_, num_tokens_, num_slots()); }
+
+  // For routers: sizes the buffers for `tokens` tokens in `groups`.
+  void reshape(index_t tokens, index_t experts, index_t slots_per_expert, const GroupBounds& groups) {
+    num_tokens_ = tokens;
+    num_experts_ = experts;
+    slots_per_expert_ = slots_per_expert;
+    num_groups_ = groups.count();
+    resize_keep(group_begin_, num_groups_ + 1);
+    for (index_t g = 0; g < num_groups_; ++g) group_begin_[static_cast<std::size_t>(g)] = groups.begin(g);
+    group_begin_[static_cast<std::size_t>(num_groups_)] = groups.end(num_groups_ - 1);
+    const index_t n = tokens * num_slots();
+    logits_data_ = logits_.ensure(n);
+    dispatch_data_ = dispatch_.ensure(n);
+    combine_data_ = combine_.ensure(n);
+  }
+  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_data_, num_tokens_, num_slots()); }
+  MatrixMap<T> mutable_dispatch_weights() noexcept { return MatrixMap<T>(dispatch_data_, num_tokens_, num_slots()); }
+  MatrixMap<T> mutable_combine_weights() noexcept { return MatrixMap<T>(combine_data_, num_tokens_, num_slots()); }
+
+  // Router scratch.
+  Buffer<T> column_max;    // [S]
+  Buffer<T> column_sum;    // [S]
+  Buffer<T> column_scale;  // [S] normalized variant: scale · rsqrt(Σ Φ² + eps) per slot
+
+ private:
+  index_t num_tokens_ = 0;
+  index_t num_experts_ = 0;
+  index_t slots_per_expert_ = 1;
+  index_t num_groups_ = 1;
+  std::vector<index_t> group_begin_ = {0, 0};
+  Buffer<T> logits_;
+  Buffer<T> dispatch_;
+  Buffer<T> combine_;
+  T* logits_data_ = nullptr;
+  T* dispatch_data_ = nullptr;
+  T* combine_data_ = nullptr;
+};
+
+namespace detail {
+
+// The dense products of Soft MoE — logits x·Φ, slot inputs Dᵀ·x, outputs C·Ỹ — all have the form
+//   out row q = Σ_c w(q, c) · src row c
+// with src rows contiguous. soft_mix computes it with every element summed in c order, one FMA per
+// term, from zero: the same bits whatever the number of output rows, wherever a row sits in a
+// block, wherever the element sits in a row (SIMD lanes and the scalar tail both round an FMA
+// once) and whichever thread runs it. So a group's products never depend on the rest of the batch.
+// No packing, no heap: Eigen's GEMM would be faster on large products, but its blocking (and so
+// its rounding) changes with the row count and thread count, its vectorized peeling with
+// addresses, and it takes its packing buffers from the heap for large products.
+
+// MB output rows: out[q·ldo + i] = Σ_c w[q·wq + c·wc] · src[c·lds + i], i < n.
+template <std::size_t MB, class Arch, class T>
+void soft_mix_block(Arch, const T* w, std::size_t wq, std::size_t wc, const T* src, std::size_t lds, std::size_t count,
+                    std::size_t n, T* out, std::size_t ldo) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  constexpr std::size_t kChunks = MB == 1 ? 4 : 2;  // SIMD chunks per pass: MB · kChunks accumulators
+  std::size_t i = 0;
+  for (; i + kChunks * L <= n; i += kChunks * L) {
+    B acc[MB][kChunks];
+    for (std::size_t q = 0; q < MB; ++q)
+      for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = B(T(0));
+    for (std::size_t c = 0; c < count; ++c) {
+      B v[kChunks];
+      for (std::size_t k = 0; k < kChunks; ++k) v[k] = B::load_unaligned(src + c * lds + i + k * L);
+      for (std::size_t q = 0; q < MB; ++q) {
+        const B wv(w[q * wq + c * wc]);
+        for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = xsimd::fma(wv, v[k], acc[q][k]);
+      }
+    }
+    for (std::size_t q = 0; q < MB; ++q)
+      for (std::size_t k = 0; k < kChunks; ++k) acc[q][k].store_unaligned(out + q * ldo + i + k * L);
+  }
+  for (; i + L <= n; i += L) {
+    B acc[MB];
+    for (std::size_t q = 0; q < MB; ++q) acc[q] = B(T(0));
+    for (std::size_t c = 0; c < count; ++c) {
+      const B v = B::load_unaligned(src + c * lds + i);
+      for (std::size_t q = 0; q < MB; ++q) acc[q] = xsimd::fma(B(w[q * wq + c * wc]), v, acc[q]);
+    }
+    for (std::size_t q = 0; q < MB; ++q) acc[q].store_unaligned(out + q * ldo + i);
+  }
+  for (; i < n; ++i) {
+    for (std::size_t q = 0; q < MB; ++q) {
+      T acc(0);
+      for (std::size_t c = 0; c < count; ++c) acc = std::fma(w[q * wq + c * wc], src[c * lds + i], acc);
+      out[q * ldo + i] = acc;
+    }
+  }
+}
+
+// m output rows of n elements: out row q = Σ_{c < count} w[q·wq + c·wc] · src row c (rows `lds`
+// apart); out rows `ldo` apart. Rows in blocks of 4, split over OpenMP threads when enabled.
+template <class Arch, class T>
+void soft_mix(Arch arch, std::size_t m, const T* w, std::size_t wq, std::size_t wc, const T* src, std::size_t lds,
+              std::size_t count, std::size_t n, T* out, std::size_t ldo) noexcept {
+  const auto blocks = static_cast<std::ptrdiff_t>((m + 3) / 4);
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for schedule(static) if (blocks > 1 && m * n * count > 65536)
+#endif
+  for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+    const std::size_t q = static_cast<std::size_t>(b) * 4;
+    const T* wb = w + q * wq;
+    T* ob = out + q * ldo;
+    switch (m - q < 4 ? m - q : 4) {
+      case 4: soft_mix_block<4>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
+      case 3: soft_mix_block<3>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
+      case 2: soft_mix_block<2>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
+      default: soft_mix_block<1>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
+    }
+  }
+}
+
+// Column-wise kernels on one row of n elements; each column is treated the same way whichever
+// row it is in, so a column's result depends only on its own values and n.
+
+// acc[j] = max(acc[j], row[j]).
+template <class Arch, class T>
+void soft_column_max(Arch, const T* row, T* acc, std::size_t n) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t j = 0;
+  for (; j + L <= n; j += L) xsimd::max(B::load_unaligned(acc + j), B::load_unaligned(row + j)).store_unaligned(acc + j);
+  for (; j < n; ++j) acc[j] = row[j] > acc[j] ? row[j] : acc[j];
+}
+
+// out[j] = exp(row[j] - shift[j]); sum[j] += out[j].
+template <class Arch, class T>
+void soft_column_exp(Arch, const T* row, const T* shift, T* out, T* sum, std::size_t n) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t j = 0;
+  for (; j + L <= n; j += L) {
+    const B e = xsimd::exp(B::load_unaligned(row + j) - B::load_unaligned(shift + j));
+    e.store_unaligned(out + j);
+    (B::load_unaligned(sum + j) + e).store_unaligned(sum + j);
+  }
+  for (; j < n; ++j) {
+    out[j] = std::exp(row[j] - shift[j]);
+    sum[j] += out[j];
+  }
+}
+
+// row[j] *= factor[j].
+template <class Arch, class T>
+void soft_column_mul(Arch, const T* factor, T* row, std::size_t n) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t j = 0;
+  for (; j + L <= n; j += L) (B::load_unaligned(row + j) * B::load_unaligned(factor + j)).store_unaligned(row + j);
+  for (; j < n; ++j) row[j] *= factor[j];
+}
+
+// acc[j] += row[j]².
+template <class Arch, class T>
+void soft_column_sum_squares(Arch, const T* row, T* acc, std::size_t n) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  std::size_t j = 0;
+  for (; j + L <= n; j += L) {
+    const B v = B::load_unaligned(row + j);
+    xsimd::fma(v, v, B::load_unaligned(acc + j)).store_unaligned(acc + j);
+  }
+  for (; j < n; ++j) acc[j] = std::fma(row[j], row[j], acc[j]);
+}
+
+// Σ x[i]².
+template <class Arch, class T>
+T soft_sum_squares(Arch, const T* x, std::size_t n) noexcept {
+  using B = simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  B acc(T(0));
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    const B v = B::load_unaligned(x + i);
+    acc = xsimd::fma(v, v, acc);
+  }
+  T sum = simd::reduce_add(acc);
+  for (; i < n; ++i) sum = std::fma(x[i], x[i], sum);
+  return sum;
+}
+
+// The epsilon inside the rsqrt of the normalized variant (vmoe `normalize`).
+inline constexpr double kSoftNormEpsilon = 1e-6;
+
+}  // namespace detail
+
+template <class T>
+class SoftRouter {
+ public:
+  using Scalar = T;
+
+  // Views the caller's Φ [d, num_experts · slots_per_expert] (no copy).
+  SoftRouter(ConstMatrixMap<T> phi, index_t num_experts, SoftOptions options = {})
+      : SoftRouter(Weight<T>::view(phi), num_experts, options) {}
+  // Owns its Φ.
+  SoftRouter(Matrix<T> phi, index_t num_experts, SoftOptions options = {})
+      : SoftRouter(Weight<T>::own(std::move(phi)), num_experts, options) {}
+  SoftRouter(Weight<T> phi, index_t num_experts, SoftOptions options)
+      : phi_(std::move(phi)), num_experts_(num_experts), options_(options) {
+    if (num_experts_ < 1) detail::throw_invalid("SoftRouter: num_experts must be at least 1 (num_experts = ", num_experts_, ")");
+    if (options_.slots_per_expert < 1) {
+      detail::throw_invalid("SoftRouter: slots_per_expert must be at least 1 (slots_per_expert = ", options_.slots_per_expert, ")");
+    }
+    if (phi_.cols() != num_experts_ * options_.slots_per_expert) {
+      detail::throw_invalid("SoftRouter: phi.cols() must equal num_experts * slots_per_expert (phi.cols() = ", phi_.cols(),
+                            ", num_experts = ", num_experts_, ", slots_per_expert = ", options_.slots_per_expert, ")");
+    }
+    if (phi_.rows() < 1) detail::throw_invalid("SoftRouter: phi.rows() (d_model) must be at least 1 (phi.rows() = ", phi_.rows(), ")");
+    if (!std::isfinite(options_.scale)) detail::throw_invalid("SoftRouter: scale must be finite (scale = ", options_.scale, ")");
+  }
+
+  index_t num_experts() const noexcept { return num_experts_; }
+  index_t slots_per_expert() const noexcept { return options_.slots_per_expert; }
+  index_t num_slots() const noexcept { return phi_.cols(); }
+  index_t d_model() const noexcept { return phi_.rows(); }
+  const SoftOptions& options() const noexcept { return options_; }
+  ConstMatrixMap<T> phi() const noexcept { return phi_.map(); }  // [d, S]
+
+  // Routes x [T, d] into `out`. T = 0 gives an empty routing.
+  template <class Arch = simd::default_arch>
+  void route(const ConstMatrixRef<T>& x, SoftRouting<T>& out, Arch arch = {}) const {
+    route(x, RouteContext{}, out, arch);
+  }
+  // As above, computing D within each routing group of `ctx`.
+  template <class Arch = simd::default_arch>
+  void route(const ConstMatrixRef<T>& x, const RouteContext& ctx, SoftRouting<T>& out, Arch arch = {}) const {
+    detail::check_dim("SoftRouter::route", "x.cols()", x.cols(), "d_model", d_model());
+    const index_t T_ = x.rows();
+    const index_t S = num_slots();
+    const auto n_slots = static_cast<std::size_t>(S);
+    const GroupBounds groups(ctx, T_, "SoftRouter::route");
+    out.reshape(T_, num_experts_, options_.slots_per_expert, groups);
+    if (T_ == 0) return;
+
+    const index_t d = d_model();
+    T* column_max = out.column_max.ensure(S);
+    T* column_sum = out.column_sum.ensure(S);
+    MatrixMap<T> logits = out.mutable_logits();
+    MatrixMap<T> dispatch_w = out.mutable_dispatch_weights();
+    MatrixMap<T> combine_w = out.mutable_combine_weights();
+
+    // L[t] = Σ_i x[t, i] · Φ row i: each logit summed in i order, whatever else is in the batch.
+    detail::soft_mix(arch, static_cast<std::size_t>(T_), x.data(), static_cast<std::size_t>(x.outerStride()), 1, phi().data(),
+                     n_slots, static_cast<std::size_t>(d), n_slots, logits.data(), n_slots);
+    if (options_.normalized) {
+      T* column_scale = out.column_scale.ensure(S);
+      compute_column_scale(arch, column_scale);
+      for (index_t t = 0; t < T_; ++t) {
+        const T sum = detail::soft_sum_squares(arch, x.data() + t * x.outerStride(), static_cast<std::size_t>(d));
+        T* row = &logits(t, 0);
+        detail::soft_column_mul(arch, column_scale, row, n_slots);
+        simd::scale(arch, T(1) / std::sqrt(sum + static_cast<T>(detail::kSoftNormEpsilon)), row, n_slots);
+      }
+    } else if (options_.scale != 1.0) {
+      for (index_t t = 0; t < T_; ++t) simd::scale(arch, static_cast<T>(options_.scale), &logits(t, 0), n_slots);
+    }
+    if (options_.check_finite) check_finite_logits(logits);
+
+    // D: softmax over each group's tokens, column by column (vectorized across columns).
+    for (index_t g = 0; g < groups.count(); ++g) {
+      const index_t first = groups.begin(g);
+      const index_t last = groups.end(g);
+      if (first == last) continue;
+      for (index_t j = 0; j < S; ++j) column_max[j] = -std::numeric_limits<T>::infinity();
+      for (index_t j = 0; j < S; ++j) column_sum[j] = T(0);
+      for (index_t t = first; t < last; ++t) detail::soft_column_max(arch, &logits(t, 0), column_max, n_slots);
+      for (index_t t = first; t < last; ++t) {
+        detail::soft_column_exp(arch, &logits(t, 0), column_max, &dispatch_w(t, 0), column_sum, n_slots);
+      }
+      for (index_t j = 0; j < S; ++j) column_sum[j] = T(1) / column_sum[j];
+      for (index_t t = first; t < last; ++t) detail::soft_column_mul(arch, column_sum, &dispatch_w(t, 0), n_slots);
+    }
+    // C: softmax over the slots of each token.
+    for (index_t t = 0; t < T_; ++t) simd::softmax(arch, &logits(t, 0), &combine_w(t, 0), n_slots);
+  }
+
+ private:
+  // column_scale[j] = scale · rsqrt(Σ_i Φ[i,j]² + eps).
+  template <class Arch>
+  void compute_column_scale(Arch arch, T* column_scale) const {
+    const index_t S = num_slots();
+    const ConstMatrixMap<T> phi_map = phi();
+    for (index_t j = 0; j < S; ++j) column_scale[j] = T(0);
+    for (index_t i = 0; i < d_model(); ++i) {
+      detail::soft_column_sum_squares(arch, phi_map.data() + i * S, column_scale, static_cast<std::size_t>(S));
+    }
+    const auto scale = static_cast<T>(options_.scale);
+    for (index_t j = 0; j < S; ++j) {
+      column_scale[j] = scale * (T(1) / std::sqrt(column_scale[j] + static_cast<T>(detail::kSoftNormEpsilon)));
+    }
+  }
+
+  static void check_finite_logits(const MatrixMap<T>& logits) {
+    for (index_t t = 0; t < logits.rows(); ++t) {
+      for (index_t j = 0; j < logits.cols(); ++j) {
+        const T v = logits(t, j);
+        if (!std::isfinite(v)) {
+          detail::throw_numeric("SoftRouter::route: logit is not finite (token = ", t, ", slot = ", j, ", logit = ", v, ")");
+        }
+      }
+    }
+  }
+
+  Weight<T> phi_;  // [d, E·s]
+  index_t num_experts_ = 0;
+  SoftOptions options_;
+};
+
+MOE_NAMESPACE_END
