@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -96,8 +97,17 @@ void check_routing(const moe::SoftRouter<T>& router, const moe::ConstMatrixRef<T
       const double f = row_scale * col_scale[sz(j)];
       const double expected = dot * f;
       if (!std::isfinite(expected) || !std::isfinite(magnitude * std::fabs(f))) continue;
-      MOE_FUZZ_CHECK(std::fabs(static_cast<double>(L(t, j)) - expected) <=
-                     tol * (magnitude * std::fabs(f) + std::fabs(expected)) + 1e-30);
+      // Rounding relative to the terms' magnitudes, plus the absolute error of denormal products.
+      const double denormal_error = static_cast<double>(d) * static_cast<double>(std::numeric_limits<T>::denorm_min()) * std::fabs(f);
+      if (!(std::fabs(static_cast<double>(L(t, j)) - expected) <=
+            tol * (magnitude * std::fabs(f) + std::fabs(expected)) + denormal_error + 1e-30)) {
+        std::fprintf(stderr, "logit (%td, %td) = %a, reference %a; x row:", t, j, static_cast<double>(L(t, j)), expected);
+        for (index_t i = 0; i < d; ++i) std::fprintf(stderr, " %a", static_cast<double>(x(t, i)));
+        std::fprintf(stderr, "; phi column:");
+        for (index_t i = 0; i < d; ++i) std::fprintf(stderr, " %a", static_cast<double>(phi(i, j)));
+        std::fprintf(stderr, "\n");
+        fail(__FILE__, __LINE__, "logit differs from the double reference");
+      }
     }
   }
 

@@ -40,11 +40,8 @@ using namespace moe_fuzz;
 //  - top_k.hpp rank_candidates, after_top_k: the softmax over the chosen logits is shifted by the
 //    logit of the first-ranked expert, which with a selection bias need not be the largest, so
 //    exp overflows and the weights are inf/inf = NaN (logits 100 apart suffice in float).
-// The last two are detected per token by the reference (token_issue below).
-template <class T>
-bool known_issue(const TopKOptions& o) {
-  return kSkipKnownIssues && o.top_p > 0 && static_cast<T>(o.top_p) == T(0);
-}
+// The first is top_p_underflows (top_k_options.hpp); the other two are detected per token by the
+// reference (token_issue below).
 
 bool capped(const TopKOptions& o) { return o.capacity_factor > 0 || o.fixed_capacity > 0; }
 
@@ -54,8 +51,10 @@ double capacity_of(const TopKOptions& o, index_t n, index_t E) {
   return std::ceil(o.capacity_factor * static_cast<double>(n) * static_cast<double>(o.k) / static_cast<double>(E));
 }
 
+// The selection order: larger value first, equal values by the lower index, NaN after every number.
 template <class T>
 bool before(T va, index_t ia, T vb, index_t ib) {
+  if (std::isnan(va) || std::isnan(vb)) return std::isnan(va) == std::isnan(vb) ? ia < ib : std::isnan(vb);
   return va > vb || (va == vb && ia < ib);
 }
 
@@ -149,8 +148,8 @@ void reference_capacity(const TopKOptions& o, index_t E, index_t first, index_t 
     std::vector<Entry> order;
     for (index_t t = first; t < last; ++t)
       for (index_t j = 0; j < cand[sz(t)].num_chosen; ++j) order.push_back({t, j});
-    std::stable_sort(order.begin(), order.end(), [&](const Entry& a, const Entry& b) {
-      return cand[sz(a.t)].raw[sz(a.j)] > cand[sz(b.t)].raw[sz(b.j)];  // ties: earlier token, better rank
+    std::sort(order.begin(), order.end(), [&](const Entry& a, const Entry& b) {  // ties: earlier token, better rank
+      return before(cand[sz(a.t)].raw[sz(a.j)], a.t * E + a.j, cand[sz(b.t)].raw[sz(b.j)], b.t * E + b.j);
     });
     for (const Entry& en : order) take(en.t, en.j);
   }
@@ -347,7 +346,7 @@ void run(FuzzedDataProvider& fdp) {
     return;
   }
   MOE_FUZZ_CHECK(valid);
-  if (known_issue<T>(o)) return;
+  if (top_p_underflows<T>(o)) return;
 
   // --- invariants ---------------------------------------------------------------------------
   const moe::Routing<T>& plan = out.plan;

@@ -17,8 +17,8 @@
 //   x̂[t] = x[t] · rsqrt(Σ_i x[t,i]² + 1e-6)       each token row normalized
 //   Φ̂[:, j] = Φ[:, j] · rsqrt(Σ_i Φ[i,j]² + 1e-6)  each slot column normalized along d
 // computed as L[t,j] = (x·Φ)[t,j] · rsqrt_x[t] · (scale · rsqrt_Φ[j]), algebraically the same,
-// without normalized copies of x or Φ. The slot inputs mix the original x, not x̂. `scale` (vmoe's learned scalar,
-// initialised to 1) multiplies the logits in both variants.
+// without normalized copies of x or Φ. The slot inputs mix the original x, not x̂. `scale`
+// (vmoe's learned scalar, initialised to 1) multiplies the logits in both variants.
 //
 // Routing groups (RouteContext, DESIGN.md §6): with G groups each group is its own Soft MoE. The
 // token softmax D runs over the group's tokens only and each group has its own S slots, so a
