@@ -194,6 +194,18 @@ inline double stable_sigmoid(double z) noexcept {
   return e / (1.0 + e);
 }
 
+// Throws moe::numeric_error on the first non-finite logit of rows [begin, end). The losses call
+// it before writing any gradient row, so grad is untouched when they throw.
+template <class T>
+void check_finite_logits(const char* where, const ConstMatrixRef<T>& logits, index_t begin, index_t end) {
+  for (index_t t = begin; t < end; ++t) {
+    for (index_t e = 0; e < logits.cols(); ++e) {
+      const double z = static_cast<double>(logits(t, e));
+      if (!std::isfinite(z)) throw_numeric(where, ": logit is not finite (token = ", t, ", expert = ", e, ", logit = ", z, ")");
+    }
+  }
+}
+
 // For tokens [begin, end): returns Σ_t Σ_i w_i p_ti and writes ∂/∂z of it into grad's rows.
 // `row` is [E] scratch.
 template <class T>
@@ -244,6 +256,7 @@ T batch_balance_loss(const char* where, const ConstMatrixRef<T>& logits, const C
                      const AuxLossOptions& o) {
   const index_t Tn = logits.rows(), E = logits.cols();
   if (Tn == 0) return T(0);
+  check_finite_logits(where, logits, 0, Tn);
   std::vector<index_t> counts(static_cast<std::size_t>(E), 0);
   count_choices(choices, 0, Tn, counts.data());
   std::vector<double> w, row;
@@ -274,6 +287,7 @@ T sequence_balance_loss(const char* where, const ConstMatrixRef<T>& logits, cons
   index_t non_empty = 0;
   for (index_t q = 0; q < s.num_sequences; ++q) non_empty += s.begin[q + 1] > s.begin[q] ? 1 : 0;
   if (non_empty == 0) return T(0);
+  check_finite_logits(where, logits, 0, logits.rows());
   std::vector<index_t> counts(static_cast<std::size_t>(E));
   std::vector<double> w, row;
   AuxLossOptions per_sequence = o;
@@ -295,6 +309,7 @@ T router_z_loss_impl(const ConstMatrixRef<T>& logits, MatrixRef<T> grad, double 
   const char* where = "router_z_loss";
   const index_t Tn = logits.rows(), E = logits.cols();
   if (Tn == 0) return T(0);
+  check_finite_logits(where, logits, 0, Tn);
   double total = 0;
   const double scale = 2.0 * coefficient / static_cast<double>(Tn);
   for (index_t t = 0; t < Tn; ++t) {
@@ -499,6 +514,7 @@ typename L::Scalar global_load_balancing_loss(const Eigen::MatrixBase<L>& logits
     detail::throw_invalid(where, ": the accumulator holds no tokens; add this micro-batch's choices first (load.tokens() = 0, tokens = ",
                           Tn, ")");
   }
+  detail::check_finite_logits(where, z, 0, Tn);
   std::vector<double> w, row;
   detail::balance_weights(load.counts().data(), z.cols(), static_cast<double>(load.tokens()), load.k(), Tn, options, w);
   return static_cast<T>(detail::linear_score_loss(where, z, 0, Tn, w.data(), options.score, g, row));

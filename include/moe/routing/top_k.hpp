@@ -154,6 +154,9 @@ class TopKRouter {
                 const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight) const {
     const index_t T_ = x.rows(), E = num_experts();
     detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
+    detail::check_dim("TopKRouter::backward", "x.cols()", x.cols(), "d_model", d_model());
+    detail::check_dim("TopKRouter::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
+    detail::check_dim("TopKRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
     detail::check_dim("TopKRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
     Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]

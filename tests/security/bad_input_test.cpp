@@ -1,0 +1,680 @@
+// The bad-input matrix: one test per documented error of the public API (soft routing's are in
+// tests/routing/soft_test.cpp). Each asserts the moe:: exception type, that the message starts
+// with "moe::" and names the parameter and its values, and that the output buffer the call was
+// given holds the same bits after the throw.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Adapts a string matcher (Catch::Contains(...) && ...) to the exception: what() starts with
+// "moe::" and matches.
+template <class StringMatcher>
+class WhatMatches : public Catch::MatcherBase<std::exception> {
+ public:
+  explicit WhatMatches(StringMatcher m) : m_(std::move(m)) {}
+  bool match(const std::exception& e) const override {
+    const std::string what = e.what();
+    return what.rfind("moe::", 0) == 0 && m_.match(what);
+  }
+  std::string describe() const override { return "has a message starting with \"moe::\" that " + m_.describe(); }
+
+ private:
+  StringMatcher m_;
+};
+template <class StringMatcher>
+WhatMatches<StringMatcher> what(StringMatcher m) {
+  return WhatMatches<StringMatcher>(std::move(m));
+}
+using Catch::Contains;
+
+// Requires `expr` to throw `type` whose message matches, and `out` to hold the same bits after.
+#define REQUIRE_REJECTS(expr, type, matcher, out)               \
+  do {                                                          \
+    const auto before_ = (out);                                 \
+    REQUIRE_THROWS_MATCHES(expr, type, what(matcher));          \
+    REQUIRE(same_bits(before_, (out)));                         \
+  } while (false)
+// For constructors and setters: no output buffer.
+#define REQUIRE_REJECTS_ARG(expr, type, matcher) REQUIRE_THROWS_MATCHES(expr, type, what(matcher))
+
+// Bitwise equality (NaN == NaN) of two dense matrices, vectors or plans.
+template <class M>
+bool same_bits(const M& a, const M& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  return std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
+}
+template <class T>
+bool same_bits(const moe::Routing<T>& a, const moe::Routing<T>& b) {
+  return a.num_tokens == b.num_tokens && a.num_experts == b.num_experts && a.expert_begin == b.expert_begin &&
+         a.token == b.token && a.weight == b.weight && a.token_begin == b.token_begin && a.assignment == b.assignment &&
+         a.dropped == b.dropped && a.rerouted == b.rerouted;
+}
+
+constexpr index_t kD = 8, kFF = 6, kE = 4, kT = 5;
+
+moe::Matrix<float> gate() { return random_matrix<float>(kE, kD, 1); }
+moe::Matrix<float> tokens(index_t rows = kT) { return random_matrix<float>(rows, kD, 2); }
+
+std::vector<moe::SwiGLU<float>> experts(index_t n = kE, index_t d = kD) {
+  std::vector<moe::SwiGLU<float>> out;
+  for (index_t e = 0; e < n; ++e) {
+    const auto s = 10 + 3 * static_cast<std::uint32_t>(e);
+    out.emplace_back(random_matrix<float>(kFF, d, s, 0.3), random_matrix<float>(kFF, d, s + 1, 0.3), random_matrix<float>(d, kFF, s + 2, 0.3));
+  }
+  return out;
+}
+
+moe::TopKOptions top2() {
+  moe::TopKOptions o;
+  o.k = 2;
+  return o;
+}
+
+// A plan routed by a warm router, so "unchanged" is checked against real content.
+moe::RouterOutput<float> routed() {
+  moe::RouterOutput<float> out;
+  moe::TopKRouter<float>(gate(), top2()).route(tokens(), out);
+  return out;
+}
+
+moe::Matrix<float> sentinel(index_t rows, index_t cols) { return moe::Matrix<float>::Constant(rows, cols, 7.25f); }
+
+}  // namespace
+
+// --- core ---------------------------------------------------------------------------------------
+
+TEST_CASE("Weight::view: negative shape", "[errors][core]") {
+  const float data[4] = {};
+  REQUIRE_REJECTS_ARG(moe::Weight<float>::view(data, -1, 4), moe::invalid_argument, Contains("rows = -1") && Contains("cols = 4"));
+}
+
+TEST_CASE("Weight::view: null data for a non-empty weight", "[errors][core]") {
+  REQUIRE_REJECTS_ARG(moe::Weight<float>::view(nullptr, 2, 3), moe::invalid_argument, Contains("data is null") && Contains("2x3"));
+  REQUIRE_NOTHROW(moe::Weight<float>::view(nullptr, 0, 3));
+}
+
+TEST_CASE("RouteContext::with_groups: no boundaries", "[errors][groups]") {
+  REQUIRE_REJECTS_ARG(moe::RouteContext::with_groups({}), moe::invalid_argument, Contains("boundaries must hold at least one"));
+}
+
+// --- routing groups (the same GroupBounds check in every router; each router is named) --------
+
+TEST_CASE("Routing groups: num_groups < 1", "[errors][groups]") {
+  const moe::TopKRouter<float> router(gate(), top2());
+  moe::RouterOutput<float> out = routed();
+  const index_t b[1] = {0};
+  moe::RouteContext ctx;
+  ctx.group_begin = b;
+  ctx.num_groups = 0;
+  REQUIRE_REJECTS(router.route(tokens(), ctx, out), moe::invalid_argument,
+                  Contains("TopKRouter::route") && Contains("num_groups = 0"), out.plan);
+}
+
+TEST_CASE("Routing groups: first boundary not 0", "[errors][groups]") {
+  const moe::ExpertChoiceRouter<float> router(gate(), {1.0, true});
+  moe::RouterOutput<float> out = routed();
+  REQUIRE_REJECTS(router.route(tokens(), moe::RouteContext::with_groups({1, kT}), out), moe::invalid_argument,
+                  Contains("ExpertChoiceRouter::route") && Contains("group_begin[0] = 1"), out.plan);
+}
+
+TEST_CASE("Routing groups: decreasing boundaries", "[errors][groups]") {
+  const moe::TopKRouter<float> router(gate(), top2());
+  moe::RouterOutput<float> out = routed();
+  REQUIRE_REJECTS(router.route(tokens(), moe::RouteContext::with_groups({0, 4, 2, kT}), out), moe::invalid_argument,
+                  Contains("must not decrease") && Contains("group_begin[1] = 4") && Contains("group_begin[2] = 2"), out.plan);
+}
+
+TEST_CASE("Routing groups: boundaries that do not cover the batch", "[errors][groups]") {
+  const moe::HashRouter<float> router(kE, kD, {1, 3});
+  moe::RouterOutput<float> out = routed();
+  const std::vector<std::int64_t> ids(kT, 7);
+  const std::vector<index_t> bounds = {0, 2, 4};  // with_groups keeps a pointer: keep them alive
+  moe::RouteContext ctx = moe::RouteContext::with_groups(bounds);
+  ctx.token_ids = ids.data();
+  REQUIRE_REJECTS(router.route(tokens(), ctx, out), moe::invalid_argument,
+                  Contains("HashRouter::route") && Contains("group_begin[num_groups] = 4") && Contains("tokens = 5"), out.plan);
+}
+
+TEST_CASE("MoELayer::forward: invalid groups leave y untouched", "[errors][groups][layer]") {
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.forward(tokens(), moe::RouteContext::with_groups({0, 3}), y, ws), moe::invalid_argument,
+                  Contains("group_begin[num_groups] = 3") && Contains("tokens = 5"), y);
+}
+
+// --- TopKRouter ---------------------------------------------------------------------------------
+
+TEST_CASE("TopKRouter: no experts", "[errors][top_k]") {
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(moe::Matrix<float>(0, kD), {}), moe::invalid_argument, Contains("num_experts = 0"));
+}
+
+TEST_CASE("TopKRouter: k outside [1, num_experts]", "[errors][top_k]") {
+  for (const index_t k : {index_t(0), index_t(-1), kE + 1}) {
+    moe::TopKOptions o;
+    o.k = k;
+    CAPTURE(k);
+    REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                        Contains("k = " + std::to_string(k)) && Contains("num_experts = 4"));
+  }
+}
+
+TEST_CASE("TopKRouter: scale not finite", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.scale = std::numeric_limits<double>::infinity();
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("scale = inf"));
+}
+
+TEST_CASE("TopKRouter: after_top_k softmax with sigmoid scores", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.score = moe::ScoreFunction::sigmoid;
+  o.softmax_placement = moe::SoftmaxPlacement::after_top_k;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                      Contains("softmax_placement = after_top_k") && Contains("score = sigmoid"));
+}
+
+TEST_CASE("TopKRouter: expert_groups that do not divide num_experts", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.expert_groups = 3;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("expert_groups = 3") && Contains("num_experts = 4"));
+  o.expert_groups = 0;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("expert_groups = 0"));
+}
+
+TEST_CASE("TopKRouter: selected_groups outside [1, expert_groups]", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.expert_groups = 2;
+  o.selected_groups = 3;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                      Contains("selected_groups = 3") && Contains("expert_groups = 2"));
+}
+
+TEST_CASE("TopKRouter: k larger than the experts of the selected groups", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.k = 3;
+  o.expert_groups = 2;
+  o.selected_groups = 1;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                      Contains("k = 3") && Contains("selected_groups = 1") && Contains("experts per group = 2"));
+}
+
+TEST_CASE("TopKRouter: group_score_top outside [1, experts per group]", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.expert_groups = 2;
+  o.group_score_top = 3;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                      Contains("group_score_top = 3") && Contains("experts per group = 2"));
+}
+
+TEST_CASE("TopKRouter: top_p outside [0, 1]", "[errors][top_k]") {
+  for (const double p : {-0.5, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    moe::TopKOptions o;
+    o.k = 2;
+    o.top_p = p;
+    CAPTURE(p);
+    REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("top_p must be in [0, 1] (top_p = "));
+  }
+}
+
+TEST_CASE("TopKRouter: top_p without softmax-before-top-k scores", "[errors][top_k]") {
+  moe::TopKOptions o;
+  o.k = 2;
+  o.top_p = 0.5;
+  o.score = moe::ScoreFunction::sigmoid;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("top_p needs score = softmax") && Contains("top_p = 0.5"));
+}
+
+TEST_CASE("TopKRouter: capacity_factor negative or not finite", "[errors][top_k][capacity]") {
+  for (const double cf : {-1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    moe::TopKOptions o;
+    o.capacity_factor = cf;
+    CAPTURE(cf);
+    REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                        Contains("capacity_factor must be finite and >= 0") && Contains("capacity_factor = "));
+  }
+}
+
+TEST_CASE("TopKRouter: fixed_capacity negative", "[errors][top_k][capacity]") {
+  moe::TopKOptions o;
+  o.fixed_capacity = -2;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("fixed_capacity = -2"));
+}
+
+TEST_CASE("TopKRouter: jitter outside [0, 1)", "[errors][top_k]") {
+  for (const double j : {-0.1, 1.0}) {
+    moe::TopKOptions o;
+    o.jitter = j;
+    CAPTURE(j);
+    REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("jitter must be in [0, 1) (jitter = "));
+  }
+}
+
+TEST_CASE("TopKRouter::route: jitter in training without token ids", "[errors][top_k]") {
+  moe::TopKOptions o = top2();
+  o.jitter = 0.01;
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), o), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  moe::RouteContext ctx;
+  ctx.training = true;
+  REQUIRE_REJECTS(layer.forward(tokens(), ctx, y, ws), moe::invalid_argument,
+                  Contains("needs RouteContext::token_ids") && Contains("jitter = 0.01"), y);
+}
+
+TEST_CASE("TopKRouter::route: non-finite logits (inputs or weights)", "[errors][top_k][numeric]") {
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  for (const float bad : {kNaN, kInf, -kInf}) {
+    moe::Matrix<float> x = tokens();
+    x(3, 2) = bad;
+    CAPTURE(bad);
+    REQUIRE_REJECTS(layer.forward(x, y, ws), moe::numeric_error, Contains("logit is not finite") && Contains("token = 3"), y);
+  }
+  moe::Matrix<float> w = gate();
+  w(2, 5) = kNaN;
+  const moe::TopKRouter<float> bad_weight(w, top2());
+  moe::RouterOutput<float> out;
+  REQUIRE_THROWS_MATCHES(bad_weight.route(tokens(), out), moe::numeric_error,
+                         what(Contains("token = 0") && Contains("expert = 2") && Contains("nan")));
+}
+
+TEST_CASE("TopKRouter::route: x width", "[errors][top_k]") {
+  const moe::TopKRouter<float> router(gate(), top2());
+  moe::RouterOutput<float> out = routed();
+  REQUIRE_REJECTS(router.route(random_matrix<float>(kT, kD + 1, 3), out), moe::invalid_argument,
+                  Contains("x.cols() = 9") && Contains("d_model = 8"), out.plan);
+}
+
+TEST_CASE("TopKRouter::set_selection_bias: size and non-finite entries", "[errors][top_k]") {
+  moe::TopKRouter<float> router(gate(), top2());
+  const moe::Vector<float> kept = moe::Vector<float>::LinSpaced(kE, 0.0f, 0.3f);
+  router.set_selection_bias(kept);
+  REQUIRE_REJECTS_ARG(router.set_selection_bias(moe::Vector<float>::Zero(kE + 1)), moe::invalid_argument,
+                      Contains("bias.size() = 5") && Contains("num_experts = 4"));
+  moe::Vector<float> bad = kept;
+  bad[1] = kInf;
+  REQUIRE_REJECTS_ARG(router.set_selection_bias(bad), moe::invalid_argument, Contains("bias[1] is not finite") && Contains("inf"));
+  REQUIRE(router.selection_bias() == kept);  // the old bias stays
+}
+
+TEST_CASE("TopKRouter::backward: shapes", "[errors][top_k][backward]") {
+  const moe::TopKRouter<float> router(gate(), top2());
+  const moe::Matrix<float> x = tokens();
+  moe::RouterOutput<float> out;
+  router.route(x, out);
+  const std::vector<float> gw(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+  moe::Matrix<float> dx = sentinel(kT, kD), dw = sentinel(kE, kD);
+  REQUIRE_REJECTS(router.backward(tokens(kT + 1), out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                  Contains("out.num_tokens() = 5") && Contains("x.rows() = 6"), dw);
+  moe::Matrix<float> narrow = sentinel(kE, kD - 1);
+  REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, dx, narrow), moe::invalid_argument,
+                  Contains("dweight.cols() = 7"), narrow);
+  REQUIRE_REJECTS(router.backward(random_matrix<float>(kT, kD - 1, 4), out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                  Contains("x.cols() = 7") && Contains("d_model = 8"), dw);
+  moe::Matrix<float> short_dx = sentinel(kT - 1, kD);
+  REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, short_dx, dw), moe::invalid_argument,
+                  Contains("dx.rows() = 4") && Contains("x.rows() = 5"), dw);
+  moe::Matrix<float> narrow_dx = sentinel(kT, kD + 2);
+  REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, narrow_dx, dw), moe::invalid_argument,
+                  Contains("dx.cols() = 10") && Contains("d_model = 8"), narrow_dx);
+}
+
+// --- ExpertChoiceRouter -------------------------------------------------------------------------
+
+TEST_CASE("ExpertChoiceRouter: no experts", "[errors][expert_choice]") {
+  REQUIRE_REJECTS_ARG(moe::ExpertChoiceRouter<float>(moe::Matrix<float>(0, kD), {1.0, true}), moe::invalid_argument,
+                      Contains("num_experts = 0"));
+}
+
+TEST_CASE("ExpertChoiceRouter: capacity_factor not finite and > 0", "[errors][expert_choice]") {
+  for (const double cf : {0.0, -2.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    CAPTURE(cf);
+    REQUIRE_REJECTS_ARG(moe::ExpertChoiceRouter<float>(gate(), {cf, true}), moe::invalid_argument,
+                        Contains("capacity_factor must be finite and > 0 (capacity_factor = "));
+  }
+}
+
+TEST_CASE("ExpertChoiceRouter::route: x width and non-finite logits", "[errors][expert_choice][numeric]") {
+  const moe::MoELayer layer(moe::ExpertChoiceRouter<float>(gate(), {2.0, true}), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  moe::Matrix<float> x = tokens();
+  x(4, 0) = -kInf;
+  REQUIRE_REJECTS(layer.forward(x, y, ws), moe::numeric_error, Contains("ExpertChoiceRouter::route") && Contains("token = 4"), y);
+  moe::RouterOutput<float> out = routed();
+  REQUIRE_REJECTS(layer.router().route(random_matrix<float>(kT, 3, 3), out), moe::invalid_argument,
+                  Contains("x.cols() = 3") && Contains("d_model = 8"), out.plan);
+}
+
+TEST_CASE("ExpertChoiceRouter::backward: shapes", "[errors][expert_choice][backward]") {
+  const moe::ExpertChoiceRouter<float> router(gate(), {2.0, true});
+  const moe::Matrix<float> x = tokens();
+  moe::RouterOutput<float> out;
+  router.route(x, out);
+  const std::vector<float> gw(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+  moe::Matrix<float> dx = sentinel(kT, kD), dw = sentinel(kE, kD);
+  REQUIRE_REJECTS(router.backward(tokens(kT - 1), out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                  Contains("out.num_tokens() = 5") && Contains("x.rows() = 4"), dw);
+  moe::Matrix<float> short_dx = sentinel(kT - 2, kD);
+  REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, short_dx, dw), moe::invalid_argument,
+                  Contains("dx.rows() = 3"), dw);
+  moe::Matrix<float> tall_dw = sentinel(kE + 1, kD);
+  REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, dx, tall_dw), moe::invalid_argument,
+                  Contains("dweight.rows() = 5") && Contains("num_experts = 4"), dx);
+}
+
+// --- HashRouter ---------------------------------------------------------------------------------
+
+TEST_CASE("HashRouter: k outside [1, num_experts]", "[errors][hash]") {
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, kD, {kE + 1, 0}), moe::invalid_argument, Contains("k = 5") && Contains("num_experts = 4"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, kD, {0, 0}), moe::invalid_argument, Contains("k = 0"));
+}
+
+TEST_CASE("HashRouter: num_experts < 1 or d_model < 0", "[errors][hash]") {
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(0, kD, {1, 0}), moe::invalid_argument, Contains("HashRouter") && Contains("num_experts = 0"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, -3, {1, 0}), moe::invalid_argument, Contains("d_model = -3"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(0, kD, {0}), moe::invalid_argument,
+                      Contains("HashRouter::with_table") && Contains("num_experts = 0"));
+}
+
+TEST_CASE("HashRouter::with_table: empty table or entries out of range", "[errors][hash]") {
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(kE, kD, {}), moe::invalid_argument, Contains("table size = 0"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(kE, kD, {0, 3, 4}), moe::invalid_argument,
+                      Contains("table[2]") && Contains("4") && Contains("num_experts = 4"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(kE, kD, {-1}), moe::invalid_argument, Contains("table[0]") && Contains("-1"));
+}
+
+TEST_CASE("HashRouter::balanced_table: num_experts < 1, bad frequencies", "[errors][hash]") {
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::balanced_table({1.0, 2.0}, 0), moe::invalid_argument, Contains("num_experts = 0"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::balanced_table({1.0, -2.0}, 2), moe::invalid_argument,
+                      Contains("frequencies[1]") && Contains("-2"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::balanced_table({std::numeric_limits<double>::quiet_NaN()}, 2), moe::invalid_argument,
+                      Contains("frequencies[0]") && Contains("nan"));
+}
+
+TEST_CASE("HashRouter::route: token id outside the table", "[errors][hash]") {
+  const moe::MoELayer layer(moe::HashRouter<float>::with_table(kE, kD, {0, 1, 2, 3, 0, 1}), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  for (const std::int64_t bad : {std::int64_t(6), std::int64_t(-1), std::numeric_limits<std::int64_t>::max()}) {
+    std::vector<std::int64_t> ids = {0, 1, 2, bad, 4};
+    moe::RouteContext ctx;
+    ctx.token_ids = ids.data();
+    CAPTURE(bad);
+    REQUIRE_REJECTS(layer.forward(tokens(), ctx, y, ws), moe::invalid_argument,
+                    Contains("token id = " + std::to_string(bad)) && Contains("table size = 6"), y);
+  }
+}
+
+TEST_CASE("HashRouter::route: no token ids", "[errors][hash]") {
+  const moe::MoELayer layer(moe::HashRouter<float>(kE, kD, {2, 5}), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.forward(tokens(), y, ws), moe::invalid_argument, Contains("token_ids must not be null") && Contains("tokens = 5"), y);
+  moe::Matrix<float> empty(0, kD);
+  REQUIRE_NOTHROW(layer.forward(moe::Matrix<float>(0, kD), empty, ws));  // documented: an empty batch needs no ids
+}
+
+TEST_CASE("HashRouter::route and backward: shapes", "[errors][hash][backward]") {
+  const moe::HashRouter<float> router(kE, kD, {1, 5});
+  const std::vector<std::int64_t> ids = {1, 2, 3, 4, 5};
+  moe::RouteContext ctx;
+  ctx.token_ids = ids.data();
+  moe::RouterOutput<float> out = routed();
+  REQUIRE_REJECTS(router.route(random_matrix<float>(kT, kD + 1, 3), ctx, out), moe::invalid_argument,
+                  Contains("x.cols() = 9") && Contains("d_model = 8"), out.plan);
+  router.route(tokens(), ctx, out);
+  moe::Matrix<float> dx = sentinel(kT, kD), dw = sentinel(kE - 1, kD);
+  REQUIRE_REJECTS(router.backward(tokens(), out, nullptr, nullptr, nullptr, dx, dw), moe::invalid_argument,
+                  Contains("dweight.rows() = 3") && Contains("num_experts = 4"), dx);
+}
+
+// --- build_routing ------------------------------------------------------------------------------
+
+TEST_CASE("build_routing: expert id out of range", "[errors][routing]") {
+  moe::RouterOutput<float> out = routed();
+  const index_t begin[3] = {0, 1, 2};
+  const index_t chosen[2] = {1, 4};
+  const float weight[2] = {1.0f, 1.0f};
+  REQUIRE_REJECTS(moe::build_routing(2, 4, begin, chosen, weight, out.plan), moe::invalid_argument,
+                  Contains("expert = 4") && Contains("num_experts = 4") && Contains("choice = 1"), out.plan);
+}
+
+// --- experts ------------------------------------------------------------------------------------
+
+TEST_CASE("FeedForward: weight shapes that disagree", "[errors][experts]") {
+  const moe::Matrix<float> w_in = random_matrix<float>(kFF, kD, 1);
+  REQUIRE_REJECTS_ARG((moe::FeedForward<float, moe::ReLU>(w_in, random_matrix<float>(kD + 1, kFF, 2))), moe::invalid_argument,
+                      Contains("w_out.rows() = 9") && Contains("w_in.cols() (d) = 8"));
+  REQUIRE_REJECTS_ARG((moe::FeedForward<float, moe::ReLU>(w_in, random_matrix<float>(kD, kFF - 1, 2))), moe::invalid_argument,
+                      Contains("w_out.cols() = 5") && Contains("w_in.rows() (d_ff) = 6"));
+}
+
+TEST_CASE("GatedFeedForward: weight shapes that disagree", "[errors][experts]") {
+  const moe::Matrix<float> g = random_matrix<float>(kFF, kD, 1), u = random_matrix<float>(kFF, kD, 2), dn = random_matrix<float>(kD, kFF, 3);
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(g, random_matrix<float>(kFF + 1, kD, 2), dn), moe::invalid_argument,
+                      Contains("w_up.rows() = 7") && Contains("= 6"));
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(g, random_matrix<float>(kFF, kD - 1, 2), dn), moe::invalid_argument,
+                      Contains("w_up.cols() = 7") && Contains("= 8"));
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(g, u, random_matrix<float>(kD + 2, kFF, 3)), moe::invalid_argument,
+                      Contains("w_down.rows() = 10"));
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(g, u, random_matrix<float>(kD, kFF + 3, 3)), moe::invalid_argument,
+                      Contains("w_down.cols() = 9"));
+}
+
+TEST_CASE("ZeroComputeExpert: d_model < 1 and mix shapes", "[errors][experts]") {
+  REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::zero(0), moe::invalid_argument, Contains("d_model = 0"));
+  REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::copy(-2), moe::invalid_argument, Contains("d_model = -2"));
+  const moe::Vector<float> value = moe::Vector<float>::Ones(kD);
+  REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::constant(value, random_matrix<float>(3, kD, 1)), moe::invalid_argument,
+                      Contains("mix.rows() = 3") && Contains("2 = 2"));
+  REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::constant(value, random_matrix<float>(2, kD - 1, 1)), moe::invalid_argument,
+                      Contains("mix.cols() = 7") && Contains("value.size() = 8"));
+}
+
+// --- MoELayer -----------------------------------------------------------------------------------
+
+TEST_CASE("MoELayer: expert count differs from the router's", "[errors][layer]") {
+  const std::vector<moe::ZeroComputeExpert<float>> zc = {moe::ZeroComputeExpert<float>::copy(kD)};
+  REQUIRE_REJECTS_ARG(moe::MoELayer(moe::TopKRouter<float>(gate(), top2()), experts(kE - 2), zc), moe::invalid_argument,
+                      Contains("experts.size() + zero_compute.size() = 3") && Contains("router.num_experts() = 4"));
+}
+
+TEST_CASE("MoELayer: expert, zero-computation or shared expert of another width", "[errors][layer]") {
+  std::vector<moe::SwiGLU<float>> mixed = experts(kE - 1);
+  mixed.push_back(experts(1, kD + 1)[0]);
+  REQUIRE_REJECTS_ARG(moe::MoELayer(moe::TopKRouter<float>(gate(), top2()), mixed), moe::invalid_argument,
+                      Contains("expert 3") && Contains("d_model = 9") && Contains("router d_model = 8"));
+  const std::vector<moe::ZeroComputeExpert<float>> zc = {moe::ZeroComputeExpert<float>::zero(kD - 2)};
+  REQUIRE_REJECTS_ARG(moe::MoELayer(moe::TopKRouter<float>(gate(), top2()), experts(kE - 1), zc), moe::invalid_argument,
+                      Contains("zero_compute expert 0") && Contains("d_model = 6"));
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  REQUIRE_REJECTS_ARG(layer.set_shared_experts(experts(1, kD + 3)), moe::invalid_argument, Contains("shared expert 0") && Contains("d_model = 11"));
+  REQUIRE(layer.shared_experts().empty());
+}
+
+TEST_CASE("MoELayer::set_shared_experts: gate shape", "[errors][layer]") {
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  REQUIRE_REJECTS_ARG(layer.set_shared_experts(experts(1), moe::Weight<float>::own(random_matrix<float>(2, kD, 1))), moe::invalid_argument,
+                      Contains("gate.rows() = 2"));
+  REQUIRE_REJECTS_ARG(layer.set_shared_experts(experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD - 1, 1))), moe::invalid_argument,
+                      Contains("gate.cols() = 7") && Contains("d_model = 8"));
+  REQUIRE(layer.shared_experts().empty());
+}
+
+TEST_CASE("MoELayer::forward: shapes", "[errors][layer]") {
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.forward(random_matrix<float>(kT, kD - 1, 1), y, ws), moe::invalid_argument,
+                  Contains("x.cols() = 7") && Contains("d_model = 8"), y);
+  REQUIRE_REJECTS(layer.forward(tokens(kT + 1), y, ws), moe::invalid_argument, Contains("y.rows() = 5") && Contains("x.rows() = 6"), y);
+  moe::Matrix<float> wide = sentinel(kT, kD + 1);
+  REQUIRE_REJECTS(layer.forward(tokens(), wide, ws), moe::invalid_argument, Contains("y.cols() = 9") && Contains("d_model = 8"), wide);
+  moe::TrainingWorkspace<float> tws;
+  REQUIRE_REJECTS(layer.forward_train(tokens(kT - 1), moe::RouteContext{}, y, tws), moe::invalid_argument,
+                  Contains("y.rows() = 5") && Contains("x.rows() = 4"), y);
+  REQUIRE(tws.num_tokens == -1);  // a failed forward_train leaves nothing backward could use
+}
+
+TEST_CASE("MoELayer::backward: without a forward_train, or after another batch's", "[errors][layer][backward]") {
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  const moe::Matrix<float> x = tokens(), dy = random_matrix<float>(kT, kD, 9);
+  auto grads = layer.make_gradients();
+  grads.router.setConstant(3.0f);
+  const auto router_before = grads.router;
+  moe::Matrix<float> dx = sentinel(kT, kD);
+  moe::TrainingWorkspace<float> ws;
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument,
+                  Contains("needs the workspace of a forward_train") && Contains("workspace tokens = -1") && Contains("x.rows() = 5"), dx);
+  // A plain forward into a training workspace is not a forward_train.
+  moe::Matrix<float> y(kT, kD);
+  layer.forward(x, y, ws);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument, Contains("workspace tokens = -1"), dx);
+  moe::Matrix<float> y_other(kT + 2, kD);
+  layer.forward_train(tokens(kT + 2), moe::RouteContext{}, y_other, ws);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument, Contains("workspace tokens = 7") && Contains("x.rows() = 5"), dx);
+  REQUIRE(grads.router == router_before);
+}
+
+TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors][layer][backward]") {
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  layer.set_shared_experts(experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD, 4)));
+  const moe::Matrix<float> x = tokens(), dy = random_matrix<float>(kT, kD, 9);
+  moe::TrainingWorkspace<float> ws;
+  moe::Matrix<float> y(kT, kD);
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  auto grads = layer.make_gradients();
+  moe::Matrix<float> dx = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.backward(random_matrix<float>(kT, kD + 1, 1), dy, dx, grads, ws), moe::invalid_argument,
+                  Contains("x.cols() = 9") && Contains("d_model = 8"), dx);
+  REQUIRE_REJECTS(layer.backward(x, random_matrix<float>(kT - 1, kD, 1), dx, grads, ws), moe::invalid_argument,
+                  Contains("dy.rows() = 4") && Contains("x.rows() = 5"), dx);
+  REQUIRE_REJECTS(layer.backward(x, random_matrix<float>(kT, kD - 1, 1), dx, grads, ws), moe::invalid_argument,
+                  Contains("dy.cols() = 7"), dx);
+  moe::Matrix<float> tall = sentinel(kT + 1, kD);
+  REQUIRE_REJECTS(layer.backward(x, dy, tall, grads, ws), moe::invalid_argument, Contains("dx.rows() = 6"), tall);
+  moe::Matrix<float> wide = sentinel(kT, kD + 1);
+  REQUIRE_REJECTS(layer.backward(x, dy, wide, grads, ws), moe::invalid_argument, Contains("dx.cols() = 9"), wide);
+
+  auto bad = layer.make_gradients();
+  bad.router.resize(kE, kD + 1);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.router.cols() = 9"), dx);
+  bad = layer.make_gradients();
+  bad.experts.pop_back();
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.experts.size() = 3") && Contains("experts = 4"), dx);
+  bad = layer.make_gradients();
+  bad.experts[1].w_down.resize(kD, kFF + 1);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.experts[1] has the wrong shape"), dx);
+  bad = layer.make_gradients();
+  bad.shared.clear();
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.shared.size() = 0"), dx);
+  bad = layer.make_gradients();
+  bad.shared_gate.resize(0, 0);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.shared_gate.size() = 0") && Contains("= 8"), dx);
+  REQUIRE_NOTHROW(layer.backward(x, dy, dx, grads, ws));
+}
+
+// --- balancing ----------------------------------------------------------------------------------
+
+TEST_CASE("BiasBalancer: num_experts, update_rate, bias and load", "[errors][balance]") {
+  REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(0, 0.001), moe::invalid_argument, Contains("num_experts = 0"));
+  REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, 0.0), moe::invalid_argument, Contains("update_rate = 0"));
+  REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, std::numeric_limits<double>::quiet_NaN()), moe::invalid_argument, Contains("update_rate = nan"));
+  moe::BiasBalancer<float> b(kE, 0.5);
+  b.update(std::vector<index_t>{4, 0, 0, 0});
+  const moe::Vector<float> bias = b.bias();
+  REQUIRE_REJECTS_ARG(b.set_bias(moe::Vector<float>::Zero(kE - 1)), moe::invalid_argument, Contains("bias.size() = 3") && Contains("num_experts = 4"));
+  moe::Vector<float> nan_bias = moe::Vector<float>::Zero(kE);
+  nan_bias[2] = kNaN;
+  REQUIRE_REJECTS_ARG(b.set_bias(nan_bias), moe::invalid_argument, Contains("bias[2] is not finite"));
+  REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{1, 2}), moe::invalid_argument, Contains("load.size() = 2"));
+  REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{1, -2, 0, 0}), moe::invalid_argument, Contains("load[1] = -2"));
+  REQUIRE(b.bias() == bias);  // no partial update
+  moe::TopKRouter<float> other(random_matrix<float>(kE + 2, kD, 1), top2());
+  REQUIRE_REJECTS_ARG(b.apply(other), moe::invalid_argument, Contains("router.num_experts() = 6") && Contains("num_experts = 4"));
+  REQUIRE(other.selection_bias().size() == 0);
+}
+
+TEST_CASE("LoadAccumulator: shapes, k and counts", "[errors][balance]") {
+  REQUIRE_REJECTS_ARG(moe::LoadAccumulator(0, 1), moe::invalid_argument, Contains("num_experts = 0"));
+  REQUIRE_REJECTS_ARG(moe::LoadAccumulator(kE, 5), moe::invalid_argument, Contains("k = 5") && Contains("num_experts = 4"));
+  moe::LoadAccumulator acc(kE, 2);
+  moe::Matrix<index_t> ids(2, 3);
+  ids << 0, 1, 2, 1, 2, 3;
+  REQUIRE_REJECTS_ARG(acc.add(ids), moe::invalid_argument, Contains("top_k_ids.cols() = 3") && Contains("k = 2"));
+  moe::Matrix<index_t> out_of_range(1, 2);
+  out_of_range << 0, 4;
+  REQUIRE_REJECTS_ARG(acc.add(out_of_range), moe::invalid_argument, Contains("top_k_ids(0, 1) = 4"));
+  REQUIRE_REJECTS_ARG(acc.add_counts({1, 2, 3}, 4), moe::invalid_argument, Contains("counts.size() = 3"));
+  REQUIRE_REJECTS_ARG(acc.add_counts({1, 2, 3, 4}, -1), moe::invalid_argument, Contains("tokens = -1"));
+  REQUIRE_REJECTS_ARG(acc.add_counts({1, 5, 0, 0}, 4), moe::invalid_argument, Contains("counts[1] = 5") && Contains("tokens = 4"));
+  REQUIRE(acc.tokens() == 0);
+  REQUIRE(acc.micro_batches() == 0);
+}
+
+TEST_CASE("Losses: coefficient, shapes, ids and sequences leave grad untouched", "[errors][balance][losses]") {
+  const moe::Matrix<float> z = random_matrix<float>(kT, kE, 5);
+  moe::Matrix<index_t> ids(kT, 2);
+  ids << 0, 1, 1, 2, 2, 3, 3, 0, 0, 2;
+  moe::Matrix<float> g = sentinel(kT, kE);
+  moe::AuxLossOptions o;
+  o.coefficient = std::numeric_limits<double>::infinity();
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, ids, g, o), moe::invalid_argument, Contains("coefficient = inf"), g);
+  moe::Matrix<float> narrow = sentinel(kT, kE - 1);
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, ids, narrow), moe::invalid_argument, Contains("grad.cols() = 3") && Contains("logits.cols() = 4"), narrow);
+  moe::Matrix<index_t> twice = ids;
+  twice(3, 1) = 3;
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, twice, g), moe::invalid_argument, Contains("twice") && Contains("token = 3") && Contains("expert = 3"), g);
+  moe::Matrix<index_t> high = ids;
+  high(2, 0) = kE;
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, high, g), moe::invalid_argument, Contains("top_k_ids(2, 0) = 4"), g);
+  REQUIRE_REJECTS(moe::sequence_load_balancing_loss(z, ids, std::vector<index_t>{0, 3, 2, kT}, g), moe::invalid_argument,
+                  Contains("sequence_begin[1] = 3") && Contains("sequence_begin[2] = 2"), g);
+  REQUIRE_REJECTS(moe::sequence_load_balancing_loss(z, ids, std::vector<index_t>{0, 4}, g), moe::invalid_argument,
+                  Contains("sequence_begin[num_sequences] = 4") && Contains("tokens = 5"), g);
+  REQUIRE_REJECTS(moe::router_z_loss(z, g, std::numeric_limits<double>::quiet_NaN()), moe::invalid_argument, Contains("coefficient = nan"), g);
+  moe::LoadAccumulator empty(kE, 2);
+  REQUIRE_REJECTS(moe::global_load_balancing_loss(z, empty, g), moe::invalid_argument, Contains("load.tokens() = 0") && Contains("tokens = 5"), g);
+}
+
+TEST_CASE("Losses: a plan that lost choices to capacity", "[errors][balance][losses]") {
+  moe::TopKOptions o = top2();
+  o.fixed_capacity = 1;
+  const moe::TopKRouter<float> router(gate(), o);
+  moe::RouterOutput<float> out;
+  router.route(tokens(), out);
+  REQUIRE(!out.plan.dropped.empty());
+  moe::Matrix<float> g = sentinel(kT, kE);
+  REQUIRE_REJECTS(moe::load_balancing_loss(out.logits(), out.plan, 2, g), moe::invalid_argument,
+                  Contains("lost choices to capacity") && Contains("dropped tokens = " + std::to_string(out.plan.dropped.size())), g);
+}
+
+TEST_CASE("Losses: a non-finite logit in a later row leaves grad untouched", "[errors][balance][losses][numeric]") {
+  moe::Matrix<float> z = random_matrix<float>(kT, kE, 5);
+  z(4, 1) = kInf;  // the rows before it are fine: nothing may be written for them either
+  moe::Matrix<index_t> ids(kT, 1);
+  ids << 0, 1, 2, 3, 0;
+  moe::Matrix<float> g = sentinel(kT, kE);
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, ids, g), moe::numeric_error,
+                  Contains("load_balancing_loss") && Contains("token = 4") && Contains("expert = 1") && Contains("logit = inf"), g);
+  REQUIRE_REJECTS(moe::sequence_load_balancing_loss(z, ids, std::vector<index_t>{0, 2, kT}, g), moe::numeric_error,
+                  Contains("token = 4"), g);
+  moe::LoadAccumulator acc(kE, 1);
+  acc.add(ids);
+  REQUIRE_REJECTS(moe::global_load_balancing_loss(z, acc, g), moe::numeric_error, Contains("token = 4"), g);
+  REQUIRE_REJECTS(moe::router_z_loss(z, g), moe::numeric_error, Contains("router_z_loss") && Contains("token = 4"), g);
+}
