@@ -12,7 +12,10 @@
 // forward_train; backward's dx and gradients finite for moderate values, and backward refusing a
 // workspace from another batch.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -68,7 +71,7 @@ bool matches_reference(const moe::MoELayer<Router, Expert>& layer, const Case& c
   const index_t d = c.d;
   const auto num_ffn = static_cast<index_t>(layer.experts().size());
   std::vector<T> row(sz(d)), out(sz(d)), scratch(64);  // scratch_size(1) = d_ff <= 32
-  std::vector<double> ref(sz(d)), magnitude(sz(d));
+  std::vector<double> ref(sz(d)), magnitude(sz(d)), underflow(sz(d));
   std::vector<double> lost(sz(c.T_), 0.0);
   if (c.dropped == moe::DroppedTokens::pass_through)
     for (std::size_t i = 0; i < plan.dropped.size(); ++i) lost[sz(plan.dropped[i])] = static_cast<double>(plan.dropped_weight[i]);
@@ -76,10 +79,14 @@ bool matches_reference(const moe::MoELayer<Router, Expert>& layer, const Case& c
     for (index_t i = 0; i < d; ++i) row[sz(i)] = c.x(t, i);
     std::fill(ref.begin(), ref.end(), 0.0);
     std::fill(magnitude.begin(), magnitude.end(), 0.0);
+    std::fill(underflow.begin(), underflow.end(), 0.0);
+    // A weight or gate computed in float is off by up to its denormal spacing when it underflows.
+    const double denormal = static_cast<double>(std::numeric_limits<T>::denorm_min());
     auto add = [&](double w) {
       for (index_t i = 0; i < d; ++i) {
         ref[sz(i)] += w * static_cast<double>(out[sz(i)]);
         magnitude[sz(i)] += std::fabs(w * static_cast<double>(out[sz(i)]));
+        underflow[sz(i)] += denormal * std::fabs(static_cast<double>(out[sz(i)]));
       }
     };
     for (const Choice<T>& ch : choices_of(plan, t)) {
@@ -103,17 +110,57 @@ bool matches_reference(const moe::MoELayer<Router, Expert>& layer, const Case& c
     out = row;
     add(lost[sz(t)]);
     for (index_t i = 0; i < d; ++i) {
-      if (!std::isfinite(magnitude[sz(i)])) continue;
-      if (std::fabs(static_cast<double>(y(t, i)) - ref[sz(i)]) > 1e-4 * magnitude[sz(i)] + 1e-30) return false;
+      // Sums that overflow (or nearly overflow) float may legitimately be inf in y.
+      if (!(magnitude[sz(i)] < 1e-3 * static_cast<double>(std::numeric_limits<T>::max()))) continue;
+      if (std::fabs(static_cast<double>(y(t, i)) - ref[sz(i)]) > 1e-4 * magnitude[sz(i)] + underflow[sz(i)] + 1e-30) {
+        std::fprintf(stderr, "y(%td, %td) = %a, reference %a (terms' magnitude %a)\n", t, i, static_cast<double>(y(t, i)),
+                     ref[sz(i)], magnitude[sz(i)]);
+        return false;
+      }
     }
   }
   return true;
 }
 
-// known_issue: the router reaches a reported library issue that makes its weights (or their
-// gradients) non-finite from moderate values; finiteness is then not checked.
-template <class Router>
-void exercise(FuzzedDataProvider& fdp, Case& c, std::optional<Router>& router, bool router_valid, bool known_issue = false) {
+// Known issue (reported, not fixed yet; skipped unless MOE_FUZZ_STRICT): TopKRouter::backward
+// (top_k.hpp) differentiates raw / D as g / D − Σ_j g_j·raw_j / (D · D), and with
+// `renormalize_after_drop` D is the sum of the *kept* raw weights while the sum runs over the lost
+// choices too: when D is tiny (a choice rerouted to an expert of probability 1e-40, or sigmoid
+// scores near 0), D · D underflows or the quotient overflows, and the router gradients are
+// inf/NaN from moderate values. True when some token's kept sum is below 1e-9.
+bool tiny_denominator(const TopKOptions& o, const moe::RouterOutput<T>& r) {
+  if (!kSkipKnownIssues) return false;
+  // Without a selection bias the chosen experts include the best one, so Σ chosen raw >= 1/(2E):
+  // only the kept sum after drops can be tiny.
+  const bool capped = o.capacity_factor > 0 || o.fixed_capacity > 0;
+  if (!(o.renormalize_after_drop && capped)) return false;
+  const index_t E = r.num_experts();
+  for (index_t t = 0; t < r.num_tokens(); ++t) {
+    const std::vector<Choice<T>> kept = choices_of(r.plan, t);
+    if (kept.empty()) continue;  // renormalizes nothing
+    double D = 0;
+    if (o.softmax_placement == SoftmaxPlacement::before_top_k) {  // raw = score (softmax or sigmoid)
+      for (const Choice<T>& ch : kept) D += static_cast<double>(r.scores()(t, ch.expert));
+    } else {  // raw = softmax over the k best logits
+      std::vector<double> l(sz(E));
+      for (index_t e = 0; e < E; ++e) l[sz(e)] = static_cast<double>(r.logits()(t, e));
+      std::vector<double> top = l;
+      std::sort(top.begin(), top.end(), std::greater<double>());
+      double sum = 0;
+      for (index_t j = 0; j < o.k; ++j) sum += std::exp(top[sz(j)] - top[0]);
+      for (const Choice<T>& ch : kept) D += std::exp(l[sz(ch.expert)] - top[0]) / sum;
+    }
+    if (D < 1e-9) return true;
+  }
+  return false;
+}
+
+// known_issue: the router reaches a reported library issue that makes its weights non-finite
+// from moderate values; backward_issue(routing): the same for the gradients. Finiteness is then
+// not checked.
+template <class Router, class BackwardIssue>
+void exercise(FuzzedDataProvider& fdp, Case& c, std::optional<Router>& router, bool router_valid, bool known_issue,
+              BackwardIssue backward_issue) {
   std::optional<moe::MoELayer<Router, Expert>> layer;
   moe::Workspace<T> ws;
   moe::Matrix<T> y(c.T_, c.d);
@@ -167,7 +214,7 @@ void exercise(FuzzedDataProvider& fdp, Case& c, std::optional<Router>& router, b
     auto grads = layer->make_gradients();
     moe::Matrix<T> dx(c.T_, c.d);
     layer->backward(c.x, dy, dx, grads, tws, extra.size() > 0 ? extra.data() : nullptr);
-    if (c.moderate && moderate_dy && weights_finite) {
+    if (c.moderate && moderate_dy && weights_finite && !backward_issue(tws.routing)) {
       MOE_FUZZ_CHECK(all_finite(dx));
       MOE_FUZZ_CHECK(all_finite(grads.router));
       for (const auto& g : grads.experts) g.for_each([](const auto& m) { MOE_FUZZ_CHECK(all_finite(m)); });
@@ -251,7 +298,8 @@ void run(FuzzedDataProvider& fdp) {
       router.emplace(w, o);
     } catch (const moe::invalid_argument&) {
     }
-    exercise(fdp, c, router, router_valid, top_p_underflows<T>(o));
+    exercise(fdp, c, router, router_valid, top_p_underflows<T>(o),
+             [&o](const moe::RouterOutput<T>& r) { return tiny_denominator(o, r); });
   } else if (kind == 2) {
     moe::ExpertChoiceOptions o;
     o.capacity_factor = pick(fdp, {1.0, 2.0, 0.5, 4.0, 0.25, 1e-300, 1e300, 0.0, kNaN});
@@ -267,7 +315,7 @@ void run(FuzzedDataProvider& fdp) {
       router.emplace(w, o);
     } catch (const moe::invalid_argument&) {
     }
-    exercise(fdp, c, router, router_valid);
+    exercise(fdp, c, router, router_valid, false, [](const moe::RouterOutput<T>&) { return false; });
   } else {
     moe::HashOptions o;
     o.k = index_in(fdp, 1, std::min<index_t>(E, 4));
@@ -282,7 +330,7 @@ void run(FuzzedDataProvider& fdp) {
       router.emplace(E, c.d, o);
     } catch (const moe::invalid_argument&) {
     }
-    exercise(fdp, c, router, router_valid);
+    exercise(fdp, c, router, router_valid, false, [](const moe::RouterOutput<T>&) { return false; });
   }
 }
 

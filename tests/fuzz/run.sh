@@ -5,7 +5,7 @@
 #
 #   cmake --preset fuzz && cmake --build --preset fuzz && tests/fuzz/run.sh build/fuzz
 #
-# Usage: run.sh BUILD_DIR [SECONDS_PER_TARGET]   (default 10 s: about 60 s for the six targets)
+# Usage: run.sh BUILD_DIR [SECONDS_PER_TARGET]   (default 9 s: about 60 s for the six targets)
 #
 # The seed corpus (tests/fuzz/corpus/<target>/) is only read: new inputs go to a temporary
 # directory, and a crashing input is written to $MOE_FUZZ_ARTIFACTS (default: a temporary
@@ -24,7 +24,7 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 build=$1
-seconds=${2:-10}
+seconds=${2:-9}
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/moe-fuzz.XXXXXX")
 artifacts=${MOE_FUZZ_ARTIFACTS:-$work/artifacts}
