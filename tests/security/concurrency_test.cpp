@@ -73,7 +73,7 @@ Result run_router(const Router& router, const Batch& b, moe::RouterOutput<float>
   router.route(b.x, b.context(), out);
   Result r;
   r.y = out.scores();
-  r.plan_weight = moe::Map<const moe::Vector<float>>(out.plan.weight.data(), out.plan.num_assignments());
+  r.plan_weight = moe::ConstMatrixMap<float>(out.plan.weight.data(), 1, out.plan.num_assignments());
   return r;
 }
 
