@@ -33,7 +33,7 @@ std::size_t sz(index_t i) { return static_cast<std::size_t>(i); }
 std::vector<index_t> token_counts() { return {0, 1, 3, 4, 5, 16, 17, 40}; }
 
 // (d, d_ff) pairs, none a multiple of the lane count L (except that 1 is tiny): 1 x 1, L+1 x 3L+2,
-// 13 x 37.
+// 13 x 37, and 5 x 300 (more gate/up pairs than one panel of simd::gated_matmul_nt holds).
 struct Shape {
   index_t d;
   index_t ff;
@@ -41,7 +41,7 @@ struct Shape {
 template <class T>
 std::vector<Shape> shapes() {
   const index_t L = kLanes<T>;
-  return {{1, 1}, {L + 1, 3 * L + 2}, {13, 37}};
+  return {{1, 1}, {L + 1, 3 * L + 2}, {13, 37}, {5, 300}};
 }
 
 // Tolerance, relative to max(|ref_i|, rms of the token's reference output row). An output
@@ -163,6 +163,13 @@ void check_forward(const Expert& expert, index_t m, std::mt19937& rng, Reference
     expert.forward(Arch{}, x.data() + t * d, 1, alone.data(), alone_scratch.data());
     for (index_t i = 0; i < d; ++i) CHECK(alone[sz(i)] == y[sz(t * d + i)]);
   }
+
+  // Training's forward (which keeps the pre-activations for backward) gives the same bits.
+  std::vector<T> y_train(sz(m * d));
+  std::vector<T> saved(sz(expert.saved_size(m)));
+  std::vector<T> train_scratch(sz(expert.scratch_size(m)));
+  expert.forward_saving(Arch{}, x.data(), m, y_train.data(), saved.data(), train_scratch.data());
+  for (index_t i = 0; i < m * d; ++i) CHECK(y_train[sz(i)] == y[sz(i)]);
 }
 
 template <class T, class Act>

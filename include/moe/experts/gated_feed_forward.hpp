@@ -83,7 +83,7 @@ class GatedFeedForward {
     T* hidden = scratch;         // [m, d_ff]
     simd::matmul_nt(arch, x, rows, d, w_gate_.data(), ff, gate, ff);
     simd::matmul_nt(arch, x, rows, d, w_up_.data(), ff, up, ff);
-    for (std::size_t i = 0; i < rows * ff; ++i) hidden[i] = Activation::apply(gate[i]) * up[i];
+    simd::gated_hidden_rows<Activation>(arch, gate, up, rows, ff, hidden);
     simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
   }
 

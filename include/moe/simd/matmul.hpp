@@ -18,29 +18,74 @@
 #include <cstddef>
 
 #include "../core/config.hpp"
+#include "../experts/activations.hpp"
 #include "arch.hpp"
 
 MOE_NAMESPACE_BEGIN
 namespace simd {
 
-inline constexpr std::size_t kTokenBlock = 4;             // token rows per register block
-inline constexpr std::size_t kRowBlock = 8;               // weight rows per block when one token is left
+inline constexpr std::size_t kTokenBlock = 5;             // token rows per register block
 inline constexpr std::size_t kPanelBytes = 192 * 1024;    // weight panel kept in L2
 
-// out[j * ldo + r] = dot(x row j, w row r) for j < MB, r < NB; rows given by pointers.
-template <std::size_t MB, std::size_t NB, class Arch, class T>
-void dot_block(Arch, const T* const* x, const T* const* w, std::size_t k, T* out, std::size_t ldo) noexcept {
+// Weight rows per register block for mb tokens, in units of `unit` rows (a gate/up pair is 2).
+// Sized for 16 vector registers (AVX2): mb · rows accumulators plus rows + 1 loaded vectors, and
+// at least 8 accumulators where possible to cover the FMA latency (4 cycles, 2 per cycle). 5 × 2
+// measured fastest for many tokens (twice 4 × 2), 1 × 8 for one token (memory bound).
+constexpr std::size_t block_rows(std::size_t mb, std::size_t unit) noexcept {
+  return mb >= 4 ? 2 : mb == 3 ? (unit == 1 ? 3 : 2) : mb == 2 ? 4 : 8;
+}
+inline constexpr std::size_t kMaxBlockRows = 8;
+
+// Keeps a loaded vector in a register: without this, compilers fold the load into every FMA
+// that uses it (as a memory operand), which turns an MB × NB block's MB + NB loads per step into
+// MB · NB + NB and makes the kernel load bound.
+template <class B>
+inline void keep_in_register(B& v) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  auto reg = static_cast<typename B::register_type>(v);
+  asm("" : "+x"(reg));
+  v = B(reg);
+#else
+  (void)v;
+#endif
+}
+
+inline void prefetch(const void* p) noexcept {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+// out[j * ldo + r] = dot(x row j, w row r) for j < MB, r < NB; rows given by pointers. `next`
+// holds NB rows of k elements to prefetch meanwhile (the next block's weight rows): a weight row
+// is often one 4 KiB page, where the hardware prefetcher stops, so with few tokens (memory bound)
+// the next rows must be requested ahead (once per cache line). Only the first token block of a
+// panel prefetches: the later ones find the panel in L2.
+template <bool Prefetch, std::size_t MB, std::size_t NB, class Arch, class T>
+void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k, T* out,
+               std::size_t ldo) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
+  const T* xp[MB];
+  const T* wp[NB];
+  const T* np[NB];
+  for (std::size_t j = 0; j < MB; ++j) xp[j] = x[j];
+  for (std::size_t r = 0; r < NB; ++r) wp[r] = w[r], np[r] = next[r];
   B acc[MB][NB];
   for (std::size_t j = 0; j < MB; ++j)
     for (std::size_t r = 0; r < NB; ++r) acc[j][r] = B(T(0));
   std::size_t i = 0;
   for (; i + L <= k; i += L) {
     B wv[NB];
-    for (std::size_t r = 0; r < NB; ++r) wv[r] = B::load_unaligned(w[r] + i);
+    constexpr std::size_t kLine = 64 / sizeof(T);
+    if (Prefetch && i % kLine == 0)
+      for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
+    for (std::size_t r = 0; r < NB; ++r) wv[r] = B::load_unaligned(wp[r] + i);
     for (std::size_t j = 0; j < MB; ++j) {
-      const B xv = B::load_unaligned(x[j] + i);
+      B xv = B::load_unaligned(xp[j] + i);
+      if (NB > 1) keep_in_register(xv);
       for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
     }
   }
@@ -48,56 +93,85 @@ void dot_block(Arch, const T* const* x, const T* const* w, std::size_t k, T* out
     for (std::size_t r = 0; r < NB; ++r) {
       T sum = reduce_add(acc[j][r]);
       // The k % L tail, in order; std::fma so every caller rounds it the same way.
-      for (std::size_t q = 0; q + 1 < L && i + q < k; ++q) sum = std::fma(x[j][i + q], w[r][i + q], sum);
+      for (std::size_t q = 0; q + 1 < L && i + q < k; ++q) sum = std::fma(xp[j][i + q], wp[r][i + q], sum);
       out[j * ldo + r] = sum;
     }
   }
 }
 
-// y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows. A block holds mb tokens and
-// kRowBlock / mb weight rows (8 accumulators whatever mb is, enough to hide the FMA latency).
-template <class Arch, class T>
-void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
-                   std::size_t r1, T* y, std::size_t ldy) noexcept {
-  T out[kTokenBlock * kRowBlock];
+// Runs MB token rows against `units` units of U weight rows (U = 1: single rows; U = 2: a gate
+// row and its up row), block_rows(MB) / U units per register block and the rest one unit at a
+// time. rows(u, ptrs) writes unit u's U row pointers; store(u, count, out) receives the dots of
+// units u .. u + count as out[j · count · U + q · U + i].
+template <std::size_t MB, std::size_t U, class Arch, class T, class Rows, class Store>
+void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units, bool first_pass, Rows rows,
+                 Store store) noexcept {
+  constexpr std::size_t NB = block_rows(MB, U);
+  static_assert(NB % U == 0, "a register block holds whole units");
+  constexpr std::size_t per_block = NB / U;
+  T out[MB * NB];
+  const T* wr[NB];
+  const T* wn[NB];
+  std::size_t u = 0;
+  if (per_block <= units)
+    for (std::size_t q = 0; q < per_block; ++q) rows(q, wr + q * U);
+  for (; u + per_block <= units; u += per_block) {
+    const bool more = u + 2 * per_block <= units;
+    for (std::size_t q = 0; q < per_block; ++q) {
+      if (more) rows(u + per_block + q, wn + q * U);
+      else for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+    }
+    if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k, out, NB);
+    else dot_block<false, MB, NB>(arch, xr, wr, wn, k, out, NB);
+    store(u, per_block, out);
+    for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
+  }
+  for (; u < units; ++u) {
+    rows(u, wr);
+    dot_block<false, MB, U>(arch, xr, wr, wr, k, out, U);
+    store(u, std::size_t(1), out);
+  }
+}
+
+// For each block of up to kTokenBlock token rows of x (rows `ldx` apart): calls
+// sweep_units<mb, U> with the block's row pointers and its first token index.
+template <std::size_t U, class Arch, class T, class Rows, class Store>
+void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, std::size_t units, Rows rows,
+                      Store store) noexcept {
   const T* xr[kTokenBlock];
-  const T* wr[kRowBlock];
   for (std::size_t j = 0; j < m; j += kTokenBlock) {
     const std::size_t mb = std::min(kTokenBlock, m - j);
-    const std::size_t rows_per_block = mb == 1 ? 8 : mb == 2 ? 4 : 2;
-    for (std::size_t q = 0; q < kTokenBlock; ++q) xr[q] = x + (j + std::min(q, mb - 1)) * ldx;
-    for (std::size_t r = r0; r < r1; r += rows_per_block) {
-      const std::size_t nb = std::min(rows_per_block, r1 - r);
-      for (std::size_t q = 0; q < nb; ++q) wr[q] = w + (r + q) * k;
-      if (nb == rows_per_block) {
-        switch (mb) {
-          case 4: dot_block<4, 2>(arch, xr, wr, k, out, nb); break;
-          case 3: dot_block<3, 2>(arch, xr, wr, k, out, nb); break;
-          case 2: dot_block<2, 4>(arch, xr, wr, k, out, nb); break;
-          default: dot_block<1, 8>(arch, xr, wr, k, out, nb); break;
-        }
-      } else {  // the panel's last rows, one at a time
-        for (std::size_t q = 0; q < nb; ++q) {
-          switch (mb) {
-            case 4: dot_block<4, 1>(arch, xr, wr + q, k, out + q, nb); break;
-            case 3: dot_block<3, 1>(arch, xr, wr + q, k, out + q, nb); break;
-            case 2: dot_block<2, 1>(arch, xr, wr + q, k, out + q, nb); break;
-            default: dot_block<1, 1>(arch, xr, wr + q, k, out + q, nb); break;
-          }
-        }
-      }
-      for (std::size_t a = 0; a < mb; ++a)
-        for (std::size_t b = 0; b < nb; ++b) y[(j + a) * ldy + r + b] = out[a * nb + b];
+    for (std::size_t q = 0; q < mb; ++q) xr[q] = x + (j + q) * ldx;
+    auto at = [&](auto&& per_unit) { return [&, j](std::size_t u, std::size_t count, const T* out) { per_unit(j, u, count, out); }; };
+    switch (mb) {
+      case 5: sweep_units<5, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
+      case 4: sweep_units<4, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
+      case 3: sweep_units<3, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
+      case 2: sweep_units<2, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
+      default: sweep_units<1, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
     }
   }
 }
-static_assert(kTokenBlock == 4 && kRowBlock == 8, "panel_product's block table assumes 4 tokens and 8 rows");
+static_assert(kTokenBlock == 5, "for_token_blocks has one case per token block size");
 
 // Weight rows per L2 panel for rows of k elements (at least one register block).
 template <class T>
 std::size_t panel_rows(std::size_t k) noexcept {
   const std::size_t rows = kPanelBytes / (std::max<std::size_t>(k, 1) * sizeof(T));
-  return std::max(kRowBlock, rows - rows % kRowBlock);
+  return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
+}
+
+// y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows.
+template <class Arch, class T>
+void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
+                   std::size_t r1, T* y, std::size_t ldy) noexcept {
+  for_token_blocks<1>(
+      arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
+      [&](std::size_t j, std::size_t u, std::size_t count, const T* out) {
+        const std::size_t mb = std::min(kTokenBlock, m - j);
+        for (std::size_t a = 0; a < mb; ++a)
+          for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
+      });
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ; x rows `ldx` apart, y rows `ldy` apart. Threads
@@ -124,60 +198,62 @@ void matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
   matmul_nt_strided(arch, x, k, m, k, w, n, y, ldy);
 }
 
+// Gate/up row pairs per panel of the gated product: a multiple of kGatedChunk, so every panel
+// starts on a vector boundary of the h row and the epilogue's vector/scalar split of a column is
+// the same as in gated_hidden_rows below, and at most kMaxPanelPairs (its stack buffers).
+inline constexpr std::size_t kGatedChunk = 16;  // ≥ the lane count of every arch and type
+inline constexpr std::size_t kMaxPanelPairs = 256;
+template <class T>
+std::size_t gated_panel_pairs(std::size_t k) noexcept {
+  const std::size_t pairs = std::min(kMaxPanelPairs, panel_rows<T>(k) / 2);
+  return std::max(kGatedChunk, pairs - pairs % kGatedChunk);
+}
+
 // Gated projection: h [m, n] = act(x · w_gateᵀ) ⊙ (x · w_upᵀ), both weights [n, k]; h rows `ldh`
-// apart. Gate row r and up row r form one register block, so the activation is applied while the
-// two dots are in registers and the [m, n] gate and up products are never stored.
+// apart. Gate row r and up row r sit in one register block; a token block's gate and up dots for
+// a panel wait in two small buffers and get the activation vectorized (simd::gated_activate),
+// so the [m, n] gate and up products are never stored.
 template <class Activation, class Arch, class T>
 void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up, std::size_t n,
                      T* h, std::size_t ldh) noexcept {
   if (m == 0 || n == 0) return;
-  const std::size_t panel = std::max<std::size_t>(panel_rows<T>(k) / 2, 1);
+  const std::size_t panel = gated_panel_pairs<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
 #if defined(MOE_USE_OPENMP)
 #pragma omp parallel for schedule(static) if (panels > 1 && m * n * k > 16384)
 #endif
   for (std::ptrdiff_t p = 0; p < panels; ++p) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
-    // A block pairs gate row r with up row r, for kRowBlock / (2 · mb) consecutive r (8
-    // accumulators whatever mb is); the panel's last rows go one pair at a time.
-    T out[kTokenBlock * kRowBlock];
-    const T* xr[kTokenBlock];
-    const T* wr[kRowBlock];
-    for (std::size_t j = 0; j < m; j += kTokenBlock) {
-      const std::size_t mb = std::min(kTokenBlock, m - j);
-      const std::size_t pairs_per_block = mb == 1 ? 4 : mb == 2 ? 2 : 1;
-      for (std::size_t q = 0; q < kTokenBlock; ++q) xr[q] = x + (j + std::min(q, mb - 1)) * k;
-      for (std::size_t r = r0; r < r1; r += pairs_per_block) {
-        const std::size_t pairs = std::min(pairs_per_block, r1 - r);
-        for (std::size_t q = 0; q < pairs; ++q) {
-          wr[2 * q] = w_gate + (r + q) * k;
-          wr[2 * q + 1] = w_up + (r + q) * k;
-        }
-        if (pairs == pairs_per_block) {
-          switch (mb) {
-            case 4: dot_block<4, 2>(arch, xr, wr, k, out, 2); break;
-            case 3: dot_block<3, 2>(arch, xr, wr, k, out, 2); break;
-            case 2: dot_block<2, 4>(arch, xr, wr, k, out, 4); break;
-            default: dot_block<1, 8>(arch, xr, wr, k, out, 8); break;
-          }
-        } else {
-          for (std::size_t q = 0; q < pairs; ++q) {
-            switch (mb) {
-              case 4: dot_block<4, 2>(arch, xr, wr + 2 * q, k, out + 2 * q, 2 * pairs); break;
-              case 3: dot_block<3, 2>(arch, xr, wr + 2 * q, k, out + 2 * q, 2 * pairs); break;
-              case 2: dot_block<2, 2>(arch, xr, wr + 2 * q, k, out + 2 * q, 2 * pairs); break;
-              default: dot_block<1, 2>(arch, xr, wr + 2 * q, k, out + 2 * q, 2 * pairs); break;
+    T gate[kTokenBlock][kMaxPanelPairs];
+    T up[kTokenBlock][kMaxPanelPairs];
+    for_token_blocks<2>(
+        arch, x, k, m, k, r1 - r0,
+        [&](std::size_t u, const T** ptrs) {
+          ptrs[0] = w_gate + (r0 + u) * k;
+          ptrs[1] = w_up + (r0 + u) * k;
+        },
+        [&](std::size_t j, std::size_t u, std::size_t count, const T* out) {
+          const std::size_t mb = std::min(kTokenBlock, m - j);
+          for (std::size_t a = 0; a < mb; ++a)
+            for (std::size_t q = 0; q < count; ++q) {
+              gate[a][u + q] = out[(a * count + q) * 2];
+              up[a][u + q] = out[(a * count + q) * 2 + 1];
             }
+          if (u + count < r1 - r0) return;  // the panel's last unit: the block's dots are complete
+          for (std::size_t a = 0; a < mb; ++a) {
+            gated_activate<Activation>(arch, gate[a], up[a], r1 - r0);
+            std::copy(gate[a], gate[a] + (r1 - r0), h + (j + a) * ldh + r0);
           }
-        }
-        for (std::size_t a = 0; a < mb; ++a)
-          for (std::size_t q = 0; q < pairs; ++q) {
-            const T gate = out[a * 2 * pairs + 2 * q], up = out[a * 2 * pairs + 2 * q + 1];
-            h[(j + a) * ldh + r + q] = Activation::apply(gate) * up;
-          }
-      }
-    }
+        });
   }
+}
+
+// The same epilogue for whole rows (MoE training keeps the gate and up products): hidden [m, n] =
+// act(gate) ⊙ up with gated_matmul_nt's rounding, element for element.
+template <class Activation, class Arch, class T>
+void gated_hidden_rows(Arch arch, const T* gate, const T* up, std::size_t m, std::size_t n, T* hidden) noexcept {
+  std::copy(gate, gate + m * n, hidden);
+  for (std::size_t j = 0; j < m; ++j) gated_activate<Activation>(arch, hidden + j * n, up + j * n, n);
 }
 
 }  // namespace simd
