@@ -216,4 +216,10 @@ TEST_CASE("backward rejects a missing forward and wrong shapes", "[backward][err
   // The training forward gives the inference forward's bits.
   moe::Workspace<double> plain;
   REQUIRE(l.forward(h.p.x, plain) == y);
+  // A plain forward on the training workspace (same token count) invalidates what backward
+  // would otherwise pair with the other batch's saved activations.
+  REQUIRE_NOTHROW(l.backward(h.p.x, h.probe, dx, grads, ws));
+  const moe::Matrix<double> other = -h.p.x;
+  l.forward(other, h.context(), y, ws);
+  REQUIRE_THROWS_WITH(l.backward(other, h.probe, dx, grads, ws), Catch::Contains("workspace tokens = -1"));
 }

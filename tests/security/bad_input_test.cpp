@@ -527,7 +527,7 @@ TEST_CASE("MoELayer::forward: shapes", "[errors][layer]") {
   moe::TrainingWorkspace<float> tws;
   REQUIRE_REJECTS(layer.forward_train(tokens(kT - 1), moe::RouteContext{}, y, tws), moe::invalid_argument,
                   Contains("y.rows() = 5") && Contains("x.rows() = 4"), y);
-  REQUIRE(tws.num_tokens == -1);  // a failed forward_train leaves nothing backward could use
+  REQUIRE(tws.training_tokens == -1);  // a failed forward_train leaves nothing backward could use
 }
 
 TEST_CASE("MoELayer::backward: without a forward_train, or after another batch's", "[errors][layer][backward]") {

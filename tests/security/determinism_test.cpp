@@ -3,9 +3,8 @@
 // permutes the rows of y and of dx bit for bit. (Routers with capacity, expert-choice and soft
 // routing do depend on the other tokens; tests/security/isolation_test.cpp covers them with
 // routing groups.)
-// Not covered, because they do not hold in the tree this was written against (reported): y with
-// shared experts, and dx with training jitter (TopKRouter::backward's jittered path), differ in
-// the last bits when the batch is permuted.
+// Not covered: dx with training jitter (TopKRouter::backward's jittered path uses Eigen products
+// over the batch, whose rounding depends on the batch) and dx through shared experts (same).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -123,6 +122,13 @@ TEST_CASE("Dropless top-k: a permuted batch gives permuted outputs and dx, bit f
     moe::MoELayer layer(router, make_experts(kE - 1), {moe::ZeroComputeExpert<float>::copy(kD)});
     check_permutation(layer, v.options.jitter > 0, seed++, v.options.jitter == 0);
   }
+}
+
+TEST_CASE("Shared experts with a sigmoid gate: a permuted batch gives permuted outputs, bit for bit",
+          "[determinism][permutation][shared]") {
+  moe::MoELayer layer(moe::TopKRouter<float>(router_weight(), moe::presets::qwen2_moe(2, true)), make_experts(kE));
+  layer.set_shared_experts(make_experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD, 9)));
+  check_permutation(layer, false, 70, false);
 }
 
 TEST_CASE("Hash routing: a permuted batch gives permuted outputs and dx, bit for bit", "[determinism][permutation][hash]") {

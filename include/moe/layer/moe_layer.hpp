@@ -23,6 +23,7 @@
 #include "../dispatch/dispatch.hpp"
 #include "../experts/zero_compute.hpp"
 #include "../simd/matmul.hpp"
+#include "../simd/softmax.hpp"
 #include "../routing/context.hpp"
 #include "../routing/router_output.hpp"
 #include "workspace.hpp"
@@ -119,9 +120,8 @@ class MoELayer {
   template <class Arch = simd::default_arch>
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, TrainingWorkspace<T>& ws,
                      Arch arch = {}) const {
-    ws.num_tokens = -1;  // invalid until this forward completes
-    run(x, ctx, y, ws, &ws, arch);
-    ws.num_tokens = x.rows();
+    run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
+    ws.training_tokens = x.rows();
   }
 
   // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
@@ -130,9 +130,9 @@ class MoELayer {
   void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
                 TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr) const {
     const index_t T_ = x.rows(), d = d_model();
-    if (ws.num_tokens != T_) {
-      detail::throw_invalid("MoELayer::backward: needs the workspace of a forward_train on the same x (workspace tokens = ",
-                            ws.num_tokens, ", x.rows() = ", T_, ")");
+    if (ws.training_tokens != T_) {
+      detail::throw_invalid("MoELayer::backward: needs the workspace of a forward_train on the same x, with no other forward "
+                            "since (workspace tokens = ", ws.training_tokens, ", x.rows() = ", T_, ")");
     }
     detail::check_dim("MoELayer::backward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("MoELayer::backward", "dy.rows()", dy.rows(), "x.rows()", T_);
@@ -192,6 +192,7 @@ class MoELayer {
     detail::check_dim("MoELayer::forward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("MoELayer::forward", "y.rows()", y.rows(), "x.rows()", x.rows());
     detail::check_dim("MoELayer::forward", "y.cols()", y.cols(), "d_model", d);
+    ws.training_tokens = -1;
 
     router_.route(x, ctx, ws.routing, arch);
     const Routing<T>& plan = ws.routing.plan;
@@ -260,7 +261,9 @@ class MoELayer {
       T* gate = ws.shared_gate.ensure(T_);
       if (shared_gate_.rows() == 1) {
         simd::matmul_nt(arch, x_rows, static_cast<std::size_t>(T_), static_cast<std::size_t>(d), shared_gate_.data(), 1, gate, 1);
-        simd::sigmoid(arch, gate, gate, static_cast<std::size_t>(T_));
+        // One token at a time: a vector call would round a token differently in the SIMD body and
+        // in the tail, so its gate would depend on its batch position.
+        for (index_t t = 0; t < T_; ++t) simd::sigmoid(arch, gate + t, gate + t, 1);
       } else {
         std::fill(gate, gate + T_, T(1));
       }

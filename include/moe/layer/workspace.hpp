@@ -21,6 +21,9 @@ struct Workspace {
   Buffer<T> shared_in;      // [T, d] contiguous copy of the input for the shared experts
   Buffer<T> shared_out;     // [T, d] one shared expert's output
   Buffer<T> shared_gate;    // [T] sigmoid gate of the shared experts
+  // Tokens of the forward_train whose state this holds; -1 when none. Every forward resets it, so
+  // a plain forward on a TrainingWorkspace cannot leave backward a stale pairing.
+  index_t training_tokens = -1;
 };
 
 // A Workspace that also keeps, from MoELayer::forward_train, what MoELayer::backward needs.
@@ -31,7 +34,6 @@ struct TrainingWorkspace : Workspace<T> {
   Buffer<T> saved;           // expert pre-activations, expert-grouped
   Buffer<T> shared_saved;    // [S] × shared-expert pre-activations for all tokens
   Buffer<T> shared_outputs;  // [S, T, d] shared-expert outputs (for the gate's gradient)
-  index_t num_tokens = -1;   // tokens of the forward_train this holds; -1 when none
 };
 
 MOE_NAMESPACE_END
