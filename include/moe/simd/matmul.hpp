@@ -58,14 +58,23 @@ inline void prefetch(const void* p) noexcept {
 #endif
 }
 
-// out[j * ldo + r] = dot(x row j, w row r) for j < MB, r < NB; rows given by pointers. `next`
-// holds NB rows of k elements to prefetch meanwhile (the next block's weight rows): a weight row
-// is often one 4 KiB page, where the hardware prefetcher stops, so with few tokens (memory bound)
+// Long rows are taken in chunks of kChunkBytes so that a token block's chunk of x stays in L1
+// while it meets the panel's weight rows: between chunks a register block's lane accumulators
+// are parked in memory and reloaded, which changes no bit (each lane still sums its k in order).
+inline constexpr std::size_t kChunkBytes = 4096;
+inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
+inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
+
+// Over k in [k0, k1) of rows of k elements: out[j * ldo + r] = dot(x row j, w row r) for
+// j < MB, r < NB, rows given by pointers. Lane accumulators start at zero when k0 = 0, else from
+// `carry` [MB · NB]; when k1 < k they are parked in `carry` instead of reduced into `out`.
+// `next` holds NB rows to prefetch meanwhile (the next block's weight rows): a weight row is
+// often one 4 KiB page, where the hardware prefetcher stops, so with few tokens (memory bound)
 // the next rows must be requested ahead (once per cache line). Only the first token block of a
 // panel prefetches: the later ones find the panel in L2.
 template <bool Prefetch, std::size_t MB, std::size_t NB, class Arch, class T>
-void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k, T* out,
-               std::size_t ldo) noexcept {
+void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
+               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   const T* xp[MB];
@@ -75,9 +84,9 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   for (std::size_t r = 0; r < NB; ++r) wp[r] = w[r], np[r] = next[r];
   B acc[MB][NB];
   for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t r = 0; r < NB; ++r) acc[j][r] = B(T(0));
-  std::size_t i = 0;
-  for (; i + L <= k; i += L) {
+    for (std::size_t r = 0; r < NB; ++r) acc[j][r] = k0 == 0 ? B(T(0)) : carry[j * NB + r];
+  std::size_t i = k0;
+  for (; i + L <= k1; i += L) {
     B wv[NB];
     constexpr std::size_t kLine = 64 / sizeof(T);
     if (Prefetch && i % kLine == 0)
@@ -88,6 +97,11 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
       if (NB > 1) keep_in_register(xv);
       for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
     }
+  }
+  if (k1 < k) {
+    for (std::size_t j = 0; j < MB; ++j)
+      for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
+    return;
   }
   for (std::size_t j = 0; j < MB; ++j) {
     for (std::size_t r = 0; r < NB; ++r) {
@@ -106,31 +120,42 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
 template <std::size_t MB, std::size_t U, class Arch, class T, class Rows, class Store>
 void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units, bool first_pass, Rows rows,
                  Store store) noexcept {
+  using B = batch<T, Arch>;
   constexpr std::size_t NB = block_rows(MB, U);
   static_assert(NB % U == 0, "a register block holds whole units");
   constexpr std::size_t per_block = NB / U;
+  constexpr std::size_t kChunk = kChunkBytes / sizeof(T);
+  static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
+  const bool chunked = k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
+  const std::size_t chunk = chunked ? kChunk : k;
+  B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
   T out[MB * NB];
   const T* wr[NB];
   const T* wn[NB];
-  std::size_t u = 0;
-  if (per_block <= units)
-    for (std::size_t q = 0; q < per_block; ++q) rows(q, wr + q * U);
-  for (; u + per_block <= units; u += per_block) {
-    const bool more = u + 2 * per_block <= units;
-    for (std::size_t q = 0; q < per_block; ++q) {
-      if (more) rows(u + per_block + q, wn + q * U);
-      else for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+  std::size_t k0 = 0;
+  do {
+    const std::size_t k1 = std::min(k, k0 + chunk);
+    std::size_t u = 0;
+    if (per_block <= units)
+      for (std::size_t q = 0; q < per_block; ++q) rows(q, wr + q * U);
+    for (; u + per_block <= units; u += per_block) {
+      const bool more = u + 2 * per_block <= units;
+      for (std::size_t q = 0; q < per_block; ++q) {
+        if (more) rows(u + per_block + q, wn + q * U);
+        else for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+      }
+      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, carry + MB * U * u, out, NB);
+      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, carry + MB * U * u, out, NB);
+      if (k1 == k) store(u, per_block, out);
+      for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
-    if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k, out, NB);
-    else dot_block<false, MB, NB>(arch, xr, wr, wn, k, out, NB);
-    store(u, per_block, out);
-    for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
-  }
-  for (; u < units; ++u) {
-    rows(u, wr);
-    dot_block<false, MB, U>(arch, xr, wr, wr, k, out, U);
-    store(u, std::size_t(1), out);
-  }
+    for (; u < units; ++u) {
+      rows(u, wr);
+      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + MB * U * u, out, U);
+      if (k1 == k) store(u, std::size_t(1), out);
+    }
+    k0 = k1;
+  } while (k0 < k);
 }
 
 // For each block of up to kTokenBlock token rows of x (rows `ldx` apart): calls
