@@ -1,0 +1,492 @@
+// The MoE layer against the machine's limits, at three model shapes (issue 6), 1 and 2 threads:
+//
+//   S1  d = 1024, d_ff = 3584, E = 8,  top-2, SwiGLU    (Mixtral-style)
+//   S2  d = 1024, d_ff = 512,  E = 64, top-6, SwiGLU    (fine-grained experts)
+//   S3  d = 768,  d_ff = 3072, E = 32, top-1, ReLU FFN  (Switch-style)
+//
+// Before the benchmarks, the binary measures the two numbers the roofline needs, with the same
+// thread counts: the read bandwidth (a SIMD max over 512 MiB) and the sgemm rate (the faster of
+// Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096). For a batch, bound = max(bytes of the weights of every expert that got a
+// token ÷ bandwidth, FLOPs ÷ sgemm rate), and the `roofline` counter is bound ÷ layer time.
+//
+//   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; caches evicted before each
+//                            iteration at T ≤ 16 (a real model's other layers evict them)
+//   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree)
+//   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
+//   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
+//                            the same bytes, in GB/s (bytes read + written)
+//
+// After the runs it prints a summary table of the ratios from the medians (or the single runs).
+//   OMP_PROC_BIND=true shapes_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+// CI smoke run: shapes_bench --benchmark_min_time=0.01 --benchmark_filter='S2/(1|16)/'
+#include <benchmark/benchmark.h>
+
+#include <moe/moe.hpp>
+
+#if defined(MOE_USE_OPENMP)
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using moe::index_t;
+using Mat = moe::Matrix<float>;
+using ConstMap = moe::ConstMatrixMap<float>;
+using Arch = moe::simd::default_arch;
+using Clock = std::chrono::steady_clock;
+
+constexpr index_t kMaxTokens = 2048;
+const int kTokenCounts[] = {1, 16, 128, 512, 2048};
+
+struct Shape {
+  const char* name;
+  index_t d, ff, E, k;
+  bool gated;  // SwiGLU (3 matrices) or ReLU FFN (2)
+  index_t matrices() const { return gated ? 3 : 2; }
+  double expert_params() const { return static_cast<double>(matrices() * d * ff); }
+};
+const Shape kShapes[] = {{"S1", 1024, 3584, 8, 2, true}, {"S2", 1024, 512, 64, 6, true}, {"S3", 768, 3072, 32, 1, false}};
+
+void set_threads(int threads) {
+#if defined(MOE_USE_OPENMP)
+  omp_set_num_threads(threads);
+#endif
+  Eigen::setNbThreads(threads);
+}
+// Threads to compare (1 and, when OpenMP gives 2 or more, 2); fixed before anything sets them.
+int g_max_threads = 1;
+
+// --- the machine's limits, measured once per thread count -------------------------------------
+
+struct Limits {
+  double read_gbs = 0;   // GB/s
+  double sgemm_gfs = 0;  // GFLOP/s
+  const char* sgemm_source = "";
+};
+std::map<int, Limits> g_limits;
+
+double best_seconds(int reps, const std::function<void()>& f) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Largest of p[0, n), n a multiple of four times the lane count: one streaming read.
+float stream_max(const float* p, std::size_t n) {
+  using B = xsimd::batch<float, Arch>;
+  B a(0.0f), b(0.0f), c(0.0f), d(0.0f);
+  for (std::size_t i = 0; i < n; i += 4 * B::size) {
+    a = xsimd::max(a, B::load_unaligned(p + i));
+    b = xsimd::max(b, B::load_unaligned(p + i + B::size));
+    c = xsimd::max(c, B::load_unaligned(p + i + 2 * B::size));
+    d = xsimd::max(d, B::load_unaligned(p + i + 3 * B::size));
+  }
+  return moe::simd::reduce_max(xsimd::max(xsimd::max(a, b), xsimd::max(c, d)));
+}
+
+Limits measure_limits(int threads) {
+  set_threads(threads);
+  Limits l;
+  {  // read bandwidth: a SIMD sum over a buffer far larger than the caches
+    const std::size_t n = std::size_t(512) << 20 >> 2;  // 512 MiB of floats
+    std::vector<float> buf(n, 1.0f);
+    float sink = 0;
+    const double s = best_seconds(5, [&] {
+      float total = 0;
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for reduction(max : total) schedule(static)
+#endif
+      for (std::ptrdiff_t c = 0; c < 64; ++c) {
+        const std::size_t chunk = n / 64;
+        total = std::max(total, stream_max(buf.data() + static_cast<std::size_t>(c) * chunk, chunk));
+      }
+      sink += total;
+    });
+    benchmark::DoNotOptimize(sink);
+    l.read_gbs = static_cast<double>(n * sizeof(float)) / s * 1e-9;
+  }
+  {  // sgemm rate: the faster of Eigen's GEMM and moe's own kernel, on a compute-bound size
+    const index_t m = 1024, k = 1024, n = 4096;
+    const Mat a = Mat::Random(m, k), b = Mat::Random(k, n), bt = b.transpose();
+    Mat c(m, n);
+    const double eigen = best_seconds(3, [&] { c.noalias() = a * b; });
+    benchmark::DoNotOptimize(c.data());
+    const double ours = best_seconds(3, [&] {
+      moe::simd::matmul_nt(Arch{}, a.data(), static_cast<std::size_t>(m), static_cast<std::size_t>(k), bt.data(),
+                           static_cast<std::size_t>(n), c.data(), static_cast<std::size_t>(n));
+    });
+    benchmark::DoNotOptimize(c.data());
+    l.sgemm_gfs = 2.0 * static_cast<double>(m * n * k) / std::min(eigen, ours) * 1e-9;
+    l.sgemm_source = eigen <= ours ? "Eigen" : "moe";
+  }
+  return l;
+}
+
+// Evicts the caches: streams over 96 MiB (three times the L3).
+void evict_caches() {
+  static std::vector<float> junk(std::size_t(96) << 20 >> 2);
+  for (std::size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.0f;
+  benchmark::DoNotOptimize(junk.data());
+}
+
+// --- models ---------------------------------------------------------------------------------------
+
+std::vector<float> random_weights(std::size_t count, float bound, std::uint64_t& state) {
+  std::vector<float> w(count);
+  for (float& v : w) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    v = bound * (static_cast<float>(state >> 40) / 8388608.0f - 1.0f);
+  }
+  return w;
+}
+
+// One shape's weights in plain PyTorch-layout buffers, the layer viewing them, and an input.
+template <class Expert>
+struct Model {
+  using Layer = moe::MoELayer<moe::TopKRouter<float>, Expert>;
+  Shape shape;
+  std::vector<float> gate;                     // [E, d]
+  std::vector<std::vector<float>> mats;        // E × matrices(): [d_ff, d] in (gate, up), [d, d_ff] down
+  Mat x;                                       // [kMaxTokens, d]
+  std::unique_ptr<Layer> layer;
+
+  explicit Model(const Shape& s) : shape(s) {
+    std::uint64_t state = 2024;
+    const float in_bound = 1.0f / std::sqrt(static_cast<float>(s.d)), out_bound = 1.0f / std::sqrt(static_cast<float>(s.ff));
+    gate = random_weights(static_cast<std::size_t>(s.E * s.d), in_bound, state);
+    std::vector<Expert> experts;
+    for (index_t e = 0; e < s.E; ++e) {
+      for (index_t m = 0; m + 1 < s.matrices(); ++m) mats.push_back(random_weights(static_cast<std::size_t>(s.ff * s.d), in_bound, state));
+      mats.push_back(random_weights(static_cast<std::size_t>(s.d * s.ff), out_bound, state));
+      experts.push_back(make_expert(e));
+    }
+    x = Mat(kMaxTokens, s.d);
+    const std::vector<float> xs = random_weights(static_cast<std::size_t>(x.size()), 1.0f, state);
+    std::copy(xs.begin(), xs.end(), x.data());
+    moe::TopKOptions options;
+    options.k = s.k;
+    options.score = moe::ScoreFunction::softmax;
+    options.normalize = s.k > 1;
+    layer = std::make_unique<Layer>(moe::TopKRouter<float>(ConstMap(gate.data(), s.E, s.d), options), std::move(experts));
+  }
+  ConstMap in_proj(index_t e, index_t which) const {
+    return ConstMap(mats[static_cast<std::size_t>(e * shape.matrices() + which)].data(), shape.ff, shape.d);
+  }
+  ConstMap out_proj(index_t e) const {
+    return ConstMap(mats[static_cast<std::size_t>(e * shape.matrices() + shape.matrices() - 1)].data(), shape.d, shape.ff);
+  }
+  Expert make_expert(index_t e) const {
+    if constexpr (std::is_same<Expert, moe::SwiGLU<float>>::value) {
+      return Expert(in_proj(e, 0), in_proj(e, 1), out_proj(e));
+    } else {
+      return Expert(in_proj(e, 0), out_proj(e));
+    }
+  }
+
+  // The loop a user would write with Eigen: logits, softmax, top-k (ties to the lower expert),
+  // renormalize when k > 1, then per expert gather, matmuls with the activation, and scatter.
+  void naive_forward(const moe::ConstMatrixRef<float>& xs, Mat& y) const {
+    const index_t T = xs.rows(), E = shape.E;
+    const Mat logits = xs * ConstMap(gate.data(), E, shape.d).transpose();  // [T, E]
+    std::vector<std::vector<index_t>> tokens(static_cast<std::size_t>(E));
+    std::vector<std::vector<float>> weights(static_cast<std::size_t>(E));
+    std::vector<index_t> order(static_cast<std::size_t>(E));
+    for (index_t t = 0; t < T; ++t) {
+      Eigen::RowVectorXf p = (logits.row(t).array() - logits.row(t).maxCoeff()).exp();
+      p /= p.sum();
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + shape.k, order.end(),
+                        [&](index_t a, index_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      float sum = 0;
+      for (index_t i = 0; i < shape.k; ++i) sum += p[order[static_cast<std::size_t>(i)]];
+      for (index_t i = 0; i < shape.k; ++i) {
+        const index_t e = order[static_cast<std::size_t>(i)];
+        tokens[static_cast<std::size_t>(e)].push_back(t);
+        weights[static_cast<std::size_t>(e)].push_back(shape.k > 1 ? p[e] / sum : p[e]);
+      }
+    }
+    y.setZero();
+    for (index_t e = 0; e < E; ++e) {
+      const auto& tk = tokens[static_cast<std::size_t>(e)];
+      const auto n = static_cast<index_t>(tk.size());
+      if (n == 0) continue;
+      Mat xe(n, shape.d);
+      for (index_t i = 0; i < n; ++i) xe.row(i) = xs.row(tk[static_cast<std::size_t>(i)]);
+      Mat h = xe * in_proj(e, 0).transpose();  // [n, d_ff]
+      if (shape.gated) {
+        const Mat u = xe * in_proj(e, 1).transpose();
+        h = (h.array() / (1.0f + (-h.array()).exp()) * u.array()).matrix();
+      } else {
+        h = h.cwiseMax(0.0f);
+      }
+      const Mat ye = h * out_proj(e).transpose();  // [n, d]
+      for (index_t i = 0; i < n; ++i) y.row(tk[static_cast<std::size_t>(i)]) += weights[static_cast<std::size_t>(e)][static_cast<std::size_t>(i)] * ye.row(i);
+    }
+  }
+};
+
+using GatedModel = Model<moe::SwiGLU<float>>;
+using PlainModel = Model<moe::FeedForward<float, moe::ReLU>>;
+
+template <class M>
+const M& model(const Shape& s) {
+  static std::map<std::string, std::unique_ptr<M>> models;
+  auto& slot = models[s.name];
+  if (!slot) slot = std::make_unique<M>(s);
+  return *slot;
+}
+
+// Bytes of the weights of every expert with a token, and the FLOPs, of one routed batch.
+struct Work {
+  double bytes = 0, flops = 0;
+};
+Work work_of(const Shape& s, const moe::Routing<float>& plan, index_t T) {
+  Work w;
+  for (index_t e = 0; e < s.E; ++e) {
+    const index_t m = plan.tokens_of(e);
+    if (m == 0) continue;
+    w.bytes += s.expert_params() * sizeof(float);
+    w.flops += 2.0 * s.expert_params() * static_cast<double>(m);
+  }
+  w.bytes += static_cast<double>(s.E * s.d) * sizeof(float);
+  w.flops += 2.0 * static_cast<double>(s.E * s.d * T);
+  return w;
+}
+
+// --- benchmarks -----------------------------------------------------------------------------------
+
+template <class M>
+void BM_Layer(benchmark::State& state, Shape s) {
+  const index_t T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  set_threads(threads);
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y(T, s.d);
+  moe::Workspace<float> ws;
+  m.layer->forward(x, y, ws);
+  const bool evict = T <= 16;
+  for (auto _ : state) {
+    if (evict) {
+      state.PauseTiming();
+      evict_caches();
+      state.ResumeTiming();
+    }
+    m.layer->forward(x, y, ws);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const Work w = work_of(s, ws.routing.plan, T);
+  const Limits& lim = g_limits[threads];
+  const double bound = std::max(w.bytes / (lim.read_gbs * 1e9), w.flops / (lim.sgemm_gfs * 1e9));
+  // A rate of `bound` seconds per iteration is bound ÷ time: the roofline efficiency.
+  state.counters["roofline"] = benchmark::Counter(bound, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+template <class M>
+void BM_Naive(benchmark::State& state, Shape s) {
+  const index_t T = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  set_threads(threads);
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y(T, s.d);
+  {  // both must compute the same layer (a near-tie may flip a choice: allow 1% of rows)
+    moe::Workspace<float> ws;
+    const Mat expected = m.layer->forward(x, ws);
+    m.naive_forward(x, y);
+    const float scale = std::max(expected.cwiseAbs().maxCoeff(), 1e-30f);
+    index_t differing = 0;
+    for (index_t t = 0; t < T; ++t) differing += (y.row(t) - expected.row(t)).cwiseAbs().maxCoeff() > 1e-4f * scale;
+    if (differing * 100 > T) {
+      state.SkipWithError(("naive and layer outputs differ on " + std::to_string(differing) + " rows").c_str());
+      return;
+    }
+  }
+  const bool evict = T <= 16;
+  for (auto _ : state) {
+    if (evict) {
+      state.PauseTiming();
+      evict_caches();
+      state.ResumeTiming();
+    }
+    m.naive_forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The layer's own work besides the experts: route, dispatch, combine (expert outputs as left by
+// a real forward).
+template <class M>
+void BM_Overhead(benchmark::State& state, Shape s) {
+  const index_t T = state.range(0);
+  set_threads(static_cast<int>(state.range(1)));
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y(T, s.d);
+  moe::Workspace<float> ws;
+  m.layer->forward(x, y, ws);
+  for (auto _ : state) {
+    m.layer->router().route(x, moe::RouteContext{}, ws.routing, Arch{});
+    const moe::Routing<float>& plan = ws.routing.plan;
+    moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data());
+    moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+}
+
+// Dispatch, combine and memcpy of the same bytes; GB/s counts bytes read + written.
+enum class Move { dispatch, combine, memcpy };
+template <class M>
+void BM_Move(benchmark::State& state, Shape s, Move what) {
+  const index_t T = state.range(0);
+  set_threads(1);
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y(T, s.d);
+  moe::Workspace<float> ws;
+  m.layer->forward(x, y, ws);
+  const moe::Routing<float>& plan = ws.routing.plan;
+  const auto A = static_cast<std::size_t>(plan.num_assignments()), d = static_cast<std::size_t>(s.d);
+  std::vector<float> dst(A * d);
+  const double bytes = 2.0 * static_cast<double>(A * d * sizeof(float));
+  for (auto _ : state) {
+    switch (what) {
+      case Move::dispatch: moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data()); break;
+      case Move::combine: moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride()); break;
+      case Move::memcpy: std::memcpy(dst.data(), ws.expert_out.data(), A * d * sizeof(float)); break;
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// --- summary --------------------------------------------------------------------------------------
+
+// Keeps each benchmark's median (or single-run) real time in ms and counters, by name.
+class Collector : public benchmark::ConsoleReporter {
+ public:
+  struct Entry {
+    double ms = 0;
+    std::map<std::string, double> counters;
+  };
+  std::map<std::string, Entry> entries;
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const bool single = r.run_type == Run::RT_Iteration && r.repetitions <= 1;
+      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
+      if (!single && !median) continue;
+      Entry e;
+      e.ms = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit) * 1e3;
+      for (const auto& c : r.counters) e.counters[c.first] = c.second.value;
+      entries[r.run_name.function_name + "/" + r.run_name.args] = e;
+    }
+  }
+  const Entry* find(const std::string& name) const {
+    const auto it = entries.find(name);
+    return it == entries.end() ? nullptr : &it->second;
+  }
+};
+
+void print_summary(const Collector& c) {
+  std::printf("\nSummary (medians; roofline = bound / layer time; share = (route+dispatch+combine) / layer)\n");
+  for (const auto& l : g_limits) {
+    std::printf("  %d thread(s): read %.1f GB/s, sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs, l.second.sgemm_gfs,
+                l.second.sgemm_source);
+  }
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
+              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy");
+  for (const Shape& s : kShapes) {
+    for (const int T : kTokenCounts) {
+      for (int threads = 1; threads <= 2; ++threads) {
+        const std::string suffix = std::string(s.name) + "/" + std::to_string(T) + "/" + std::to_string(threads);
+        const auto* layer = c.find("BM_Layer/" + suffix);
+        if (layer == nullptr) continue;
+        const auto* naive = c.find("BM_Naive/" + suffix);
+        const auto* over = c.find("BM_Overhead/" + suffix);
+        const auto* one = c.find("BM_Layer/" + std::string(s.name) + "/" + std::to_string(T) + "/1");
+        const std::string move = std::string(s.name) + "/" + std::to_string(T);
+        const auto* disp = c.find("BM_Dispatch/" + move);
+        const auto* comb = c.find("BM_Combine/" + move);
+        const auto* copy = c.find("BM_Memcpy/" + move);
+        auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, bool time, double scale = 1.0) {
+          if (a == nullptr || b == nullptr) return std::string("-");
+          char buf[32];
+          if (time) std::snprintf(buf, sizeof buf, "%.2f", scale * a->ms / b->ms);
+          else std::snprintf(buf, sizeof buf, "%.2f", a->counters.at("GB/s") / b->counters.at("GB/s"));
+          return std::string(buf);
+        };
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s\n", s.name, T, threads, layer->ms,
+                    layer->counters.at("roofline"), ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
+                    threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
+                    threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-");
+      }
+    }
+  }
+}
+
+template <class M>
+void register_shape(const Shape& s) {
+  const std::string n = s.name;
+  auto args = [](benchmark::internal::Benchmark* b) {
+    for (const int T : kTokenCounts)
+      for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({T, threads});
+    b->Unit(benchmark::kMillisecond)->UseRealTime();
+  };
+  benchmark::RegisterBenchmark(("BM_Layer/" + n).c_str(), BM_Layer<M>, s)->Apply(args);
+  benchmark::RegisterBenchmark(("BM_Naive/" + n).c_str(), BM_Naive<M>, s)->Apply(args);
+  benchmark::RegisterBenchmark(("BM_Overhead/" + n).c_str(), BM_Overhead<M>, s)->Apply(args);
+  auto moves = [](benchmark::internal::Benchmark* b) {
+    for (const int T : kTokenCounts) b->Arg(T);
+    b->Unit(benchmark::kMicrosecond)->UseRealTime();
+  };
+  benchmark::RegisterBenchmark(("BM_Dispatch/" + n).c_str(), BM_Move<M>, s, Move::dispatch)->Apply(moves);
+  benchmark::RegisterBenchmark(("BM_Combine/" + n).c_str(), BM_Move<M>, s, Move::combine)->Apply(moves);
+  benchmark::RegisterBenchmark(("BM_Memcpy/" + n).c_str(), BM_Move<M>, s, Move::memcpy)->Apply(moves);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  g_max_threads = std::min(2, moe::max_threads());
+  register_shape<GatedModel>(kShapes[0]);
+  register_shape<GatedModel>(kShapes[1]);
+  register_shape<PlainModel>(kShapes[2]);
+  for (int threads = 1; threads <= g_max_threads; ++threads) {
+    g_limits[threads] = measure_limits(threads);
+    benchmark::AddCustomContext("read GB/s, " + std::to_string(threads) + " thread(s)", std::to_string(g_limits[threads].read_gbs));
+    benchmark::AddCustomContext("sgemm GFLOP/s, " + std::to_string(threads) + " thread(s)", std::to_string(g_limits[threads].sgemm_gfs));
+  }
+  Collector collector;
+  benchmark::RunSpecifiedBenchmarks(&collector);
+  print_summary(collector);
+  benchmark::Shutdown();
+  return 0;
+}
