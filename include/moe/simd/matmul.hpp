@@ -71,7 +71,8 @@ inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel 
 // `next` holds NB rows to prefetch meanwhile (the next block's weight rows): a weight row is
 // often one 4 KiB page, where the hardware prefetcher stops, so with few tokens (memory bound)
 // the next rows must be requested ahead (once per cache line). Only the first token block of a
-// panel prefetches: the later ones find the panel in L2.
+// panel prefetches (the later ones find the panel in L2), and not a one-token block: its eight
+// row streams keep the hardware prefetcher busy enough (measured 20% faster without).
 template <bool Prefetch, std::size_t MB, std::size_t NB, class Arch, class T>
 void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
                std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo) noexcept {
@@ -89,7 +90,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   for (; i + L <= k1; i += L) {
     B wv[NB];
     constexpr std::size_t kLine = 64 / sizeof(T);
-    if (Prefetch && i % kLine == 0)
+    if (Prefetch && MB > 1 && i % kLine == 0)
       for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
     for (std::size_t r = 0; r < NB; ++r) wv[r] = B::load_unaligned(wp[r] + i);
     for (std::size_t j = 0; j < MB; ++j) {
