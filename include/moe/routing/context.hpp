@@ -22,7 +22,8 @@ struct RouteContext {
   const std::int64_t* token_ids = nullptr;
   // Training-only behaviour (jitter) is on when true.
   bool training = false;
-  // Distinguishes layers for per-layer random streams (jitter, hashing).
+  // Distinguishes layers for per-layer random streams (training jitter). Hash routing does not
+  // use it: give each layer's HashRouter its own seed.
   std::uint64_t layer_id = 0;
 
   static RouteContext with_groups(const std::vector<index_t>& boundaries) {
