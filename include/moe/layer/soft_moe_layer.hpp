@@ -15,9 +15,19 @@
 // type of your own keeps this guarantee only if its rows are independent too (a packed GEMM's
 // rounding changes with the row count, so it would tie a group's bits to the number of groups).
 //
+// Training: forward_train keeps what backward needs in a SoftTrainingWorkspace; backward gives
+// the gradients of the input, of Φ and the scale (SoftRouter::backward) and of every expert:
+//   dC = dy · Ỹ_gᵀ, dỸ_g = C_gᵀ · dy_g             per group g (the combine)
+//   dX̃ = expert backward of dỸ                     (each expert on its s·G rows)
+//   dD = x_g · dX̃_gᵀ, dx_g = D_g · dX̃_g            per group (the dispatch)
+// then through the two softmaxes and the logits into x, Φ and the scale.
+//
 // The layer holds its router and experts by value; both are cheap when they view the caller's
-// weights. forward() is const and thread-safe given one SoftWorkspace per thread.
+// weights (construction also builds each expert's zero gradient once, one at a time, to record
+// the shapes backward checks). forward() is const and thread-safe given one SoftWorkspace per
+// thread.
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -40,6 +50,18 @@ struct SoftWorkspace {
   Buffer<T> slot_out;      // [G·S, d] expert outputs in the same order
   Buffer<T> mix;           // dispatch/combine product scratch
   Buffer<T> scratch;       // expert hidden activations
+  // Tokens of the forward_train whose state this holds; -1 when none. Every forward resets it, so
+  // a plain forward on a SoftTrainingWorkspace cannot leave backward a stale pairing.
+  index_t training_tokens = -1;
+};
+
+// A SoftWorkspace that also keeps, from SoftMoELayer::forward_train, what SoftMoELayer::backward
+// needs. Memory: 3·S values per token (logits, D, C) and, per slot row (G·S of them),
+// 2·d + 2·d_ff values for gated experts (d + d_ff + d for plain FFN experts): slot inputs, slot
+// outputs and the expert pre-activations.
+template <class T>
+struct SoftTrainingWorkspace : SoftWorkspace<T> {
+  Buffer<T> saved;  // expert pre-activations, in the expert-major slot order
 };
 
 template <class Expert>
@@ -58,6 +80,9 @@ class SoftMoELayer {
                               experts_[e].d_model(), ", router d_model = ", router_.d_model(), ")");
       }
     }
+    // The gradient shapes backward() checks, taken once here (one expert's zero gradient at a
+    // time), so that backward does not build a second set of gradients to compare against.
+    for (const Expert& expert : experts_) gradient_shapes_.push_back(shapes_of(expert.zero_gradient()));
   }
 
   index_t d_model() const noexcept { return router_.d_model(); }
@@ -75,10 +100,113 @@ class SoftMoELayer {
   // As above, with routing groups: each group is its own Soft MoE.
   template <class Arch = simd::default_arch>
   void forward(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftWorkspace<T>& ws, Arch arch = {}) const {
+    run(x, ctx, y, ws, nullptr, arch);
+  }
+
+  // Convenience: returns a new [T, d] output.
+  template <class Arch = simd::default_arch>
+  Matrix<T> forward(const ConstMatrixRef<T>& x, SoftWorkspace<T>& ws, Arch arch = {}) const {
+    Matrix<T> y(x.rows(), d_model());
+    forward(x, y, ws, arch);
+    return y;
+  }
+
+  // --- training -------------------------------------------------------------------------------
+  using ExpertGradient = typename Expert::Gradient;
+  struct Gradients {
+    Matrix<T> phi;                         // [d, S] ∂L/∂Φ
+    T scale = T(0);                        // ∂L/∂scale (SoftOptions::scale multiplies the logits)
+    std::vector<ExpertGradient> experts;   // one per expert
+  };
+  // Zero gradients of the right shapes for this layer.
+  Gradients make_gradients() const {
+    Gradients g;
+    g.phi = Matrix<T>::Zero(d_model(), router_.num_slots());
+    for (const Expert& e : experts_) g.experts.push_back(e.zero_gradient());
+    return g;
+  }
+
+  // forward() that keeps what backward() needs in `ws`; y has the same bits as forward().
+  template <class Arch = simd::default_arch>
+  void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftTrainingWorkspace<T>& ws,
+                     Arch arch = {}) const {
+    run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
+    ws.training_tokens = x.rows();
+  }
+
+  // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
+  // writes dx = ∂L/∂x [T, d] and overwrites `grads` (shaped by make_gradients()).
+  void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                SoftTrainingWorkspace<T>& ws) const {
+    const index_t T_ = x.rows(), d = d_model();
+    const char* where = "SoftMoELayer::backward";
+    if (ws.training_tokens != T_) {
+      detail::throw_invalid(where, ": needs the workspace of a forward_train on the same x, with no other forward since ",
+                            "(workspace tokens = ", ws.training_tokens, ", x.rows() = ", T_, ")");
+    }
+    detail::check_dim(where, "x.cols()", x.cols(), "d_model", d);
+    detail::check_dim(where, "dy.rows()", dy.rows(), "x.rows()", T_);
+    detail::check_dim(where, "dy.cols()", dy.cols(), "d_model", d);
+    detail::check_dim(where, "dx.rows()", dx.rows(), "x.rows()", T_);
+    detail::check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
+    check_gradients(grads);
+    grads.phi.setZero();
+    grads.scale = T(0);
+    for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
+    if (T_ == 0) return;
+
+    const SoftRouting<T>& routing = ws.routing;
+    const index_t S = routing.num_slots(), s = routing.slots_per_expert(), rows = routing.slot_rows();
+    const index_t m = routing.rows_per_expert();
+    const ConstMatrixMap<T> slots(ws.slots.data(), rows, d), slot_out(ws.slot_out.data(), rows, d);  // [G·S, d]
+    const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();             // [T, S]
+    Matrix<T> d_slot_out(rows, d), d_slots(rows, d);  // [G·S, d] ∂L/∂Ỹ, ∂L/∂X̃ in the slot-buffer order
+    Matrix<T> dD(T_, S), dC(T_, S);                   // [T, S]
+    Matrix<T> group_rows(S, d), group_grad(S, d);     // [S, d] one group's slots in slot order
+    auto slot_row = [&](index_t g, index_t j) { return routing.slot_row(j / s, g, j % s); };
+
+    // Combine y_g = C_g · Ỹ_g.
+    for (index_t g = 0; g < routing.num_groups(); ++g) {
+      const index_t first = routing.group_begin(g), n = routing.group_size(g);
+      for (index_t j = 0; j < S; ++j) group_rows.row(j) = slot_out.row(slot_row(g, j));
+      if (n > 0) {
+        dC.middleRows(first, n).noalias() = dy.middleRows(first, n) * group_rows.transpose();
+        group_grad.noalias() = C.middleRows(first, n).transpose() * dy.middleRows(first, n);
+      } else {
+        group_grad.setZero();
+      }
+      for (index_t j = 0; j < S; ++j) d_slot_out.row(slot_row(g, j)) = group_grad.row(j);
+    }
+    // The experts, each on its s·G contiguous rows.
+    const T* saved = ws.saved.data();
+    for (index_t e = 0; e < num_experts(); ++e) {
+      const index_t first = routing.expert_first_row(e);
+      const Expert& expert = experts_[static_cast<std::size_t>(e)];
+      expert.backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved, d_slots.data() + first * d,
+                      grads.experts[static_cast<std::size_t>(e)]);
+      saved += expert.saved_size(m);
+    }
+    // Dispatch X̃_g = D_gᵀ · x_g.
+    dx.setZero();
+    for (index_t g = 0; g < routing.num_groups(); ++g) {
+      const index_t first = routing.group_begin(g), n = routing.group_size(g);
+      if (n == 0) continue;
+      for (index_t j = 0; j < S; ++j) group_grad.row(j) = d_slots.row(slot_row(g, j));
+      dD.middleRows(first, n).noalias() = x.middleRows(first, n) * group_grad.transpose();
+      dx.middleRows(first, n).noalias() += D.middleRows(first, n) * group_grad;
+    }
+    grads.scale = router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
+  }
+
+ private:
+  template <class Arch>
+  void run(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftWorkspace<T>& ws,
+           SoftTrainingWorkspace<T>* train, Arch arch) const {
     const index_t d = d_model();
     detail::check_dim("SoftMoELayer::forward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("SoftMoELayer::forward", "y.rows()", y.rows(), "x.rows()", x.rows());
     detail::check_dim("SoftMoELayer::forward", "y.cols()", y.cols(), "d_model", d);
+    ws.training_tokens = -1;
 
     router_.route(x, ctx, ws.routing, arch);
     if (x.rows() == 0) return;
@@ -92,25 +220,51 @@ class SoftMoELayer {
     index_t scratch_needed = 0;
     for (const Expert& expert : experts_) scratch_needed = std::max(scratch_needed, expert.scratch_size(m));
     T* scratch = ws.scratch.ensure(scratch_needed);
+    T* saved = nullptr;
+    if (train != nullptr) {
+      index_t saved_needed = 0;
+      for (const Expert& expert : experts_) saved_needed += expert.saved_size(m);
+      saved = train->saved.ensure(saved_needed);
+    }
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t first = routing.expert_first_row(e);
-      experts_[static_cast<std::size_t>(e)].forward(arch, slots + first * d, m, slot_out + first * d, scratch);
+      const Expert& expert = experts_[static_cast<std::size_t>(e)];
+      if (train != nullptr) {
+        expert.forward_saving(arch, slots + first * d, m, slot_out + first * d, saved, scratch);
+        saved += expert.saved_size(m);
+      } else {
+        expert.forward(arch, slots + first * d, m, slot_out + first * d, scratch);
+      }
     }
 
     combine(arch, routing, slot_out, d, y.data(), y.outerStride(), ws.mix);
   }
 
-  // Convenience: returns a new [T, d] output.
-  template <class Arch = simd::default_arch>
-  Matrix<T> forward(const ConstMatrixRef<T>& x, SoftWorkspace<T>& ws, Arch arch = {}) const {
-    Matrix<T> y(x.rows(), d_model());
-    forward(x, y, ws, arch);
-    return y;
+  void check_gradients(const Gradients& g) const {
+    const char* where = "SoftMoELayer::backward";
+    detail::check_dim(where, "grads.phi.rows()", g.phi.rows(), "d_model", d_model());
+    detail::check_dim(where, "grads.phi.cols()", g.phi.cols(), "num_slots", router_.num_slots());
+    detail::check_dim(where, "grads.experts.size()", g.experts.size(), "experts", experts_.size());
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const std::string have = shapes_of(g.experts[e]), &want = gradient_shapes_[e];
+      if (have != want) {
+        detail::throw_invalid(where, ": grads.experts[", e, "] must have the shapes of the expert's weights (grads.experts[", e,
+                              "] = ", have, ", expert weights = ", want, "); use make_gradients()");
+      }
+    }
+  }
+  // "[rows x cols, ...]" of every matrix of an expert gradient.
+  static std::string shapes_of(const ExpertGradient& g) {
+    std::string out;
+    g.for_each([&out](const auto& w) {
+      out += (out.empty() ? "[" : ", ") + std::to_string(w.rows()) + "x" + std::to_string(w.cols());
+    });
+    return out + "]";
   }
 
- private:
   SoftRouter<T> router_;
   std::vector<Expert> experts_;
+  std::vector<std::string> gradient_shapes_;  // per expert, "[rows x cols, ...]" of its weight gradient
 };
 
 MOE_NAMESPACE_END

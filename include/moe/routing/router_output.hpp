@@ -4,6 +4,7 @@
 // batch, routing into it allocates nothing.
 #include <cstdint>
 
+#include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "routing.hpp"
@@ -22,10 +23,33 @@ class RouterOutput {
   // [T, E] scores: softmax over experts or sigmoid of the logits, as the router is configured.
   ConstMatrixMap<T> scores() const noexcept { return ConstMatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
 
+  // [T, k] the experts each token chose before capacity, best first (one row per token), from the
+  // last route of a TopKRouter with a fixed k. These are the ids the load-balancing losses count
+  // (balance/losses.hpp: c_i is taken before capacity drops): once capacity has dropped or
+  // rerouted choices the plan no longer holds them, this view still does. A view of router
+  // scratch, valid until the next route into this output. Throws moe::invalid_argument when the
+  // last route recorded none: dynamic top-p (a varying number of choices per token),
+  // ExpertChoiceRouter and HashRouter (never dropped: count their plan), or no route yet.
+  using ConstIndexMap = Eigen::Map<const Matrix<index_t>, 0, Eigen::OuterStride<>>;
+  ConstIndexMap top_k_ids() const {
+    if (top_k_ < 1) {
+      detail::throw_invalid("RouterOutput::top_k_ids: the last route recorded no fixed top-k choices (k = ", top_k_,
+                            ", tokens = ", num_tokens_, "); they come from TopKRouter without top_p");
+    }
+    return ConstIndexMap(candidate_expert.data(), num_tokens_, top_k_, Eigen::OuterStride<>(top_k_stride_));
+  }
+  // For TopKRouter: the first k of every `stride` entries of candidate_expert are a token's choices.
+  void set_top_k_ids(index_t k, index_t stride) noexcept {
+    top_k_ = k;
+    top_k_stride_ = stride;
+  }
+
   // For routers: sizes the [T, E] buffers and returns writable views of them.
   void reshape(index_t tokens, index_t experts) {
     num_tokens_ = tokens;
     num_experts_ = experts;
+    top_k_ = 0;
+    top_k_stride_ = 1;
     logits_data_ = logits_.ensure(tokens * experts);
     scores_data_ = scores_.ensure(tokens * experts);
   }
@@ -55,6 +79,8 @@ class RouterOutput {
  private:
   index_t num_tokens_ = 0;
   index_t num_experts_ = 0;
+  index_t top_k_ = 0;         // choices per token recorded by the last route, 0 when none
+  index_t top_k_stride_ = 1;  // their row stride in candidate_expert
   Buffer<T> logits_;
   Buffer<T> scores_;
   T* logits_data_ = nullptr;

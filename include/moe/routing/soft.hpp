@@ -362,6 +362,71 @@ class SoftRouter {
     for (index_t t = 0; t < T_; ++t) simd::softmax(arch, &logits(t, 0), &combine_w(t, 0), n_slots);
   }
 
+  // Backward through the routing (for SoftMoELayer::backward). Given `routing`, the last route of
+  // x, and grad_dispatch = ∂L/∂D, grad_combine = ∂L/∂C (both [T, S] row-major), adds ∂L/∂x to
+  // dx [T, d] and ∂L/∂Φ to dphi [d, S], and returns ∂L/∂scale. With P = x·Φ [T, S]:
+  //   dL = C ⊙ (dC − Σ_slots C ⊙ dC) + D ⊙ (dD − Σ_group tokens D ⊙ dD)     (the two softmaxes)
+  //   plain:       L = scale · P:  dP = scale · dL,  ∂L/∂scale = Σ dL ⊙ P
+  //   normalized:  L[t,j] = P[t,j] · r_t · c_j,  r_t = rsqrt(Σ_i x[t,i]² + eps),
+  //                c_j = scale · q_j,  q_j = rsqrt(Σ_i Φ[i,j]² + eps):
+  //                dP = dL ⊙ r cᵀ,  dr_t = Σ_j dL·P·c,  dc_j = Σ_t dL·P·r,  ∂L/∂scale = Σ_j dc_j q_j,
+  //                ∂r_t/∂x[t,i] = −x[t,i] r_t³,  ∂q_j/∂Φ[i,j] = −Φ[i,j] q_j³
+  //   dx += dP · Φᵀ,  dΦ += xᵀ · dP
+  T backward(const ConstMatrixRef<T>& x, const SoftRouting<T>& routing, const T* grad_dispatch, const T* grad_combine,
+             MatrixRef<T> dx, MatrixRef<T> dphi) const {
+    const index_t T_ = x.rows(), d = d_model(), S = num_slots();
+    const char* where = "SoftRouter::backward";
+    detail::check_dim(where, "x.cols()", x.cols(), "d_model", d);
+    detail::check_dim(where, "routing.num_tokens()", routing.num_tokens(), "x.rows()", T_);
+    detail::check_dim(where, "routing.num_slots()", routing.num_slots(), "num_slots", S);
+    detail::check_dim(where, "dx.rows()", dx.rows(), "x.rows()", T_);
+    detail::check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
+    detail::check_dim(where, "dphi.rows()", dphi.rows(), "d_model", d);
+    detail::check_dim(where, "dphi.cols()", dphi.cols(), "num_slots", S);
+    if (T_ == 0) return T(0);
+    const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();  // [T, S]
+    const ConstMatrixMap<T> dD(grad_dispatch, T_, S), dC(grad_combine, T_, S);              // [T, S]
+    Matrix<T> dlogits(T_, S);                                                                // [T, S]
+    // Combine: softmax over the slots of each row.
+    const Vector<T> row_dot = C.cwiseProduct(dC).rowwise().sum();  // [T]
+    dlogits = C.cwiseProduct(dC - row_dot.replicate(1, S));
+    // Dispatch: softmax over the tokens of each group, per column.
+    for (index_t g = 0; g < routing.num_groups(); ++g) {
+      const index_t first = routing.group_begin(g), n = routing.group_size(g);
+      if (n == 0) continue;
+      const Eigen::Matrix<T, 1, Eigen::Dynamic> column_dot =
+          D.middleRows(first, n).cwiseProduct(dD.middleRows(first, n)).colwise().sum();  // [S]
+      dlogits.middleRows(first, n) += D.middleRows(first, n).cwiseProduct(dD.middleRows(first, n) - column_dot.replicate(n, 1));
+    }
+    const ConstMatrixMap<T> phi_map = phi();  // [d, S]
+    Matrix<T> product(T_, S);                 // [T, S] P = x·Φ
+    product.noalias() = x * phi_map;
+    const auto scale = static_cast<T>(options_.scale);
+    T dscale(0);
+    Matrix<T> dproduct(T_, S);  // [T, S]
+    if (!options_.normalized) {
+      dscale = dlogits.cwiseProduct(product).sum();
+      dproduct = scale * dlogits;
+    } else {
+      const auto eps = static_cast<T>(detail::kSoftNormEpsilon);
+      const Vector<T> r = (x.rowwise().squaredNorm().array() + eps).rsqrt().matrix();                    // [T]
+      const Vector<T> q = (phi_map.colwise().squaredNorm().transpose().array() + eps).rsqrt().matrix();  // [S]
+      const Matrix<T> g = dlogits.cwiseProduct(product);  // [T, S] dL ⊙ P
+      const Vector<T> dr = g * q * scale;                 // [T]
+      const Vector<T> dc = g.transpose() * r;             // [S]
+      dscale = dc.dot(q);
+      dproduct = r.asDiagonal() * dlogits * (scale * q).asDiagonal();
+      // r_t³ and q_j³ terms.
+      const Vector<T> x_factor = -dr.cwiseProduct(r.cwiseProduct(r).cwiseProduct(r));                    // [T]
+      const Vector<T> phi_factor = -(scale * dc).cwiseProduct(q.cwiseProduct(q).cwiseProduct(q));        // [S]
+      dx += x_factor.asDiagonal() * x;
+      dphi += phi_map * phi_factor.asDiagonal();
+    }
+    dx.noalias() += dproduct * phi_map.transpose();
+    dphi.noalias() += x.transpose() * dproduct;
+    return dscale;
+  }
+
  private:
   // column_scale[j] = scale · rsqrt(Σ_i Φ[i,j]² + eps).
   template <class Arch>

@@ -141,6 +141,7 @@ class TopKRouter {
     if (options_.check_finite) check_finite_logits(logits);
     compute_scores(arch, logits, out.mutable_scores());
     rank_candidates(arch, out, T_, E);
+    out.set_top_k_ids(options_.top_p > 0 ? 0 : options_.k, candidate_stride());  // pre-capacity ids for the losses
     decide_and_build(out, groups, T_, E);
   }
 

@@ -1,0 +1,229 @@
+// SoftMoELayer::backward (and SoftRouter::backward) against central finite differences in double:
+// plain and normalized soft routing, with and without a scale, with routing groups, FFN and gated
+// experts; and the errors of a backward without its forward or with buffers of the wrong shape.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../support/reference.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+constexpr index_t kD = 6, kFF = 5, kTokens = 9, kExperts = 3;
+
+struct SoftConfig {
+  const char* name;
+  index_t slots = 2;
+  bool normalized = false;
+  double scale = 1.0;
+  std::vector<index_t> groups;  // routing group boundaries, empty: one group
+};
+
+// Every learned tensor of a small Soft MoE layer, owned by the test so it can be perturbed.
+struct SoftParams {
+  moe::Matrix<double> x, phi;
+  double scale = 1.0;
+  std::vector<moe::Matrix<double>> w;  // 3 per expert (gate, up, down); FFN experts use (in, -, out)
+};
+
+template <class Expert>
+Expert make_soft_expert(const SoftParams& p, index_t e);
+template <>
+moe::SwiGLU<double> make_soft_expert(const SoftParams& p, index_t e) {
+  return moe::SwiGLU<double>(moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e)].data(), kFF, kD),
+                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 1)].data(), kFF, kD),
+                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 2)].data(), kD, kFF));
+}
+template <>
+moe::FeedForward<double, moe::GELU> make_soft_expert(const SoftParams& p, index_t e) {
+  return moe::FeedForward<double, moe::GELU>(moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e)].data(), kFF, kD),
+                                             moe::ConstMatrixMap<double>(p.w[std::size_t(3 * e + 2)].data(), kD, kFF));
+}
+
+template <class Expert>
+struct SoftHarness {
+  SoftConfig cfg;
+  SoftParams p;
+  moe::Matrix<double> probe;  // L = Σ y ⊙ probe
+
+  explicit SoftHarness(SoftConfig c) : cfg(std::move(c)) {
+    p.x = random_matrix<double>(kTokens, kD, 101);
+    p.phi = random_matrix<double>(kD, kExperts * cfg.slots, 102, 0.8);
+    p.scale = cfg.scale;
+    for (index_t e = 0; e < kExperts; ++e) {
+      p.w.push_back(random_matrix<double>(kFF, kD, 110 + std::uint32_t(e), 0.6));
+      p.w.push_back(random_matrix<double>(kFF, kD, 130 + std::uint32_t(e), 0.6));
+      p.w.push_back(random_matrix<double>(kD, kFF, 150 + std::uint32_t(e), 0.6));
+    }
+    probe = random_matrix<double>(kTokens, kD, 103);
+  }
+
+  moe::SoftMoELayer<Expert> layer() const {
+    moe::SoftOptions o;
+    o.slots_per_expert = cfg.slots;
+    o.normalized = cfg.normalized;
+    o.scale = p.scale;
+    std::vector<Expert> experts;
+    for (index_t e = 0; e < kExperts; ++e) experts.push_back(make_soft_expert<Expert>(p, e));
+    return moe::SoftMoELayer<Expert>(
+        moe::SoftRouter<double>(moe::ConstMatrixMap<double>(p.phi.data(), kD, kExperts * cfg.slots), kExperts, o), experts);
+  }
+  moe::RouteContext context() const {
+    return cfg.groups.empty() ? moe::RouteContext{} : moe::RouteContext::with_groups(cfg.groups);
+  }
+  double loss() const {
+    moe::SoftTrainingWorkspace<double> ws;
+    moe::Matrix<double> y(kTokens, kD);
+    layer().forward_train(p.x, context(), y, ws);
+    return (y.array() * probe.array()).sum();
+  }
+};
+
+// Central difference of the loss in `value`; returns |analytic − numeric| / max(|numeric|, 1e-2).
+template <class H>
+double check_entry(H& h, double& value, double analytic, const char* what, index_t index) {
+  const double step = 1e-5, saved = value;
+  value = saved + step;
+  const double plus = h.loss();
+  value = saved - step;
+  const double minus = h.loss();
+  value = saved;
+  const double numeric = (plus - minus) / (2 * step);
+  const double error = std::fabs(analytic - numeric) / std::max(std::fabs(numeric), 1e-2);
+  CAPTURE(what, index, analytic, numeric, error);
+  CHECK(error < 1e-6);
+  return error;
+}
+
+template <class Expert>
+void check_soft_gradients(const SoftConfig& cfg) {
+  CAPTURE(cfg.name);
+  SoftHarness<Expert> h(cfg);
+  const auto l = h.layer();
+  moe::SoftTrainingWorkspace<double> ws;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD);
+  l.forward_train(h.p.x, h.context(), y, ws);
+  auto grads = l.make_gradients();
+  l.backward(h.p.x, h.probe, dx, grads, ws);
+
+  // The training forward gives the inference forward's bits.
+  moe::SoftWorkspace<double> plain;
+  moe::Matrix<double> y_plain(kTokens, kD);
+  l.forward(h.p.x, h.context(), y_plain, plain);
+  REQUIRE(y_plain == y);
+
+  double worst = 0;
+  index_t checked = 0;
+  auto check = [&](double& value, double analytic, const char* what, index_t index) {
+    worst = std::max(worst, check_entry(h, value, analytic, what, index));
+    ++checked;
+  };
+  for (index_t i = 0; i < h.p.x.size(); ++i) check(h.p.x.data()[i], dx.data()[i], "x", i);
+  for (index_t i = 0; i < h.p.phi.size(); ++i) check(h.p.phi.data()[i], grads.phi.data()[i], "phi", i);
+  check(h.p.scale, grads.scale, "scale", 0);
+  for (index_t e = 0; e < kExperts; ++e) {
+    std::vector<const moe::Matrix<double>*> g;
+    grads.experts[std::size_t(e)].for_each([&](const moe::Matrix<double>& m) { g.push_back(&m); });
+    const std::vector<int> slots = g.size() == 3 ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2};
+    REQUIRE(g.size() == slots.size());
+    for (std::size_t q = 0; q < slots.size(); ++q) {
+      moe::Matrix<double>& w = h.p.w[std::size_t(3 * e + slots[q])];
+      for (index_t i = 0; i < w.size(); ++i) check(w.data()[i], g[q]->data()[i], "expert weight", 100 * e + i);
+    }
+  }
+  // Every gradient was compared, and none is trivially zero.
+  CAPTURE(worst, checked);
+  CHECK(worst < 1e-6);
+  CHECK(dx.cwiseAbs().maxCoeff() > 1e-3);
+  CHECK(grads.phi.cwiseAbs().maxCoeff() > 1e-3);
+  CHECK(std::fabs(grads.scale) > 1e-6);
+}
+
+std::vector<SoftConfig> soft_configs() {
+  std::vector<SoftConfig> c;
+  c.push_back({"plain, 2 slots", 2, false, 1.0, {}});
+  c.push_back({"plain, scaled, 1 slot", 1, false, 0.7, {}});
+  c.push_back({"normalized, scale 1.3, 2 slots", 2, true, 1.3, {}});
+  c.push_back({"normalized, scale 2.5, 1 slot", 1, true, 2.5, {}});
+  c.push_back({"plain with routing groups (one empty)", 2, false, 1.0, {0, 4, 4, 9}});
+  c.push_back({"normalized with routing groups", 1, true, 1.7, {0, 3, 9}});
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("Soft MoE gradients match finite differences with gated experts", "[backward][soft]") {
+  for (const SoftConfig& c : soft_configs()) check_soft_gradients<moe::SwiGLU<double>>(c);
+}
+
+TEST_CASE("Soft MoE gradients match finite differences with GELU feed-forward experts", "[backward][soft]") {
+  for (const SoftConfig& c : soft_configs()) check_soft_gradients<moe::FeedForward<double, moe::GELU>>(c);
+}
+
+TEST_CASE("Soft MoE backward of an empty batch gives zero gradients", "[backward][soft]") {
+  SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"empty", 2, true, 1.0, {}});
+  const auto l = h.layer();
+  moe::SoftTrainingWorkspace<double> ws;
+  const moe::Matrix<double> x(0, kD), dy(0, kD);
+  moe::Matrix<double> y(0, kD), dx(0, kD);
+  l.forward_train(x, moe::RouteContext{}, y, ws);
+  auto grads = l.make_gradients();
+  grads.phi.setOnes();
+  grads.scale = 3;
+  l.backward(x, dy, dx, grads, ws);
+  CHECK(grads.phi.isZero(0));
+  CHECK(grads.scale == 0);
+  for (const auto& g : grads.experts) g.for_each([](const moe::Matrix<double>& m) { CHECK(m.isZero(0)); });
+}
+
+TEST_CASE("Soft MoE backward rejects a missing forward and wrong shapes", "[backward][soft][errors]") {
+  SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"errors", 2, true, 1.0, {}});
+  const auto l = h.layer();
+  moe::SoftTrainingWorkspace<double> ws;
+  moe::Matrix<double> y(kTokens, kD), dx = moe::Matrix<double>::Constant(kTokens, kD, 7.0);
+  auto grads = l.make_gradients();
+  REQUIRE_THROWS_AS(l.backward(h.p.x, h.probe, dx, grads, ws), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, grads, ws),
+                      Catch::Contains("SoftMoELayer::backward") && Catch::Contains("workspace tokens = -1") &&
+                          Catch::Contains("x.rows() = 9"));
+  l.forward_train(h.p.x, moe::RouteContext{}, y, ws);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x.topRows(4), h.probe.topRows(4), dx, grads, ws), Catch::Contains("workspace tokens = 9") &&
+                                                                                      Catch::Contains("x.rows() = 4"));
+  moe::Matrix<double> narrow(kTokens, kD - 1);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, narrow, dx, grads, ws), Catch::Contains("dy.cols() = 5") && Catch::Contains("d_model = 6"));
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, narrow, grads, ws), Catch::Contains("dx.cols() = 5"));
+  moe::Matrix<double> short_rows(kTokens - 1, kD);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, short_rows, dx, grads, ws), Catch::Contains("dy.rows() = 8") && Catch::Contains("x.rows() = 9"));
+
+  auto bad = grads;
+  bad.phi.resize(kD, 2);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws), Catch::Contains("grads.phi.cols() = 2") && Catch::Contains("num_slots = 6"));
+  bad = grads;
+  bad.phi.resize(kD + 1, kExperts * 2);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws), Catch::Contains("grads.phi.rows() = 7") && Catch::Contains("d_model = 6"));
+  bad = grads;
+  bad.experts.pop_back();
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws), Catch::Contains("grads.experts.size() = 2") && Catch::Contains("experts = 3"));
+  bad = grads;
+  bad.experts[1].w_up.resize(1, 1);
+  REQUIRE_THROWS_WITH(l.backward(h.p.x, h.probe, dx, bad, ws),
+                      Catch::Contains("grads.experts[1]") && Catch::Contains("[5x6, 1x1, 6x5]") && Catch::Contains("[5x6, 5x6, 6x5]"));
+  // A rejected call leaves its outputs untouched.
+  CHECK((dx.array() == 7.0).all());
+  // A plain forward on the training workspace (same token count) invalidates it for backward.
+  REQUIRE_NOTHROW(l.backward(h.p.x, h.probe, dx, grads, ws));
+  const moe::Matrix<double> other = -h.p.x;
+  l.forward(other, y, ws);
+  REQUIRE_THROWS_WITH(l.backward(other, h.probe, dx, grads, ws), Catch::Contains("workspace tokens = -1"));
+
+  // The router's backward checks its own buffers.
+  moe::Matrix<double> dphi(kD, 5), dx_router(kTokens, kD);
+  const moe::Matrix<double> dD(kTokens, kExperts * 2), dC(kTokens, kExperts * 2);
+  REQUIRE_THROWS_WITH(l.router().backward(h.p.x, ws.routing, dD.data(), dC.data(), dx_router, dphi),
+                      Catch::Contains("SoftRouter::backward") && Catch::Contains("dphi.cols() = 5") && Catch::Contains("num_slots = 6"));
+}
