@@ -201,7 +201,8 @@ void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ; x rows `ldx` apart, y rows `ldy` apart. Threads
-// (MOE_USE_OPENMP) split the weight panels.
+// (MOE_USE_OPENMP) take the weight panels one at a time as they free up (dynamic: a thread slowed
+// by another process on its core does not hold up the rest).
 template <class Arch, class T>
 void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                        T* y, std::size_t ldy) noexcept {
@@ -209,7 +210,7 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   const std::size_t panel = panel_rows<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
 #if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(static) if (panels > 1 && m * n * k > 32768)
+#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768)
 #endif
   for (std::ptrdiff_t p = 0; p < panels; ++p) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
@@ -246,7 +247,7 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
   const std::size_t panel = gated_panel_pairs<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
 #if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(static) if (panels > 1 && m * n * k > 16384)
+#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 16384)
 #endif
   for (std::ptrdiff_t p = 0; p < panels; ++p) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
