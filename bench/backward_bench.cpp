@@ -8,7 +8,7 @@
 //                      backward       MoELayer::backward (dx, router and every expert's gradients)
 //                    The benchmark's own time is the backward time (manual timing).
 //   BM_MakeGradients  layer.make_gradients(): a zero gradient for every weight (O(parameters),
-//                    independent of T), which MoELayer::backward also builds once per call
+//                    independent of T); a training loop builds it once (backward only zeroes it)
 // Counters (per call, means over the iterations): forward_ms, forward_train_ms, backward_ms, and
 // the ratios bwd/fwd = backward / forward and bwd/fwd_train = backward / forward_train.
 // Times are process CPU time (clock_gettime(CLOCK_PROCESS_CPUTIME_ID)): meant for one thread
@@ -138,7 +138,7 @@ void BM_TrainStep(benchmark::State& state) {
 
 // What backward spends on its gradient buffers alone at this shape, whatever T: a zero Gradients
 // set (every expert's weights, 3·d·d_ff values each, plus the router's [E, d]) built by
-// make_gradients(). MoELayer::backward builds one per call to check the shapes of `grads`.
+// make_gradients() (which a training loop calls once, not per step).
 void BM_MakeGradients(benchmark::State& state) {
   for (auto _ : state) {
     Layer::Gradients g = layer().make_gradients();

@@ -53,6 +53,9 @@ class MoELayer {
                       router_.num_experts());
     for (std::size_t e = 0; e < experts_.size(); ++e) check_width("expert ", e, experts_[e].d_model());
     for (std::size_t e = 0; e < zero_compute_.size(); ++e) check_width("zero_compute expert ", e, zero_compute_[e].d_model());
+    // The gradient shapes backward() checks, taken once here (one expert's zero gradient at a time).
+    for (const Expert& e : experts_) expert_shapes_.push_back(shapes_of(e.zero_gradient()));
+    for (const auto& z : zero_compute_) zero_compute_shapes_.push_back(shapes_of(z.zero_gradient()));
   }
 
   // Always-on experts added to every token, each scaled by sigmoid(x · gateᵀ) when `gate` [1, d]
@@ -65,6 +68,8 @@ class MoELayer {
     }
     shared_ = std::move(shared);
     shared_gate_ = std::move(gate);
+    shared_shapes_.clear();
+    for (const Expert& e : shared_) shared_shapes_.push_back(shapes_of(e.zero_gradient()));
   }
   void set_dropped_tokens(DroppedTokens policy) noexcept { dropped_tokens_ = policy; }
 
@@ -328,14 +333,12 @@ class MoELayer {
     detail::check_dim(where, "grads.zero_compute.size()", g.zero_compute.size(), "zero_compute experts", zero_compute_.size());
     detail::check_dim(where, "grads.shared.size()", g.shared.size(), "shared experts", shared_.size());
     detail::check_dim(where, "grads.shared_gate.size()", g.shared_gate.size(), "shared gate size", shared_gate_.rows() * shared_gate_.cols());
-    const Gradients fresh = make_gradients();  // per-expert shapes
-    auto same_shapes = [](const auto& a, const auto& b) { return shapes_of(a) == shapes_of(b); };
     for (std::size_t e = 0; e < experts_.size(); ++e)
-      if (!same_shapes(g.experts[e], fresh.experts[e])) detail::throw_invalid(where, ": grads.experts[", e, "] has the wrong shape; use make_gradients()");
+      if (shapes_of(g.experts[e]) != expert_shapes_[e]) detail::throw_invalid(where, ": grads.experts[", e, "] has the wrong shape; use make_gradients()");
     for (std::size_t s = 0; s < shared_.size(); ++s)
-      if (!same_shapes(g.shared[s], fresh.shared[s])) detail::throw_invalid(where, ": grads.shared[", s, "] has the wrong shape; use make_gradients()");
+      if (shapes_of(g.shared[s]) != shared_shapes_[s]) detail::throw_invalid(where, ": grads.shared[", s, "] has the wrong shape; use make_gradients()");
     for (std::size_t z = 0; z < zero_compute_.size(); ++z)
-      if (!same_shapes(g.zero_compute[z], fresh.zero_compute[z])) detail::throw_invalid(where, ": grads.zero_compute[", z, "] has the wrong shape; use make_gradients()");
+      if (shapes_of(g.zero_compute[z]) != zero_compute_shapes_[z]) detail::throw_invalid(where, ": grads.zero_compute[", z, "] has the wrong shape; use make_gradients()");
   }
   template <class G>
   static std::vector<index_t> shapes_of(const G& g) {
@@ -356,6 +359,8 @@ class MoELayer {
   std::vector<ZeroComputeExpert<T>> zero_compute_;
   std::vector<Expert> shared_;
   Weight<T> shared_gate_;  // [1, d] or empty
+  // Per expert, the (rows, cols) of each matrix of its gradient, for backward()'s shape check.
+  std::vector<std::vector<index_t>> expert_shapes_, zero_compute_shapes_, shared_shapes_;
   DroppedTokens dropped_tokens_ = DroppedTokens::zero;
 };
 
