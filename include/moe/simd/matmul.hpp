@@ -127,7 +127,8 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   constexpr std::size_t per_block = NB / U;
   constexpr std::size_t kChunk = kChunkBytes / sizeof(T);
   static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
-  const bool chunked = k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
+  // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.)
+  const bool chunked = MB > 1 && k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
   const std::size_t chunk = chunked ? kChunk : k;
   B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
   T out[MB * NB];
