@@ -81,11 +81,4 @@ inline bool options_valid(const TopKOptions& o, index_t E) {
   return o.jitter >= 0 && o.jitter < 1;
 }
 
-// Known issue (see top_k_router.cpp): top_k.hpp compares the cumulative score with
-// static_cast<T>(top_p); a positive top_p that rounds to 0 in T selects no expert for any token.
-template <class T>
-bool top_p_underflows(const TopKOptions& o) {
-  return kSkipKnownIssues && o.top_p > 0 && static_cast<T>(o.top_p) == T(0);
-}
-
 }  // namespace moe_fuzz

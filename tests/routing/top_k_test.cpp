@@ -188,6 +188,64 @@ TEST_CASE("Selection bias changes the choice, never the weights", "[routing][top
   }
 }
 
+// Extreme inputs the fuzzer found (tests/fuzz/top_k_router.cpp): each once gave no expert or a
+// NaN weight. The router is the identity (W = I), so x holds the logits directly.
+TEST_CASE("TopKRouter stays finite and routes every token on extreme options", "[routing][top_k][numerics]") {
+  const index_t E = 4;
+  const moe::Matrix<float> I = moe::Matrix<float>::Identity(E, E);
+  SECTION("a positive top_p that rounds to 0 in float still picks the best expert") {
+    moe::TopKOptions o;
+    o.k = 3;
+    o.top_p = 1e-300;
+    moe::TopKRouter<float> router(I, o);
+    const moe::Matrix<float> x = random_matrix<float>(5, E, 8);
+    moe::RouterOutput<float> out;
+    router.route(x, out);
+    for (index_t t = 0; t < 5; ++t) {
+      index_t best = 0;
+      x.row(t).maxCoeff(&best);
+      REQUIRE(out.plan.token_begin[t + 1] - out.plan.token_begin[t] == 1);
+      REQUIRE(out.plan.expert_of_assignment(out.plan.assignment[std::size_t(out.plan.token_begin[t])]) == best);
+    }
+  }
+  SECTION("chosen probabilities that all underflow to 0 give weight 0, not 0/0") {
+    moe::TopKOptions o;
+    o.k = 1;
+    o.normalize = true;
+    moe::TopKRouter<float> router(I, o);
+    moe::Vector<float> bias = moe::Vector<float>::Zero(E);
+    bias[1] = 10.0f;  // selects expert 1, whose probability e^-200 / Σ is 0 in float
+    router.set_selection_bias(bias);
+    moe::Matrix<float> x(1, E);
+    x << 0.0f, -200.0f, -200.0f, -200.0f;
+    moe::RouterOutput<float> out;
+    router.route(x, out);
+    REQUIRE(out.plan.tokens_of(1) == 1);
+    REQUIRE(out.plan.weight[0] == 0.0f);
+  }
+  SECTION("softmax after top-k with a bias that ranks a low logit first does not overflow") {
+    moe::TopKOptions o;
+    o.k = 2;
+    o.softmax_placement = moe::SoftmaxPlacement::after_top_k;
+    moe::TopKRouter<float> router(I, o);
+    moe::Vector<float> bias = moe::Vector<float>::Zero(E);
+    bias[0] = 1000.0f;  // expert 0 (logit 0) ranks first, expert 1 (logit 200) second
+    router.set_selection_bias(bias);
+    moe::Matrix<float> x(1, E);
+    x << 0.0f, 200.0f, -5.0f, -6.0f;
+    moe::RouterOutput<float> out;
+    router.route(x, out);
+    REQUIRE(out.plan.num_assignments() == 2);
+    float sum = 0;
+    for (const float w : out.plan.weight) {
+      REQUIRE(std::isfinite(w));
+      sum += w;
+    }
+    REQUIRE(sum == Approx(1.0f));
+    REQUIRE(out.plan.weight[std::size_t(out.plan.expert_begin[1])] == Approx(1.0f));  // e^0 / (e^-200 + e^0)
+  }
+}
+
 TEST_CASE("TopKRouter rejects bad input with named values", "[routing][top_k][errors]") {
   const moe::Matrix<float> W = random_matrix<float>(4, 3, 1);
   moe::TopKOptions o;

@@ -27,6 +27,17 @@ V constant(double c) noexcept {
   return V(static_cast<typename scalar_of<V>::type>(c));
 }
 
+// e^x for a scalar (std::exp) or a batch (simd::exp_batch: xsimd::exp without its undefined
+// behaviour on NaN, ±inf and huge double lanes).
+template <class T>
+T exp_of(T x) noexcept {
+  return std::exp(x);
+}
+template <class T, class Arch>
+xsimd::batch<T, Arch> exp_of(const xsimd::batch<T, Arch>& x) noexcept {
+  return simd::exp_batch(x);
+}
+
 }  // namespace detail
 
 // max(x, 0).
@@ -68,9 +79,7 @@ struct SiLU {
   static constexpr const char* name = "silu";
   template <class V>
   static V apply(const V& x) noexcept {
-    using std::exp;
-    using xsimd::exp;
-    return x / (V(1) + exp(-x));
+    return x / (V(1) + detail::exp_of(V(-x)));
   }
 };
 

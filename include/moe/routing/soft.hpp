@@ -218,7 +218,7 @@ void soft_column_exp(Arch, const T* row, const T* shift, T* out, T* sum, std::si
   constexpr std::size_t L = B::size;
   std::size_t j = 0;
   for (; j + L <= n; j += L) {
-    const B e = xsimd::exp(B::load_unaligned(row + j) - B::load_unaligned(shift + j));
+    const B e = simd::exp_batch(B::load_unaligned(row + j) - B::load_unaligned(shift + j));
     e.store_unaligned(out + j);
     (B::load_unaligned(sum + j) + e).store_unaligned(sum + j);
   }

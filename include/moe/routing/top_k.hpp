@@ -192,9 +192,13 @@ class TopKRouter {
       const bool renormalized = renormalize && kept_any;  // as decide_and_build chose
       auto in_denominator = [&](index_t j) { return renormalized ? kept[j] != 0 : j < num_chosen[t]; };
       T D(1), weighted(0);
-      if (renormalized || options_.normalize) {
+      bool normalized = renormalized || options_.normalize;
+      if (normalized) {
         D = eps;
         for (index_t j = 0; j < R; ++j) D += in_denominator(j) ? raw[j] : T(0);
+        normalized = D != T(0);  // as decide_and_build: a zero denominator keeps the raw zeros
+      }
+      if (normalized) {
         for (index_t j = 0; j < R; ++j) weighted += g_weight[j] * raw[j];
         for (index_t j = 0; j < R; ++j) g_raw[j] = scale * (g_weight[j] / D - (in_denominator(j) ? weighted / (D * D) : T(0)));
       } else {
@@ -375,14 +379,19 @@ class TopKRouter {
       if (options_.top_p > 0) {
         T cumulative(0);
         chosen = 0;
-        while (chosen < k && cumulative < static_cast<T>(options_.top_p)) cumulative += scores(t, row[chosen++]);
+        do {  // at least one expert, even for a top_p that rounds to 0 in T
+          cumulative += scores(t, row[chosen++]);
+        } while (chosen < k && cumulative < static_cast<T>(options_.top_p));
       }
       num_chosen[t] = chosen;
 
       T* row_raw = raw + t * R;
       if (on_logits) {
         // Softmax over the k chosen logits; rerouting candidates share the same denominator.
-        const T top = logits(t, row[0]);
+        // Shifted by the largest chosen logit (with a selection bias the first-ranked expert
+        // need not have it), so no chosen term overflows and their sum is at least 1.
+        T top = logits(t, row[0]);
+        for (index_t j = 1; j < k; ++j) top = std::max(top, logits(t, row[j]));
         T sum(0);
         for (index_t j = 0; j < R; ++j) row_raw[j] = std::exp(logits(t, row[j]) - top);
         for (index_t j = 0; j < k; ++j) sum += row_raw[j];
@@ -441,6 +450,8 @@ class TopKRouter {
       } else if (options_.normalize) {
         denominator = chosen_sum + eps;
       }
+      // Every summed probability underflowed to 0: keep those zeros rather than 0/0 = NaN.
+      if (denominator == T(0)) denominator = T(1);
       bool was_rerouted = false;
       for (index_t j = 0; j < R; ++j) {
         const T w = raw[j] / denominator * scale;
