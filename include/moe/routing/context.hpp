@@ -26,6 +26,9 @@ struct RouteContext {
   // use it: give each layer's HashRouter its own seed.
   std::uint64_t layer_id = 0;
 
+  // Views `boundaries` (no copy): it must outlive every use of the context. A braced temporary,
+  // as in forward(x, RouteContext::with_groups({0, 4, 9}), y, ws), lives exactly long enough;
+  // a context stored from one dangles.
   static RouteContext with_groups(const std::vector<index_t>& boundaries) {
     RouteContext c;
     c.group_begin = boundaries.data();
