@@ -146,7 +146,8 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
         if (more) rows(u + per_block + q, wn + q * U);
         else for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
       }
-      B* const parked = chunked ? carry + MB * U * u : nullptr;  // only chunks park accumulators
+      // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
+      B* const parked = carry + (chunked ? MB * U * u : 0);
       if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB);
       else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB);
       if (k1 == k) store(u, per_block, out);
@@ -154,7 +155,7 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
     }
     for (; u < units; ++u) {
       rows(u, wr);
-      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, chunked ? carry + MB * U * u : nullptr, out, U);
+      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U);
       if (k1 == k) store(u, std::size_t(1), out);
     }
     k0 = k1;
