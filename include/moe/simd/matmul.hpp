@@ -11,7 +11,7 @@
 //
 // Blocking: weight rows are taken in panels that fit in L2 and every token is run against a
 // panel before moving on, so the weights stream from memory once per call; within a panel, a
-// register block of kTokenBlock tokens × kRowBlock rows shares each load. For a handful of tokens
+// register block of up to kTokenBlock tokens × block_rows() rows shares each load. For a handful of tokens
 // this is one pass over the weights (memory bound, as it must be); for many it is compute bound.
 #include <algorithm>
 #include <cmath>
