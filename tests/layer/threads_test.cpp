@@ -92,3 +92,90 @@ TEST_CASE("Soft MoE forward and backward bits do not depend on the thread count"
   }
   omp_set_num_threads(2);
 }
+
+TEST_CASE("Threads take whole experts only when the work shares out evenly", "[threads][schedule]") {
+  index_t loads[4];
+  const std::vector<index_t> equal(16, 100);
+  REQUIRE(moe::detail::share_out_experts(equal.data(), 16, 2, loads));
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 16, 1, loads));   // one thread
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 15, 2, loads));   // < 8 experts per thread
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 16, 4, loads));
+  // One expert busier than all the others together: a longest-first split is 2000 : 1500.
+  std::vector<index_t> skewed(16, 100);
+  skewed[0] = 2000;
+  REQUIRE_FALSE(moe::detail::share_out_experts(skewed.data(), 16, 2, loads));
+  // 2 × 32 + 15 × 16 = 304 split 160 : 144 is 5% over even (152): too uneven.
+  std::vector<index_t> costs(17, 16);
+  costs[0] = costs[1] = 32;
+  REQUIRE_FALSE(moe::detail::share_out_experts(costs.data(), 17, 2, loads));
+  costs.push_back(16);  // 18 experts: 160 : 160
+  REQUIRE(moe::detail::share_out_experts(costs.data(), 18, 2, loads));
+  REQUIRE(moe::detail::expert_cost(200, 3) == 200 * 8);  // memory-bound: costs as 8 tokens
+  REQUIRE(moe::detail::expert_cost(200, 20) == 200 * 20);
+}
+
+TEST_CASE("Forward and backward bits do not depend on the thread count when threads take whole experts",
+          "[threads][determinism][schedule]") {
+  const index_t d = 48, ff = 64, E = 32, Tn = 256;
+  std::vector<moe::FeedForward<double, moe::GELU>> experts;
+  for (index_t e = 0; e < E; ++e) {
+    experts.emplace_back(random_matrix<double>(ff, d, 1 + std::uint32_t(e), 0.2), random_matrix<double>(d, ff, 60 + std::uint32_t(e), 0.2));
+  }
+  moe::TopKOptions options;
+  options.k = 2;
+  moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E, d, 99), options), experts);
+  const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
+
+  // The routing of this batch takes the by-expert path on 2 threads (and not on 1).
+  moe::Workspace<double> probe;
+  layer.forward(x, probe);
+  const auto& plan = probe.routing.plan;
+  std::vector<index_t> costs;
+  for (index_t e = 0; e < E; ++e)
+    if (plan.tokens_of(e) > 0) costs.push_back(moe::detail::expert_cost(ff, plan.tokens_of(e)));
+  std::sort(costs.rbegin(), costs.rend());
+  index_t loads[2];
+  REQUIRE(moe::detail::share_out_experts(costs.data(), static_cast<index_t>(costs.size()), 2, loads));
+
+  auto run = [&](int threads, moe::Matrix<double>& y, moe::Matrix<double>& dx, decltype(layer.make_gradients())& g) {
+    omp_set_num_threads(threads);
+    moe::TrainingWorkspace<double> ws;
+    y.resize(Tn, d);
+    dx.resize(Tn, d);
+    layer.forward_train(x, moe::RouteContext{}, y, ws);
+    g = layer.make_gradients();
+    layer.backward(x, dy, dx, g, ws);
+  };
+  moe::Matrix<double> y1, dx1, y2, dx2;
+  auto g1 = layer.make_gradients(), g2 = g1;
+  run(1, y1, dx1, g1);
+  run(2, y2, dx2, g2);
+  REQUIRE(y1 == y2);
+  REQUIRE(dx1 == dx2);
+  REQUIRE(g1.router == g2.router);
+  for (std::size_t e = 0; e < g1.experts.size(); ++e) {
+    REQUIRE(g1.experts[e].w_in == g2.experts[e].w_in);
+    REQUIRE(g1.experts[e].w_out == g2.experts[e].w_out);
+  }
+  // Plain forward on 2 threads: the same bits, and the plain reference (softmax, top-2 by
+  // score, GELU FFN, weighted sum; doubles) within rounding.
+  moe::Workspace<double> ws;
+  const moe::Matrix<double> y_fwd = layer.forward(x, ws);
+  REQUIRE(y_fwd == y1);
+  const Mat router = to_double(layer.router().weight());
+  double worst = 0;
+  for (index_t t = 0; t < Tn; ++t) {
+    const std::vector<double> xt(x.row(t).data(), x.row(t).data() + d);
+    const std::vector<double> p = softmax(linear(router, xt));
+    std::vector<double> yt(static_cast<std::size_t>(d), 0.0);
+    for (const index_t e : top_k(p, 2)) {
+      std::vector<double> h = linear(to_double(experts[std::size_t(e)].w_in()), xt);
+      for (double& v : h) v = gelu(v);
+      const std::vector<double> out = linear(to_double(experts[std::size_t(e)].w_out()), h);
+      for (index_t c = 0; c < d; ++c) yt[std::size_t(c)] += p[std::size_t(e)] * out[std::size_t(c)];
+    }
+    for (index_t c = 0; c < d; ++c) worst = std::max(worst, std::abs(yt[std::size_t(c)] - y_fwd(t, c)));
+  }
+  REQUIRE(worst <= 1e-12);
+  omp_set_num_threads(2);
+}

@@ -15,22 +15,3 @@
 #ifndef MOE_THROW
 #define MOE_THROW(exception) throw exception
 #endif
-
-// Threads: define MOE_USE_OPENMP (the moe::openmp CMake target does) to split kernels over
-// OpenMP threads. Each output element is still computed by one thread in a fixed order.
-#if defined(MOE_USE_OPENMP)
-#include <omp.h>
-#endif
-
-namespace moe {
-inline namespace v0 {
-// Threads a parallel kernel may use; scratch sizes scale with it.
-inline int max_threads() noexcept {
-#if defined(MOE_USE_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-}  // namespace v0
-}  // namespace moe

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/threads.hpp"
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "../dispatch/soft_dispatch.hpp"
@@ -154,7 +155,14 @@ class SoftMoELayer {
     grads.scale = T(0);
     for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
     if (T_ == 0) return;
+    // Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
+    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws); });
+  }
 
+ private:
+  void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                        SoftTrainingWorkspace<T>& ws) const {
+    const index_t T_ = x.rows(), d = d_model();
     const SoftRouting<T>& routing = ws.routing;
     const index_t S = routing.num_slots(), s = routing.slots_per_expert(), rows = routing.slot_rows();
     const index_t m = routing.rows_per_expert();
@@ -198,7 +206,6 @@ class SoftMoELayer {
     grads.scale = router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
   }
 
- private:
   template <class Arch>
   void run(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftWorkspace<T>& ws,
            SoftTrainingWorkspace<T>* train, Arch arch) const {

@@ -21,6 +21,7 @@ struct Workspace {
   Buffer<T> shared_in;      // [T, d] contiguous copy of the input for the shared experts
   Buffer<T> shared_out;     // [T, d] one shared expert's output
   Buffer<T> shared_gate;    // [T] sigmoid gate of the shared experts
+  Buffer<index_t> expert_schedule;  // the experts' order and places for the threads (MoELayer::run_experts)
   // Tokens of the forward_train whose state this holds; -1 when none. Every forward resets it, so
   // a plain forward on a TrainingWorkspace cannot leave backward a stale pairing.
   index_t training_tokens = -1;

@@ -18,6 +18,7 @@
 #include <cstddef>
 
 #include "../core/config.hpp"
+#include "../core/threads.hpp"
 #include "../experts/activations.hpp"
 #include "arch.hpp"
 
@@ -213,7 +214,7 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   const std::size_t panel = panel_rows<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
 #if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768)
+#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768 && !in_parallel())
 #endif
   for (std::ptrdiff_t p = 0; p < panels; ++p) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
@@ -250,7 +251,7 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
   const std::size_t panel = gated_panel_pairs<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
 #if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 16384)
+#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 16384 && !in_parallel())
 #endif
   for (std::ptrdiff_t p = 0; p < panels; ++p) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);

@@ -1,0 +1,71 @@
+#pragma once
+// Threads. Define MOE_USE_OPENMP (the moe::openmp CMake target does) to split moe's kernels over
+// OpenMP threads; each output element is still computed by one thread in a fixed order, so the
+// bits do not depend on the thread count.
+#include <exception>
+#include <utility>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "config.hpp"
+
+MOE_NAMESPACE_BEGIN
+
+// Threads a parallel kernel may use; scratch sizes scale with it.
+inline int max_threads() noexcept {
+#if defined(MOE_USE_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// This thread's number in the innermost parallel region (0 outside one).
+inline int thread_index() noexcept {
+#if defined(MOE_USE_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Whether a parallel region is already running: kernels called inside one stay on their thread.
+inline bool in_parallel() noexcept {
+#if defined(MOE_USE_OPENMP)
+  return omp_in_parallel() != 0;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+// Runs f() with Eigen's products on one thread. An Eigen GEMM given more than one OpenMP thread
+// re-blocks its depth for the thread count, so its rounding — and so a gradient's bits — would
+// depend on the thread count. (Eigen reads the count from omp_get_max_threads(); setting it inside
+// a one-thread parallel region changes it for that region only, not for the caller.) Exceptions
+// from f() reach the caller.
+template <class F>
+void with_serial_eigen(F&& f) {
+#if defined(_OPENMP)
+  if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
+    std::exception_ptr error;
+#pragma omp parallel num_threads(1)
+    {
+      omp_set_num_threads(1);
+      try {
+        std::forward<F>(f)();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  std::forward<F>(f)();
+}
+}  // namespace detail
+
+MOE_NAMESPACE_END
