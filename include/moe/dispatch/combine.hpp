@@ -3,6 +3,7 @@
 // Each output row is written once; the fixed order makes the bits independent of threads.
 #include <cstddef>
 
+#include "../core/threads.hpp"
 #include "../core/types.hpp"
 #include "../routing/routing.hpp"
 #include "../simd/rows.hpp"
@@ -14,15 +15,12 @@ MOE_NAMESPACE_BEGIN
 template <class Arch, class T>
 void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, T* y, index_t ldy) {
   const index_t T_ = plan.num_tokens;
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(static) if (T_ * d > 65536)
-#endif
-  for (index_t t = 0; t < T_; ++t) {
+  parallel_for(T_, T_ * d > 65536, [&](index_t t) {
     const index_t first = plan.token_begin[t];
     simd::weighted_row_sum(arch, expert_out, static_cast<std::size_t>(d), plan.assignment.data() + first,
                            plan.weight.data(), static_cast<std::size_t>(plan.token_begin[t + 1] - first), y + t * ldy,
                            static_cast<std::size_t>(d));
-  }
+  });
 }
 
 MOE_NAMESPACE_END

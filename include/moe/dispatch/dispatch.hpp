@@ -3,6 +3,7 @@
 // Padding-free: the buffer has exactly one row per assignment, in the plan's expert-grouped order.
 #include <cstddef>
 
+#include "../core/threads.hpp"
 #include "../core/types.hpp"
 #include "../routing/routing.hpp"
 #include "../simd/rows.hpp"
@@ -13,12 +14,9 @@ MOE_NAMESPACE_BEGIN
 template <class Arch, class T>
 void dispatch(Arch arch, const Routing<T>& plan, const T* x, index_t ldx, index_t d, T* buffer) {
   const index_t A = plan.num_assignments();
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(static) if (A * d > 65536)
-#endif
-  for (index_t a = 0; a < A; ++a) {
+  parallel_for(A, A * d > 65536, [&](index_t a) {
     simd::copy_row(arch, x + plan.token[a] * ldx, buffer + a * d, static_cast<std::size_t>(d));
-  }
+  });
 }
 
 MOE_NAMESPACE_END
