@@ -1,5 +1,6 @@
 #pragma once
 // Row movement for dispatch and combine: copy rows, gather rows, and the weighted sum of rows.
+#include <algorithm>
 #include <cstddef>
 
 #include "../core/types.hpp"
@@ -52,21 +53,45 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
                       std::size_t count, T* out, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
+  // The rows' addresses and weights, looked up once rather than per vector (up to kMaxRows rows;
+  // more, rare, take them in turn from the arrays).
+  constexpr std::size_t kMaxRows = 16;
+  const T* row[kMaxRows];
+  T weight[kMaxRows];
+  const std::size_t hoisted = std::min(count, kMaxRows);
+  for (std::size_t j = 0; j < hoisted; ++j) {
+    const std::size_t r = static_cast<std::size_t>(rows[j]);
+    row[j] = src + r * src_stride;
+    weight[j] = row_weight[r];
+  }
+  auto row_at = [&](std::size_t j) { return j < kMaxRows ? row[j] : src + static_cast<std::size_t>(rows[j]) * src_stride; };
+  auto weight_at = [&](std::size_t j) { return j < kMaxRows ? weight[j] : row_weight[rows[j]]; };
   std::size_t i = 0;
+  // Four vectors at a time: four independent FMA chains instead of one (the chain's latency, not
+  // memory, bounded the one-vector loop). Each element still sums its rows in order from zero.
+  for (; i + 4 * L <= n; i += 4 * L) {
+    B a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    for (std::size_t j = 0; j < count; ++j) {
+      const B w(weight_at(j));
+      const T* p = row_at(j) + i;
+      a0 = xsimd::fma(w, B::load_unaligned(p), a0);
+      a1 = xsimd::fma(w, B::load_unaligned(p + L), a1);
+      a2 = xsimd::fma(w, B::load_unaligned(p + 2 * L), a2);
+      a3 = xsimd::fma(w, B::load_unaligned(p + 3 * L), a3);
+    }
+    a0.store_unaligned(out + i);
+    a1.store_unaligned(out + i + L);
+    a2.store_unaligned(out + i + 2 * L);
+    a3.store_unaligned(out + i + 3 * L);
+  }
   for (; i + L <= n; i += L) {
     B acc(T(0));
-    for (std::size_t j = 0; j < count; ++j) {
-      const std::size_t r = static_cast<std::size_t>(rows[j]);
-      acc = xsimd::fma(B(row_weight[r]), B::load_unaligned(src + r * src_stride + i), acc);
-    }
+    for (std::size_t j = 0; j < count; ++j) acc = xsimd::fma(B(weight_at(j)), B::load_unaligned(row_at(j) + i), acc);
     acc.store_unaligned(out + i);
   }
   for (; i < n; ++i) {
     T acc(0);
-    for (std::size_t j = 0; j < count; ++j) {
-      const std::size_t r = static_cast<std::size_t>(rows[j]);
-      acc = std::fma(row_weight[r], src[r * src_stride + i], acc);
-    }
+    for (std::size_t j = 0; j < count; ++j) acc = std::fma(weight_at(j), row_at(j)[i], acc);
     out[i] = acc;
   }
 }
