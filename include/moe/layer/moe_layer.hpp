@@ -272,7 +272,7 @@ class MoELayer {
   void run_experts(Arch arch, const Routing<T>& plan, const T* dispatched, T* expert_out, Workspace<T>& ws,
                    TrainingWorkspace<T>* train) const {
     const index_t d = d_model(), num_ffn = static_cast<index_t>(experts_.size());
-    const index_t threads = max_threads();
+    const index_t threads = in_parallel() ? 1 : max_threads();  // inside the caller's parallel region: this thread
     // Per expert its place in train->saved; the active experts by falling cost, and their costs.
     index_t* saved_at = ws.expert_schedule.ensure(3 * num_ffn + threads);
     index_t* order = saved_at + num_ffn;
