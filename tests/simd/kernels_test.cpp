@@ -978,3 +978,57 @@ TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double for
   check_gated_activate<moe::GELUTanh, T>(n, offset);
   check_gated_activate<moe::SiLU, T>(n, offset);
 }
+
+// ---- matmul_nn.hpp -------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as if alone", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  constexpr std::size_t L = kLanes<T>;
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9);
+  // k = 300 spans two depth chunks; n covers single columns, whole vectors, a partial panel and
+  // more than one panel.
+  const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
+  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L - 1, L + 1, 2 * L + 3, panel, panel + L + 1);
+  const bool accumulate = GENERATE(false, true);
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(m, k, n, accumulate, offset);
+  auto rng = make_rng(1000 * m + k, n, 2 * offset + accumulate);
+
+  const std::size_t ldx = k + 2, ldy = n + 3;
+  Guarded<T> x = input<T>(m * ldx, offset);  // [m, ldx]
+  fill_uniform(x.data(), m * ldx, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(k * n, offset);  // [k, n]
+  fill_uniform(w.data(), k * n, -1.0, 1.0, rng);
+  std::vector<T> y0(m * ldy, Guarded<T>::sentinel());  // the starting y (its padding stays)
+  if (accumulate)
+    for (std::size_t j = 0; j < m; ++j) fill_uniform(y0.data() + j * ldy, n, -1.0, 1.0, rng);
+  Guarded<T> y = output<T>(m * ldy, offset);
+  std::copy(y0.begin(), y0.end(), y.data());
+  moe::simd::matmul_nn_strided(Arch{}, x.data(), ldx, m, k, w.data(), n, y.data(), ldy, accumulate);
+
+  for (std::size_t j = 0; j < m; ++j) {
+    CAPTURE(j);
+    for (std::size_t c = 0; c < n; ++c) {
+      CAPTURE(c);
+      double ref = accumulate ? dbl(y0[j * ldy + c]) : 0.0;
+      double abs_sum = std::abs(ref);
+      for (std::size_t i = 0; i < k; ++i) {
+        const double t = dbl(x[j * ldx + i]) * dbl(w[i * n + c]);
+        ref += t;
+        abs_sum += std::abs(t);
+      }
+      CHECK(std::abs(dbl(y[j * ldy + c]) - ref) <= dot_bound<T>(k, abs_sum));
+    }
+    for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
+
+    Guarded<T> alone = output<T>(n, offset);
+    std::copy(y0.begin() + static_cast<std::ptrdiff_t>(j * ldy), y0.begin() + static_cast<std::ptrdiff_t>(j * ldy + n),
+              alone.data());
+    moe::simd::matmul_nn(Arch{}, x.data() + j * ldx, 1, k, w.data(), n, alone.data(), accumulate);
+    for (std::size_t c = 0; c < n; ++c) CHECK(alone[c] == y[j * ldy + c]);
+    CHECK(alone.guards_intact());
+  }
+  CHECK(y.guards_intact());
+}

@@ -15,3 +15,20 @@
 #ifndef MOE_THROW
 #define MOE_THROW(exception) throw exception
 #endif
+
+// Around the includes of Eigen and xsimd. g++ 12 reports -W(maybe-)uninitialized inside its own
+// AVX-512 intrinsics (the _mm512_undefined_*() pass-through operand of _mm512_max_ps,
+// _mm512_extractf64x4_pd, ...: GCC bug 105593, fixed in g++ 13) wherever Eigen's or xsimd's
+// AVX-512 code is inlined into a caller's. g++ consults diagnostic pragmas at every location of an
+// inlining chain, so silencing the two warnings over these libraries' lines (and the intrinsic
+// headers they pull in) is enough; moe's code and the user's keep both warnings.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOE_THIRD_PARTY_BEGIN                                   \
+  _Pragma("GCC diagnostic push")                                \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")        \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define MOE_THIRD_PARTY_END _Pragma("GCC diagnostic pop")
+#else
+#define MOE_THIRD_PARTY_BEGIN
+#define MOE_THIRD_PARTY_END
+#endif

@@ -3,9 +3,11 @@
 // nn.Linear layout [out_features, in_features]; both are row-major so a token is one contiguous row.
 #include <cstddef>
 
-#include <Eigen/Core>
-
 #include "config.hpp"
+
+MOE_THIRD_PARTY_BEGIN
+#include <Eigen/Core>
+MOE_THIRD_PARTY_END
 
 MOE_NAMESPACE_BEGIN
 

@@ -4,8 +4,6 @@
 #include <cstddef>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "config.hpp"
 #include "types.hpp"
 

@@ -11,6 +11,7 @@
 #include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
+#include "../simd/matmul_nn.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -76,16 +77,19 @@ class FeedForward {
   }
 
   // Given dy [m, d] and what forward_saving kept: dx [m, d], and weight gradients added to `grad`.
-  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad) const {
+  // dx goes through simd::matmul_nn, so a token's row of dx does not depend on the other tokens.
+  template <class Arch = simd::default_arch>
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch = {}) const {
     const index_t d = d_model(), ff = d_ff();
+    const auto rows = static_cast<std::size_t>(m), ud = static_cast<std::size_t>(d), uff = static_cast<std::size_t>(ff);
     const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), pre(saved, m, ff);
     const Matrix<T> hidden = pre.unaryExpr([](T v) { return Activation::apply(v); });  // [m, ff]
     grad.w_out.noalias() += dY.transpose() * hidden;
-    const Matrix<T> d_pre =
-        (dY * w_out()).cwiseProduct(pre.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }));
+    Matrix<T> d_pre(m, ff);  // [m, ff] (dy · w_out) ⊙ act'(pre)
+    simd::matmul_nn(arch, dy, rows, ud, w_out_.data(), uff, d_pre.data(), false);
+    d_pre.array() *= pre.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }).array();
     grad.w_in.noalias() += d_pre.transpose() * X;
-    MatrixMap<T> dX(dx, m, d);
-    dX.noalias() = d_pre * w_in();
+    simd::matmul_nn(arch, d_pre.data(), rows, uff, w_in_.data(), ud, dx, false);
   }
 
  private:

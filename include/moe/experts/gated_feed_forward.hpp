@@ -12,6 +12,7 @@
 #include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
+#include "../simd/matmul_nn.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -89,21 +90,24 @@ class GatedFeedForward {
 
   // Given dy [m, d] (the gradient of this expert's output rows) and what forward_saving kept:
   // dx [m, d] = ∂/∂x, and the weight gradients are added to `grad`.
-  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad) const {
+  // dx goes through simd::matmul_nn, so a token's row of dx does not depend on the other tokens.
+  template <class Arch = simd::default_arch>
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch = {}) const {
     const index_t d = d_model(), ff = d_ff();
+    const auto rows = static_cast<std::size_t>(m), ud = static_cast<std::size_t>(d), uff = static_cast<std::size_t>(ff);
     const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), G(saved, m, ff), U(saved + m * ff, m, ff);
     const Matrix<T> act = G.unaryExpr([](T v) { return Activation::apply(v); });                    // [m, ff]
     const Matrix<T> hidden = act.cwiseProduct(U);                                                    // [m, ff]
     grad.w_down.noalias() += dY.transpose() * hidden;                                               // [d, ff]
-    const Matrix<T> d_hidden = dY * w_down();                                                        // [m, ff]
+    Matrix<T> d_hidden(m, ff);                                                                       // [m, ff] dy · w_down
+    simd::matmul_nn(arch, dy, rows, ud, w_down_.data(), uff, d_hidden.data(), false);
     const Matrix<T> d_gate =
         d_hidden.cwiseProduct(U).cwiseProduct(G.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }));
     const Matrix<T> d_up = d_hidden.cwiseProduct(act);                                               // [m, ff]
     grad.w_gate.noalias() += d_gate.transpose() * X;
     grad.w_up.noalias() += d_up.transpose() * X;
-    MatrixMap<T> dX(dx, m, d);
-    dX.noalias() = d_gate * w_gate();
-    dX.noalias() += d_up * w_up();
+    simd::matmul_nn(arch, d_gate.data(), rows, uff, w_gate_.data(), ud, dx, false);
+    simd::matmul_nn(arch, d_up.data(), rows, uff, w_up_.data(), ud, dx, true);
   }
 
  private:

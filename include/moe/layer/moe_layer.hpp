@@ -154,8 +154,9 @@ class MoELayer {
   // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
   // writes dx = ∂L/∂x [T, d] and overwrites `grads` (shaped by make_gradients()).
   // extra_dlogits [T, E] (for example an auxiliary loss's gradient) joins the router's gradient.
+  template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr) const {
+                TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr, Arch arch = {}) const {
     const index_t T_ = x.rows(), d = d_model();
     if (ws.training_tokens != T_) {
       detail::throw_invalid("MoELayer::backward: needs the workspace of a forward_train on the same x, with no other forward "
@@ -169,12 +170,13 @@ class MoELayer {
     check_gradients(grads);
     zero_gradients(grads);
     // Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws, extra_dlogits); });
+    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch); });
   }
 
  private:
+  template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                        TrainingWorkspace<T>& ws, const T* extra_dlogits) const {
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, Arch arch) const {
     const index_t T_ = x.rows(), d = d_model();
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
@@ -193,7 +195,8 @@ class MoELayer {
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (m == 0) continue;
       if (e < num_ffn) {
-        experts_[e].backward(dispatched + first * d, m, d_out.data() + first * d, saved, d_in.data() + first * d, grads.experts[e]);
+        experts_[e].backward(dispatched + first * d, m, d_out.data() + first * d, saved, d_in.data() + first * d, grads.experts[e],
+                             arch);
         saved += experts_[e].saved_size(m);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out.data() + first * d,
@@ -214,8 +217,8 @@ class MoELayer {
       }
     }
     router_.backward(x, ws.routing, grad_weight.data(), grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
-                     grads.router);
-    if (!shared_.empty()) shared_backward(x, dy, dx, grads, ws);
+                     grads.router, arch);
+    if (!shared_.empty()) shared_backward(x, dy, dx, grads, ws, arch);
   }
 
   template <class Arch>
@@ -367,8 +370,9 @@ class MoELayer {
   }
 
   // Shared experts: y += g ⊙ S(x), g = sigmoid(x · w_gateᵀ) or 1.
+  template <class Arch>
   void shared_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
-                       TrainingWorkspace<T>& ws) const {
+                       TrainingWorkspace<T>& ws, Arch arch) const {
     const index_t T_ = x.rows(), d = d_model();
     const Matrix<T> x_rows = x;  // contiguous [T, d]
     const bool gated = shared_gate_.rows() == 1;
@@ -379,7 +383,7 @@ class MoELayer {
     for (std::size_t s = 0; s < shared_.size(); ++s) {
       const ConstMatrixMap<T> out(ws.shared_outputs.data() + static_cast<index_t>(s) * T_ * d, T_, d);
       d_shared = gate.asDiagonal() * dy;
-      shared_[s].backward(x_rows.data(), T_, d_shared.data(), saved, dx_shared.data(), grads.shared[s]);
+      shared_[s].backward(x_rows.data(), T_, d_shared.data(), saved, dx_shared.data(), grads.shared[s], arch);
       saved += shared_[s].saved_size(T_);
       dx += dx_shared;
       if (gated) d_gate += dy.cwiseProduct(out).rowwise().sum();

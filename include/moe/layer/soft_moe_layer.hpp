@@ -137,8 +137,9 @@ class SoftMoELayer {
 
   // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
   // writes dx = ∂L/∂x [T, d] and overwrites `grads` (shaped by make_gradients()).
+  template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                SoftTrainingWorkspace<T>& ws) const {
+                SoftTrainingWorkspace<T>& ws, Arch arch = {}) const {
     const index_t T_ = x.rows(), d = d_model();
     const char* where = "SoftMoELayer::backward";
     if (ws.training_tokens != T_) {
@@ -156,12 +157,13 @@ class SoftMoELayer {
     for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
     if (T_ == 0) return;
     // Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws); });
+    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws, arch); });
   }
 
  private:
+  template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                        SoftTrainingWorkspace<T>& ws) const {
+                        SoftTrainingWorkspace<T>& ws, Arch arch) const {
     const index_t T_ = x.rows(), d = d_model();
     const SoftRouting<T>& routing = ws.routing;
     const index_t S = routing.num_slots(), s = routing.slots_per_expert(), rows = routing.slot_rows();
@@ -191,7 +193,7 @@ class SoftMoELayer {
       const index_t first = routing.expert_first_row(e);
       const Expert& expert = experts_[static_cast<std::size_t>(e)];
       expert.backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved, d_slots.data() + first * d,
-                      grads.experts[static_cast<std::size_t>(e)]);
+                      grads.experts[static_cast<std::size_t>(e)], arch);
       saved += expert.saved_size(m);
     }
     // Dispatch X̃_g = D_gᵀ · x_g.

@@ -32,6 +32,7 @@
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "../simd/matmul.hpp"
+#include "../simd/matmul_nn.hpp"
 #include "../simd/softmax.hpp"
 #include "../simd/top_k.hpp"
 #include "context.hpp"
@@ -109,8 +110,9 @@ class ExpertChoiceRouter {
   // ∂L/∂logits[t] = S[t] ⊙ (g[t] − Σ_e S[t, e] g[t, e]) with g[t, e] the gradient of the
   // assignment (t, e), 0 where expert e did not take t. The selection is piecewise constant and
   // has no gradient. Nothing is dropped, so grad_lost is ignored.
+  template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
-                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight) const {
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {}) const {
     (void)grad_lost;
     const index_t T_ = x.rows();
     const index_t E = num_experts();
@@ -136,7 +138,9 @@ class ExpertChoiceRouter {
     }
     if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
     dweight.noalias() += dlogits.transpose() * x;
-    dx.noalias() += dlogits * weight();
+    simd::matmul_nn_strided(arch, dlogits.data(), static_cast<std::size_t>(E), static_cast<std::size_t>(T_),
+                            static_cast<std::size_t>(E), weight().data(), static_cast<std::size_t>(d_model()), dx.data(),
+                            static_cast<std::size_t>(dx.outerStride()), true);
   }
 
  private:

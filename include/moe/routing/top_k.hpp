@@ -25,6 +25,7 @@
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "../simd/matmul.hpp"
+#include "../simd/matmul_nn.hpp"
 #include "../simd/softmax.hpp"
 #include "../simd/top_k.hpp"
 #include "capacity.hpp"
@@ -151,8 +152,9 @@ class TopKRouter {
   //   extra_dlogits [T, E] ∂L/∂logits from auxiliary losses, or null;
   // adds ∂L/∂W to dweight [E, d] and ∂L/∂x to dx [T, d]. Selection (top-k, bias, groups,
   // capacity) is piecewise constant and has no gradient, as in every reference implementation.
+  template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
-                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight) const {
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {}) const {
     const index_t T_ = x.rows(), E = num_experts();
     detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
     detail::check_dim("TopKRouter::backward", "x.cols()", x.cols(), "d_model", d_model());
@@ -224,14 +226,20 @@ class TopKRouter {
     }
     if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
     // logits = x̃ · Wᵀ with x̃ = x ⊙ noise (noise = 1 without jitter).
+    // dx through simd::matmul_nn: a token's row of dx does not depend on the other tokens.
+    const auto rows = static_cast<std::size_t>(T_), experts = static_cast<std::size_t>(E);
+    const auto d = static_cast<std::size_t>(d_model());
     if (out.input_jittered) {
       const ConstMatrixMap<T> noisy(out.input_scratch.data(), T_, d_model());
       dweight.noalias() += dlogits.transpose() * noisy;
       const ConstMatrixMap<T> noise(out.input_noise.data(), T_, d_model());
-      dx += (dlogits * weight()).cwiseProduct(noise);
+      Matrix<T> d_noisy(T_, d_model());  // [T, d] ∂L/∂x̃
+      simd::matmul_nn(arch, dlogits.data(), rows, experts, weight().data(), d, d_noisy.data(), false);
+      dx += d_noisy.cwiseProduct(noise);
     } else {
       dweight.noalias() += dlogits.transpose() * x;
-      dx.noalias() += dlogits * weight();
+      simd::matmul_nn_strided(arch, dlogits.data(), experts, rows, experts, weight().data(), d, dx.data(),
+                              static_cast<std::size_t>(dx.outerStride()), true);
     }
   }
 

@@ -4,9 +4,11 @@
 //
 // Every kernel takes the architecture as its first argument (a tag such as xsimd::avx2{}), so two
 // translation units built with different -m flags never share one inline kernel body.
-#include <xsimd/xsimd.hpp>
-
 #include "../core/config.hpp"
+
+MOE_THIRD_PARTY_BEGIN
+#include <xsimd/xsimd.hpp>
+MOE_THIRD_PARTY_END
 
 MOE_NAMESPACE_BEGIN
 namespace simd {

@@ -1,0 +1,127 @@
+#pragma once
+// y [m, n] = x [m, k] · w [k, n] (or y += x · w), all row-major: backward's products against a
+// weight in the nn.Linear layout, such as dx = dh · W with W [out, in] = [k, n].
+//
+// Every element is one chain of fused multiply-adds over i = 0 .. k-1, starting from 0 (or from
+// the y it adds to), whatever m is and whichever block or thread computes it. So a token's row
+// of dx depends neither on the other tokens of its batch nor on the thread count (batch isolation,
+// DESIGN.md §6). Eigen's GEMM does not promise this: with AVX-512 its rounding of a row changed
+// with the row's place in the block, and dx changed under a permutation of the batch.
+//
+// Blocking: columns in panels of nn_panel_vectors() vectors (threads take whole panels); the depth
+// in chunks of kNNDepthChunk rows of w, so a panel's chunk stays in cache while every token block
+// meets it. Between chunks the running sums wait in y: the chain goes on with the same bits.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <type_traits>
+
+#include "../core/config.hpp"
+#include "../core/threads.hpp"
+#include "arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace simd {
+
+inline constexpr std::size_t kNNTokenBlock = 4;    // token rows per register block
+inline constexpr std::size_t kNNDepthChunk = 256;  // rows of w per depth chunk
+
+// Vectors of columns per register block: 4 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
+// 32 vector registers; 4 × 2 + 2 + 1 fit the 16 of AVX2 and SSE.
+template <class Arch>
+constexpr std::size_t nn_panel_vectors() noexcept {
+  return std::is_base_of<xsimd::avx512f, Arch>::value ? 4 : 2;
+}
+
+// y[j, 0 : NV·L) for j < MB over depth [i0, i1): the sums start from 0 when `from_zero`, else
+// from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the block's column).
+template <std::size_t MB, std::size_t NV, class Arch, class T>
+void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1, T* y,
+              std::size_t ldy, bool from_zero) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  B acc[MB][NV];
+  for (std::size_t j = 0; j < MB; ++j)
+    for (std::size_t v = 0; v < NV; ++v) acc[j][v] = from_zero ? B(T(0)) : B::load_unaligned(y + j * ldy + v * L);
+  for (std::size_t i = i0; i < i1; ++i) {
+    B wv[NV];
+    for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
+    for (std::size_t j = 0; j < MB; ++j) {
+      const B xv(x[j * ldx + i]);
+      for (std::size_t v = 0; v < NV; ++v) acc[j][v] = xsimd::fma(xv, wv[v], acc[j][v]);
+    }
+  }
+  for (std::size_t j = 0; j < MB; ++j)
+    for (std::size_t v = 0; v < NV; ++v) acc[j][v].store_unaligned(y + j * ldy + v * L);
+}
+
+// The columns [c0, c0 + width) of the MB token rows, width < NV·L: whole vectors, then single
+// columns (std::fma: the same rounding as a lane's).
+template <std::size_t MB, class Arch, class T>
+void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1,
+               T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+  constexpr std::size_t L = batch<T, Arch>::size;
+  std::size_t c = 0;
+  for (; c + L <= width; c += L) nn_block<MB, 1>(arch, x, ldx, w + c, ldw, i0, i1, y + c, ldy, from_zero);
+  for (; c < width; ++c) {
+    for (std::size_t j = 0; j < MB; ++j) {
+      T sum = from_zero ? T(0) : y[j * ldy + c];
+      for (std::size_t i = i0; i < i1; ++i) sum = std::fma(x[j * ldx + i], w[i * ldw + c], sum);
+      y[j * ldy + c] = sum;
+    }
+  }
+}
+
+template <std::size_t MB, class Arch, class T>
+void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1, T* y,
+             std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+  constexpr std::size_t NV = nn_panel_vectors<Arch>();
+  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero);
+  else nn_narrow<MB>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero, width);
+}
+
+// y [m, n] (+)= x [m, k] · w [k, n]; x rows ldx apart, y rows ldy apart, w contiguous. With
+// `accumulate` the sums start from y, else from 0.
+template <class Arch, class T>
+void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
+                       T* y, std::size_t ldy, bool accumulate) noexcept {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate)
+      for (std::size_t j = 0; j < m; ++j) std::fill(y + j * ldy, y + j * ldy + n, T(0));
+    return;
+  }
+  const std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768 && !in_parallel())
+#endif
+  for (std::ptrdiff_t p = 0; p < panels; ++p) {
+    const std::size_t c0 = static_cast<std::size_t>(p) * panel, width = std::min(panel, n - c0);
+    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) {
+      const std::size_t i1 = std::min(k, i0 + kNNDepthChunk);
+      const bool from_zero = i0 == 0 && !accumulate;
+      for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
+        const T* xb = x + j * ldx;
+        T* yb = y + j * ldy + c0;
+        switch (std::min(kNNTokenBlock, m - j)) {
+          case 4: nn_rows<4>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+          case 3: nn_rows<3>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+          case 2: nn_rows<2>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+          default: nn_rows<1>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+        }
+      }
+    }
+  }
+}
+static_assert(kNNTokenBlock == 4, "matmul_nn_strided has one case per token block size");
+
+// y [m, n] (+)= x [m, k] · w [k, n] with contiguous rows.
+template <class Arch, class T>
+void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, std::size_t n, T* y,
+               bool accumulate) noexcept {
+  matmul_nn_strided(arch, x, k, m, k, w, n, y, n, accumulate);
+}
+
+}  // namespace simd
+MOE_NAMESPACE_END
