@@ -4,6 +4,9 @@
 //
 // Every kernel takes the architecture as its first argument (a tag such as xsimd::avx2{}), so two
 // translation units built with different -m flags never share one inline kernel body.
+#include <cstddef>
+#include <type_traits>
+
 #include "../core/config.hpp"
 
 MOE_THIRD_PARTY_BEGIN
@@ -22,6 +25,13 @@ using batch = xsimd::batch<T, Arch>;
 template <class T, class Arch>
 constexpr std::size_t lanes() noexcept {
   return batch<T, Arch>::size;
+}
+
+// Vector registers of an architecture: 32 with AVX-512, 16 with AVX2 and SSE. Register blocks
+// are sized by it.
+template <class Arch>
+constexpr std::size_t vector_registers() noexcept {
+  return std::is_base_of<xsimd::avx512f, Arch>::value ? 32 : 16;
 }
 
 template <class T, class Arch>

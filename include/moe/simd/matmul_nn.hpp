@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <type_traits>
 
 #include "../core/config.hpp"
 #include "../core/threads.hpp"
@@ -30,7 +29,7 @@ inline constexpr std::size_t kNNDepthChunk = 256;  // rows of w per depth chunk
 // 32 vector registers; 4 × 2 + 2 + 1 fit the 16 of AVX2 and SSE.
 template <class Arch>
 constexpr std::size_t nn_panel_vectors() noexcept {
-  return std::is_base_of<xsimd::avx512f, Arch>::value ? 4 : 2;
+  return vector_registers<Arch>() >= 32 ? 4 : 2;
 }
 
 // y[j, 0 : NV·L) for j < MB over depth [i0, i1): the sums start from 0 when `from_zero`, else
