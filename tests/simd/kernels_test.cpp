@@ -805,7 +805,9 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
   using T = TestType;
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 7, 9);
+  // m covers every token block size (1–8) and the ways batches are cut into blocks: near-equal
+  // blocks below 64 tokens (13 → 6 + 7), blocks of 5 from 64 on (70).
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
@@ -850,7 +852,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
 TEMPLATE_TEST_CASE("simd::gated_matmul_nt computes act(x · w_gateᵀ) ⊙ (x · w_upᵀ)", "[simd][matmul]", float,
                    double) {
   using T = TestType;
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 7, 9);
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
