@@ -2,9 +2,8 @@
 // capacity, in every scoring/selection variant, and hash routing), permuting the tokens of a batch
 // permutes the rows of y and of dx bit for bit. (Routers with capacity, expert-choice and soft
 // routing do depend on the other tokens; tests/security/isolation_test.cpp covers them with
-// routing groups.)
-// Not covered: dx with training jitter (TopKRouter::backward's jittered path uses Eigen products
-// over the batch, whose rounding depends on the batch) and dx through shared experts (same).
+// routing groups.) dx too, with training jitter and through shared experts: every matrix product on
+// its path is simd::matmul_nn or simd::matmul_nt, which sum each element in one order whatever the batch.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -45,10 +44,10 @@ std::vector<index_t> random_permutation(index_t n, std::uint32_t seed) {
   return perm;
 }
 
-// forward (and, where the router has a backward with a per-token dx, backward) on x and on a
-// permuted x with permuted token ids: the outputs are the permuted outputs, bit for bit.
+// forward_train and backward on x and on a permuted x with permuted token ids: y and dx are the
+// permuted y and dx, bit for bit.
 template <class Layer>
-void check_permutation(const Layer& layer, bool train, std::uint32_t seed, bool check_dx = true) {
+void check_permutation(const Layer& layer, bool train, std::uint32_t seed) {
   const moe::Matrix<float> x = random_matrix<float>(kT, kD, seed), dy = random_matrix<float>(kT, kD, seed + 1);
   std::vector<std::int64_t> ids(static_cast<std::size_t>(kT));
   for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>((t * 7919) % 1000);
@@ -76,7 +75,7 @@ void check_permutation(const Layer& layer, bool train, std::uint32_t seed, bool 
     layer.backward(px, pdy, pdx, pgrads, pws);
     CAPTURE(trial);
     REQUIRE(py == permute_rows(y, perm));
-    if (check_dx) REQUIRE(pdx == permute_rows(dx, perm));
+    REQUIRE(pdx == permute_rows(dx, perm));
     // The plain forward, on a workspace warmed by another batch, agrees too.
     moe::Workspace<float> plain;
     const std::vector<std::int64_t> other_ids(static_cast<std::size_t>(kT + 9), 3);
@@ -120,15 +119,15 @@ TEST_CASE("Dropless top-k: a permuted batch gives permuted outputs and dx, bit f
     moe::TopKRouter<float> router(router_weight(), v.options);
     if (v.options.score == moe::ScoreFunction::sigmoid) router.set_selection_bias(moe::Vector<float>::LinSpaced(kE, -0.2f, 0.3f));
     moe::MoELayer layer(router, make_experts(kE - 1), {moe::ZeroComputeExpert<float>::copy(kD)});
-    check_permutation(layer, v.options.jitter > 0, seed++, v.options.jitter == 0);
+    check_permutation(layer, v.options.jitter > 0, seed++);
   }
 }
 
-TEST_CASE("Shared experts with a sigmoid gate: a permuted batch gives permuted outputs, bit for bit",
+TEST_CASE("Shared experts with a sigmoid gate: a permuted batch gives permuted outputs and dx, bit for bit",
           "[determinism][permutation][shared]") {
   moe::MoELayer layer(moe::TopKRouter<float>(router_weight(), moe::presets::qwen2_moe(2, true)), make_experts(kE));
   layer.set_shared_experts(make_experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD, 9)));
-  check_permutation(layer, false, 70, false);
+  check_permutation(layer, false, 70);
 }
 
 TEST_CASE("Hash routing: a permuted batch gives permuted outputs and dx, bit for bit", "[determinism][permutation][hash]") {

@@ -376,8 +376,9 @@ class MoELayer {
     const index_t T_ = x.rows(), d = d_model();
     const Matrix<T> x_rows = x;  // contiguous [T, d]
     const bool gated = shared_gate_.rows() == 1;
-    Vector<T> gate = Vector<T>::Ones(T_), d_gate = Vector<T>::Zero(T_);
-    if (gated) gate = (x_rows * shared_gate_.map().transpose()).col(0).unaryExpr([](T z) { return T(1) / (T(1) + std::exp(-z)); });
+    // The gate forward_train computed (sigmoid(x · w_gateᵀ) or 1), still in the workspace.
+    const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // [T]
+    Vector<T> d_gate = Vector<T>::Zero(T_);
     const T* saved = ws.shared_saved.data();
     Matrix<T> d_shared(T_, d), dx_shared(T_, d);
     for (std::size_t s = 0; s < shared_.size(); ++s) {
