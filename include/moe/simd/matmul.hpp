@@ -29,7 +29,7 @@ inline constexpr std::size_t kMaxTokenBlock = 8;          // token rows per regi
 inline constexpr std::size_t kPanelBytes = 192 * 1024;    // weight panel kept in L2
 
 // Token rows per register block: at most 8 with 32 vector registers (AVX-512), 5 with 16 (AVX2,
-// SSE). How a batch is cut into blocks: token_blocks below.
+// SSE). How a batch is cut into blocks: token_block() below.
 template <class Arch>
 constexpr std::size_t max_token_block() noexcept {
   return vector_registers<Arch>() >= 32 ? 8 : 5;
@@ -186,8 +186,8 @@ template <class Arch>
 std::size_t token_block(std::size_t j, std::size_t m) noexcept {
   constexpr std::size_t most = max_token_block<Arch>();
   if (most > 5 && m < 64) {
-    const std::size_t blocks = (m + most - 1) / most, small = m / blocks, big = blocks - m % blocks;
-    return j < small * big ? small : small + 1;  // `big` blocks of `small` tokens, then the rest one larger
+    const std::size_t blocks = (m + most - 1) / most, size = m / blocks, of_size = blocks - m % blocks;
+    return j < size * of_size ? size : size + 1;  // of_size blocks of `size` tokens, then blocks of size + 1
   }
   return std::min<std::size_t>(5, m - j);
 }
