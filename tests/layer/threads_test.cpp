@@ -179,3 +179,61 @@ TEST_CASE("Forward and backward bits do not depend on the thread count when thre
   REQUIRE(worst <= 1e-12);
   omp_set_num_threads(2);
 }
+
+TEST_CASE("for_each_ahead runs every item once and tells each thread its next item", "[threads][schedule]") {
+  for (const std::ptrdiff_t n : {0, 1, 2, 3, 17, 200}) {
+    CAPTURE(n);
+    std::vector<std::vector<std::pair<std::ptrdiff_t, std::ptrdiff_t>>> calls(2);  // per thread: (item, next)
+    omp_set_num_threads(2);
+    moe::for_each_ahead(n, true, [&](std::ptrdiff_t i, std::ptrdiff_t next) {
+      calls[std::size_t(omp_get_thread_num())].emplace_back(i, next);
+    });
+    std::vector<int> runs(std::size_t(n), 0);
+    for (const auto& own : calls) {
+      for (std::size_t c = 0; c < own.size(); ++c) {
+        ++runs[std::size_t(own[c].first)];
+        // `next` is the item this thread ran after this one, or n after its last.
+        REQUIRE(own[c].second == (c + 1 < own.size() ? own[c + 1].first : n));
+      }
+    }
+    for (const int r : runs) REQUIRE(r == 1);
+  }
+}
+
+TEST_CASE("Blocked products give the same bits on 1 and 2 threads across many panels", "[threads][determinism][simd]") {
+  // k = 1024 floats: 48 weight rows per L2 panel, so n = 200 is 5 panels (the last partial), each
+  // thread fetching the next panel it claimed while its later token blocks run; m covers one
+  // block, near-equal blocks (13, 33) and blocks of 5 (70).
+  using Arch = moe::simd::default_arch;
+  const std::size_t k = 1024, n = 200;
+  const moe::Matrix<float> w = random_matrix<float>(index_t(n), index_t(k), 3), w_up = random_matrix<float>(index_t(n), index_t(k), 4);
+  for (const std::size_t m : {std::size_t(5), std::size_t(13), std::size_t(33), std::size_t(70)}) {
+    CAPTURE(m);
+    const moe::Matrix<float> x = random_matrix<float>(index_t(m), index_t(k), 5 + std::uint32_t(m));
+    auto products = [&](int threads, std::vector<float>& y, std::vector<float>& h) {
+      omp_set_num_threads(threads);
+      y.assign(m * n, 0.0f);
+      h.assign(m * n, 0.0f);
+      moe::simd::matmul_nt(Arch{}, x.data(), m, k, w.data(), n, y.data(), n);
+      moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x.data(), m, k, w.data(), w_up.data(), n, h.data(), n);
+    };
+    std::vector<float> y1, h1, y2, h2;
+    products(1, y1, h1);
+    products(2, y2, h2);
+    REQUIRE(y1 == y2);
+    REQUIRE(h1 == h2);
+    // Against a double reference, so the equal bits are also right ones: within the standard
+    // bound for a float sum of k products, k · 2⁻²⁴ · Σ|x_i w_i|.
+    for (std::size_t j = 0; j < m; ++j)
+      for (std::size_t r = 0; r < n; ++r) {
+        double dot = 0, magnitude = 0;
+        for (std::size_t i = 0; i < k; ++i) {
+          const double p = double(x(index_t(j), index_t(i))) * double(w(index_t(r), index_t(i)));
+          dot += p;
+          magnitude += std::abs(p);
+        }
+        REQUIRE(std::abs(dot - double(y1[j * n + r])) <= double(k) * 0x1p-24 * magnitude);
+      }
+  }
+  omp_set_num_threads(2);
+}

@@ -805,8 +805,9 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
   using T = TestType;
-  // m covers every token block size (1–8) and the ways batches are cut into blocks: near-equal
-  // blocks below 64 tokens (13 → 6 + 7), blocks of 5 from 64 on (70).
+  // m covers every token block size (1–8) and the ways batches are cut into blocks: one block up
+  // to 8 tokens, near-equal blocks of at most 6 below 64 (13 → 4 + 4 + 5), blocks of 5 from 64
+  // on (70).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
@@ -834,7 +835,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   using T = TestType;
   // Rows of 20003 elements (80 KB in float): the L2 panels hold only a few rows each, so n = 19
   // spans several panels, the last one partial.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 5);
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 5, 13);  // 13: later blocks fetch the next panel
   const std::size_t k = 20003;
   const std::size_t n = 19;
   CAPTURE(m);

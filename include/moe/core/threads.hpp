@@ -2,6 +2,8 @@
 // Threads. Define MOE_USE_OPENMP (the moe::openmp CMake target does) to split moe's kernels over
 // OpenMP threads; each output element is still computed by one thread in a fixed order, so the
 // bits do not depend on the thread count.
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <exception>
 #include <utility>
@@ -56,6 +58,33 @@ void parallel_for(std::ptrdiff_t n, bool parallel, Body&& body) {
   (void)parallel;
 #endif
   for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+}
+
+// body(i, next) for i in [0, n), where `next` is the item this thread runs after i (n if none),
+// so that body can fetch its data ahead. Split over the OpenMP threads when `parallel` and no
+// parallel region is running: each thread claims its next item before it starts the current one
+// (a dynamic schedule, one item ahead: a thread slowed by another process on its core does not
+// hold up the rest); else a plain loop.
+template <class Body>
+void for_each_ahead(std::ptrdiff_t n, bool parallel, Body&& body) {
+#if defined(MOE_USE_OPENMP)
+  if (parallel && n > 1 && !in_parallel()) {
+    std::atomic<std::ptrdiff_t> claimed{0};
+#pragma omp parallel
+    {
+      std::ptrdiff_t i = claimed.fetch_add(1, std::memory_order_relaxed);
+      while (i < n) {
+        const std::ptrdiff_t next = claimed.fetch_add(1, std::memory_order_relaxed);
+        body(i, std::min(next, n));
+        i = next;
+      }
+    }
+    return;
+  }
+#else
+  (void)parallel;
+#endif
+  for (std::ptrdiff_t i = 0; i < n; ++i) body(i, i + 1);
 }
 
 namespace detail {

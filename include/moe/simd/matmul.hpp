@@ -11,8 +11,10 @@
 //
 // Blocking: weight rows are taken in panels that fit in L2 and every token is run against a
 // panel before moving on, so the weights stream from memory once per call; within a panel, a
-// register block of up to max_token_block() tokens × block_rows() rows shares each load. For a handful of tokens
-// this is one pass over the weights (memory bound, as it must be); for many it is compute bound.
+// register block of up to max_token_block() tokens × block_rows() rows shares each load. For a
+// handful of tokens this is one pass over the weights (memory bound, as it must be); for many it
+// is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
+// meanwhile (PanelPrefetch), so that memory and arithmetic overlap.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -73,6 +75,35 @@ inline void prefetch(const void* p) noexcept {
 #endif
 }
 
+// The weight panel this thread computes next, fetched while it runs the current panel's later
+// token blocks: those read their panel from L2 and leave the memory idle, so spreading the next
+// panel's loads over their k steps overlaps the two, and the next panel's first block (the one
+// that would otherwise wait on memory) finds its rows in cache. Up to two regions (the gated
+// product's gate rows and up rows); kLinesPerStep cache lines each k step, from the first step of
+// the second token block until the panel is fetched (a fixed count keeps the loop's registers free:
+// with a per-call count the compiler spilled). Below 16 tokens the later blocks are too short to
+// fetch all of it, and the next panel's first block reads the rest from memory.
+struct PanelPrefetch {
+  static constexpr std::size_t kLineBytes = 64;
+  static constexpr std::size_t kLinesPerStep = 2;
+  const char* at[2] = {nullptr, nullptr};
+  const char* end[2] = {nullptr, nullptr};
+
+  template <class T>
+  void add(const T* begin, const T* stop) noexcept {
+    const std::size_t r = at[0] == end[0] ? 0 : 1;
+    at[r] = reinterpret_cast<const char*>(begin);
+    end[r] = reinterpret_cast<const char*>(stop);
+  }
+  // Moves on to `reached` in the first region, and to the second when the first is done.
+  void advance(const char* reached) noexcept {
+    at[0] = reached;
+    if (reached < end[0]) return;
+    at[0] = at[1], end[0] = end[1];
+    at[1] = end[1] = nullptr;
+  }
+};
+
 // Long rows are taken in chunks of kChunkBytes so that a token block's chunk of x stays in L1
 // while it meets the panel's weight rows: between chunks a register block's lane accumulators
 // are parked in memory and reloaded, which changes no bit (each lane still sums its k in order).
@@ -83,14 +114,15 @@ inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel 
 // Over k in [k0, k1) of rows of k elements: out[j * ldo + r] = dot(x row j, w row r) for
 // j < MB, r < NB, rows given by pointers. Lane accumulators start at zero when k0 = 0, else from
 // `carry` [MB · NB]; when k1 < k they are parked in `carry` instead of reduced into `out`.
-// `next` holds NB rows to prefetch meanwhile (the next block's weight rows): a weight row is
-// often one 4 KiB page, where the hardware prefetcher stops, so with few tokens (memory bound)
-// the next rows must be requested ahead (once per cache line). Only the first token block of a
-// panel prefetches (the later ones find the panel in L2), and not a one-token block: its eight
-// row streams keep the hardware prefetcher busy enough (measured 20% faster without).
-template <bool Prefetch, std::size_t MB, std::size_t NB, class Arch, class T>
+// With FirstPass, `next` holds NB rows to prefetch meanwhile (the next block's weight rows): a
+// weight row is often one 4 KiB page, where the hardware prefetcher stops, so with few tokens
+// (memory bound) the next rows must be requested ahead (once per cache line); not for a one-token
+// block: its eight row streams keep the hardware prefetcher busy enough (measured 20% faster
+// without). The later token blocks of a panel find it in L2 and fetch the next panel instead
+// (`ahead`).
+template <bool FirstPass, std::size_t MB, std::size_t NB, class Arch, class T>
 void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
-               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo) noexcept {
+               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo, PanelPrefetch& ahead) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   const T* xp[MB];
@@ -101,19 +133,32 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   B acc[MB][NB];
   for (std::size_t j = 0; j < MB; ++j)
     for (std::size_t r = 0; r < NB; ++r) acc[j][r] = k0 == 0 ? B(T(0)) : carry[j * NB + r];
+  const char* ahead_at = ahead.at[0];
+  const char* const ahead_end = ahead.end[0];
   std::size_t i = k0;
   for (; i + L <= k1; i += L) {
     B wv[NB];
-    constexpr std::size_t kLine = 64 / sizeof(T);
-    if (Prefetch && MB > 1 && i % kLine == 0)
+    constexpr std::size_t kLine = PanelPrefetch::kLineBytes / sizeof(T);
+    if (FirstPass && MB > 1 && i % kLine == 0)
       for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
-    for (std::size_t r = 0; r < NB; ++r) wv[r] = B::load_unaligned(wp[r] + i);
+    if (!FirstPass)
+      for (std::size_t q = 0; q < PanelPrefetch::kLinesPerStep && ahead_at < ahead_end; ++q)
+        prefetch(ahead_at), ahead_at += PanelPrefetch::kLineBytes;
+    // With 2–4 tokens, weight vectors kept in registers too: else each weight load is folded into
+    // every FMA that uses it, and the rows streamed from memory ~30% slower (4 tokens, 14.7 MB of
+    // rows: 0.87 → 0.63 ms); from 5 tokens on, keeping them spilled (5 × 4 from L2: 150 → 106
+    // GFLOP/s).
+    for (std::size_t r = 0; r < NB; ++r) {
+      wv[r] = B::load_unaligned(wp[r] + i);
+      if (MB > 1 && MB <= 4) keep_in_register(wv[r]);
+    }
     for (std::size_t j = 0; j < MB; ++j) {
       B xv = B::load_unaligned(xp[j] + i);
       if (NB > 1) keep_in_register(xv);
       for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
     }
   }
+  if (!FirstPass) ahead.advance(ahead_at);
   if (k1 < k) {
     for (std::size_t j = 0; j < MB; ++j)
       for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
@@ -135,7 +180,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
 // units u .. u + count as out[j · count · U + q · U + i].
 template <std::size_t MB, std::size_t U, class Arch, class T, class Rows, class Store>
 void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units, bool first_pass, Rows rows,
-                 Store store) noexcept {
+                 Store store, PanelPrefetch& ahead) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t NB = block_rows<Arch>(MB, U);
   static_assert(NB % U == 0, "a register block holds whole units");
@@ -163,30 +208,32 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
-      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB);
-      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB);
+      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
+      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
       if (k1 == k) store(u, per_block, out);
       for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
     for (; u < units; ++u) {
       rows(u, wr);
-      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U);
+      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U, ahead);
       if (k1 == k) store(u, std::size_t(1), out);
     }
     k0 = k1;
   } while (k0 < k);
 }
 
-// The size of the token block starting at token j of m. With 32 registers, a batch of fewer than
-// 64 tokens is cut into ceil(m / 8) blocks of near-equal size (12 → 6 + 6, 16 → 8 + 8): every block
-// after the first computes from L2, so fewer, larger blocks read the panel fewer times (measured
-// at m = 8, 16, 32: 15–20% faster than blocks of 5). Larger batches, and 16 registers, take 5 at
-// a time (5 × 4 and 5 × 2 compute fastest from L2).
+// The size of the token block starting at token j of m. With 32 registers: up to 8 tokens are one
+// block (one pass over the weights, the best use of their stream from memory); a batch of 9–63 is
+// cut into ceil(m / 6) blocks of near-equal size (16 → 6 + 5 + 5): every block after the first
+// computes from L2, where 4–6 × 4 blocks run 25–30% faster than 8 × 2 (measured with a warm L2
+// panel: 150–165 against 115–130 GFLOP/s). Larger batches, and 16 registers, take 5 at a time
+// (5 × 4 and 5 × 2 compute fastest from L2).
 template <class Arch>
 std::size_t token_block(std::size_t j, std::size_t m) noexcept {
   constexpr std::size_t most = max_token_block<Arch>();
+  if (most > 5 && m <= most) return m;
   if (most > 5 && m < 64) {
-    const std::size_t blocks = (m + most - 1) / most, size = m / blocks, of_size = blocks - m % blocks;
+    const std::size_t blocks = (m + 5) / 6, size = m / blocks, of_size = blocks - m % blocks;
     return j < size * of_size ? size : size + 1;  // of_size blocks of `size` tokens, then blocks of size + 1
   }
   return std::min<std::size_t>(5, m - j);
@@ -194,9 +241,10 @@ std::size_t token_block(std::size_t j, std::size_t m) noexcept {
 
 // For each token block of x (rows `ldx` apart; token_block()): calls sweep_units<mb, U> with the
 // block's row pointers; store(j, mb, u, count, out) receives its dots with its first token j.
+// The blocks after the first fetch `ahead` (the next panel).
 template <std::size_t U, class Arch, class T, class Rows, class Store>
 void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, std::size_t units, Rows rows,
-                      Store store) noexcept {
+                      Store store, PanelPrefetch ahead) noexcept {
   const T* xr[kMaxTokenBlock];
   for (std::size_t j = 0, mb = 0; j < m; j += mb) {
     mb = token_block<Arch>(j, m);
@@ -206,18 +254,18 @@ void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std
     };
     if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
       switch (mb) {
-        case 8: sweep_units<8, U>(arch, xr, k, units, j == 0, rows, at(store)); continue;
-        case 7: sweep_units<7, U>(arch, xr, k, units, j == 0, rows, at(store)); continue;
-        case 6: sweep_units<6, U>(arch, xr, k, units, j == 0, rows, at(store)); continue;
+        case 8: sweep_units<8, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 7: sweep_units<7, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 6: sweep_units<6, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
         default: break;
       }
     }
     switch (mb) {
-      case 5: sweep_units<5, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
-      case 4: sweep_units<4, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
-      case 3: sweep_units<3, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
-      case 2: sweep_units<2, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
-      default: sweep_units<1, U>(arch, xr, k, units, j == 0, rows, at(store)); break;
+      case 5: sweep_units<5, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 4: sweep_units<4, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 3: sweep_units<3, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 2: sweep_units<2, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      default: sweep_units<1, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
     }
   }
 }
@@ -230,34 +278,37 @@ std::size_t panel_rows(std::size_t k) noexcept {
   return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
 }
 
-// y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows.
+// y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows, fetching `ahead` meanwhile.
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
-                   std::size_t r1, T* y, std::size_t ldy) noexcept {
+                   std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
   for_token_blocks<1>(
       arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
       [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
         for (std::size_t a = 0; a < mb; ++a)
           for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
-      });
+      },
+      ahead);
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ; x rows `ldx` apart, y rows `ldy` apart. Threads
-// (MOE_USE_OPENMP) take the weight panels one at a time as they free up (dynamic: a thread slowed
-// by another process on its core does not hold up the rest).
+// (MOE_USE_OPENMP) take the weight panels one at a time as they free up, each claiming its next
+// panel before it starts the current one so that it can fetch it ahead (for_each_ahead).
 template <class Arch, class T>
 void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                        T* y, std::size_t ldy) noexcept {
   if (m == 0 || n == 0) return;
   const std::size_t panel = panel_rows<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768 && !in_parallel())
-#endif
-  for (std::ptrdiff_t p = 0; p < panels; ++p) {
+  for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
-    panel_product(arch, x, ldx, m, k, w, r0, r1, y, ldy);
-  }
+    PanelPrefetch ahead;
+    if (next < panels) {
+      const std::size_t n0 = static_cast<std::size_t>(next) * panel, n1 = std::min(n, n0 + panel);
+      ahead.add(w + n0 * k, w + n1 * k);
+    }
+    panel_product(arch, x, ldx, m, k, w, r0, r1, y, ldy, ahead);
+  });
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ with contiguous x rows.
@@ -288,11 +339,14 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
   if (m == 0 || n == 0) return;
   const std::size_t panel = gated_panel_pairs<T>(k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 16384 && !in_parallel())
-#endif
-  for (std::ptrdiff_t p = 0; p < panels; ++p) {
+  for_each_ahead(panels, m * n * k > 16384, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
+    PanelPrefetch ahead;
+    if (next < panels) {
+      const std::size_t n0 = static_cast<std::size_t>(next) * panel, n1 = std::min(n, n0 + panel);
+      ahead.add(w_gate + n0 * k, w_gate + n1 * k);
+      ahead.add(w_up + n0 * k, w_up + n1 * k);
+    }
     T gate[kMaxTokenBlock][kMaxPanelPairs];
     T up[kMaxTokenBlock][kMaxPanelPairs];
     for_token_blocks<2>(
@@ -312,8 +366,9 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
             gated_activate<Activation>(arch, gate[a], up[a], r1 - r0);
             std::copy(gate[a], gate[a] + (r1 - r0), h + (j + a) * ldh + r0);
           }
-        });
-  }
+        },
+        ahead);
+  });
 }
 
 // The same epilogue for whole rows (MoE training keeps the gate and up products): hidden [m, n] =
