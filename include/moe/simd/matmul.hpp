@@ -41,10 +41,12 @@ constexpr std::size_t max_token_block() noexcept {
 // mb · rows accumulators plus rows + 1 loaded vectors must fit the vector registers, with at least
 // 8 accumulators where possible to cover the FMA latency (4 cycles, 2 per cycle). With 16
 // registers 5 × 2 measured fastest for many tokens (twice 4 × 2); with 32, 5 × 4 and 6 × 4 (the
-// sgemm rate +11% over 5 × 2) and 8 × 2 for 7–8 tokens. 1 × 8 for one token (memory bound).
+// sgemm rate +11% over 5 × 2), 3 × 4 (3 × 6 left two rows of an 8-row panel to a slow one-row
+// tail: 3 tokens on 14 KiB rows streamed 0.94 → 0.60 ms per 14.7 MB) and 8 × 2 for 7–8 tokens.
+// 1 × 8 for one token (memory bound).
 template <class Arch>
 constexpr std::size_t block_rows(std::size_t mb, std::size_t unit) noexcept {
-  if (vector_registers<Arch>() >= 32) return mb >= 7 ? 2 : mb >= 4 ? 4 : mb == 3 ? 6 : 8;
+  if (vector_registers<Arch>() >= 32) return mb >= 7 ? 2 : mb >= 3 ? 4 : 8;
   return mb >= 4 ? 2 : mb == 3 ? (unit == 1 ? 3 : 2) : mb == 2 ? 4 : 8;
 }
 inline constexpr std::size_t kMaxBlockRows = 8;
@@ -203,8 +205,14 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
     for (; u + per_block <= units; u += per_block) {
       const bool more = u + 2 * per_block <= units;
       for (std::size_t q = 0; q < per_block; ++q) {
-        if (more) rows(u + per_block + q, wn + q * U);
-        else for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+        if (more) {
+          rows(u + per_block + q, wn + q * U);
+        } else if (k1 < k) {  // the last block of a chunk: the next chunk of the first block's rows
+          rows(q, wn + q * U);
+          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] += k1 - k0;
+        } else {
+          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+        }
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
