@@ -98,8 +98,9 @@ TEST_CASE("Threads take whole experts only when the work shares out evenly", "[t
   const std::vector<index_t> equal(16, 100);
   REQUIRE(moe::detail::share_out_experts(equal.data(), 16, 2, loads));
   REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 16, 1, loads));   // one thread
-  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 15, 2, loads));   // < 8 experts per thread
-  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 16, 4, loads));
+  REQUIRE(moe::detail::share_out_experts(equal.data(), 8, 2, loads));
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 7, 2, loads));    // < 4 experts per thread
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 15, 4, loads));
   // One expert busier than all the others together: a longest-first split is 2000 : 1500.
   std::vector<index_t> skewed(16, 100);
   skewed[0] = 2000;
