@@ -5,7 +5,8 @@
 //   S3  d = 768,  d_ff = 3072, E = 32, top-1, ReLU FFN  (Switch-style)
 //
 // Before the benchmarks, the binary measures the two numbers the roofline needs, with the same
-// thread counts: the read bandwidth (a SIMD max over 512 MiB) and the sgemm rate (the faster of
+// thread counts: the read bandwidth (a SIMD max over 512 MiB, the faster of two access patterns; see
+// measure_limits) and the sgemm rate (the faster of
 // Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096). For a batch, bound = max(bytes of the weights of every expert that got a
 // token ÷ bandwidth, FLOPs ÷ sgemm rate), and the `roofline` counter is bound ÷ layer time.
 //
@@ -94,12 +95,10 @@ double best_seconds(int reps, const std::function<void()>& f) {
   return best;
 }
 
-// Largest of p[0, n), n a multiple of 8 lanes: eight streams read in lockstep (one stream alone
-// leaves the memory system idle at every 4 KiB page, where the hardware prefetcher stops; the
-// layer's kernels read several weight rows at once too).
+// Largest of p[0, n), n a multiple of kStreams vectors, read as kStreams streams in lockstep.
+template <std::size_t kStreams>
 float stream_max(const float* p, std::size_t n) {
   using B = xsimd::batch<float, Arch>;
-  constexpr std::size_t kStreams = 8;
   const std::size_t len = n / kStreams;
   B acc[kStreams];
   for (B& a : acc) a = B(0.0f);
@@ -112,21 +111,26 @@ float stream_max(const float* p, std::size_t n) {
 Limits measure_limits(int threads) {
   set_threads(threads);
   Limits l;
-  {  // read bandwidth: a SIMD sum over a buffer far larger than the caches
-    const std::size_t n = std::size_t(512) << 20 >> 2;  // 512 MiB of floats
+  {  // read bandwidth: the faster of two ways to read a buffer far larger than the caches
+    // (512 MiB) in 1 MiB chunks dealt to the threads in turn — one stream per chunk, or eight
+    // streams 128 KiB apart. Threads reading neighbouring chunks, as the layer's threads read
+    // neighbouring weight panels, measured 65–72 GB/s on 2 threads where contiguous halves
+    // measured 46–51, and one stream beat eight on 1 thread (35–37 against 32 GB/s).
+    const std::size_t n = std::size_t(512) << 20 >> 2, chunks = 512, chunk = n / chunks;
     std::vector<float> buf(n, 1.0f);
     float sink = 0;
-    const double s = best_seconds(5, [&] {
-      float total = 0;
+    auto read_all = [&](auto read_chunk) {
+      return best_seconds(5, [&] {
+        float total = 0;
 #if defined(MOE_USE_OPENMP)
-#pragma omp parallel for reduction(max : total) schedule(static)
+#pragma omp parallel for reduction(max : total) schedule(static, 1)
 #endif
-      for (std::ptrdiff_t c = 0; c < 64; ++c) {
-        const std::size_t chunk = n / 64;
-        total = std::max(total, stream_max(buf.data() + static_cast<std::size_t>(c) * chunk, chunk));
-      }
-      sink += total;
-    });
+        for (std::ptrdiff_t c = 0; c < static_cast<std::ptrdiff_t>(chunks); ++c)
+          total = std::max(total, read_chunk(buf.data() + static_cast<std::size_t>(c) * chunk, chunk));
+        sink += total;
+      });
+    };
+    const double s = std::min(read_all(stream_max<1>), read_all(stream_max<8>));
     benchmark::DoNotOptimize(sink);
     l.read_gbs = static_cast<double>(n * sizeof(float)) / s * 1e-9;
   }
@@ -161,7 +165,7 @@ void evict(const std::vector<const std::vector<float>*>& buffers) {
 #else
   (void)buffers;  // elsewhere: read three L3s of junk
   static const std::vector<float> junk(std::size_t(96) << 20 >> 2, 1.0f);
-  benchmark::DoNotOptimize(stream_max(junk.data(), junk.size()));
+  benchmark::DoNotOptimize(stream_max<8>(junk.data(), junk.size()));
 #endif
 }
 
