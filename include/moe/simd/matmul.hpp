@@ -208,8 +208,8 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
         if (more) {
           rows(u + per_block + q, wn + q * U);
         } else if (k1 < k) {  // the last block of a chunk: the next chunk of the first block's rows
-          rows(q, wn + q * U);
-          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] += k1 - k0;
+          rows(q, wn + q * U);  // (shifted by at most what is left of the row, so no address passes its end)
+          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] += std::min(k1 - k0, k - k1);
         } else {
           for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
         }
