@@ -5,9 +5,9 @@
 //   S3  d = 768,  d_ff = 3072, E = 32, top-1, ReLU FFN  (Switch-style)
 //
 // Before the benchmarks, the binary measures the two numbers the roofline needs, with the same
-// thread counts: the read bandwidth (a SIMD max over 512 MiB, the faster of two access patterns; see
-// measure_limits) and the sgemm rate (the faster of
-// Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096). For a batch, bound = max(bytes of the weights of every expert that got a
+// thread counts: the read bandwidth (a SIMD max over 512 MiB, the faster of two access patterns;
+// see measure_limits) and the sgemm rate (the faster of Eigen's GEMM and moe's own kernel at
+// 1024 × 1024 × 4096). For a batch, bound = max(bytes of the weights of every expert that got a
 // token ÷ bandwidth, FLOPs ÷ sgemm rate), and the `roofline` counter is bound ÷ layer time.
 //
 //   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; at T ≤ 16 the model's weights
