@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -75,6 +76,39 @@ void set_threads(int threads) {
 }
 // Threads to compare (1 and, when OpenMP gives 2 or more, 2); fixed before anything sets them.
 int g_max_threads = 1;
+
+// Weights, and the buffer the read bandwidth is measured on, live on 2 MiB pages (as the README
+// advises users to load theirs: moe::HugePageAllocator) unless MOE_BENCH_HUGE_PAGES=0 asks for
+// the 4 KiB pages of a plain std::vector. Both sides of every ratio use the same kind of page.
+bool huge_pages_wanted() {
+  const char* v = std::getenv("MOE_BENCH_HUGE_PAGES");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+const bool g_huge_pages = huge_pages_wanted();
+
+template <class T>
+struct WeightAllocator {
+  using value_type = T;
+  WeightAllocator() noexcept = default;
+  template <class U>
+  WeightAllocator(const WeightAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return g_huge_pages ? moe::HugePageAllocator<T>().allocate(n) : std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (g_huge_pages) moe::HugePageAllocator<T>().deallocate(p, n);
+    else std::allocator<T>().deallocate(p, n);
+  }
+  template <class U>
+  bool operator==(const WeightAllocator<U>&) const noexcept {
+    return true;
+  }
+  template <class U>
+  bool operator!=(const WeightAllocator<U>&) const noexcept {
+    return false;
+  }
+};
+using Buffer = std::vector<float, WeightAllocator<float>>;
 
 // --- the machine's limits, measured once per thread count -------------------------------------
 
@@ -117,7 +151,7 @@ Limits measure_limits(int threads) {
     // neighbouring weight panels, measured 65–72 GB/s on 2 threads where contiguous halves
     // measured 46–51, and one stream beat eight on 1 thread (35–37 against 32 GB/s).
     const std::size_t n = std::size_t(512) << 20 >> 2, chunks = 512, chunk = n / chunks;
-    std::vector<float> buf(n, 1.0f);
+    Buffer buf(n, 1.0f);
     float sink = 0;
     auto read_all = [&](auto read_chunk) {
       return best_seconds(5, [&] {
@@ -155,9 +189,9 @@ Limits measure_limits(int threads) {
 // weights in cache). clflush, not reading a junk buffer three times the L3 as before: the L3 kept
 // weights that every iteration reused (S3 at T = 1 then read its one expert at 65 GB/s, above the
 // memory's 50). Flushing all of S1's 352 MB takes ~4 ms, outside the timed region.
-void evict(const std::vector<const std::vector<float>*>& buffers) {
+void evict(const std::vector<const Buffer*>& buffers) {
 #if defined(__x86_64__) || defined(__i386__)
-  for (const std::vector<float>* b : buffers) {
+  for (const Buffer* b : buffers) {
     const auto begin = reinterpret_cast<std::uintptr_t>(b->data()), end = begin + b->size() * sizeof(float);
     for (std::uintptr_t line = begin & ~std::uintptr_t(63); line < end; line += 64) _mm_clflush(reinterpret_cast<const void*>(line));
   }
@@ -171,8 +205,8 @@ void evict(const std::vector<const std::vector<float>*>& buffers) {
 
 // --- models ---------------------------------------------------------------------------------------
 
-std::vector<float> random_weights(std::size_t count, float bound, std::uint64_t& state) {
-  std::vector<float> w(count);
+Buffer random_weights(std::size_t count, float bound, std::uint64_t& state) {
+  Buffer w(count);
   for (float& v : w) {
     state = state * 6364136223846793005ULL + 1442695040888963407ULL;
     v = bound * (static_cast<float>(state >> 40) / 8388608.0f - 1.0f);
@@ -185,8 +219,8 @@ template <class Expert>
 struct Model {
   using Layer = moe::MoELayer<moe::TopKRouter<float>, Expert>;
   Shape shape;
-  std::vector<float> gate;                     // [E, d]
-  std::vector<std::vector<float>> mats;        // E × matrices(): [d_ff, d] in (gate, up), [d, d_ff] down
+  Buffer gate;                                 // [E, d]
+  std::vector<Buffer> mats;                    // E × matrices(): [d_ff, d] in (gate, up), [d, d_ff] down
   Mat x;                                       // [kMaxTokens, d]
   std::unique_ptr<Layer> layer;
 
@@ -201,7 +235,7 @@ struct Model {
       experts.push_back(make_expert(e));
     }
     x = Mat(kMaxTokens, s.d);
-    const std::vector<float> xs = random_weights(static_cast<std::size_t>(x.size()), 1.0f, state);
+    const Buffer xs = random_weights(static_cast<std::size_t>(x.size()), 1.0f, state);
     std::copy(xs.begin(), xs.end(), x.data());
     moe::TopKOptions options;
     options.k = s.k;
@@ -209,8 +243,8 @@ struct Model {
     options.normalize = s.k > 1;
     layer = std::make_unique<Layer>(moe::TopKRouter<float>(ConstMap(gate.data(), s.E, s.d), options), std::move(experts));
   }
-  std::vector<const std::vector<float>*> weights() const {
-    std::vector<const std::vector<float>*> all{&gate};
+  std::vector<const Buffer*> weights() const {
+    std::vector<const Buffer*> all{&gate};
     for (const auto& w : mats) all.push_back(&w);
     return all;
   }
@@ -442,8 +476,26 @@ class Collector : public benchmark::ConsoleReporter {
   }
 };
 
+// The AnonHugePages line of /proc/self/smaps_rollup (Linux): whether the kernel granted the pages.
+std::string anon_huge_pages() {
+  std::FILE* f = std::fopen("/proc/self/smaps_rollup", "r");
+  if (f == nullptr) return "unknown";
+  char line[256];
+  std::string found = "unknown";
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    if (std::strncmp(line, "AnonHugePages:", 14) != 0) continue;
+    found = line + 14;
+    found.erase(0, found.find_first_not_of(' '));
+    found.erase(found.find_last_not_of(" \n") + 1);
+  }
+  std::fclose(f);
+  return found;
+}
+
 void print_summary(const Collector& c) {
   std::printf("\nSummary (medians; roofline = bound / layer time; share = (route+dispatch+combine) / layer)\n");
+  std::printf("  weights on %s pages (%s); anonymous huge pages in use now: %s\n", g_huge_pages ? "2 MiB" : "4 KiB",
+              g_huge_pages ? "MOE_BENCH_HUGE_PAGES=0 for 4 KiB" : "MOE_BENCH_HUGE_PAGES=0", anon_huge_pages().c_str());
   for (const auto& l : g_limits) {
     std::printf("  %d thread(s): read %.1f GB/s, sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs, l.second.sgemm_gfs,
                 l.second.sgemm_source);

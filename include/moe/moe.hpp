@@ -3,6 +3,7 @@
 #include "version.hpp"
 
 #include "core/error.hpp"
+#include "core/memory.hpp"
 #include "core/threads.hpp"
 #include "core/types.hpp"
 #include "core/weight.hpp"

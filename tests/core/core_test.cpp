@@ -1,5 +1,11 @@
-// Core pieces: Weight views and ownership, routing groups, the plan builder, error messages.
+// Core pieces: Weight views and ownership, the huge-page allocator, routing groups, the plan
+// builder, error messages.
 #include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <fstream>
+#include <new>
+#include <vector>
 
 #include "../support/reference.hpp"
 
@@ -25,6 +31,56 @@ TEST_CASE("Weight views caller memory and owns copies on request", "[core]") {
   REQUIRE(moved.map() == m);
   REQUIRE_THROWS_AS(moe::Weight<float>::view(nullptr, 2, 2), moe::invalid_argument);
   REQUIRE_THROWS_WITH(moe::Weight<float>::view(buffer.data(), -1, 2), Catch::Contains("rows = -1"));
+}
+
+namespace {
+
+bool aligned_to(const void* p, std::size_t alignment) { return reinterpret_cast<std::uintptr_t>(p) % alignment == 0; }
+
+}  // namespace
+
+TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their contents", "[core][memory]") {
+  constexpr std::size_t kHuge = moe::kHugePageBytes;
+  // One element short of, exactly at, and past a huge page; a small block.
+  for (const std::size_t count : {kHuge / sizeof(float) - 1, kHuge / sizeof(float), kHuge / sizeof(float) * 3 + 5,
+                                  std::size_t(100)}) {
+    std::vector<float, moe::HugePageAllocator<float>> v(count);
+    const std::size_t bytes = count * sizeof(float);
+    CHECK(aligned_to(v.data(), bytes >= kHuge ? kHuge : 64));
+    for (std::size_t i = 0; i < count; ++i) v[i] = static_cast<float>(i % 1000);
+    std::vector<float, moe::HugePageAllocator<float>> copy = v;  // through a second allocation
+    bool same = true;
+    for (std::size_t i = 0; i < count; ++i) same = same && copy[i] == static_cast<float>(i % 1000);
+    CHECK(same);
+  }
+  // Rebound copies compare equal (any instance frees any other's blocks).
+  const moe::HugePageAllocator<double> for_doubles{moe::HugePageAllocator<float>{}};
+  CHECK(for_doubles == moe::HugePageAllocator<float>{});
+  CHECK_FALSE(for_doubles != moe::HugePageAllocator<float>{});
+  // A size whose byte count overflows is refused before any arithmetic wraps.
+  CHECK_THROWS_AS(moe::HugePageAllocator<float>{}.allocate(static_cast<std::size_t>(-1) / 2), std::bad_array_new_length);
+}
+
+TEST_CASE("advise_huge_pages advises only whole huge pages and never changes the data", "[core][memory]") {
+  constexpr std::size_t kHuge = moe::kHugePageBytes;
+  CHECK_FALSE(moe::advise_huge_pages(nullptr, 4 * kHuge));
+  std::vector<char, moe::HugePageAllocator<char>> buffer(3 * kHuge);
+  for (std::size_t i = 0; i < buffer.size(); ++i) buffer[i] = static_cast<char>(i * 7);
+  // [begin + 1, begin + 2 MiB) holds no whole huge page; [begin + 1, end) holds one.
+  CHECK_FALSE(moe::advise_huge_pages(buffer.data() + 1, kHuge - 1));
+  CHECK_FALSE(moe::advise_huge_pages(buffer.data(), 0));
+  const bool advised = moe::advise_huge_pages(buffer.data() + 1, buffer.size() - 1);
+#if defined(__linux__)
+  // Accepted wherever the kernel has transparent huge pages (whatever its policy), which it
+  // announces in sysfs.
+  const bool kernel_has_thp = std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled").good();
+  CHECK(advised == kernel_has_thp);
+#else
+  CHECK_FALSE(advised);
+#endif
+  bool same = true;
+  for (std::size_t i = 0; i < buffer.size(); ++i) same = same && buffer[i] == static_cast<char>(i * 7);
+  CHECK(same);
 }
 
 TEST_CASE("Routing groups must partition the batch", "[core][groups]") {
