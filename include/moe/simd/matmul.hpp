@@ -279,17 +279,31 @@ void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std
 }
 static_assert(kMaxTokenBlock == 8, "for_token_blocks has one case per token block size");
 
-// Weight rows per L2 panel for rows of k elements against m tokens (at least one register block).
-// Every token block reads its rows of x once per panel, so few rows per panel make x the larger
-// stream: with 64 tokens or more (compute bound), panels of long rows grow to kMaxChunkedRows rows
-// within kLongPanelBytes. S1's down projection (128 tokens on 14 KiB rows, 8 → 32 rows per panel):
-// 137 → 146–170 GFLOP/s on one thread; the layer at T = 512 on 2 threads, 73.0 / 69.4 → 67.5 / 67.4 ms.
+// Weight rows per panel for n rows of k elements against m tokens (at least one register block).
+// - Up to max_token_block() tokens are one token block, which reads each panel once: the panel
+//   need not stay in L2, and longer panels (up to kStreamPanelBytes, at least kMinPanels of them
+//   for the threads to share) keep the row streams going across fewer panel starts. Two threads,
+//   one token, S1's gate and up rows: 44–54 → 63–64 GB/s. Chunked rows stay at kMaxChunkedRows.
+// - Otherwise the panel is met by every token block and stays within kPanelBytes of L2, but
+//   with 64 tokens or more (compute bound) panels of long rows grow to kMaxChunkedRows rows within
+//   kLongPanelBytes: each token block reads its rows of x once per panel, so few rows per panel
+//   make x the larger stream. S1's down projection (128 tokens on 14 KiB rows, 8 → 32 rows per
+//   panel): 137 → 146–170 GFLOP/s on one thread; the layer at T = 512 on 2 threads, 73.0 / 69.4 →
+//   67.5 / 67.4 ms.
+inline constexpr std::size_t kStreamPanelBytes = 768 * 1024;
+inline constexpr std::size_t kMinPanels = 8;
 inline constexpr std::size_t kLongPanelBytes = 512 * 1024;
-template <class T>
-std::size_t panel_rows(std::size_t k, std::size_t m) noexcept {
+template <class Arch, class T>
+std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   const std::size_t row_bytes = std::max<std::size_t>(k, 1) * sizeof(T);
   std::size_t rows = kPanelBytes / row_bytes;
-  if (m >= 64) rows = std::max(rows, std::min(kMaxChunkedRows, kLongPanelBytes / row_bytes));
+  if (m <= max_token_block<Arch>()) {
+    std::size_t stream = std::min(kStreamPanelBytes / row_bytes, n / kMinPanels);
+    if (m > 1 && row_bytes > kChunkAboveBytes) stream = std::min(stream, kMaxChunkedRows);
+    rows = std::max(rows, stream);
+  } else if (m >= 64) {
+    rows = std::max(rows, std::min(kMaxChunkedRows, kLongPanelBytes / row_bytes));
+  }
   return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
 }
 
@@ -313,7 +327,7 @@ template <class Arch, class T>
 void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                        T* y, std::size_t ldy) noexcept {
   if (m == 0 || n == 0) return;
-  const std::size_t panel = panel_rows<T>(k, m);
+  const std::size_t panel = panel_rows<Arch, T>(k, m, n);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
@@ -338,9 +352,9 @@ void matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 // the same as in gated_hidden_rows below, and at most kMaxPanelPairs (its stack buffers).
 inline constexpr std::size_t kGatedChunk = 16;  // ≥ the lane count of every arch and type
 inline constexpr std::size_t kMaxPanelPairs = 256;
-template <class T>
-std::size_t gated_panel_pairs(std::size_t k) noexcept {
-  const std::size_t pairs = std::min(kMaxPanelPairs, panel_rows<T>(k, 0) / 2);
+template <class Arch, class T>
+std::size_t gated_panel_pairs(std::size_t k, std::size_t m, std::size_t n) noexcept {
+  const std::size_t pairs = std::min(kMaxPanelPairs, panel_rows<Arch, T>(k, m, 2 * n) / 2);
   return std::max(kGatedChunk, pairs - pairs % kGatedChunk);
 }
 
@@ -352,7 +366,7 @@ template <class Activation, class Arch, class T>
 void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up, std::size_t n,
                      T* h, std::size_t ldh) noexcept {
   if (m == 0 || n == 0) return;
-  const std::size_t panel = gated_panel_pairs<T>(k);
+  const std::size_t panel = gated_panel_pairs<Arch, T>(k, m, n);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, m * n * k > 16384, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
