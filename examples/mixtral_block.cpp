@@ -2,8 +2,8 @@
 //
 // The weights sit in std::vector buffers in PyTorch layout, as a checkpoint loader would leave
 // them, and moe maps them without copying. Their allocator puts them on 2 MiB pages (Linux's
-// transparent huge pages), which streams them from memory markedly faster than 4 KiB pages; any
-// buffer works, and moe::advise_huge_pages does the same for memory allocated elsewhere:
+// transparent huge pages: fewer TLB misses while the weights stream from memory); any buffer
+// works, and moe::advise_huge_pages does the same for memory allocated elsewhere:
 //   router gate.weight                 [E, d]
 //   expert e: w1 (gate_proj)           [d_ff, d]
 //             w3 (up_proj)             [d_ff, d]
