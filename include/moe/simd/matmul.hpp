@@ -282,8 +282,9 @@ static_assert(kMaxTokenBlock == 8, "for_token_blocks has one case per token bloc
 // Weight rows per panel for n rows of k elements against m tokens (at least one register block).
 // - Up to max_token_block() tokens are one token block, which reads each panel once: the panel
 //   need not stay in L2, and longer panels (up to kStreamPanelBytes, at least kMinPanels of them
-//   for the threads to share) keep the row streams going across fewer panel starts. Two threads,
-//   one token, S1's gate and up rows: 44–54 → 63–64 GB/s. Chunked rows stay at kMaxChunkedRows.
+//   for the threads to share) keep the row streams going across fewer panel starts. One thread,
+//   alternating binaries: S1 at T = 16 13.2–13.5 → 12.3–12.9 ms, S3 at T = 128 22.9–23.3 →
+//   21.9–22.1 ms. Chunked rows stay at kMaxChunkedRows (the parking space).
 // - Otherwise the panel is met by every token block and stays within kPanelBytes of L2, but
 //   with 64 tokens or more (compute bound) panels of long rows grow to kMaxChunkedRows rows within
 //   kLongPanelBytes: each token block reads its rows of x once per panel, so few rows per panel
