@@ -28,6 +28,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // _mm_clflush
 #endif
+#if defined(__linux__)
+#include <sys/prctl.h>  // PR_SET_THP_DISABLE
+#endif
 
 #include <moe/moe.hpp>
 
@@ -80,37 +83,23 @@ void set_threads(int threads) {
 int g_max_threads = 1;
 
 // Weights, and the buffer the read bandwidth is measured on, live on 2 MiB pages (as the README
-// advises users to load theirs: moe::HugePageAllocator) unless MOE_BENCH_HUGE_PAGES=0 asks for
-// the 4 KiB pages of a plain std::vector. Both sides of every ratio use the same kind of page.
+// advises users to load theirs: moe::HugePageAllocator) unless MOE_BENCH_HUGE_PAGES=0, which turns
+// transparent huge pages off for the whole process (the allocator's advice then does nothing) so
+// that everything sits on 4 KiB pages. Both sides of every ratio use the same kind of page.
 bool huge_pages_wanted() {
   const char* v = std::getenv("MOE_BENCH_HUGE_PAGES");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 const bool g_huge_pages = huge_pages_wanted();
 
-template <class T>
-struct WeightAllocator {
-  using value_type = T;
-  WeightAllocator() noexcept = default;
-  template <class U>
-  WeightAllocator(const WeightAllocator<U>&) noexcept {}
-  T* allocate(std::size_t n) {
-    return g_huge_pages ? moe::HugePageAllocator<T>().allocate(n) : std::allocator<T>().allocate(n);
-  }
-  void deallocate(T* p, std::size_t n) noexcept {
-    if (g_huge_pages) moe::HugePageAllocator<T>().deallocate(p, n);
-    else std::allocator<T>().deallocate(p, n);
-  }
-  template <class U>
-  bool operator==(const WeightAllocator<U>&) const noexcept {
-    return true;
-  }
-  template <class U>
-  bool operator!=(const WeightAllocator<U>&) const noexcept {
-    return false;
-  }
-};
-using Buffer = std::vector<float, WeightAllocator<float>>;
+// Called before anything is allocated.
+void apply_page_choice() {
+#if defined(__linux__) && defined(PR_SET_THP_DISABLE)
+  if (!g_huge_pages && prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0) std::perror("prctl(PR_SET_THP_DISABLE)");
+#endif
+}
+
+using Buffer = std::vector<float, moe::HugePageAllocator<float>>;
 
 // --- the machine's limits, measured once per thread count -------------------------------------
 
@@ -572,6 +561,7 @@ void register_shape(const Shape& s) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  apply_page_choice();
   g_max_threads = std::min(2, moe::max_threads());
   register_shape<GatedModel>(kShapes[0]);
   register_shape<GatedModel>(kShapes[1]);

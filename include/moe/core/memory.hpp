@@ -57,8 +57,9 @@ struct HugePageAllocator {
     if (n > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(T)) throw std::bad_array_new_length();
     const std::size_t bytes = n * sizeof(T);
     if (bytes < kHugePageBytes) return static_cast<T*>(::operator new(bytes, std::align_val_t(kSmallAlignment)));
-    void* p = ::operator new(rounded(bytes), std::align_val_t(kHugePageBytes));
-    advise_huge_pages(p, rounded(bytes));
+    const std::size_t whole_pages = rounded(bytes);
+    void* p = ::operator new(whole_pages, std::align_val_t(kHugePageBytes));
+    advise_huge_pages(p, whole_pages);
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t n) noexcept {
