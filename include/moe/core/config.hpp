@@ -32,3 +32,12 @@
 #define MOE_THIRD_PARTY_BEGIN
 #define MOE_THIRD_PARTY_END
 #endif
+
+// Keeps a rarely taken path out of its caller's body (a hot loop's epilogue stays short).
+#if defined(__GNUC__)
+#define MOE_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define MOE_NOINLINE __declspec(noinline)
+#else
+#define MOE_NOINLINE
+#endif
