@@ -113,58 +113,25 @@ inline constexpr std::size_t kChunkBytes = 4096;
 inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
 inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
 
-// The weight rows of a panel as units of U rows (U = 1: single rows; U = 2: a gate row and its up
-// row): unit u's row i starts at base[i] + u · k. The kernels compute their row pointers from it
-// in registers. Pointers passed through a small array on the stack measured 12–20% slower for one
-// token (3–4 KiB rows): the array's stores cannot forward to the loads of the next register block,
-// so those wait until the stores retire, i.e. until the previous block's last loads from memory
-// have landed, and the two blocks' memory accesses stop overlapping.
-template <std::size_t U, class T>
-struct UnitRows {
-  const T* base[U];
-  std::size_t k;
-  const T* row(std::size_t u, std::size_t i) const noexcept { return base[i] + u * k; }
-};
-
-// Over k in [k0, k1): out[j * ldo + r] = dot(x row j, weight row r) for j < MB (x rows ldx apart)
-// and r < NB, the register block's rows being units u, u + 1, … of `w` (row r: unit u + r / U, row
-// r % U). Lane accumulators start at zero when k0 = 0, else from `carry` [MB · NB]; when k1 < k
-// they are parked in `carry` instead of reduced into `out`.
-// With FirstPass, the rows of units from u_next on, shifted by `next_shift` elements, are
-// prefetched meanwhile (the next block's weight rows): a weight row is often one 4 KiB page, where
-// the hardware prefetcher stops, so with few tokens (memory bound) the next rows must be requested
-// ahead (once per cache line); not for a one-token block: its eight row streams keep the hardware
-// prefetcher busy enough (measured 20% faster without). The later token blocks of a panel find it
-// in L2 and fetch the next panel instead (`ahead`).
-// Adds the k % L tail elements [i, k) to out[j * ldo + r] in order; std::fma so that every caller
-// rounds them the same way. Out of line: rows are usually a multiple of the lane count, and the
-// block's epilogue stays short (see UnitRows).
-template <std::size_t MB, std::size_t NB, class T>
-MOE_NOINLINE void add_tails(const T* const* x, const T* const* w, std::size_t i, std::size_t k, T* out,
-                            std::size_t ldo) noexcept {
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t r = 0; r < NB; ++r) {
-      T sum = out[j * ldo + r];
-      for (std::size_t q = i; q < k; ++q) sum = std::fma(x[j][q], w[r][q], sum);
-      out[j * ldo + r] = sum;
-    }
-}
-
-template <bool FirstPass, std::size_t MB, std::size_t NB, std::size_t U, class Arch, class T>
-void dot_block(Arch, const T* x, std::size_t ldx, const UnitRows<U, T>& w, std::size_t u, std::size_t u_next,
-               std::size_t next_shift, std::size_t k0, std::size_t k1, batch<T, Arch>* carry, T* out, std::size_t ldo,
-               PanelPrefetch& ahead) noexcept {
+// Over k in [k0, k1) of rows of k elements: out[j * ldo + r] = dot(x row j, w row r) for
+// j < MB, r < NB, rows given by pointers. Lane accumulators start at zero when k0 = 0, else from
+// `carry` [MB · NB]; when k1 < k they are parked in `carry` instead of reduced into `out`.
+// With FirstPass, `next` holds NB rows to prefetch meanwhile (the next block's weight rows): a
+// weight row is often one 4 KiB page, where the hardware prefetcher stops, so with few tokens
+// (memory bound) the next rows must be requested ahead (once per cache line); not for a one-token
+// block: its eight row streams keep the hardware prefetcher busy enough (measured 20% faster
+// without). The later token blocks of a panel find it in L2 and fetch the next panel instead
+// (`ahead`).
+template <bool FirstPass, std::size_t MB, std::size_t NB, class Arch, class T>
+void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
+               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo, PanelPrefetch& ahead) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
-  const std::size_t k = w.k;
   const T* xp[MB];
   const T* wp[NB];
   const T* np[NB];
-  for (std::size_t j = 0; j < MB; ++j) xp[j] = x + j * ldx;
-  for (std::size_t r = 0; r < NB; ++r) {
-    wp[r] = w.row(u + r / U, r % U);
-    np[r] = w.row(u_next + r / U, r % U) + next_shift;
-  }
+  for (std::size_t j = 0; j < MB; ++j) xp[j] = x[j];
+  for (std::size_t r = 0; r < NB; ++r) wp[r] = w[r], np[r] = next[r];
   B acc[MB][NB];
   for (std::size_t j = 0; j < MB; ++j)
     for (std::size_t r = 0; r < NB; ++r) acc[j][r] = k0 == 0 ? B(T(0)) : carry[j * NB + r];
@@ -199,62 +166,22 @@ void dot_block(Arch, const T* x, std::size_t ldx, const UnitRows<U, T>& w, std::
       for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
     return;
   }
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t r = 0; r < NB; ++r) out[j * ldo + r] = reduce_add(acc[j][r]);
-  if (i < k) add_tails<MB, NB>(xp, wp, i, k, out, ldo);
-}
-
-// One token against `units` units of `w` (a matrix-vector product, memory bound): out[i][u] =
-// dot(x, unit u's row i), kMaxBlockRows rows at a time and the rest one row at a time, with
-// dot_block's rounding. Its own loop, with the row pointers advanced in registers from one block
-// to the next: through sweep_units and dot_block (whose bookkeeping serves the token blocks and
-// chunks of larger batches) one token streamed its rows 12–20% slower — S1's 4 KiB rows 33.4 →
-// 37.5 GB/s on one thread, S3's 3 KiB rows 35 → 42, as fast as Eigen's GEMV — though the inner
-// loops compiled alike.
-template <std::size_t U, class Arch, class T>
-void one_token_units(Arch, const T* x, const UnitRows<U, T>& w, std::size_t units, T* const* out) noexcept {
-  using B = batch<T, Arch>;
-  constexpr std::size_t L = B::size;
-  constexpr std::size_t per_block = kMaxBlockRows / U;
-  const std::size_t k = w.k;
-  auto finish = [&](const B& acc, std::size_t i_end, const T* row) {
-    T sum = reduce_add(acc);
-    for (std::size_t i = i_end; i < k; ++i) sum = std::fma(x[i], row[i], sum);  // the k % L tail, in order
-    return sum;
-  };
-  std::size_t u = 0;
-  for (; u + per_block <= units; u += per_block) {
-    const T* rows[U];
-    for (std::size_t i = 0; i < U; ++i) rows[i] = w.row(u, i);
-    B acc[per_block][U];
-    for (std::size_t q = 0; q < per_block; ++q)
-      for (std::size_t i = 0; i < U; ++i) acc[q][i] = B(T(0));
-    std::size_t c = 0;
-    for (; c + L <= k; c += L) {
-      B xv = B::load_unaligned(x + c);
-      keep_in_register(xv);
-      for (std::size_t q = 0; q < per_block; ++q)
-        for (std::size_t i = 0; i < U; ++i)
-          acc[q][i] = xsimd::fma(xv, B::load_unaligned(rows[i] + q * k + c), acc[q][i]);
+  for (std::size_t j = 0; j < MB; ++j) {
+    for (std::size_t r = 0; r < NB; ++r) {
+      T sum = reduce_add(acc[j][r]);
+      // The k % L tail, in order; std::fma so every caller rounds it the same way.
+      for (std::size_t q = 0; q + 1 < L && i + q < k; ++q) sum = std::fma(xp[j][i + q], wp[r][i + q], sum);
+      out[j * ldo + r] = sum;
     }
-    for (std::size_t q = 0; q < per_block; ++q)
-      for (std::size_t i = 0; i < U; ++i) out[i][u + q] = finish(acc[q][i], c, rows[i] + q * k);
   }
-  for (; u < units; ++u)
-    for (std::size_t i = 0; i < U; ++i) {
-      const T* row = w.row(u, i);
-      B acc(T(0));
-      std::size_t c = 0;
-      for (; c + L <= k; c += L) acc = xsimd::fma(B::load_unaligned(x + c), B::load_unaligned(row + c), acc);
-      out[i][u] = finish(acc, c, row);
-    }
 }
 
-// Runs MB token rows (x, rows ldx apart) against `units` units of `w`, block_rows(MB) / U units per
-// register block and the rest one unit at a time. store(u, count, out) receives the dots of units
-// u .. u + count as out[j · count · U + q · U + i].
-template <std::size_t MB, std::size_t U, class Arch, class T, class Store>
-void sweep_units(Arch arch, const T* x, std::size_t ldx, const UnitRows<U, T>& w, std::size_t units, bool first_pass,
+// Runs MB token rows against `units` units of U weight rows (U = 1: single rows; U = 2: a gate
+// row and its up row), block_rows(MB) / U units per register block and the rest one unit at a
+// time. rows(u, ptrs) writes unit u's U row pointers; store(u, count, out) receives the dots of
+// units u .. u + count as out[j · count · U + q · U + i].
+template <std::size_t MB, std::size_t U, class Arch, class T, class Rows, class Store>
+void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units, bool first_pass, Rows rows,
                  Store store, PanelPrefetch& ahead) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t NB = block_rows<Arch>(MB, U);
@@ -262,35 +189,41 @@ void sweep_units(Arch arch, const T* x, std::size_t ldx, const UnitRows<U, T>& w
   constexpr std::size_t per_block = NB / U;
   constexpr std::size_t kChunk = kChunkBytes / sizeof(T);
   static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
-  const std::size_t k = w.k;
   // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.)
   const bool chunked = MB > 1 && k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
   const std::size_t chunk = chunked ? kChunk : k;
   B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
   T out[MB * NB];
+  const T* wr[NB];
+  const T* wn[NB];
   std::size_t k0 = 0;
   do {
     const std::size_t k1 = std::min(k, k0 + chunk);
     std::size_t u = 0;
+    if (per_block <= units)
+      for (std::size_t q = 0; q < per_block; ++q) rows(q, wr + q * U);
     for (; u + per_block <= units; u += per_block) {
-      // The rows to prefetch: the next block's; after a chunk's last block, the next chunk of the
-      // first block's rows (shifted by at most what is left of the row, so no address passes its
-      // end); after the last, the current rows again.
-      std::size_t u_next = u, next_shift = 0;
-      if (u + 2 * per_block <= units) {
-        u_next = u + per_block;
-      } else if (k1 < k) {
-        u_next = 0;
-        next_shift = std::min(k1 - k0, k - k1);
+      const bool more = u + 2 * per_block <= units;
+      for (std::size_t q = 0; q < per_block; ++q) {
+        if (more) {
+          rows(u + per_block + q, wn + q * U);
+        } else if (k1 < k) {  // the last block of a chunk: the next chunk of the first block's rows
+          rows(q, wn + q * U);  // (shifted by at most what is left of the row, so no address passes its end)
+          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] += std::min(k1 - k0, k - k1);
+        } else {
+          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+        }
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
-      if (first_pass) dot_block<true, MB, NB>(arch, x, ldx, w, u, u_next, next_shift, k0, k1, parked, out, NB, ahead);
-      else dot_block<false, MB, NB>(arch, x, ldx, w, u, u_next, next_shift, k0, k1, parked, out, NB, ahead);
+      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
+      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
       if (k1 == k) store(u, per_block, out);
+      for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
     for (; u < units; ++u) {
-      dot_block<false, MB, U>(arch, x, ldx, w, u, u, 0, k0, k1, carry + (chunked ? MB * U * u : 0), out, U, ahead);
+      rows(u, wr);
+      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U, ahead);
       if (k1 == k) store(u, std::size_t(1), out);
     }
     k0 = k1;
@@ -315,35 +248,139 @@ std::size_t token_block(std::size_t j, std::size_t m) noexcept {
 }
 
 // For each token block of x (rows `ldx` apart; token_block()): calls sweep_units<mb, U> with the
-// block's first row; store(j, mb, u, count, out) receives its dots with its first token j. The
-// blocks after the first fetch `ahead` (the next panel).
-template <std::size_t U, class Arch, class T, class Store>
-void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, const UnitRows<U, T>& w,
-                      std::size_t units, Store store, PanelPrefetch ahead) noexcept {
+// block's row pointers; store(j, mb, u, count, out) receives its dots with its first token j.
+// The blocks after the first fetch `ahead` (the next panel).
+template <std::size_t U, class Arch, class T, class Rows, class Store>
+void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, std::size_t units, Rows rows,
+                      Store store, PanelPrefetch ahead) noexcept {
+  const T* xr[kMaxTokenBlock];
   for (std::size_t j = 0, mb = 0; j < m; j += mb) {
     mb = token_block<Arch>(j, m);
-    const T* xj = x + j * ldx;
+    for (std::size_t q = 0; q < mb; ++q) xr[q] = x + (j + q) * ldx;
     auto at = [&](auto&& per_unit) {
       return [&, j, mb](std::size_t u, std::size_t count, const T* out) { per_unit(j, mb, u, count, out); };
     };
     if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
       switch (mb) {
-        case 8: sweep_units<8>(arch, xj, ldx, w, units, j == 0, at(store), ahead); continue;
-        case 7: sweep_units<7>(arch, xj, ldx, w, units, j == 0, at(store), ahead); continue;
-        case 6: sweep_units<6>(arch, xj, ldx, w, units, j == 0, at(store), ahead); continue;
+        case 8: sweep_units<8, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 7: sweep_units<7, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 6: sweep_units<6, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
         default: break;
       }
     }
     switch (mb) {
-      case 5: sweep_units<5>(arch, xj, ldx, w, units, j == 0, at(store), ahead); break;
-      case 4: sweep_units<4>(arch, xj, ldx, w, units, j == 0, at(store), ahead); break;
-      case 3: sweep_units<3>(arch, xj, ldx, w, units, j == 0, at(store), ahead); break;
-      case 2: sweep_units<2>(arch, xj, ldx, w, units, j == 0, at(store), ahead); break;
-      default: sweep_units<1>(arch, xj, ldx, w, units, j == 0, at(store), ahead); break;
+      case 5: sweep_units<5, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 4: sweep_units<4, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 3: sweep_units<3, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      case 2: sweep_units<2, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
+      default: sweep_units<1, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); break;
     }
   }
 }
 static_assert(kMaxTokenBlock == 8, "for_token_blocks has one case per token block size");
+
+// ---- streaming: a few tokens against rows they stream whole ----------------------------------------
+//
+// Up to kMaxStreamTokens tokens (on rows of at most kChunkAboveBytes, which dot_block would not
+// chunk) read every weight row once, from memory, and are bound by how fast one core streams: they get their own loop (stream_blocks), with
+// the row pointers advanced in registers from one block to the next. Through sweep_units and
+// dot_block, whose bookkeeping serves the token blocks and chunks of larger batches, one token
+// streamed 12–20% slower with inner loops that compiled alike (S1's 4 KiB rows 33.4 → 37.5 GB/s on
+// one thread, S3's 3 KiB rows 35 → 42, as fast as Eigen's GEMV). 7–8 tokens stay with dot_block:
+// streamed, S1's gated product on 8 tokens ran 10% slower.
+inline constexpr std::size_t kMaxStreamTokens = 6;
+
+// Weight rows per register block for a streamed batch of mb tokens: with 32 registers, 1–2 tokens
+// take 8 rows (eight row streams keep the hardware prefetcher busy; no software prefetch), 3–6
+// tokens take 2 rows (each with the next block's 2 rows prefetched), not block_rows' 4.
+template <class Arch>
+constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
+  if (vector_registers<Arch>() >= 32) return mb <= 2 ? 8 : 2;
+  return block_rows<Arch>(mb, 1);
+}
+
+// add_tails for stream_block's rows, q · k apart.
+template <std::size_t MB, std::size_t NB, class T>
+MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t i, std::size_t k, T* out,
+                                   std::size_t ldo) noexcept {
+  for (std::size_t j = 0; j < MB; ++j)
+    for (std::size_t q = 0; q < NB; ++q) {
+      T sum = out[j * ldo + q];
+      for (std::size_t c = i; c < k; ++c) sum = std::fma(x[j * ldx + c], rows[q * k + c], sum);
+      out[j * ldo + q] = sum;
+    }
+}
+
+// out[j * ldo + r] = dot(x row j, w row r) for j < MB and rows r in [r0, r1) (a multiple of NB
+// apart), NB rows per register block, with dot_block's rounding. While it runs a block of fewer
+// than eight rows, the next block's rows are prefetched. (The loop over blocks lives here, with the
+// block's body: GCC, told to inline a separate block function into it, dropped the prefetches.)
+template <std::size_t MB, std::size_t NB, class Arch, class T>
+void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t r0, std::size_t r1,
+                   T* out, std::size_t ldo) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  constexpr std::size_t kLine = PanelPrefetch::kLineBytes / sizeof(T);
+  for (std::size_t r = r0; r < r1; r += NB) {
+    const T* rows = w + r * k;
+    const T* next = r + 2 * NB <= r1 ? rows + NB * k : rows;
+    B acc[MB][NB];
+    for (std::size_t j = 0; j < MB; ++j)
+      for (std::size_t q = 0; q < NB; ++q) acc[j][q] = B(T(0));
+    std::size_t c = 0;
+    for (; c + L <= k; c += L) {
+      if (NB < kMaxBlockRows && c % kLine == 0)
+        for (std::size_t q = 0; q < NB; ++q) prefetch(next + q * k + c);
+      B wv[NB];
+      for (std::size_t q = 0; q < NB; ++q) {
+        wv[q] = B::load_unaligned(rows + q * k + c);
+        if (MB > 1 && MB <= 4) keep_in_register(wv[q]);  // (see dot_block)
+      }
+      for (std::size_t j = 0; j < MB; ++j) {
+        B xv = B::load_unaligned(x + j * ldx + c);
+        if (NB > 1) keep_in_register(xv);
+        for (std::size_t q = 0; q < NB; ++q) acc[j][q] = xsimd::fma(xv, wv[q], acc[j][q]);
+      }
+    }
+    for (std::size_t j = 0; j < MB; ++j)
+      for (std::size_t q = 0; q < NB; ++q) out[j * ldo + r + q] = reduce_add(acc[j][q]);
+    if (c < k) add_stream_tails<MB, NB>(x, ldx, rows, c, k, out + r, ldo);
+  }
+}
+
+// out [MB, n] (rows ldo apart) = x [MB, k] (rows ldx apart) · w [n, k]ᵀ, streamed.
+template <std::size_t MB, class Arch, class T>
+void stream_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t n, T* out,
+                 std::size_t ldo) noexcept {
+  constexpr std::size_t NB = stream_block_rows<Arch>(MB);
+  const std::size_t whole = n - n % NB;
+  stream_blocks<MB, NB>(arch, x, ldx, w, k, 0, whole, out, ldo);
+  if (whole < n) stream_blocks<MB, 1>(arch, x, ldx, w, k, whole, n, out, ldo);
+}
+
+// Whether an m × k product streams (stream_product) rather than going through for_token_blocks:
+// one token on any rows (dot_block does not chunk them either), 2–6 tokens on rows it would not chunk.
+template <class Arch, class T>
+bool streams(std::size_t m, std::size_t k) noexcept {
+  return m == 1 || (m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && k * sizeof(T) <= kChunkAboveBytes);
+}
+
+// stream_rows for the m tokens of a batch that streams().
+template <class Arch, class T>
+void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const T* w, std::size_t k, std::size_t n,
+                    T* out, std::size_t ldo) noexcept {
+  static_assert(kMaxStreamTokens == 6, "stream_product has one case per token count");
+  if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
+    if (m == 6) return stream_rows<6>(arch, x, ldx, w, k, n, out, ldo);
+  }
+  switch (m) {
+    case 5: return stream_rows<5>(arch, x, ldx, w, k, n, out, ldo);
+    case 4: return stream_rows<4>(arch, x, ldx, w, k, n, out, ldo);
+    case 3: return stream_rows<3>(arch, x, ldx, w, k, n, out, ldo);
+    case 2: return stream_rows<2>(arch, x, ldx, w, k, n, out, ldo);
+    default: return stream_rows<1>(arch, x, ldx, w, k, n, out, ldo);
+  }
+}
 
 // Weight rows per panel for n rows of k elements against m tokens (at least one register block).
 // - Up to max_token_block() tokens are one token block, which reads each panel once: the panel
@@ -378,13 +415,9 @@ std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
                    std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
-  const UnitRows<1, T> rows{{w + r0 * k}, k};
-  if (m == 1) {
-    T* const out[1] = {y + r0};
-    return one_token_units(arch, x, rows, r1 - r0, out);
-  }
-  for_token_blocks(
-      arch, x, ldx, m, rows, r1 - r0,
+  if (streams<Arch, T>(m, k)) return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy);
+  for_token_blocks<1>(
+      arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
       [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
         for (std::size_t a = 0; a < mb; ++a)
           for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
@@ -454,16 +487,18 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
       gated_activate<Activation>(arch, gate[a], up[a], r1 - r0);
       std::copy(gate[a], gate[a] + (r1 - r0), h + token * ldh + r0);
     };
-    const UnitRows<2, T> rows{{w_gate + r0 * k, w_up + r0 * k}, k};
-    if (m == 1) {
-      T* const gate_out[1] = {gate[0]};
-      T* const up_out[1] = {up[0]};
-      one_token_units(arch, x, UnitRows<1, T>{{rows.base[0]}, k}, r1 - r0, gate_out);
-      one_token_units(arch, x, UnitRows<1, T>{{rows.base[1]}, k}, r1 - r0, up_out);
-      return finish(0, 0);
+    if (streams<Arch, T>(m, k)) {  // the gate rows, then the up rows
+      stream_product(arch, x, k, m, w_gate + r0 * k, k, r1 - r0, gate[0], kMaxPanelPairs);
+      stream_product(arch, x, k, m, w_up + r0 * k, k, r1 - r0, up[0], kMaxPanelPairs);
+      for (std::size_t a = 0; a < m; ++a) finish(a, a);
+      return;
     }
-    for_token_blocks(
-        arch, x, k, m, rows, r1 - r0,
+    for_token_blocks<2>(
+        arch, x, k, m, k, r1 - r0,
+        [&](std::size_t u, const T** ptrs) {
+          ptrs[0] = w_gate + (r0 + u) * k;
+          ptrs[1] = w_up + (r0 + u) * k;
+        },
         [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
           for (std::size_t a = 0; a < mb; ++a)
             for (std::size_t q = 0; q < count; ++q) {
