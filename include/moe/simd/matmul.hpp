@@ -14,7 +14,8 @@
 // register block of up to max_token_block() tokens × block_rows() rows shares each load. For a
 // handful of tokens this is one pass over the weights (memory bound, as it must be); for many it
 // is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
-// meanwhile (PanelPrefetch), so that memory and arithmetic overlap.
+// meanwhile (PanelPrefetch), so that memory and arithmetic overlap. Up to kMaxStreamTokens tokens
+// take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
