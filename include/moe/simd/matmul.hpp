@@ -283,12 +283,13 @@ static_assert(kMaxTokenBlock == 8, "for_token_blocks has one case per token bloc
 // ---- streaming: a few tokens against rows they stream whole ----------------------------------------
 //
 // Up to kMaxStreamTokens tokens (on rows of at most kChunkAboveBytes, which dot_block would not
-// chunk) read every weight row once, from memory, and are bound by how fast one core streams: they get their own loop (stream_blocks), with
-// the row pointers advanced in registers from one block to the next. Through sweep_units and
-// dot_block, whose bookkeeping serves the token blocks and chunks of larger batches, one token
-// streamed 12–20% slower with inner loops that compiled alike (S1's 4 KiB rows 33.4 → 37.5 GB/s on
-// one thread, S3's 3 KiB rows 35 → 42, as fast as Eigen's GEMV). 7–8 tokens stay with dot_block:
-// streamed, S1's gated product on 8 tokens ran 10% slower.
+// chunk) read every weight row once, from memory, and are bound by how fast one core streams. They
+// get a loop of their own (stream_blocks), with the row pointers advanced in registers from one
+// block to the next. Through sweep_units and dot_block, whose bookkeeping serves the token blocks
+// and chunks of larger batches, one token streamed 12–20% slower with inner loops that compiled
+// alike (S1's 4 KiB rows 33.4 → 37.5 GB/s on one thread, S3's 3 KiB rows 35 → 42, as fast as
+// Eigen's GEMV). 7–8 tokens stay with dot_block: streamed, S1's gated product on 8 tokens ran 10%
+// slower.
 inline constexpr std::size_t kMaxStreamTokens = 6;
 
 // Weight rows per register block for a streamed batch of mb tokens: with 32 registers, 1–2 tokens
@@ -300,7 +301,9 @@ constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
   return block_rows<Arch>(mb, 1);
 }
 
-// add_tails for stream_block's rows, q · k apart.
+// Adds the k % L tail elements [i, k) to out[j * ldo + q] (x rows ldx apart, weight rows k apart) in
+// order; std::fma, as in dot_block, so every caller rounds them alike. Out of line: rows are
+// usually a multiple of the lane count, and the block's epilogue stays short.
 template <std::size_t MB, std::size_t NB, class T>
 MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t i, std::size_t k, T* out,
                                    std::size_t ldo) noexcept {
