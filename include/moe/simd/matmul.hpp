@@ -114,6 +114,14 @@ inline constexpr std::size_t kChunkBytes = 4096;
 inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
 inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
 
+// sum + the k % L tail elements [i, k) of a dot product, in order: std::fma, so that every kernel
+// (dot_block, stream_blocks) rounds an element the same way.
+template <class T>
+T add_tail(T sum, const T* x, const T* w, std::size_t i, std::size_t k) noexcept {
+  for (; i < k; ++i) sum = std::fma(x[i], w[i], sum);
+  return sum;
+}
+
 // Over k in [k0, k1) of rows of k elements: out[j * ldo + r] = dot(x row j, w row r) for
 // j < MB, r < NB, rows given by pointers. Lane accumulators start at zero when k0 = 0, else from
 // `carry` [MB · NB]; when k1 < k they are parked in `carry` instead of reduced into `out`.
@@ -169,10 +177,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   }
   for (std::size_t j = 0; j < MB; ++j) {
     for (std::size_t r = 0; r < NB; ++r) {
-      T sum = reduce_add(acc[j][r]);
-      // The k % L tail, in order; std::fma so every caller rounds it the same way.
-      for (std::size_t q = 0; q + 1 < L && i + q < k; ++q) sum = std::fma(xp[j][i + q], wp[r][i + q], sum);
-      out[j * ldo + r] = sum;
+      out[j * ldo + r] = add_tail(reduce_add(acc[j][r]), xp[j], wp[r], i, k);
     }
   }
 }
@@ -301,18 +306,13 @@ constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
   return block_rows<Arch>(mb, 1);
 }
 
-// Adds the k % L tail elements [i, k) to out[j * ldo + q] (x rows ldx apart, weight rows k apart) in
-// order; std::fma, as in dot_block, so every caller rounds them alike. Out of line: rows are
+// add_tail for out[j * ldo + q] (x rows ldx apart, weight rows k apart). Out of line: rows are
 // usually a multiple of the lane count, and the block's epilogue stays short.
 template <std::size_t MB, std::size_t NB, class T>
 MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t i, std::size_t k, T* out,
                                    std::size_t ldo) noexcept {
   for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t q = 0; q < NB; ++q) {
-      T sum = out[j * ldo + q];
-      for (std::size_t c = i; c < k; ++c) sum = std::fma(x[j * ldx + c], rows[q * k + c], sum);
-      out[j * ldo + q] = sum;
-    }
+    for (std::size_t q = 0; q < NB; ++q) out[j * ldo + q] = add_tail(out[j * ldo + q], x + j * ldx, rows + q * k, i, k);
 }
 
 // out[j * ldo + r] = dot(x row j, w row r) for j < MB and rows r in [r0, r1) (a multiple of NB
