@@ -9,12 +9,14 @@
 //    per routing group, dropped/rerouted consistent with the experts each token kept;
 //  - the selection and weights against a reference written from the documented semantics
 //    (whenever the selection values are not NaN);
-//  - weights finite when the logits are; softmax rows summing to 1;
+//  - weights finite when the logits are and the documented weight is within T's range; softmax
+//    rows summing to 1;
 //  - determinism, buffer reuse, and batch isolation: a routing group routed on its own gets the
 //    same plan, bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <vector>
@@ -168,7 +170,11 @@ bool close(T actual, double expected) {
   return std::fabs(static_cast<double>(actual) - expected) <= tol;
 }
 
-// Returns, per token, whether it reaches a known issue (empty when the reference does not apply).
+// Returns, per token, whether its weights are exempt from the finiteness check (empty when the
+// reference does not apply): it reaches a known issue, or a documented weight is beyond T's range.
+// The second happens with a selection bias and rerouting: the bias can choose an expert whose raw
+// score is far below the one a choice is rerouted to, and the rerouted weight raw / Σ chosen raw
+// is then unbounded (up to 1/eps), so × scale can exceed the largest T even from moderate values.
 template <class T>
 std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vector<T>& bias, const moe::RouterOutput<T>& out,
                                           const std::vector<index_t>& bounds, index_t T_, index_t E) {
@@ -239,6 +245,11 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     bool rerouted = false;
     for (index_t j = 0; j < R; ++j) {
       const T w = c.raw[sz(j)] / denominator * scale;
+      // The same weight in long double (range beyond double's), with a margin for T's rounding.
+      const long double exact = static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(denominator) *
+                                static_cast<long double>(scale);
+      const bool beyond_range = !(std::fabs(exact) <= static_cast<long double>(std::numeric_limits<T>::max()) / 2);
+      if (std::isfinite(c.raw[sz(j)]) && beyond_range) token_issue[sz(t)] = 1;
       if (kept[sz(t)][sz(j)]) {
         MOE_FUZZ_CHECK_TOKEN(q < got.size());
         MOE_FUZZ_CHECK_TOKEN(got[q].expert == c.expert[sz(j)]);

@@ -397,6 +397,36 @@ TEMPLATE_TEST_CASE("simd::log_sum_exp matches a double reference", "[simd][softm
   CHECK(std::abs(dbl(got) - ref) <= sm.sum_rel + eps<T>() * (std::abs(log_s) + std::abs(ref) + 1));
 }
 
+TEMPLATE_TEST_CASE("simd::exp_batch matches std::exp over the whole range, denormal results included", "[simd][softmax]",
+                   float, double) {
+  using T = TestType;
+  using B = moe::simd::batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  auto rng = make_rng(L, 0, 10);
+  // Where e^x overflows, is normal, is denormal and rounds to 0, and past both ends.
+  const double low = sizeof(T) == sizeof(float) ? -110.0 : -760.0, high = sizeof(T) == sizeof(float) ? 95.0 : 715.0;
+  const double spacing = static_cast<double>(std::numeric_limits<T>::denorm_min());
+  std::vector<T> x(64 * L);
+  fill_uniform(x.data(), x.size(), low, high, rng);
+  const T special[] = {T(0), -T(0), std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+                       std::numeric_limits<T>::quiet_NaN(), T(1)};
+  std::copy(std::begin(special), std::end(special), x.begin());
+  for (std::size_t i = 0; i + L <= x.size(); i += L) {
+    alignas(64) T out[L];
+    moe::simd::exp_batch(B::load_unaligned(x.data() + i)).store_aligned(out);
+    for (std::size_t j = 0; j < L; ++j) {
+      CAPTURE(x[i + j]);
+      const T ref = std::exp(x[i + j]);
+      if (std::isnan(ref) || std::isinf(ref)) {
+        CHECK((std::isnan(out[j]) == std::isnan(ref) && (std::isnan(ref) || out[j] == ref)));
+      } else {
+        // 2 ulp (xsimd's bound), plus two roundings to the denormal spacing (the square's factor).
+        CHECK(std::abs(dbl(out[j]) - dbl(ref)) <= 4 * eps<T>() * dbl(ref) + 2 * spacing);
+      }
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("simd::sigmoid matches a double reference", "[simd][softmax]", float, double) {
   using T = TestType;
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
@@ -423,6 +453,30 @@ TEMPLATE_TEST_CASE("simd::sigmoid matches a double reference", "[simd][softmax]"
   moe::simd::sigmoid(Arch{}, y.data(), y.data(), n);
   for (std::size_t i = 0; i < n; ++i) CHECK(y[i] == out[i]);
   CHECK(y.guards_intact());
+}
+
+TEMPLATE_TEST_CASE("simd::sigmoid keeps its relative precision where the result is denormal", "[simd][softmax]", float,
+                   double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  CAPTURE(n);
+  auto rng = make_rng(n, 0, 9);
+  // From where exp(-x) overflows T (1 / (1 + exp(-x)) would flush to 0) down to where the result
+  // rounds to 0: float [-103, -80], double [-744, -700].
+  const double lowest = sizeof(T) == sizeof(float) ? -103.0 : -744.0;
+  Guarded<T> x = input<T>(n, 0);
+  fill_uniform(x.data(), n, lowest, lowest + (sizeof(T) == sizeof(float) ? 23.0 : 44.0), rng);
+  Guarded<T> out = output<T>(n, 0);
+  moe::simd::sigmoid(Arch{}, x.data(), out.data(), n);
+  // exp(x) within 2 ulp, then a divide and a multiply; a denormal result is also rounded to the
+  // denormal spacing (twice: exp's result and the product).
+  const double spacing = static_cast<double>(std::numeric_limits<T>::denorm_min());
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, x[i]);
+    const double ref = std::exp(dbl(x[i])) / (1.0 + std::exp(dbl(x[i])));  // (1 / (1 + e^-x) overflows in double)
+    CHECK(std::abs(dbl(out[i]) - ref) <= 8 * eps<T>() * ref + 2 * spacing);
+  }
+  CHECK(out.guards_intact());
 }
 
 TEMPLATE_TEST_CASE("simd::sigmoid saturates to 0 and 1 without NaN", "[simd][softmax]", float, double) {

@@ -9,7 +9,9 @@
 //            fewest leading experts whose scores reach p (at most k)
 //   raw    = score of each chosen expert (or softmax over the k chosen logits)
 //   weight = raw / Σ raw over the choices if `normalize`, then × scale
-// Capacity (capacity.hpp) may then drop or reroute choices, per routing group.
+// Capacity (capacity.hpp) may then drop or reroute choices, per routing group. A rerouted choice
+// keeps the same denominator, so with a selection bias (which can choose experts scoring below the
+// one a choice is rerouted to) its weight can exceed `scale`, without bound as Σ raw → 0.
 // The selection bias (DeepSeek e_score_correction_bias) changes which experts are chosen, never
 // the weights.
 #include <algorithm>

@@ -53,14 +53,26 @@ T reduce_max(const batch<T, Arch>& b) noexcept {
 // is undefined for NaN, ±inf and |x| beyond ~6e18 even though those lanes' results are discarded
 // afterwards. The argument is clamped to where e^x is already 0 or +inf, so no result changes,
 // and NaN lanes skip the conversion and come back as NaN.
+// xsimd's exp also returns 0 (or a wrong power of two) where e^x is below the smallest normal
+// (x < -87.3 in float, -708.4 in double) though std::exp gives the denormal there, and float +inf
+// from x = 88.38 though e^x overflows only above 88.72: such lanes take (e^(x/2))², whose factor
+// is normal and whose square rounds once (into the denormals, or to +inf past the largest float).
 template <class T, class Arch>
 batch<T, Arch> exp_batch(const batch<T, Arch>& x) noexcept {
   using B = batch<T, Arch>;
-  const T lowest = sizeof(T) == sizeof(float) ? T(-104) : T(-746);  // e^lowest rounds to 0
-  const T highest = sizeof(T) == sizeof(float) ? T(89) : T(710);    // e^highest overflows to +inf
+  const T lowest = sizeof(T) == sizeof(float) ? T(-104) : T(-746);      // e^lowest rounds to 0
+  const T highest = sizeof(T) == sizeof(float) ? T(89) : T(710);        // e^highest overflows to +inf
+  const T normal_floor = sizeof(T) == sizeof(float) ? T(-87) : T(-708);  // xsimd's e^x exact within
+  const T normal_ceiling = sizeof(T) == sizeof(float) ? T(88) : T(709);   //   [floor, ceiling]
   const auto is_nan = xsimd::isnan(x);
   const B clamped = xsimd::select(is_nan, B(T(0)), xsimd::min(xsimd::max(x, B(lowest)), B(highest)));
-  return xsimd::select(is_nan, x, xsimd::exp(clamped));
+  B e = xsimd::exp(clamped);
+  const auto edge = (clamped < B(normal_floor)) || (clamped > B(normal_ceiling));
+  if (xsimd::any(edge)) {  // rare: keeps the common path at one exp
+    const B half = xsimd::exp(clamped * B(T(0.5)));
+    e = xsimd::select(edge, half * half, e);
+  }
+  return xsimd::select(is_nan, x, e);
 }
 
 }  // namespace simd

@@ -74,15 +74,26 @@ T log_sum_exp(Arch arch, const T* x, T* scratch, std::size_t n) noexcept {
   return m + std::log(exp_shifted(arch, x, m, scratch, n));
 }
 
-// out = 1 / (1 + exp(-x)). `out` may equal `x`. Saturates to 0 and 1 without overflow.
+// out = 1 / (1 + exp(-x)), as e / (1 + e) with e = exp(x) for x < 0: written as 1 / (1 + exp(-x))
+// the exp overflows for x below about -88.7 (float) and the result flushes to 0 where it should
+// be a denormal. `out` may equal `x`. Saturates to 0 and 1 without overflow; NaN stays NaN.
 template <class Arch, class T>
 void sigmoid(Arch, const T* x, T* out, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
-  const B one(T(1));
+  const B one(T(1)), zero(T(0));
   std::size_t i = 0;
-  for (; i + L <= n; i += L) (one / (one + exp_batch(B(-B::load_unaligned(x + i))))).store_unaligned(out + i);
-  for (; i < n; ++i) out[i] = T(1) / (T(1) + std::exp(-x[i]));
+  for (; i + L <= n; i += L) {
+    const B v = B::load_unaligned(x + i);
+    const B e = exp_batch(B(-xsimd::abs(v)));
+    const B s = one / (one + e);
+    xsimd::select(v < zero, e * s, s).store_unaligned(out + i);
+  }
+  for (; i < n; ++i) {
+    const T e = std::exp(-std::fabs(x[i]));
+    const T s = T(1) / (T(1) + e);
+    out[i] = x[i] < T(0) ? e * s : s;
+  }
 }
 
 }  // namespace simd
