@@ -415,6 +415,15 @@ std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
 }
 
+// Rows [begin, end) of panel p, of `panel` rows each, among n rows.
+struct RowRange {
+  std::size_t begin, end;
+};
+inline RowRange panel_range(std::ptrdiff_t p, std::size_t panel, std::size_t n) noexcept {
+  const std::size_t begin = static_cast<std::size_t>(p) * panel;
+  return {begin, std::min(n, begin + panel)};
+}
+
 // y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows, fetching `ahead` meanwhile.
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
@@ -439,13 +448,13 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   const std::size_t panel = panel_rows<Arch, T>(k, m, n);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
-    const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
+    const RowRange rows = panel_range(p, panel, n);
     PanelPrefetch ahead;
     if (next < panels) {
-      const std::size_t n0 = static_cast<std::size_t>(next) * panel, n1 = std::min(n, n0 + panel);
-      ahead.add(w + n0 * k, w + n1 * k);
+      const RowRange next_rows = panel_range(next, panel, n);
+      ahead.add(w + next_rows.begin * k, w + next_rows.end * k);
     }
-    panel_product(arch, x, ldx, m, k, w, r0, r1, y, ldy, ahead);
+    panel_product(arch, x, ldx, m, k, w, rows.begin, rows.end, y, ldy, ahead);
   });
 }
 
@@ -478,12 +487,13 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
   const std::size_t panel = gated_panel_pairs<Arch, T>(k, m, n);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, m * n * k > 16384, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
-    const std::size_t r0 = static_cast<std::size_t>(p) * panel, r1 = std::min(n, r0 + panel);
+    const RowRange rows = panel_range(p, panel, n);
+    const std::size_t r0 = rows.begin, r1 = rows.end;
     PanelPrefetch ahead;
     if (next < panels) {
-      const std::size_t n0 = static_cast<std::size_t>(next) * panel, n1 = std::min(n, n0 + panel);
-      ahead.add(w_gate + n0 * k, w_gate + n1 * k);
-      ahead.add(w_up + n0 * k, w_up + n1 * k);
+      const RowRange next_rows = panel_range(next, panel, n);
+      ahead.add(w_gate + next_rows.begin * k, w_gate + next_rows.end * k);
+      ahead.add(w_up + next_rows.begin * k, w_up + next_rows.end * k);
     }
     T gate[kMaxTokenBlock][kMaxPanelPairs];
     T up[kMaxTokenBlock][kMaxPanelPairs];
