@@ -108,9 +108,11 @@ bool matches_reference(const moe::MoELayer<Router, Expert>& layer, const Case& c
       auto sigmoid = [](double v) { return v < 0 ? std::exp(v) / (1 + std::exp(v)) : 1 / (1 + std::exp(-v)); };
       gate = sigmoid(z);
       // The layer sums z in float: off by up to about (d + 2)·eps·Σ|terms|, which moves the gate
-      // by up to σ(z ± that) − σ(z), far more than rounding when the terms cancel.
+      // by up to σ(z ± that) − σ(z), far more than rounding when the terms cancel. Where a term or
+      // a partial sum can overflow float, the float z (±inf, NaN) says nothing: any gate in [0, 1].
       const double z_error = static_cast<double>(d + 2) * static_cast<double>(std::numeric_limits<T>::epsilon()) * z_magnitude;
       gate_error = std::max(std::fabs(sigmoid(z + z_error) - gate), std::fabs(sigmoid(z - z_error) - gate));
+      if (!(z_magnitude < 0.5 * static_cast<double>(std::numeric_limits<T>::max()))) gate_error = 1;
     }
     for (const Expert& s : layer.shared_experts()) {
       s.forward(Arch{}, row.data(), 1, out.data(), scratch.data());
