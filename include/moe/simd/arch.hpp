@@ -53,10 +53,10 @@ T reduce_max(const batch<T, Arch>& b) noexcept {
 // is undefined for NaN, ±inf and |x| beyond ~6e18 even though those lanes' results are discarded
 // afterwards. The argument is clamped to where e^x is already 0 or +inf, so no result changes,
 // and NaN lanes skip the conversion and come back as NaN.
-// xsimd's exp also returns 0 (or a wrong power of two) where e^x is below the smallest normal
-// (x < -87.3 in float, -708.4 in double) though std::exp gives the denormal there, and float +inf
-// from x = 88.38 though e^x overflows only above 88.72: such lanes take (e^(x/2))², whose factor
-// is normal and whose square rounds once (into the denormals, or to +inf past the largest float).
+// xsimd's exp also returns 0 for denormal results (float from about x = -88, where std::exp gives
+// denormals down to -103), and float +inf from x = 88.38 though e^x overflows only above 88.72.
+// Lanes outside [normal_floor, normal_ceiling] take (e^(x/2))², whose factor is normal and whose
+// square rounds once (into the denormals, or to +inf past the largest float).
 template <class T, class Arch>
 batch<T, Arch> exp_batch(const batch<T, Arch>& x) noexcept {
   using B = batch<T, Arch>;
