@@ -177,6 +177,61 @@ TEST_CASE("Reroute moves lost choices to the next-best expert with room", "[rout
   }
 }
 
+TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above scale", "[routing][capacity]") {
+  // Three tokens with logits (-10, -5, -1); capacity 1 per expert, so tokens 1 and 2 are rerouted
+  // down their ranking. When the selection ranks an expert first whose raw weight is the smallest,
+  // a rerouted weight is raw(target) / raw(chosen) × scale, far above scale (routing/top_k.hpp).
+  const index_t E = 3, Tn = 3;
+  moe::Matrix<double> W(E, 1);
+  W << -10, -5, -1;
+  const moe::Matrix<double> x = moe::Matrix<double>::Ones(Tn, 1);
+  moe::TopKOptions o;
+  o.k = 1;
+  o.scale = 2.5;
+  o.capacity_factor = 0.5;  // ceil(0.5 · 3 · 1 / 3) = 1 slot per expert
+  o.overflow = moe::OverflowPolicy::reroute;
+  double chosen_raw = 0, target_raw[2] = {0, 0};
+  index_t target[2] = {0, 0};
+  moe::TopKRouter<double> router(W, o);
+
+  SECTION("a zero group mask lets a masked expert win at 0 over negative logits") {
+    // Groups of one expert, the best two kept by logit (experts 2 and 1); expert 0 is masked to
+    // 0, which beats -1 and -5. Softmax after top-k over the one chosen logit: raw = e^(l - l0).
+    o.softmax_placement = moe::SoftmaxPlacement::after_top_k;
+    o.expert_groups = 3;
+    o.selected_groups = 2;
+    o.group_score_top = 1;
+    o.group_mask = moe::GroupMask::zero;
+    router = moe::TopKRouter<double>(W, o);
+    chosen_raw = 1;
+    target[0] = 2, target_raw[0] = std::exp(-1.0 + 10.0);
+    target[1] = 1, target_raw[1] = std::exp(-5.0 + 10.0);
+  }
+  SECTION("a selection bias ranks the least likely expert first") {
+    o.normalize = true;  // the denominator is the chosen expert's probability p0
+    router = moe::TopKRouter<double>(W, o);
+    router.set_selection_bias((moe::Vector<double>(E) << 100, 0, 0).finished());
+    const double Z = std::exp(-10.0) + std::exp(-5.0) + std::exp(-1.0);
+    chosen_raw = std::exp(-10.0) / Z;
+    target[0] = 2, target_raw[0] = std::exp(-1.0) / Z;
+    target[1] = 1, target_raw[1] = std::exp(-5.0) / Z;
+  }
+  moe::RouterOutput<double> out;
+  router.route(x, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[0].size() == 1);
+  CHECK(got[0][0].expert == 0);
+  CHECK(got[0][0].weight == Approx(o.scale).epsilon(1e-12));
+  for (index_t t = 1; t < Tn; ++t) {
+    REQUIRE(got[std::size_t(t)].size() == 1);
+    CHECK(got[std::size_t(t)][0].expert == target[t - 1]);
+    CHECK(got[std::size_t(t)][0].weight == Approx(target_raw[t - 1] / chosen_raw * o.scale).epsilon(1e-12));
+    CHECK(got[std::size_t(t)][0].weight > o.scale);
+  }
+  CHECK(out.plan.rerouted == std::vector<index_t>{1, 2});
+  CHECK(out.plan.dropped.empty());
+}
+
 TEST_CASE("Capacity is counted per routing group, and groups are isolated", "[routing][capacity][groups]") {
   const index_t E = 4, d = 8, k = 2;
   const moe::Matrix<float> W = random_matrix<float>(E, d, 41, 1.0);

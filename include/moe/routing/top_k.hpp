@@ -10,8 +10,9 @@
 //   raw    = score of each chosen expert (or softmax over the k chosen logits)
 //   weight = raw / Σ raw over the choices if `normalize`, then × scale
 // Capacity (capacity.hpp) may then drop or reroute choices, per routing group. A rerouted choice
-// keeps the same denominator, so with a selection bias (which can choose experts scoring below the
-// one a choice is rerouted to) its weight can exceed `scale`, without bound as Σ raw → 0.
+// keeps the same denominator, so when the selection can choose experts whose raw weight is below
+// the one a choice is rerouted to (a selection bias, or GroupMask::zero letting a masked expert win
+// at 0 over negative logits), its weight can exceed `scale`, without bound as Σ raw → 0.
 // The selection bias (DeepSeek e_score_correction_bias) changes which experts are chosen, never
 // the weights.
 #include <algorithm>
