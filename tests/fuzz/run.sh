@@ -11,6 +11,11 @@
 # directory, and a crashing input is written to $MOE_FUZZ_ARTIFACTS (default: a temporary
 # directory, printed) as crash-<sha1>, which reproduces with
 #   BUILD_DIR/tests/fuzz/fuzz_<target> ARTIFACT
+# and joins the target's corpus (named by its sha1) once fixed.
+#
+# Every run draws new inputs, so a short run (CI's) can meet a failure a previous one did not; a
+# fixed -seed does not pin them down (identical seeded runs reach different coverage here and
+# diverge), so before relying on a change, fuzz its targets for minutes: run.sh BUILD_DIR 200.
 #
 # Regenerating a target's seed corpus (after changing how it decodes its input): fuzz from an
 # empty directory for a few minutes, then keep the fewest inputs that cover every edge reached:
