@@ -888,11 +888,12 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
                    float, double) {
   using T = TestType;
   // Rows of 20003 elements (80 KB in float): the L2 panels hold only a few rows each, so n = 19
-  // spans several panels, the last one partial.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 5, 13);  // 13: later blocks fetch the next panel
-  const std::size_t k = 20003;
+  // spans several panels, the last one partial. And rows just past the length dot_block chunks
+  // (with a k % L tail), where two tokens still stream whole rows and three are chunked.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 5, 13);  // 13: later blocks fetch the next panel
+  const std::size_t k = GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3);
   const std::size_t n = 19;
-  CAPTURE(m);
+  CAPTURE(m, k);
   auto rng = make_rng(m, k, 1);
   Guarded<T> x = input<T>(m * k, 1);
   fill_uniform(x.data(), m * k, -1.0, 1.0, rng);

@@ -363,10 +363,18 @@ void stream_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t
 }
 
 // Whether an m × k product streams (stream_product) rather than going through for_token_blocks:
-// one token on any rows (dot_block does not chunk them either), 2–6 tokens on rows it would not chunk.
+// - one token on any rows (dot_block does not chunk them either);
+// - two tokens on rows whose two x rows fit kStreamPairBytes (of the 48 KiB L1): their 8-row
+//   blocks stream whole long rows faster than dot_block's 4 KiB chunks. One thread, µs per
+//   product, medians of 5 interleaved: 12 KiB rows (S3's down projection) 342 → 315, 14 KiB (S1's)
+//   492 → 443, 16 KiB 594 → 549. (3 tokens on 10 KiB rows, 2-row blocks: 352 → 377, so no.)
+// - 2–6 tokens on rows it would not chunk.
+inline constexpr std::size_t kStreamPairBytes = 32 * 1024;
 template <class Arch, class T>
 bool streams(std::size_t m, std::size_t k) noexcept {
-  return m == 1 || (m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && k * sizeof(T) <= kChunkAboveBytes);
+  const std::size_t row_bytes = k * sizeof(T);
+  if (m == 1 || (m == 2 && 2 * row_bytes <= kStreamPairBytes)) return true;
+  return m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && row_bytes <= kChunkAboveBytes;
 }
 
 // stream_rows for the m tokens of a batch that streams().
