@@ -160,10 +160,13 @@ double measure_read_gbs(int reps) {
 
 // The machine's bandwidth moves by tens of percent within minutes (other guests share it), so
 // every BM_Layer run measures it again just before its own timing, and the yardstick is the best
-// seen in the whole run: the summary's rooflines all use that one, final value.
-void refresh_read_gbs(int threads) {
+// seen in the whole run: the summary's rooflines all use that one, final value. Returns this
+// measurement, which the summary prints beside the row (which mode the machine was in).
+double refresh_read_gbs(int threads) {
   Limits& l = g_limits[threads];
-  l.read_gbs = std::max(l.read_gbs, measure_read_gbs(2));
+  const double now = measure_read_gbs(2);
+  l.read_gbs = std::max(l.read_gbs, now);
+  return now;
 }
 
 Limits measure_limits(int threads) {
@@ -362,7 +365,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   Mat y(T, s.d);
   moe::Workspace<float> ws;
   m.layer->forward(x, y, ws);
-  refresh_read_gbs(threads);
+  const double read_before = refresh_read_gbs(threads);
   run_iterations(state, T, m.weights(), [&] { m.layer->forward(x, y, ws); });
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
@@ -370,6 +373,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   state.counters["weight GB/s"] = benchmark::Counter(w.bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["read GB/s before"] = read_before;
 }
 
 template <class M>
@@ -496,8 +500,9 @@ void print_summary(const Collector& c) {
     std::printf("  %d thread(s): read %.1f GB/s (best of the run), sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs,
                 l.second.sgemm_gfs, l.second.sgemm_source);
   }
-  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
-              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy");
+  std::printf("  read now: the read bandwidth measured just before the row's own timing (GB/s)\n");
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
+              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "read now");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
@@ -521,10 +526,11 @@ void print_summary(const Collector& c) {
         const Limits& lim = g_limits.at(threads);
         const double roofline = std::max(layer->counters.at("weight GB/s") / lim.read_gbs,
                                          layer->counters.at("GFLOP/s") / lim.sgemm_gfs);
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s\n", s.name, T, threads, layer->ms, roofline,
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f\n", s.name, T, threads, layer->ms, roofline,
                     ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
-                    threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-");
+                    threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
+                    layer->counters.at("read GB/s before"));
       }
     }
   }
