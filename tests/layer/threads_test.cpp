@@ -99,8 +99,12 @@ TEST_CASE("Threads take whole experts only when the work shares out evenly", "[t
   REQUIRE(moe::detail::share_out_experts(equal.data(), 16, 2, loads));
   REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 16, 1, loads));   // one thread
   REQUIRE(moe::detail::share_out_experts(equal.data(), 8, 2, loads));
-  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 7, 2, loads));    // < 4 experts per thread
-  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 15, 4, loads));
+  REQUIRE(moe::detail::share_out_experts(equal.data(), 6, 2, loads));          // 3 : 3
+  REQUIRE(moe::detail::share_out_experts(equal.data(), 2, 2, loads));          // one each
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 1, 2, loads));    // fewer experts than threads
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 7, 2, loads));    // 4 : 3
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 3, 4, loads));
+  REQUIRE_FALSE(moe::detail::share_out_experts(equal.data(), 15, 4, loads));   // 4 : 4 : 4 : 3
   // One expert busier than all the others together: a longest-first split is 2000 : 1500.
   std::vector<index_t> skewed(16, 100);
   skewed[0] = 2000;

@@ -44,12 +44,15 @@ namespace detail {
 inline index_t expert_cost(index_t d_ff, index_t tokens) noexcept { return d_ff * std::max<index_t>(tokens, 8); }
 
 // Whether `threads` threads should take whole experts of these costs (sorted falling) rather than
-// share every product: when there are at least 4 experts per thread (finer grains than 8 per
-// thread balanced worse than splitting rows on an AVX2 machine; on AVX-512, 8 experts on 2 threads
-// ran 2–6% faster as whole experts, S1 at T = 16–512) and a longest-first assignment comes within
-// 1/32 of an even split. `load` has room for `threads` values.
+// share every product: when there is an expert for every thread and a longest-first assignment
+// comes within 1/32 of an even split. Whole experts need no barrier per product: 8 experts on 2
+// threads ran 2–6% faster (S1 at T = 16–512), and so did as few as 1–3 equal experts per thread
+// (2 threads, medians of 11–14 interleaved runs in the machine's fast 2-thread mode: S1 at T = 1,
+// 2 experts, 1.25 → 1.20 ms; S2 at T = 1, 6 experts, 0.663 → 0.555 ms; in the slow mode 2–4%).
+// Where the costs do not split evenly, shared products balance better. `load` has room for
+// `threads` values.
 inline bool share_out_experts(const index_t* cost, index_t count, index_t threads, index_t* load) noexcept {
-  if (threads < 2 || count < 4 * threads) return false;
+  if (threads < 2 || count < threads) return false;
   index_t total = 0;
   std::fill(load, load + threads, index_t(0));
   for (index_t i = 0; i < count; ++i) {
