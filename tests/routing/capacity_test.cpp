@@ -192,7 +192,7 @@ TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above s
   o.overflow = moe::OverflowPolicy::reroute;
   double chosen_raw = 0, target_raw[2] = {0, 0};
   index_t target[2] = {0, 0};
-  moe::TopKRouter<double> router(W, o);
+  moe::Vector<double> bias;  // empty: none
 
   SECTION("a zero group mask lets a masked expert win at 0 over negative logits") {
     // Groups of one expert, the best two kept by logit (experts 2 and 1); expert 0 is masked to
@@ -202,20 +202,20 @@ TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above s
     o.selected_groups = 2;
     o.group_score_top = 1;
     o.group_mask = moe::GroupMask::zero;
-    router = moe::TopKRouter<double>(W, o);
     chosen_raw = 1;
     target[0] = 2, target_raw[0] = std::exp(-1.0 + 10.0);
     target[1] = 1, target_raw[1] = std::exp(-5.0 + 10.0);
   }
   SECTION("a selection bias ranks the least likely expert first") {
     o.normalize = true;  // the denominator is the chosen expert's probability p0
-    router = moe::TopKRouter<double>(W, o);
-    router.set_selection_bias((moe::Vector<double>(E) << 100, 0, 0).finished());
+    bias = (moe::Vector<double>(E) << 100, 0, 0).finished();
     const double Z = std::exp(-10.0) + std::exp(-5.0) + std::exp(-1.0);
     chosen_raw = std::exp(-10.0) / Z;
     target[0] = 2, target_raw[0] = std::exp(-1.0) / Z;
     target[1] = 1, target_raw[1] = std::exp(-5.0) / Z;
   }
+  moe::TopKRouter<double> router(W, o);
+  if (bias.size() > 0) router.set_selection_bias(bias);
   moe::RouterOutput<double> out;
   router.route(x, out);
   const auto got = by_token(out.plan);
