@@ -54,6 +54,66 @@ TEST_CASE("Forward and backward bits do not depend on the thread count", "[threa
   omp_set_num_threads(2);
 }
 
+TEST_CASE("Backward on 2 threads overwrites every gradient, including experts without tokens", "[threads][determinism]") {
+  // 3 tokens, top-1 over 6 experts and 2 zero-computation ones: most experts get no token, and
+  // the routed experts' gradients are zeroed by the threads that take them.
+  const index_t d = 40, ff = 56, E = 6, Tn = 3;
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < E; ++e) {
+    experts.emplace_back(random_matrix<double>(ff, d, 1 + std::uint32_t(e), 0.2), random_matrix<double>(ff, d, 20 + std::uint32_t(e), 0.2),
+                         random_matrix<double>(d, ff, 40 + std::uint32_t(e), 0.2));
+  }
+  std::vector<moe::ZeroComputeExpert<double>> zero_compute = {
+      moe::ZeroComputeExpert<double>::copy(d),
+      moe::ZeroComputeExpert<double>::constant(random_matrix<double>(1, d, 70).row(0).transpose(), random_matrix<double>(2, d, 71))};
+  moe::TopKOptions options;
+  options.k = 1;
+  const moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E + 2, d, 99), options), experts, zero_compute);
+  const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
+
+  auto run = [&](int threads, double fill, moe::Matrix<double>& dx, decltype(layer.make_gradients())& g) {
+    omp_set_num_threads(threads);
+    moe::TrainingWorkspace<double> ws;
+    moe::Matrix<double> y(Tn, d);
+    dx.resize(Tn, d);
+    layer.forward_train(x, moe::RouteContext{}, y, ws);
+    g = layer.make_gradients();
+    for (auto& e : g.experts) e.for_each([fill](auto& m) { m.setConstant(fill); });
+    for (auto& e : g.zero_compute) e.for_each([fill](auto& m) { m.setConstant(fill); });
+    g.router.setConstant(fill);
+    layer.backward(x, dy, dx, g, ws);
+    return ws.routing.plan;
+  };
+  moe::Matrix<double> dx1, dx2;
+  auto g1 = layer.make_gradients(), g2 = g1;
+  const auto plan = run(1, 0.0, dx1, g1);
+  run(2, 7.0, dx2, g2);  // stale values everywhere: backward overwrites them
+  index_t idle = 0;
+  for (index_t e = 0; e < E; ++e) {
+    const auto& a = g1.experts[std::size_t(e)];
+    const auto& b = g2.experts[std::size_t(e)];
+    REQUIRE(a.w_gate == b.w_gate);
+    REQUIRE(a.w_up == b.w_up);
+    REQUIRE(a.w_down == b.w_down);
+    if (plan.tokens_of(e) == 0) {
+      ++idle;
+      REQUIRE(b.w_gate.isZero(0.0));
+      REQUIRE(b.w_up.isZero(0.0));
+      REQUIRE(b.w_down.isZero(0.0));
+    } else {
+      REQUIRE_FALSE(b.w_down.isZero(0.0));
+    }
+  }
+  REQUIRE(idle >= 3);  // 3 tokens reach at most 3 of the 6 experts
+  for (std::size_t z = 0; z < g1.zero_compute.size(); ++z) {
+    REQUIRE(g1.zero_compute[z].value == g2.zero_compute[z].value);
+    REQUIRE(g1.zero_compute[z].mix == g2.zero_compute[z].mix);
+  }
+  REQUIRE(g1.router == g2.router);
+  REQUIRE(dx1 == dx2);
+  omp_set_num_threads(2);
+}
+
 TEST_CASE("Soft MoE forward and backward bits do not depend on the thread count", "[threads][determinism][soft]") {
   const index_t d = 96, ff = 150, E = 4, slots = 2, Tn = 130;
   std::vector<moe::SwiGLU<float>> experts;

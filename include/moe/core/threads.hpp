@@ -113,6 +113,40 @@ void with_serial_eigen(F&& f) {
 #endif
   std::forward<F>(f)();
 }
+
+// body(i) for i in [0, n) on up to `threads` OpenMP threads, each taking the next i as it frees up
+// (a dynamic schedule: list the largest items first), with Eigen held to one thread in each (as in
+// with_serial_eigen: its GEMMs then keep their one-thread blocking, and so their bits). Without
+// OpenMP, or with one thread, a plain loop under with_serial_eigen. Every item runs; the first
+// exception thrown reaches the caller.
+template <class Body>
+void for_each_with_serial_eigen(std::ptrdiff_t n, int threads, Body&& body) {
+#if defined(MOE_USE_OPENMP)
+  if (threads > 1 && n > 1 && !in_parallel()) {
+    std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+    {
+      omp_set_num_threads(1);
+#pragma omp for schedule(dynamic, 1)
+      for (std::ptrdiff_t i = 0; i < n; ++i) {
+        try {
+          body(i);
+        } catch (...) {
+#pragma omp critical(moe_for_each_with_serial_eigen)
+          if (!error) error = std::current_exception();
+        }
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  with_serial_eigen([&] {
+    for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+  });
+}
 }  // namespace detail
 
 MOE_NAMESPACE_END

@@ -173,15 +173,14 @@ class MoELayer {
     detail::check_dim("MoELayer::backward", "dx.cols()", dx.cols(), "d_model", d);
     check_gradients(grads);
     zero_gradients(grads);
-    // Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch); });
+    backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch);
   }
 
  private:
   template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
                         TrainingWorkspace<T>& ws, const T* extra_dlogits, Arch arch) const {
-    const index_t T_ = x.rows(), d = d_model();
+    const index_t d = d_model();
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
     const T* dispatched = ws.dispatched.data();
@@ -193,20 +192,54 @@ class MoELayer {
       grad_weight[a] = dy.row(t).dot(ConstMatrixMap<T>(expert_out + a * d, 1, d).row(0));
       d_out.row(a) = plan.weight[a] * dy.row(t);
     }
-    const auto num_ffn = static_cast<index_t>(experts_.size());
-    const T* saved = ws.saved.data();
+    experts_backward(arch, plan, dispatched, ws.saved.data(), d_out.data(), d_in.data(), grads);
+    // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
+    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, arch); });
+  }
+
+  // Every expert's backward: d_in [A, d] from d_out [A, d] and the saved activations, and each
+  // routed expert's weight gradients (zeroed here first, with or without tokens: at few tokens
+  // zeroing them is much of the work). With several threads (MOE_USE_OPENMP) whole experts go to
+  // the threads, most work first, each thread taking the next as it frees up; an expert's products
+  // then run on its one thread, as they do on one thread, so the bits do not depend on the thread
+  // count (tests/layer/threads_test.cpp). backward_bench on 2 threads: see README.
+  template <class Arch>
+  void experts_backward(Arch arch, const Routing<T>& plan, const T* dispatched, const T* saved, const T* d_out, T* d_in,
+                        Gradients& grads) const {
+    const index_t d = d_model(), num_ffn = static_cast<index_t>(experts_.size());
+    std::vector<const T*> saved_at(static_cast<std::size_t>(num_ffn));  // as run_experts laid them out
+    std::vector<index_t> order;                                        // routed experts, and the others with tokens
     for (index_t e = 0; e < num_experts(); ++e) {
-      const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
-      if (m == 0) continue;
-      if (e < num_ffn) {
-        experts_[e].backward(dispatched + first * d, m, d_out.data() + first * d, saved, d_in.data() + first * d, grads.experts[e],
-                             arch);
-        saved += experts_[e].saved_size(m);
-      } else {
-        zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out.data() + first * d,
-                                                         d_in.data() + first * d, grads.zero_compute[std::size_t(e - num_ffn)]);
-      }
+      const index_t m = plan.tokens_of(e);
+      if (e < num_ffn) saved_at[std::size_t(e)] = saved, saved += experts_[e].saved_size(m);
+      if (e < num_ffn || m > 0) order.push_back(e);
     }
+    // Work ~ tokens × d_ff (the weight gradients' GEMMs); zero-computation experts last.
+    auto work = [&](index_t e) { return e < num_ffn ? plan.tokens_of(e) * experts_[e].d_ff() : index_t(0); };
+    std::sort(order.begin(), order.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
+    const int threads = in_parallel() ? 1 : max_threads();
+    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(order.size()), threads, [&](std::ptrdiff_t i) {
+      const index_t e = order[std::size_t(i)], m = plan.tokens_of(e), first = plan.expert_begin[e];
+      if (e < num_ffn) {
+        grads.experts[e].for_each([](auto& w) { w.setZero(); });
+        if (m == 0) return;
+        experts_[e].backward(dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)], d_in + first * d,
+                             grads.experts[e], arch);
+      } else {
+        zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out + first * d, d_in + first * d,
+                                                         grads.zero_compute[std::size_t(e - num_ffn)]);
+      }
+    });
+  }
+
+  // backward's last part: dx from the experts' input gradients, dropped tokens, the router and the
+  // shared experts.
+  template <class Arch>
+  void combine_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const Matrix<T>& d_in, const Vector<T>& grad_weight,
+                        Arch arch) const {
+    const index_t T_ = x.rows();
+    const Routing<T>& plan = ws.routing.plan;
     dx.setZero();
     for (index_t t = 0; t < T_; ++t)
       for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
@@ -421,10 +454,10 @@ class MoELayer {
     g.for_each([&](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
     return out;
   }
+  // (The routed experts' gradients, most of them, are zeroed by experts_backward, on its threads.)
   static void zero_gradients(Gradients& g) {
     g.router.setZero();
     g.shared_gate.setZero();
-    for (auto& e : g.experts) e.for_each([](auto& m) { m.setZero(); });
     for (auto& e : g.shared) e.for_each([](auto& m) { m.setZero(); });
     for (auto& e : g.zero_compute) e.for_each([](auto& m) { m.setZero(); });
   }
