@@ -154,10 +154,11 @@ class SoftMoELayer {
     check_gradients(grads);
     grads.phi.setZero();
     grads.scale = T(0);
-    for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
-    if (T_ == 0) return;
-    // Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { backward_checked(x, dy, dx, grads, ws, arch); });
+    if (T_ == 0) {
+      for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
+      return;
+    }
+    backward_checked(x, dy, dx, grads, ws, arch);
   }
 
  private:
@@ -175,37 +176,46 @@ class SoftMoELayer {
     Matrix<T> group_rows(S, d), group_grad(S, d);     // [S, d] one group's slots in slot order
     auto slot_row = [&](index_t g, index_t j) { return routing.slot_row(j / s, g, j % s); };
 
-    // Combine y_g = C_g · Ỹ_g.
-    for (index_t g = 0; g < routing.num_groups(); ++g) {
-      const index_t first = routing.group_begin(g), n = routing.group_size(g);
-      for (index_t j = 0; j < S; ++j) group_rows.row(j) = slot_out.row(slot_row(g, j));
-      if (n > 0) {
-        dC.middleRows(first, n).noalias() = dy.middleRows(first, n) * group_rows.transpose();
-        group_grad.noalias() = C.middleRows(first, n).transpose() * dy.middleRows(first, n);
-      } else {
-        group_grad.setZero();
+    // Eigen's products on one thread (here and in each expert), so the gradients' bits do not depend
+    // on the thread count. Combine y_g = C_g · Ỹ_g.
+    detail::with_serial_eigen([&] {
+      for (index_t g = 0; g < routing.num_groups(); ++g) {
+        const index_t first = routing.group_begin(g), n = routing.group_size(g);
+        for (index_t j = 0; j < S; ++j) group_rows.row(j) = slot_out.row(slot_row(g, j));
+        if (n > 0) {
+          dC.middleRows(first, n).noalias() = dy.middleRows(first, n) * group_rows.transpose();
+          group_grad.noalias() = C.middleRows(first, n).transpose() * dy.middleRows(first, n);
+        } else {
+          group_grad.setZero();
+        }
+        for (index_t j = 0; j < S; ++j) d_slot_out.row(slot_row(g, j)) = group_grad.row(j);
       }
-      for (index_t j = 0; j < S; ++j) d_slot_out.row(slot_row(g, j)) = group_grad.row(j);
-    }
-    // The experts, each on its s·G contiguous rows.
+    });
+    // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
+    // each zeroing its gradient first.
+    std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
     const T* saved = ws.saved.data();
-    for (index_t e = 0; e < num_experts(); ++e) {
-      const index_t first = routing.expert_first_row(e);
-      const Expert& expert = experts_[static_cast<std::size_t>(e)];
-      expert.backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved, d_slots.data() + first * d,
-                      grads.experts[static_cast<std::size_t>(e)], arch);
-      saved += expert.saved_size(m);
-    }
+    for (index_t e = 0; e < num_experts(); ++e) saved_at[std::size_t(e)] = saved, saved += experts_[std::size_t(e)].saved_size(m);
+    const int threads = in_parallel() ? 1 : max_threads();
+    detail::for_each_with_serial_eigen(num_experts(), threads, [&](std::ptrdiff_t i) {
+      const auto e = static_cast<std::size_t>(i);
+      const index_t first = routing.expert_first_row(index_t(i));
+      grads.experts[e].for_each([](auto& w) { w.setZero(); });
+      experts_[e].backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e], d_slots.data() + first * d,
+                           grads.experts[e], arch);
+    });
     // Dispatch X̃_g = D_gᵀ · x_g.
-    dx.setZero();
-    for (index_t g = 0; g < routing.num_groups(); ++g) {
-      const index_t first = routing.group_begin(g), n = routing.group_size(g);
-      if (n == 0) continue;
-      for (index_t j = 0; j < S; ++j) group_grad.row(j) = d_slots.row(slot_row(g, j));
-      dD.middleRows(first, n).noalias() = x.middleRows(first, n) * group_grad.transpose();
-      dx.middleRows(first, n).noalias() += D.middleRows(first, n) * group_grad;
-    }
-    grads.scale = router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
+    detail::with_serial_eigen([&] {
+      dx.setZero();
+      for (index_t g = 0; g < routing.num_groups(); ++g) {
+        const index_t first = routing.group_begin(g), n = routing.group_size(g);
+        if (n == 0) continue;
+        for (index_t j = 0; j < S; ++j) group_grad.row(j) = d_slots.row(slot_row(g, j));
+        dD.middleRows(first, n).noalias() = x.middleRows(first, n) * group_grad.transpose();
+        dx.middleRows(first, n).noalias() += D.middleRows(first, n) * group_grad;
+      }
+      grads.scale = router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
+    });
   }
 
   template <class Arch>
