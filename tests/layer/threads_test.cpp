@@ -114,6 +114,47 @@ TEST_CASE("Backward on 2 threads overwrites every gradient, including experts wi
   omp_set_num_threads(2);
 }
 
+TEST_CASE("Backward gradients of experts with hundreds of tokens do not depend on the thread count",
+          "[threads][determinism]") {
+  // About 500 tokens per expert: deep enough that an Eigen GEMM split over 2 threads would block its
+  // depth differently (and round differently) from one thread. Two experts run on the threads, each
+  // with Eigen on its own thread; a lone expert runs with Eigen held to one thread.
+  const index_t d = 48, ff = 72, Tn = 1024;
+  for (const index_t E : {index_t(2), index_t(1)}) {
+    CAPTURE(E);
+    std::vector<moe::FeedForward<double, moe::ReLU>> experts;
+    for (index_t e = 0; e < E; ++e) {
+      experts.emplace_back(random_matrix<double>(ff, d, 1 + std::uint32_t(e), 0.2), random_matrix<double>(d, ff, 60 + std::uint32_t(e), 0.2));
+    }
+    moe::TopKOptions options;
+    options.k = 1;
+    const moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E, d, 99), options), experts);
+    const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
+    auto run = [&](int threads, moe::Matrix<double>& dx, decltype(layer.make_gradients())& g) {
+      omp_set_num_threads(threads);
+      moe::TrainingWorkspace<double> ws;
+      moe::Matrix<double> y(Tn, d);
+      dx.resize(Tn, d);
+      layer.forward_train(x, moe::RouteContext{}, y, ws);
+      g = layer.make_gradients();
+      layer.backward(x, dy, dx, g, ws);
+      return ws.routing.plan;
+    };
+    moe::Matrix<double> dx1, dx2;
+    auto g1 = layer.make_gradients(), g2 = g1;
+    const auto plan = run(1, dx1, g1);
+    run(2, dx2, g2);
+    for (index_t e = 0; e < E; ++e) REQUIRE(plan.tokens_of(e) >= 300);
+    for (std::size_t e = 0; e < g1.experts.size(); ++e) {
+      REQUIRE(g1.experts[e].w_in == g2.experts[e].w_in);
+      REQUIRE(g1.experts[e].w_out == g2.experts[e].w_out);
+    }
+    REQUIRE(g1.router == g2.router);
+    REQUIRE(dx1 == dx2);
+  }
+  omp_set_num_threads(2);
+}
+
 TEST_CASE("Soft MoE forward and backward bits do not depend on the thread count", "[threads][determinism][soft]") {
   const index_t d = 96, ff = 150, E = 4, slots = 2, Tn = 130;
   std::vector<moe::SwiGLU<float>> experts;
@@ -135,6 +176,10 @@ TEST_CASE("Soft MoE forward and backward bits do not depend on the thread count"
     dx.resize(Tn, d);
     layer.forward_train(x, moe::RouteContext::with_groups(groups), y, ws);
     g = layer.make_gradients();
+    if (threads > 1) {  // stale values everywhere: backward overwrites them (each expert on its thread)
+      for (auto& e : g.experts) e.for_each([](auto& m) { m.setConstant(7.0f); });
+      g.phi.setConstant(7.0f);
+    }
     layer.backward(x, dy, dx, g, ws);
   };
   moe::Matrix<float> y1, dx1, y2, dx2;

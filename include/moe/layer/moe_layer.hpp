@@ -454,7 +454,7 @@ class MoELayer {
     g.for_each([&](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
     return out;
   }
-  // (The routed experts' gradients, most of them, are zeroed by experts_backward, on its threads.)
+  // (The routed FFN experts' gradients, most of the memory, are zeroed by experts_backward, on its threads.)
   static void zero_gradients(Gradients& g) {
     g.router.setZero();
     g.shared_gate.setZero();
