@@ -8,6 +8,22 @@
 
 using namespace moe_test;
 
+namespace {
+// forward_train and backward of `layer` on `threads` threads into dx and g (whose values backward
+// must overwrite); returns the batch's routing plan.
+template <class Layer, class S>
+moe::Routing<S> train_step(const Layer& layer, int threads, const moe::Matrix<S>& x, const moe::Matrix<S>& dy, moe::Matrix<S>& dx,
+                           typename Layer::Gradients& g) {
+  omp_set_num_threads(threads);
+  moe::TrainingWorkspace<S> ws;
+  moe::Matrix<S> y(x.rows(), x.cols());
+  dx.resize(x.rows(), x.cols());
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  layer.backward(x, dy, dx, g, ws);
+  return ws.routing.plan;
+}
+}  // namespace
+
 TEST_CASE("Forward and backward bits do not depend on the thread count", "[threads][determinism]") {
   REQUIRE(moe::max_threads() >= 1);
   const index_t d = 96, ff = 200, E = 6, Tn = 150;
@@ -71,23 +87,14 @@ TEST_CASE("Backward on 2 threads overwrites every gradient, including experts wi
   const moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E + 2, d, 99), options), experts, zero_compute);
   const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
 
-  auto run = [&](int threads, double fill, moe::Matrix<double>& dx, decltype(layer.make_gradients())& g) {
-    omp_set_num_threads(threads);
-    moe::TrainingWorkspace<double> ws;
-    moe::Matrix<double> y(Tn, d);
-    dx.resize(Tn, d);
-    layer.forward_train(x, moe::RouteContext{}, y, ws);
-    g = layer.make_gradients();
-    for (auto& e : g.experts) e.for_each([fill](auto& m) { m.setConstant(fill); });
-    for (auto& e : g.zero_compute) e.for_each([fill](auto& m) { m.setConstant(fill); });
-    g.router.setConstant(fill);
-    layer.backward(x, dy, dx, g, ws);
-    return ws.routing.plan;
-  };
   moe::Matrix<double> dx1, dx2;
   auto g1 = layer.make_gradients(), g2 = g1;
-  const auto plan = run(1, 0.0, dx1, g1);
-  run(2, 7.0, dx2, g2);  // stale values everywhere: backward overwrites them
+  // Stale values everywhere on the 2-thread run: backward overwrites them.
+  for (auto& e : g2.experts) e.for_each([](auto& m) { m.setConstant(7.0); });
+  for (auto& e : g2.zero_compute) e.for_each([](auto& m) { m.setConstant(7.0); });
+  g2.router.setConstant(7.0);
+  const auto plan = train_step(layer, 1, x, dy, dx1, g1);
+  train_step(layer, 2, x, dy, dx2, g2);
   index_t idle = 0;
   for (index_t e = 0; e < E; ++e) {
     const auto& a = g1.experts[std::size_t(e)];
@@ -130,20 +137,10 @@ TEST_CASE("Backward gradients of experts with hundreds of tokens do not depend o
     options.k = 1;
     const moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E, d, 99), options), experts);
     const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
-    auto run = [&](int threads, moe::Matrix<double>& dx, decltype(layer.make_gradients())& g) {
-      omp_set_num_threads(threads);
-      moe::TrainingWorkspace<double> ws;
-      moe::Matrix<double> y(Tn, d);
-      dx.resize(Tn, d);
-      layer.forward_train(x, moe::RouteContext{}, y, ws);
-      g = layer.make_gradients();
-      layer.backward(x, dy, dx, g, ws);
-      return ws.routing.plan;
-    };
     moe::Matrix<double> dx1, dx2;
     auto g1 = layer.make_gradients(), g2 = g1;
-    const auto plan = run(1, dx1, g1);
-    run(2, dx2, g2);
+    const auto plan = train_step(layer, 1, x, dy, dx1, g1);
+    train_step(layer, 2, x, dy, dx2, g2);
     for (index_t e = 0; e < E; ++e) REQUIRE(plan.tokens_of(e) >= 300);
     for (std::size_t e = 0; e < g1.experts.size(); ++e) {
       REQUIRE(g1.experts[e].w_in == g2.experts[e].w_in);
