@@ -71,8 +71,9 @@ TEST_CASE("Forward and backward bits do not depend on the thread count", "[threa
 }
 
 TEST_CASE("Backward on 2 threads overwrites every gradient, including experts without tokens", "[threads][determinism]") {
-  // 3 tokens, top-1 over 6 experts and 2 zero-computation ones: most experts get no token, and
-  // the routed experts' gradients are zeroed by the threads that take them.
+  // 3 tokens, top-1 over 6 experts and 2 zero-computation ones, plus 2 gated shared experts: most
+  // experts get no token, and the routed and shared experts' gradients are zeroed by the threads
+  // that take them.
   const index_t d = 40, ff = 56, E = 6, Tn = 3;
   std::vector<moe::SwiGLU<double>> experts;
   for (index_t e = 0; e < E; ++e) {
@@ -84,7 +85,8 @@ TEST_CASE("Backward on 2 threads overwrites every gradient, including experts wi
       moe::ZeroComputeExpert<double>::constant(random_matrix<double>(1, d, 70).row(0).transpose(), random_matrix<double>(2, d, 71))};
   moe::TopKOptions options;
   options.k = 1;
-  const moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E + 2, d, 99), options), experts, zero_compute);
+  moe::MoELayer layer(moe::TopKRouter<double>(random_matrix<double>(E + 2, d, 99), options), experts, zero_compute);
+  layer.set_shared_experts({experts[0], experts[1]}, moe::Weight<double>::own(random_matrix<double>(1, d, 7)));  // jobs of their own
   const moe::Matrix<double> x = random_matrix<double>(Tn, d, 5), dy = random_matrix<double>(Tn, d, 6);
 
   moe::Matrix<double> dx1, dx2;
@@ -92,7 +94,9 @@ TEST_CASE("Backward on 2 threads overwrites every gradient, including experts wi
   // Stale values everywhere on the 2-thread run: backward overwrites them.
   for (auto& e : g2.experts) e.for_each([](auto& m) { m.setConstant(7.0); });
   for (auto& e : g2.zero_compute) e.for_each([](auto& m) { m.setConstant(7.0); });
+  for (auto& e : g2.shared) e.for_each([](auto& m) { m.setConstant(7.0); });
   g2.router.setConstant(7.0);
+  g2.shared_gate.setConstant(7.0);
   const auto plan = train_step(layer, 1, x, dy, dx1, g1);
   train_step(layer, 2, x, dy, dx2, g2);
   index_t idle = 0;
@@ -116,6 +120,13 @@ TEST_CASE("Backward on 2 threads overwrites every gradient, including experts wi
     REQUIRE(g1.zero_compute[z].value == g2.zero_compute[z].value);
     REQUIRE(g1.zero_compute[z].mix == g2.zero_compute[z].mix);
   }
+  for (std::size_t sh = 0; sh < g1.shared.size(); ++sh) {
+    REQUIRE(g1.shared[sh].w_gate == g2.shared[sh].w_gate);
+    REQUIRE(g1.shared[sh].w_up == g2.shared[sh].w_up);
+    REQUIRE(g1.shared[sh].w_down == g2.shared[sh].w_down);
+    REQUIRE_FALSE(g2.shared[sh].w_down.isZero(0.0));
+  }
+  REQUIRE(g1.shared_gate == g2.shared_gate);
   REQUIRE(g1.router == g2.router);
   REQUIRE(dx1 == dx2);
   omp_set_num_threads(2);

@@ -183,7 +183,6 @@ class MoELayer {
     const index_t d = d_model();
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
-    const T* dispatched = ws.dispatched.data();
     const T* expert_out = ws.expert_out.data();
     Matrix<T> d_out(A, d), d_in(A, d);  // [A, d] gradients of expert outputs and inputs
     Vector<T> grad_weight(A);           // [A] ∂L/∂(routing weight)
@@ -192,34 +191,72 @@ class MoELayer {
       grad_weight[a] = dy.row(t).dot(ConstMatrixMap<T>(expert_out + a * d, 1, d).row(0));
       d_out.row(a) = plan.weight[a] * dy.row(t);
     }
-    experts_backward(arch, plan, dispatched, ws.saved.data(), d_out.data(), d_in.data(), grads);
+    SharedGrads shared;
+    if (!shared_.empty()) {
+      const index_t T_ = x.rows();
+      const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // sigmoid(x · w_gateᵀ) or 1, from forward_train
+      shared.x_rows = x;
+      shared.d_out = gate.asDiagonal() * dy;
+      shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
+    }
+    experts_backward(arch, plan, ws, d_out.data(), d_in.data(), shared, grads);
     // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, arch); });
+    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, shared, arch); });
   }
 
-  // Every expert's backward: d_in [A, d] from d_out [A, d] and the saved activations, and each
-  // routed expert's weight gradients (zeroed here first, with or without tokens: at few tokens
-  // zeroing them is much of the work). With several threads (MOE_USE_OPENMP) whole experts go to
-  // the threads, most work first, each thread taking the next as it frees up; an expert's products
-  // then run on its one thread, as they do on one thread, so the bits do not depend on the thread
-  // count (tests/layer/threads_test.cpp). backward_bench on 2 threads: see README.
+  // The shared experts' part of backward: their common inputs, and each one's dx, added to the
+  // layer's dx in order once every expert is done.
+  struct SharedGrads {
+    Matrix<T> x_rows;  // [T, d] x, contiguous
+    Matrix<T> d_out;   // [T, d] gate ⊙ dy: every shared expert's output gradient
+    Matrix<T> dx;      // [S·T, d] shared expert s's input gradient in rows [s·T, (s + 1)·T)
+  };
+
+  // Every expert's backward: d_in [A, d] from d_out [A, d] and the saved activations, each shared
+  // expert's dx into `shared`, and the routed and shared experts' weight gradients (zeroed here
+  // first, with or without tokens: at few tokens zeroing them is much of the work). With several
+  // threads (MOE_USE_OPENMP) whole experts go to the threads, most work first, each thread taking
+  // the next as it frees up; an expert's products then run on its one thread, as they do on one
+  // thread, so the bits do not depend on the thread count (tests/layer/threads_test.cpp).
+  // backward_bench on 2 threads: see README.
   template <class Arch>
-  void experts_backward(Arch arch, const Routing<T>& plan, const T* dispatched, const T* saved, const T* d_out, T* d_in,
-                        Gradients& grads) const {
-    const index_t d = d_model(), num_ffn = static_cast<index_t>(experts_.size());
-    std::vector<const T*> saved_at(static_cast<std::size_t>(num_ffn));  // as run_experts laid them out
-    std::vector<index_t> order;                                        // routed experts, and the others with tokens
+  void experts_backward(Arch arch, const Routing<T>& plan, const TrainingWorkspace<T>& ws, const T* d_out, T* d_in,
+                        SharedGrads& shared, Gradients& grads) const {
+    const index_t d = d_model(), T_ = plan.num_tokens, num_ffn = static_cast<index_t>(experts_.size());
+    const auto num_shared = static_cast<index_t>(shared_.size());
+    const T* dispatched = ws.dispatched.data();
+    // Jobs: routed expert e as e (every FFN expert, the zero-computation ones with tokens), shared
+    // expert s as -1 - s. Each one's saved activations as forward_train laid them out.
+    std::vector<index_t> jobs;
+    std::vector<const T*> saved_at(static_cast<std::size_t>(num_ffn + num_shared));  // routed, then shared
+    const T* saved = ws.saved.data();
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
       if (e < num_ffn) saved_at[std::size_t(e)] = saved, saved += experts_[e].saved_size(m);
-      if (e < num_ffn || m > 0) order.push_back(e);
+      if (e < num_ffn || m > 0) jobs.push_back(e);
+    }
+    saved = ws.shared_saved.data();
+    for (index_t s = 0; s < num_shared; ++s) {
+      saved_at[std::size_t(num_ffn + s)] = saved, saved += shared_[std::size_t(s)].saved_size(T_);
+      jobs.push_back(-1 - s);
     }
     // Work ~ tokens × d_ff (the weight gradients' GEMMs); zero-computation experts last.
-    auto work = [&](index_t e) { return e < num_ffn ? plan.tokens_of(e) * experts_[e].d_ff() : index_t(0); };
-    std::sort(order.begin(), order.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
+    auto work = [&](index_t job) {
+      if (job < 0) return T_ * shared_[std::size_t(-1 - job)].d_ff();
+      return job < num_ffn ? plan.tokens_of(job) * experts_[job].d_ff() : index_t(0);
+    };
+    std::sort(jobs.begin(), jobs.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
     const int threads = in_parallel() ? 1 : max_threads();
-    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(order.size()), threads, [&](std::ptrdiff_t i) {
-      const index_t e = order[std::size_t(i)], m = plan.tokens_of(e), first = plan.expert_begin[e];
+    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), threads, [&](std::ptrdiff_t i) {
+      const index_t e = jobs[std::size_t(i)];
+      if (e < 0) {
+        const auto s = static_cast<std::size_t>(-1 - e);
+        grads.shared[s].for_each([](auto& w) { w.setZero(); });
+        shared_[s].backward(shared.x_rows.data(), T_, shared.d_out.data(), saved_at[std::size_t(num_ffn) + s],
+                            shared.dx.data() + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch);
+        return;
+      }
+      const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {
         grads.experts[e].for_each([](auto& w) { w.setZero(); });
         if (m == 0) return;
@@ -237,7 +274,7 @@ class MoELayer {
   template <class Arch>
   void combine_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
                         TrainingWorkspace<T>& ws, const T* extra_dlogits, const Matrix<T>& d_in, const Vector<T>& grad_weight,
-                        Arch arch) const {
+                        const SharedGrads& shared, Arch arch) const {
     const index_t T_ = x.rows();
     const Routing<T>& plan = ws.routing.plan;
     dx.setZero();
@@ -255,7 +292,7 @@ class MoELayer {
     }
     router_.backward(x, ws.routing, grad_weight.data(), grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
                      grads.router, arch);
-    if (!shared_.empty()) shared_backward(x, dy, dx, grads, ws, arch);
+    if (!shared_.empty()) add_shared_backward(dy, dx, grads, ws, shared);
   }
 
   template <class Arch>
@@ -406,29 +443,23 @@ class MoELayer {
     return extra;
   }
 
-  // Shared experts: y += g ⊙ S(x), g = sigmoid(x · w_gateᵀ) or 1.
-  template <class Arch>
-  void shared_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
-                       TrainingWorkspace<T>& ws, Arch arch) const {
-    const index_t T_ = x.rows(), d = d_model();
-    const Matrix<T> x_rows = x;  // contiguous [T, d]
+  // Shared experts: y += g ⊙ S(x), g = sigmoid(x · w_gateᵀ) or 1. Adds each shared expert's dx
+  // (experts_backward computed them) to dx in order, and the gate's gradients.
+  void add_shared_backward(const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads, const TrainingWorkspace<T>& ws,
+                           const SharedGrads& shared) const {
+    const index_t T_ = dy.rows(), d = d_model();
     const bool gated = shared_gate_.rows() == 1;
-    // The gate forward_train computed (sigmoid(x · w_gateᵀ) or 1), still in the workspace.
     const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // [T]
     Vector<T> d_gate = Vector<T>::Zero(T_);
-    const T* saved = ws.shared_saved.data();
-    Matrix<T> d_shared(T_, d), dx_shared(T_, d);
     for (std::size_t s = 0; s < shared_.size(); ++s) {
-      const ConstMatrixMap<T> out(ws.shared_outputs.data() + static_cast<index_t>(s) * T_ * d, T_, d);
-      d_shared = gate.asDiagonal() * dy;
-      shared_[s].backward(x_rows.data(), T_, d_shared.data(), saved, dx_shared.data(), grads.shared[s], arch);
-      saved += shared_[s].saved_size(T_);
-      dx += dx_shared;
+      const auto row = static_cast<index_t>(s) * T_;
+      const ConstMatrixMap<T> out(ws.shared_outputs.data() + row * d, T_, d);
+      dx += shared.dx.middleRows(row, T_);
       if (gated) d_gate += dy.cwiseProduct(out).rowwise().sum();
     }
     if (gated) {
       const Vector<T> dz = d_gate.cwiseProduct(gate).cwiseProduct((Vector<T>::Ones(T_) - gate));  // [T]
-      grads.shared_gate.noalias() += dz.transpose() * x_rows;
+      grads.shared_gate.noalias() += dz.transpose() * shared.x_rows;
       dx.noalias() += dz * shared_gate_.map();
     }
   }
@@ -454,11 +485,11 @@ class MoELayer {
     g.for_each([&](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
     return out;
   }
-  // (The routed FFN experts' gradients, most of the memory, are zeroed by experts_backward, on its threads.)
+  // (The routed FFN and shared experts' gradients, most of the memory, are zeroed by
+  // experts_backward, on its threads.)
   static void zero_gradients(Gradients& g) {
     g.router.setZero();
     g.shared_gate.setZero();
-    for (auto& e : g.shared) e.for_each([](auto& m) { m.setZero(); });
     for (auto& e : g.zero_compute) e.for_each([](auto& m) { m.setZero(); });
   }
 
