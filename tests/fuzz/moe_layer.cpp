@@ -117,7 +117,11 @@ bool matches_reference(const moe::MoELayer<Router, Expert>& layer, const Case& c
     for (const Expert& s : layer.shared_experts()) {
       s.forward(Arch{}, row.data(), 1, out.data(), scratch.data());
       add(gate);
-      for (index_t i = 0; i < d; ++i) slack[sz(i)] += gate_error * std::fabs(static_cast<double>(out[sz(i)]));
+      // The term may be as large as gate_error · |out|: the float sum's rounding scales with that too.
+      for (index_t i = 0; i < d; ++i) {
+        slack[sz(i)] += gate_error * std::fabs(static_cast<double>(out[sz(i)]));
+        magnitude[sz(i)] += gate_error * std::fabs(static_cast<double>(out[sz(i)]));
+      }
     }
     out = row;
     add(lost[sz(t)]);
