@@ -114,16 +114,17 @@ void with_serial_eigen(F&& f) {
   std::forward<F>(f)();
 }
 
-// body(i) for i in [0, n) on up to `threads` OpenMP threads, each taking the next i as it frees up
+// body(i) for i in [0, n) on up to max_threads() OpenMP threads, each taking the next i as it frees up
 // (a dynamic schedule: list the largest items first). Eigen's products do not split inside the
 // region (Eigen checks omp_get_num_threads()), so they keep their one-thread blocking, and their
-// bits. Without OpenMP, with one thread or one item, a plain loop under with_serial_eigen. On the
-// threads every item runs and the first exception thrown reaches the caller; the plain loop stops
-// at it. (Eigen::setNbThreads(n > 1), if the program calls it, overrides the thread count that
+// bits. Without OpenMP, with one thread or one item, or inside a parallel region already, a plain
+// loop under with_serial_eigen. On the threads every item runs and the first exception thrown
+// reaches the caller; the plain loop stops at it. (Eigen::setNbThreads(n > 1), if the program calls it, overrides the thread count that
 // with_serial_eigen sets: Eigen's products outside the region would then split.)
 template <class Body>
-void for_each_with_serial_eigen(std::ptrdiff_t n, int threads, Body&& body) {
+void for_each_with_serial_eigen(std::ptrdiff_t n, Body&& body) {
 #if defined(MOE_USE_OPENMP)
+  const int threads = max_threads();
   if (threads > 1 && n > 1 && !in_parallel()) {
     std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(std::min<std::ptrdiff_t>(threads, n)))
@@ -142,8 +143,6 @@ void for_each_with_serial_eigen(std::ptrdiff_t n, int threads, Body&& body) {
     if (error) std::rethrow_exception(error);
     return;
   }
-#else
-  (void)threads;
 #endif
   with_serial_eigen([&] {
     for (std::ptrdiff_t i = 0; i < n; ++i) body(i);

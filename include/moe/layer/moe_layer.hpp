@@ -199,7 +199,7 @@ class MoELayer {
       shared.d_out = gate.asDiagonal() * dy;
       shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
     }
-    experts_backward(arch, plan, ws, d_out.data(), d_in.data(), shared, grads);
+    experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads);
     // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
     detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, shared, arch); });
   }
@@ -220,8 +220,9 @@ class MoELayer {
   // thread, so the bits do not depend on the thread count (tests/layer/threads_test.cpp).
   // backward_bench on 2 threads: see README.
   template <class Arch>
-  void experts_backward(Arch arch, const Routing<T>& plan, const TrainingWorkspace<T>& ws, const T* d_out, T* d_in,
-                        SharedGrads& shared, Gradients& grads) const {
+  void experts_backward(Arch arch, const TrainingWorkspace<T>& ws, const T* d_out, T* d_in, SharedGrads& shared,
+                        Gradients& grads) const {
+    const Routing<T>& plan = ws.routing.plan;
     const index_t d = d_model(), T_ = plan.num_tokens, num_ffn = static_cast<index_t>(experts_.size());
     const auto num_shared = static_cast<index_t>(shared_.size());
     const T* dispatched = ws.dispatched.data();
@@ -246,8 +247,7 @@ class MoELayer {
       return job < num_ffn ? plan.tokens_of(job) * experts_[job].d_ff() : index_t(0);
     };
     std::sort(jobs.begin(), jobs.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
-    const int threads = in_parallel() ? 1 : max_threads();
-    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), threads, [&](std::ptrdiff_t i) {
+    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), [&](std::ptrdiff_t i) {
       const index_t e = jobs[std::size_t(i)];
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);

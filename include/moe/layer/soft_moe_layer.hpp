@@ -196,8 +196,7 @@ class SoftMoELayer {
     std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
     const T* saved = ws.saved.data();
     for (index_t e = 0; e < num_experts(); ++e) saved_at[std::size_t(e)] = saved, saved += experts_[std::size_t(e)].saved_size(m);
-    const int threads = in_parallel() ? 1 : max_threads();
-    detail::for_each_with_serial_eigen(num_experts(), threads, [&](std::ptrdiff_t i) {
+    detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
       grads.experts[e].for_each([](auto& w) { w.setZero(); });
