@@ -659,6 +659,45 @@ TEST_CASE("BiasBalancer follows b += u * sign(mean load - load)", "[balance][bia
   REQUIRE_THROWS_WITH(five.update(out.plan), Catch::Contains("plan.num_experts = 4") && Catch::Contains("num_experts = 5"));
 }
 
+TEST_CASE("A layer takes a selection bias into its own router, from the caller or a BiasBalancer", "[balance][bias]") {
+  const index_t E = 4, d = 5, ff = 3, Tn = 12;
+  moe::TopKOptions opt;
+  opt.k = 2;
+  const moe::Matrix<double> gate = random_matrix<double>(E, d, 71), x = random_matrix<double>(Tn, d, 72);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < E; ++e) {
+    experts.emplace_back(random_matrix<double>(ff, d, 80 + std::uint32_t(e)), random_matrix<double>(ff, d, 90 + std::uint32_t(e)),
+                         random_matrix<double>(d, ff, 100 + std::uint32_t(e)));
+  }
+  moe::MoELayer layer(moe::TopKRouter<double>(gate, opt), experts);
+  moe::BiasBalancer<double> balancer(E, 0.5);
+  balancer.update(std::vector<index_t>{20, 0, 2, 2});  // b = (-0.5, 0.5, 0.5, 0.5)
+  balancer.apply(layer);
+  REQUIRE(layer.router().selection_bias() == balancer.bias());
+
+  // The layer routes as a router given the same bias.
+  moe::TopKRouter<double> biased(gate, opt);
+  biased.set_selection_bias(balancer.bias());
+  moe::RouterOutput<double> expected;
+  biased.route(x, expected);
+  moe::Workspace<double> ws;
+  moe::Matrix<double> y(Tn, d);
+  layer.forward(x, y, ws);
+  REQUIRE(ws.routing.plan.token == expected.plan.token);
+  REQUIRE(ws.routing.plan.expert_begin == expected.plan.expert_begin);
+  // Softmax scores lie in [0, 1]: expert 0 would need p0 - 0.5 > p_j + 0.5, so no token chooses it.
+  REQUIRE(ws.routing.plan.tokens_of(0) == 0);
+
+  moe::Vector<double> by_hand(E);
+  by_hand << 0, 0, 0, 1;
+  layer.set_selection_bias(by_hand);
+  REQUIRE(layer.router().selection_bias() == by_hand);
+  REQUIRE_THROWS_WITH(layer.set_selection_bias(moe::Vector<double>::Zero(3)), Catch::Contains("bias.size() = 3"));
+  REQUIRE(layer.router().selection_bias() == by_hand);  // unchanged by the rejected call
+  moe::BiasBalancer<double> five(5, 0.1);
+  REQUIRE_THROWS_WITH(five.apply(layer), Catch::Contains("layer.num_experts() = 4") && Catch::Contains("num_experts = 5"));
+}
+
 TEST_CASE("BiasBalancer balances a skewed router", "[balance][bias]") {
   // E = 8 sigmoid experts, k = 2 (DeepSeek-V3 style). Feature 0 of every token is 1 and expert 0
   // weighs it by 3, so its logit is ≈ 3 against ≈ 0 ± 0.7 for the others: every token picks

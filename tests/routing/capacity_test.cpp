@@ -232,6 +232,73 @@ TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above s
   CHECK(out.plan.dropped.empty());
 }
 
+TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite, exact gradients", "[routing][capacity][backward]") {
+  // Token 0 takes expert 0's only slot; token 1 (logits 40, -30, -31, -50, -50) loses its first
+  // choice and keeps experts 1 and 2, of probability e^-70 and e^-71: their kept sum D is ~6e-31,
+  // and D · D underflows float. Renormalized over them, the weights are a softmax over the kept
+  // logits alone, w_j = e^(l_j) / Σ_kept e^(l_i), so ∂L/∂l_j = w_j · (g_j − Σ_kept w_i g_i) for kept
+  // j and 0 elsewhere (the lost choice carries no gradient without pass-through); then
+  // ∂L/∂W = (∂L/∂l)ᵀ x and ∂L/∂x = (∂L/∂l) W. Same for token 0, which keeps its 3 choices.
+  const index_t E = 5, d = 2, Tn = 2;
+  moe::Matrix<double> W(E, d), x(Tn, d);
+  W << 40, 40, -30, -50, -31, -50, -50, 10, -50, 9;
+  x << 0, 1, 1, 0;
+  moe::TopKOptions o;
+  o.k = 3;
+  o.normalize = true;
+  o.fixed_capacity = 1;
+  o.renormalize_after_drop = true;
+  o.softmax_placement = GENERATE(moe::SoftmaxPlacement::before_top_k, moe::SoftmaxPlacement::after_top_k);
+  CAPTURE(o.softmax_placement == moe::SoftmaxPlacement::after_top_k);
+  const moe::Matrix<float> Wf = W.cast<float>(), xf = x.cast<float>();
+  const moe::TopKRouter<float> router(Wf, o);
+  moe::RouterOutput<float> out;
+  router.route(xf, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[0].size() == 3);
+  REQUIRE(got[1].size() == 2);
+  REQUIRE(out.plan.dropped == std::vector<index_t>{1});
+
+  auto g_of = [](index_t t, index_t e) { return 0.3 + 0.25 * double(e) - 0.7 * double(t); };  // ∂L/∂weight
+  std::vector<float> grad_weight(out.plan.weight.size());
+  for (std::size_t a = 0; a < grad_weight.size(); ++a) {
+    grad_weight[a] = float(g_of(out.plan.token[a], out.plan.expert_of_assignment(index_t(a))));
+  }
+  moe::Matrix<float> dx = moe::Matrix<float>::Zero(Tn, d), dW = moe::Matrix<float>::Zero(E, d);
+  router.backward(xf, out, grad_weight.data(), nullptr, nullptr, dx, dW);
+
+  moe::Matrix<double> dlogits = moe::Matrix<double>::Zero(Tn, E);
+  for (index_t t = 0; t < Tn; ++t) {
+    const moe::Matrix<double> logits = x.row(t) * W.transpose();
+    double top = -1e300, sum = 0, mean_g = 0;
+    for (const Assigned& a : got[std::size_t(t)]) top = std::max(top, logits(0, a.expert));
+    for (const Assigned& a : got[std::size_t(t)]) sum += std::exp(logits(0, a.expert) - top);
+    for (const Assigned& a : got[std::size_t(t)]) {
+      const double w = std::exp(logits(0, a.expert) - top) / sum;
+      CHECK(a.weight == Approx(w).epsilon(1e-5));
+      mean_g += w * g_of(t, a.expert);
+    }
+    for (const Assigned& a : got[std::size_t(t)]) {
+      const double w = std::exp(logits(0, a.expert) - top) / sum;
+      dlogits(t, a.expert) = w * (g_of(t, a.expert) - mean_g);
+    }
+  }
+  CHECK(std::abs(dlogits(1, 1)) > 0.04);  // not small: 0.731 · (-0.15 + 0.083) = -0.049
+  const moe::Matrix<double> dW_ref = dlogits.transpose() * x, dx_ref = dlogits * W;
+  for (index_t e = 0; e < E; ++e)
+    for (index_t i = 0; i < d; ++i) {
+      CAPTURE(e, i, dW(e, i), dW_ref(e, i));
+      REQUIRE(std::isfinite(dW(e, i)));
+      CHECK(std::abs(double(dW(e, i)) - dW_ref(e, i)) <= 1e-5);
+    }
+  for (index_t t = 0; t < Tn; ++t)
+    for (index_t i = 0; i < d; ++i) {
+      CAPTURE(t, i, dx(t, i), dx_ref(t, i));
+      REQUIRE(std::isfinite(dx(t, i)));
+      CHECK(std::abs(double(dx(t, i)) - dx_ref(t, i)) <= 1e-5 * 50);  // W's entries reach 50
+    }
+}
+
 TEST_CASE("Capacity is counted per routing group, and groups are isolated", "[routing][capacity][groups]") {
   const index_t E = 4, d = 8, k = 2;
   const moe::Matrix<float> W = random_matrix<float>(E, d, 41, 1.0);

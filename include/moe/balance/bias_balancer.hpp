@@ -11,6 +11,7 @@
 // get_updated_expert_bias (moe_router_bias_update_rate = u).
 #include <cmath>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -82,6 +83,12 @@ class BiasBalancer {
   void apply(TopKRouter<T>& router) const {
     detail::check_dim("BiasBalancer::apply", "router.num_experts()", router.num_experts(), "num_experts", num_experts());
     router.set_selection_bias(bias_);
+  }
+  // Installs b in a layer's own copy of its router (MoELayer::set_selection_bias).
+  template <class Layer>
+  auto apply(Layer& layer) const -> decltype(layer.set_selection_bias(std::declval<const Vector<T>&>()), void()) {
+    detail::check_dim("BiasBalancer::apply", "layer.num_experts()", layer.num_experts(), "num_experts", num_experts());
+    layer.set_selection_bias(bias_);
   }
 
  private:

@@ -98,6 +98,12 @@ class MoELayer {
     for (const Expert& e : shared_) shared_shapes_.push_back(shapes_of(e.zero_gradient()));
   }
   void set_dropped_tokens(DroppedTokens policy) noexcept { dropped_tokens_ = policy; }
+  // The selection-only bias of the layer's own copy of its router (TopKRouter::set_selection_bias):
+  // DeepSeek-V3's e_score_correction_bias, or what BiasBalancer learns (BiasBalancer::apply(layer)).
+  template <class R = Router>
+  auto set_selection_bias(const Vector<T>& bias) -> decltype(std::declval<R&>().set_selection_bias(bias)) {
+    return router_.set_selection_bias(bias);
+  }
 
   index_t d_model() const noexcept { return router_.d_model(); }
   index_t num_experts() const noexcept { return router_.num_experts(); }

@@ -176,7 +176,7 @@ class TopKRouter {
     const bool renormalize = options_.renormalize_after_drop && capped;
     const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
     const T scale = static_cast<T>(options_.scale);
-    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_raw(static_cast<std::size_t>(R));
+    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_log_raw(static_cast<std::size_t>(R));
     for (index_t t = 0; t < T_; ++t) {
       const T* raw = raw_all + t * R;
       const std::uint8_t* kept = kept_all + t * R;
@@ -196,35 +196,48 @@ class TopKRouter {
       for (index_t j = 0; j < R; ++j) kept_any = kept_any || kept[j] != 0;
       const bool renormalized = renormalize && kept_any;  // as decide_and_build chose
       auto in_denominator = [&](index_t j) { return renormalized ? kept[j] != 0 : j < num_chosen[t]; };
-      T D(1), weighted(0);
+      T D(1);
       bool normalized = renormalized || options_.normalize;
       if (normalized) {
         D = eps;
         for (index_t j = 0; j < R; ++j) D += in_denominator(j) ? raw[j] : T(0);
         normalized = D != T(0);  // as decide_and_build: a zero denominator keeps the raw zeros
       }
+      // g_log_raw_j = ∂L/∂raw_j · raw_j, all that the scores' backward below needs. Normalized,
+      // with r_j = raw_j / D (the weight before scale), it is
+      //   scale · (g_j · r_j − [j in D] · r_j · Σ_i g_i · r_i),
+      // which stays finite however small D is. (The quotient form g_j / D − Σ_i g_i raw_i / D² does
+      // not: with renormalize_after_drop keeping only a choice of probability 1e-30, D · D underflows
+      // to 0 and the gradient turns inf/NaN while every weight is moderate.) A choice lost to
+      // capacity may have r_j = inf for such a D (its forward weight overflowed too); its g_j is 0
+      // unless the lost weight passes through, and a zero g_j contributes nothing.
+      auto times = [](T g, T r) { return g == T(0) ? T(0) : g * r; };
       if (normalized) {
-        for (index_t j = 0; j < R; ++j) weighted += g_weight[j] * raw[j];
-        for (index_t j = 0; j < R; ++j) g_raw[j] = scale * (g_weight[j] / D - (in_denominator(j) ? weighted / (D * D) : T(0)));
+        T weighted(0);
+        for (index_t j = 0; j < R; ++j) weighted += times(g_weight[j], raw[j] / D);
+        for (index_t j = 0; j < R; ++j) {
+          const T r = raw[j] / D;
+          g_log_raw[j] = scale * (times(g_weight[j], r) - (in_denominator(j) ? r * weighted : T(0)));
+        }
       } else {
-        for (index_t j = 0; j < R; ++j) g_raw[j] = scale * g_weight[j];
+        for (index_t j = 0; j < R; ++j) g_log_raw[j] = scale * g_weight[j] * raw[j];
       }
       // raw → logits.
       T* dl = dlogits.data() + t * E;
       if (options_.softmax_placement == SoftmaxPlacement::after_top_k) {
         // raw_j = exp(l_j) / Σ_{i<k} exp(l_i): ∂raw_j/∂l_i = raw_j (δ_ij − [i<k] raw_i).
         T s(0);
-        for (index_t j = 0; j < R; ++j) s += g_raw[j] * raw[j];
-        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j] - (j < options_.k ? raw[j] * s : T(0));
+        for (index_t j = 0; j < R; ++j) s += g_log_raw[j];
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_log_raw[j] - (j < options_.k ? raw[j] * s : T(0));
       } else if (options_.score == ScoreFunction::sigmoid) {
-        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j] * (T(1) - raw[j]);
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_log_raw[j] * (T(1) - raw[j]);
       } else {
         // raw_j = p_{e_j}, p = softmax(l): ∂L/∂l = p ⊙ (g − Σ_e p_e g_e), g sparse on candidates.
         const T* p = out.scores().data() + t * E;
         T s(0);
-        for (index_t j = 0; j < R; ++j) s += g_raw[j] * raw[j];
+        for (index_t j = 0; j < R; ++j) s += g_log_raw[j];
         for (index_t e = 0; e < E; ++e) dl[e] -= p[e] * s;
-        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_raw[j] * raw[j];
+        for (index_t j = 0; j < R; ++j) dl[row[j]] += g_log_raw[j];
       }
     }
     if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
