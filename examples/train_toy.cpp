@@ -165,7 +165,7 @@ double run(const char* name, Strategy s, MakeRouter make_router) {
     index_t max_load = 0, total = 0;
     for (index_t v : l) max_load = std::max(max_load, v), total += v;
     imbalance = double(max_load) / (double(total) / kE);
-    if (epoch == 1 || epoch % 3 == 0) {
+    if (epoch == 1 || epoch % 3 == 0 || epoch == kEpochs) {
       std::printf("  %5d  %8.4f ", epoch, loss);
       for (index_t v : l) std::printf(" %5td", v);
       std::printf("   max/mean %.2f\n", imbalance);

@@ -1,5 +1,5 @@
 // The auxiliary loss when capacity drops or reroutes choices: it counts c_i before capacity
-// (DESIGN.md §4), which the plan no longer holds, so it takes RouterOutput::top_k_ids(). Checked
+// (README, "Training"), which the plan no longer holds, so it takes RouterOutput::top_k_ids(). Checked
 // against top-k ids computed in the test from the logits, and the loss against its formula.
 #include <catch2/catch.hpp>
 

@@ -155,7 +155,7 @@ void check_forward(const Expert& expert, index_t m, std::mt19937& rng, Reference
   for (std::size_t i = sz(m * d); i < y.size(); ++i) CHECK(y[i] == sentinel<T>());
   for (std::size_t i = sz(expert.scratch_size(m)); i < scratch.size(); ++i) CHECK(scratch[i] == sentinel<T>());
 
-  // Batch isolation (DESIGN.md §6): each token alone gives the same bits as in the block.
+  // Batch isolation (README, "Guarantees"): each token alone gives the same bits as in the block.
   for (index_t t = 0; t < m; ++t) {
     CAPTURE(t);
     std::vector<T> alone(sz(d));

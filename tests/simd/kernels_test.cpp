@@ -781,7 +781,7 @@ double dot_bound(std::size_t k, double abs_sum) {
 // matmul_nt (ldx == k) or matmul_nt_strided on x [m, k] with rows ldx apart, w [n, k], against
 // the double reference; y rows are padded (ldy = n + 3) and the padding must survive. Each
 // token's row must also be bit-identical to the product of that token alone (m = 1): the
-// kernel sums every element in one order whatever m is (batch isolation, DESIGN.md §6).
+// kernel sums every element in one order whatever m is (batch isolation, README, "Guarantees").
 template <class T>
 void check_matmul(const Guarded<T>& x, std::size_t ldx, std::size_t m, std::size_t k, const Guarded<T>& w,
                   std::size_t n, std::size_t offset) {

@@ -1,5 +1,5 @@
 #pragma once
-// Load-balancing losses for token-choice routers (DESIGN.md §4). Each returns its value and writes
+// Load-balancing losses for token-choice routers (README, "Training"). Each returns its value and writes
 // its gradient with respect to the router logits z [T, E] (RouterOutput::logits()) into a [T, E]
 // buffer the caller owns (a moe::Matrix, a MatrixMap or a row block). Values are accumulated in
 // double whatever the scalar; each call allocates O(E) scratch (a loss is not the hot path).

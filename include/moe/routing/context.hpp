@@ -1,7 +1,7 @@
 #pragma once
 // What a router may need about a batch besides its activations.
 //
-// Routing groups (DESIGN.md §6): routers whose choices depend on other tokens (capacity,
+// Routing groups (README, "Guarantees"): routers whose choices depend on other tokens (capacity,
 // expert-choice, soft) make those choices within each group only, so a group's output is
 // bit-identical whatever else shares the batch. Give one group per sequence or per request.
 #include <cstdint>

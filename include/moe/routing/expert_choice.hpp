@@ -10,7 +10,7 @@
 // token may get anywhere from 0 to E experts. capacity_factor is the average number of experts
 // per token (the paper's default is 2).
 //
-// Capacity and selection are computed per routing group (RouteContext, DESIGN.md §6), so one
+// Capacity and selection are computed per routing group (RouteContext, README, "Guarantees"), so one
 // request's tokens can never displace another's. For the same reason the logits come from the
 // row-independent product of simd/matmul.hpp: a packed GEMM (Eigen's) may round a row
 // differently depending on the batch size and the row's position, and a near-tie inside one group

@@ -20,7 +20,7 @@
 // without normalized copies of x or Φ. The slot inputs mix the original x, not x̂. `scale`
 // (vmoe's learned scalar, initialised to 1) multiplies the logits in both variants.
 //
-// Routing groups (RouteContext, DESIGN.md §6): with G groups each group is its own Soft MoE. The
+// Routing groups (RouteContext, README, "Guarantees"): with G groups each group is its own Soft MoE. The
 // token softmax D runs over the group's tokens only and each group has its own S slots, so a
 // group's slot inputs are mixtures of its own tokens and nothing else. The slot buffer is then
 // [G·S, d], expert-major: slot j of expert e for group g is row (e·G + g)·s + j

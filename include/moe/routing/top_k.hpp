@@ -45,7 +45,7 @@ enum class ScoreFunction {
 // Where the softmax sits relative to the top-k selection. The two choose the same experts; their
 // weights agree in exact arithmetic when `normalize` is on, and differ without it.
 // Naming: Megatron-Core's `moe_router_pre_softmax = true` is `before_top_k`; its default is
-// `after_top_k`. (DESIGN.md's "pre/post-softmax" wording is ambiguous, so the enum says where.)
+// `after_top_k`. ("pre/post-softmax" wording is ambiguous, so the enum says where.)
 enum class SoftmaxPlacement {
   before_top_k,  // softmax over all E, then top-k of the probabilities (Mixtral, Switch)
   after_top_k,   // top-k of the logits, then softmax over the k chosen (Megatron default)

@@ -5,7 +5,7 @@
 // Each element is summed in one fixed order — SIMD lanes across k in steps of the lane count,
 // the lanes reduced, then the k % L tail added in order — whatever m is, whichever block the
 // element falls in and whichever thread computes it. So a token's output bits never depend on
-// which other tokens share its batch or its expert (batch isolation, DESIGN.md §6), nor on the
+// which other tokens share its batch or its expert (batch isolation, README, "Guarantees"), nor on the
 // thread count. A packed GEMM (Eigen's) does not promise this: its blocking, and so its rounding,
 // changes with m.
 //

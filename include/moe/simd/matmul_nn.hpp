@@ -5,7 +5,7 @@
 // Every element is one chain of fused multiply-adds over i = 0 .. k-1, starting from 0 (or from
 // the y it adds to), whatever m is and whichever block or thread computes it. So a token's row
 // of dx depends neither on the other tokens of its batch nor on the thread count (batch isolation,
-// DESIGN.md §6). Eigen's GEMM does not promise this: with AVX-512 its rounding of a row changed
+// README, "Guarantees"). Eigen's GEMM does not promise this: with AVX-512 its rounding of a row changed
 // with the row's place in the block, and dx changed under a permutation of the batch.
 //
 // Blocking: columns in panels of nn_panel_vectors() vectors (threads take whole panels); the depth

@@ -1,6 +1,6 @@
 #pragma once
 // Top-k selection over one row in the library's total order: larger value first, and on equal
-// values the lower index first. Every router breaks ties this way (DESIGN.md §6).
+// values the lower index first. Every router breaks ties this way (README, "Guarantees").
 #include <algorithm>
 #include <cstddef>
 #include <limits>
