@@ -229,13 +229,16 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
       kept_sum += kept[sz(t)][sz(j)] ? c.raw[sz(j)] : T(0);
       kept_any = kept_any || kept[sz(t)][sz(j)];
     }
-    T denominator(1);
+    // Lost choices keep the plain normalization; kept ones are renormalized over the survivors
+    // when asked. A zero sum (every summed probability underflowed) counts as 1: raw zeros.
+    T plain(1);
+    if (o.normalize) plain = chosen_sum + eps;
+    if (plain == T(0)) plain = T(1);
+    T denominator = plain;
     if (o.renormalize_after_drop && is_capped && kept_any) {
       denominator = kept_sum + eps;
-    } else if (o.normalize) {
-      denominator = chosen_sum + eps;
+      if (denominator == T(0)) denominator = T(1);
     }
-    if (denominator == T(0)) denominator = T(1);  // all summed probabilities underflowed: raw zeros
     if (kSkipKnownIssues) {
       for (const T raw : c.raw) token_issue[sz(t)] = token_issue[sz(t)] || !std::isfinite(raw);
     }
@@ -244,9 +247,10 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     T lost(0);
     bool rerouted = false;
     for (index_t j = 0; j < R; ++j) {
-      const T w = c.raw[sz(j)] / denominator * scale;
+      const T den = kept[sz(t)][sz(j)] ? denominator : plain;
+      const T w = c.raw[sz(j)] / den * scale;
       // The same weight in long double (range beyond double's), with a margin for T's rounding.
-      const long double exact = static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(denominator) *
+      const long double exact = static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(den) *
                                 static_cast<long double>(scale);
       const bool beyond_range = !(std::fabs(exact) <= static_cast<long double>(std::numeric_limits<T>::max()) / 2);
       if (std::isfinite(c.raw[sz(j)]) && beyond_range) token_issue[sz(t)] = 1;

@@ -171,6 +171,9 @@ TEST_CASE("Layer gradients match finite differences for every top-k option", "[b
   auto capped = options(2);
   capped.capacity_factor = 0.6, capped.normalize = true, capped.renormalize_after_drop = true;
   configs.push_back({"capacity, renormalized after drop", capped});
+  Config capped_pass{"capacity, renormalized after drop, pass-through", capped};
+  capped_pass.pass_through = true;
+  configs.push_back(capped_pass);
   auto reroute = capped;
   reroute.overflow = moe::OverflowPolicy::reroute, reroute.renormalize_after_drop = false;
   configs.push_back({"capacity with reroute", reroute});

@@ -237,8 +237,9 @@ TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite,
   // choice and keeps experts 1 and 2, of probability e^-70 and e^-71: their kept sum D is ~6e-31,
   // and D · D underflows float. Renormalized over them, the weights are a softmax over the kept
   // logits alone, w_j = e^(l_j) / Σ_kept e^(l_i), so ∂L/∂l_j = w_j · (g_j − Σ_kept w_i g_i) for kept
-  // j and 0 elsewhere (the lost choice carries no gradient without pass-through); then
-  // ∂L/∂W = (∂L/∂l)ᵀ x and ∂L/∂x = (∂L/∂l) W. Same for token 0, which keeps its 3 choices.
+  // j and 0 elsewhere. The lost weight keeps the plain normalization, v_0 with v the softmax over
+  // the 3 chosen logits (not v_0 / D ≈ 1e30), adding g_lost · v_0 · (δ_0j − v_j) for chosen j
+  // (pass-through only). Then ∂L/∂W = (∂L/∂l)ᵀ x and ∂L/∂x = (∂L/∂l) W. Token 0 keeps its 3 choices.
   const index_t E = 5, d = 2, Tn = 2;
   moe::Matrix<double> W(E, d), x(Tn, d);
   W << 40, 40, -30, -50, -31, -50, -50, 10, -50, 9;
@@ -258,6 +259,15 @@ TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite,
   REQUIRE(got[0].size() == 3);
   REQUIRE(got[1].size() == 2);
   REQUIRE(out.plan.dropped == std::vector<index_t>{1});
+  const moe::Matrix<double> logits1 = x.row(1) * W.transpose();
+  std::vector<double> v(3);  // softmax over token 1's chosen logits (experts 0, 1, 2)
+  for (index_t j = 0; j < 3; ++j) v[std::size_t(j)] = 1.0 / (1.0 + std::exp(logits1(0, (j + 1) % 3) - logits1(0, j)) +
+                                                              std::exp(logits1(0, (j + 2) % 3) - logits1(0, j)));
+  REQUIRE(out.plan.dropped_weight.size() == 1);
+  CHECK(out.plan.dropped_weight[0] == Approx(v[0]).epsilon(1e-6));
+  const bool pass_through = GENERATE(false, true);
+  CAPTURE(pass_through);
+  const std::vector<float> grad_lost{0.0f, 0.9f};  // ∂L/∂(lost weight) per token
 
   auto g_of = [](index_t t, index_t e) { return 0.3 + 0.25 * double(e) - 0.7 * double(t); };  // ∂L/∂weight
   std::vector<float> grad_weight(out.plan.weight.size());
@@ -265,7 +275,7 @@ TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite,
     grad_weight[a] = float(g_of(out.plan.token[a], out.plan.expert_of_assignment(index_t(a))));
   }
   moe::Matrix<float> dx = moe::Matrix<float>::Zero(Tn, d), dW = moe::Matrix<float>::Zero(E, d);
-  router.backward(xf, out, grad_weight.data(), nullptr, nullptr, dx, dW);
+  router.backward(xf, out, grad_weight.data(), pass_through ? grad_lost.data() : nullptr, nullptr, dx, dW);
 
   moe::Matrix<double> dlogits = moe::Matrix<double>::Zero(Tn, E);
   for (index_t t = 0; t < Tn; ++t) {
@@ -284,6 +294,9 @@ TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite,
     }
   }
   CHECK(std::abs(dlogits(1, 1)) > 0.04);  // not small: 0.731 · (-0.15 + 0.083) = -0.049
+  if (pass_through) {
+    for (index_t j = 0; j < 3; ++j) dlogits(1, j) += 0.9 * v[0] * ((j == 0 ? 1.0 : 0.0) - v[std::size_t(j)]);
+  }
   const moe::Matrix<double> dW_ref = dlogits.transpose() * x, dx_ref = dlogits * W;
   for (index_t e = 0; e < E; ++e)
     for (index_t i = 0; i < d; ++i) {

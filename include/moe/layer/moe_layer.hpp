@@ -35,7 +35,8 @@ MOE_NAMESPACE_BEGIN
 enum class DroppedTokens {
   zero,          // they contribute nothing; the caller's residual connection carries the token
   pass_through,  // they contribute (lost weight) · x: Hugging Face Switch Transformers, where a
-                 // dropped top-1 token leaves the layer as router_prob · x
+                 // dropped top-1 token leaves the layer as router_prob · x. The lost weight is the
+                 // lost choices' weight before the drop, also under renormalize_after_drop.
 };
 
 namespace detail {

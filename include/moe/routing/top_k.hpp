@@ -82,7 +82,10 @@ struct TopKOptions {
   index_t fixed_capacity = 0;  // > 0: this many slots per expert and group, whatever capacity_factor says
   CapacityPriority capacity_priority = CapacityPriority::position;
   OverflowPolicy overflow = OverflowPolicy::drop;
-  bool renormalize_after_drop = false;  // weights divided by the sum of the surviving raw weights
+  // Kept weights divided by the sum of the surviving raw weights. The lost weight (what
+  // DroppedTokens::pass_through adds) keeps the plain normalization: the lost choices' weight before
+  // the drop.
+  bool renormalize_after_drop = false;
 
   // Training jitter (Switch): router inputs × U(1 − jitter, 1 + jitter), keyed by
   // (jitter_seed, RouteContext::layer_id, token id, feature); only when RouteContext::training.
@@ -191,36 +194,47 @@ class TopKRouter {
           g_weight[j] = (j < num_chosen[t] && grad_lost != nullptr) ? grad_lost[t] : T(0);
         }
       }
-      // weight_j = raw_j / D · scale with D = 1, Σ chosen raw (+eps) or Σ kept raw (+eps).
+      // weight_j = raw_j / D · scale. Kept choices: D = Σ kept raw (+eps) when renormalized after
+      // drops, else the plain D = Σ chosen raw (+eps) with `normalize`, or 1; lost choices always
+      // take the plain D (as decide_and_build: a zero D counts as 1, un-normalized).
       bool kept_any = false;
       for (index_t j = 0; j < R; ++j) kept_any = kept_any || kept[j] != 0;
-      const bool renormalized = renormalize && kept_any;  // as decide_and_build chose
-      auto in_denominator = [&](index_t j) { return renormalized ? kept[j] != 0 : j < num_chosen[t]; };
-      T D(1);
-      bool normalized = renormalized || options_.normalize;
-      if (normalized) {
-        D = eps;
-        for (index_t j = 0; j < R; ++j) D += in_denominator(j) ? raw[j] : T(0);
-        normalized = D != T(0);  // as decide_and_build: a zero denominator keeps the raw zeros
-      }
-      // g_log_raw_j = ∂L/∂raw_j · raw_j, all that the scores' backward below needs. Normalized,
-      // with r_j = raw_j / D (the weight before scale), it is
-      //   scale · (g_j · r_j − [j in D] · r_j · Σ_i g_i · r_i),
+      const bool renormalized = renormalize && kept_any;
+      // g_log_raw_j = ∂L/∂raw_j · raw_j, all that the scores' backward below needs. For a group of
+      // weights raw_j / D over one D, with r_j = raw_j / D, the group adds
+      //   scale · ([j in group] g_j · r_j − [j in D] · r_j · Σ_{i in group} g_i · r_i),
       // which stays finite however small D is. (The quotient form g_j / D − Σ_i g_i raw_i / D² does
-      // not: with renormalize_after_drop keeping only a choice of probability 1e-30, D · D underflows
-      // to 0 and the gradient turns inf/NaN while every weight is moderate.) A choice lost to
-      // capacity may have r_j = inf for such a D (its forward weight overflowed too); its g_j is 0
-      // unless the lost weight passes through, and a zero g_j contributes nothing.
+      // not: with renormalize_after_drop keeping only choices of probability 1e-30, D · D underflows
+      // to 0 and the gradient turned inf/NaN while every weight was moderate.) A zero g_j (a
+      // candidate neither kept nor lost) contributes nothing.
       auto times = [](T g, T r) { return g == T(0) ? T(0) : g * r; };
-      if (normalized) {
+      std::fill(g_log_raw.begin(), g_log_raw.end(), T(0));
+      // One group of weights raw_j / D, for j in_group, with D = eps + Σ_{in_denominator} raw when
+      // normalized (a zero sum counts as un-normalized, as decide_and_build), else D = 1.
+      auto add_group = [&](auto in_group, auto in_denominator, bool normalized) {
+        T D(1);
+        if (normalized) {
+          D = eps;
+          for (index_t j = 0; j < R; ++j) D += in_denominator(j) ? raw[j] : T(0);
+          normalized = D != T(0);
+          if (!normalized) D = T(1);
+        }
         T weighted(0);
-        for (index_t j = 0; j < R; ++j) weighted += times(g_weight[j], raw[j] / D);
+        for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], raw[j] / D) : T(0);
         for (index_t j = 0; j < R; ++j) {
           const T r = raw[j] / D;
-          g_log_raw[j] = scale * (times(g_weight[j], r) - (in_denominator(j) ? r * weighted : T(0)));
+          if (in_group(j)) g_log_raw[j] += scale * times(g_weight[j], r);
+          if (normalized && in_denominator(j)) g_log_raw[j] -= scale * r * weighted;
         }
+      };
+      const index_t chosen_count = num_chosen[t];
+      auto is_chosen = [chosen_count](index_t j) { return j < chosen_count; };
+      auto is_kept = [kept](index_t j) { return kept[j] != 0; };
+      if (renormalized) {
+        add_group(is_kept, is_kept, true);
+        add_group([kept](index_t j) { return kept[j] == 0; }, is_chosen, options_.normalize);
       } else {
-        for (index_t j = 0; j < R; ++j) g_log_raw[j] = scale * g_weight[j] * raw[j];
+        add_group([](index_t) { return true; }, is_chosen, options_.normalize);
       }
       // raw → logits.
       T* dl = dlogits.data() + t * E;
@@ -466,25 +480,26 @@ class TopKRouter {
         kept_sum += keep[j] ? raw[j] : T(0);
         kept_any = kept_any || keep[j] != 0;
       }
-      // A token that kept nothing has no survivors to renormalize over: its (lost) weights use
-      // the plain normalization, which only matters for DroppedTokens::pass_through.
-      T denominator(1);
+      // Lost choices keep the plain normalization (their weight before the drop, which only
+      // DroppedTokens::pass_through uses): renormalizing the survivors must not inflate it, and
+      // over survivors of probability 1e-30 it would be 1e30 times the lost probability.
+      T plain(1);
+      if (options_.normalize) plain = chosen_sum + eps;
+      // Every summed probability underflowed to 0: keep those zeros rather than 0/0 = NaN.
+      if (plain == T(0)) plain = T(1);
+      T denominator = plain;
       if (options_.renormalize_after_drop && capped && kept_any) {
         denominator = kept_sum + eps;
-      } else if (options_.normalize) {
-        denominator = chosen_sum + eps;
+        if (denominator == T(0)) denominator = T(1);
       }
-      // Every summed probability underflowed to 0: keep those zeros rather than 0/0 = NaN.
-      if (denominator == T(0)) denominator = T(1);
       bool was_rerouted = false;
       for (index_t j = 0; j < R; ++j) {
-        const T w = raw[j] / denominator * scale;
         if (keep[j]) {
           chosen[n] = c.expert[t * R + j];
-          weights[n++] = w;
+          weights[n++] = raw[j] / denominator * scale;
           was_rerouted = was_rerouted || j >= c.num_chosen[t];
         } else if (j < c.num_chosen[t]) {
-          lost += w;
+          lost += raw[j] / plain * scale;
         }
       }
       if (n - begin[t] < c.num_chosen[t]) {
