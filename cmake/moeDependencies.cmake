@@ -10,8 +10,13 @@ endif()
 if(NOT TARGET xtl)
   add_library(xtl INTERFACE IMPORTED)
 endif()
+# xsimd's version file accepts any newer version, but moe is written against xsimd 8's API
+# (xsimd::hadd, removed in xsimd 9): a newer one is refused here rather than deep in a header.
 if(NOT TARGET xsimd)
-  find_dependency(xsimd)
+  find_dependency(xsimd 8.1)
+  if(xsimd_VERSION VERSION_GREATER_EQUAL 9)
+    message(FATAL_ERROR "moe needs xsimd 8.x (8.1 or later within 8); found xsimd ${xsimd_VERSION} in ${xsimd_DIR}")
+  endif()
 endif()
 
 # Optional: enables the moe::openmp target.

@@ -14,6 +14,7 @@
 #include "balance/stats.hpp"
 
 #include "experts/activations.hpp"
+#include "experts/expert_concept.hpp"
 #include "experts/feed_forward.hpp"
 #include "experts/gated_feed_forward.hpp"
 #include "experts/zero_compute.hpp"

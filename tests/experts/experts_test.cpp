@@ -409,3 +409,68 @@ TEMPLATE_TEST_CASE("GatedFeedForward rejects mismatched weight shapes, naming bo
   }
   REQUIRE_NOTHROW(Expert(view_of(w_gate), view_of(w_up), view_of(w_down)));
 }
+
+namespace {
+// The expert contract (experts/expert_concept.hpp) met with declarations only, and types that
+// each break one part of it (a derived class's member of the same name hides the base's).
+struct MinimalExpert {
+  using Scalar = float;
+  struct Gradient {
+    template <class F>
+    void for_each(F f);
+    template <class F>
+    void for_each(F f) const;
+  };
+  index_t d_model() const;
+  index_t d_ff() const;
+  index_t scratch_size(index_t m) const;
+  index_t saved_size(index_t m) const;
+  Gradient zero_gradient() const;
+  template <class Arch>
+  void forward(Arch, const float* x, index_t m, float* y, float* scratch) const;
+  template <class Arch>
+  void forward_saving(Arch, const float* x, index_t m, float* y, float* saved, float* scratch) const;
+  template <class Arch>
+  void backward(const float* x, index_t m, const float* dy, const float* saved, float* dx, Gradient& grad, Arch) const;
+};
+struct NoBackward : MinimalExpert {
+  void backward() const;
+};
+struct ForwardWithoutScratch : MinimalExpert {
+  template <class Arch>
+  void forward(Arch, const float* x, index_t m, float* y) const;
+};
+struct ForwardNotConst : MinimalExpert {
+  template <class Arch>
+  void forward(Arch, const float* x, index_t m, float* y, float* scratch);
+};
+struct GradientWithoutForEach : MinimalExpert {
+  struct Gradient {};
+  Gradient zero_gradient() const;
+  template <class Arch>
+  void backward(const float* x, index_t m, const float* dy, const float* saved, float* dx, Gradient& grad, Arch) const;
+};
+struct NoDff : MinimalExpert {
+  void d_ff() const;  // returns nothing
+};
+struct DoubleForwardOnFloats : MinimalExpert {  // Scalar double, members on float
+  using Scalar = double;
+};
+}  // namespace
+
+TEST_CASE("is_expert_v accepts moe's experts and rejects a type that breaks one part of the contract", "[experts]") {
+  STATIC_REQUIRE(moe::is_expert_v<moe::FeedForward<float>>);
+  STATIC_REQUIRE(moe::is_expert_v<moe::FeedForward<double, moe::GELU>>);
+  STATIC_REQUIRE(moe::is_expert_v<moe::SwiGLU<float>>);
+  STATIC_REQUIRE(moe::is_expert_v<moe::GeGLU<double>>);
+  STATIC_REQUIRE(moe::is_expert_v<MinimalExpert>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<int>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<NoBackward>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<ForwardWithoutScratch>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<ForwardNotConst>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<GradientWithoutForEach>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<NoDff>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<DoubleForwardOnFloats>);
+  // The zero-computation experts take the layer's third constructor argument, not the Expert slot.
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<moe::ZeroComputeExpert<float>>);
+}

@@ -22,6 +22,7 @@
 #include "../core/types.hpp"
 #include "../dispatch/combine.hpp"
 #include "../dispatch/dispatch.hpp"
+#include "../experts/expert_concept.hpp"
 #include "../experts/zero_compute.hpp"
 #include "../simd/matmul.hpp"
 #include "../simd/softmax.hpp"
@@ -66,6 +67,8 @@ inline bool share_out_experts(const index_t* cost, index_t count, index_t thread
 
 template <class Router, class Expert>
 class MoELayer {
+  static_assert(detail::check_expert<Expert>());  // (one message per member an expert type lacks)
+
  public:
   using Scalar = typename Router::Scalar;
   static_assert(std::is_same<Scalar, typename Expert::Scalar>::value, "moe::MoELayer: router and expert scalar types differ");

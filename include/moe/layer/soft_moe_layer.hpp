@@ -37,6 +37,7 @@
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "../dispatch/soft_dispatch.hpp"
+#include "../experts/expert_concept.hpp"
 #include "../routing/context.hpp"
 #include "../routing/soft.hpp"
 
@@ -67,6 +68,8 @@ struct SoftTrainingWorkspace : SoftWorkspace<T> {
 
 template <class Expert>
 class SoftMoELayer {
+  static_assert(detail::check_expert<Expert>());  // (one message per member an expert type lacks)
+
  public:
   using Scalar = typename Expert::Scalar;
   static_assert(std::is_floating_point<Scalar>::value, "moe::SoftMoELayer: the scalar type must be float or double");

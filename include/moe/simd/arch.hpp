@@ -13,6 +13,10 @@ MOE_THIRD_PARTY_BEGIN
 #include <xsimd/xsimd.hpp>
 MOE_THIRD_PARTY_END
 
+#if XSIMD_VERSION_MAJOR != 8 || XSIMD_VERSION_MINOR < 1
+#error "moe needs xsimd 8.x (8.1 or later within 8): it uses xsimd 8's API, and xsimd 9 removed xsimd::hadd"
+#endif
+
 MOE_NAMESPACE_BEGIN
 namespace simd {
 

@@ -1,0 +1,108 @@
+#pragma once
+// What MoELayer and SoftMoELayer need of an expert type, checked at compile time: a type that
+// lacks a member fails with a message naming it rather than deep inside the layer. FeedForward
+// and GatedFeedForward are the models; README, "Your own expert type", gives the contract.
+//
+//   using Scalar = T;                      float or double, the router's scalar type
+//   struct Gradient { for_each(f) };       calls f on each weight gradient (an Eigen matrix), const and not
+//   index_t d_model() const;               input and output width d
+//   index_t d_ff() const;                  hidden width: the thread schedule weighs an expert's work as d_ff × tokens
+//   index_t scratch_size(index_t m) const; scratch elements forward needs for m tokens
+//   index_t saved_size(index_t m) const;   elements forward_saving keeps for backward
+//   Gradient zero_gradient() const;        zero gradients of the right shapes
+//   template <class Arch> void forward(Arch, const T* x, index_t m, T* y, T* scratch) const;
+//   template <class Arch> void forward_saving(Arch, const T* x, index_t m, T* y, T* saved, T* scratch) const;
+//   template <class Arch> void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx,
+//                                       Gradient& grad, Arch) const;
+#include <type_traits>
+#include <utility>
+
+#include "../core/types.hpp"
+#include "../simd/arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace detail {
+
+// The detection idiom: Op<E> is well formed.
+template <class, template <class> class Op, class E>
+struct detected : std::false_type {};
+template <template <class> class Op, class E>
+struct detected<std::void_t<Op<E>>, Op, E> : std::true_type {};
+template <template <class> class Op, class E>
+inline constexpr bool detected_v = detected<void, Op, E>::value;
+
+// A visitor for Gradient::for_each that accepts any matrix.
+struct AnyMatrix {
+  template <class M>
+  void operator()(M&&) const noexcept {}
+};
+
+template <class E> using expert_scalar = typename E::Scalar;
+template <class E> using expert_gradient = typename E::Gradient;
+template <class E>
+using gradient_for_each =
+    decltype(std::declval<typename E::Gradient&>().for_each(AnyMatrix{}), std::declval<const typename E::Gradient&>().for_each(AnyMatrix{}));
+template <class E>
+using d_model_of = std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().d_model()), index_t>::value>;
+template <class E>
+using d_ff_of = std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().d_ff()), index_t>::value>;
+template <class E>
+using scratch_size_of =
+    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().scratch_size(index_t{})), index_t>::value>;
+template <class E>
+using saved_size_of =
+    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().saved_size(index_t{})), index_t>::value>;
+template <class E>
+using zero_gradient_of =
+    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().zero_gradient()), typename E::Gradient>::value>;
+template <class E>
+using forward_of = decltype(std::declval<const E&>().forward(simd::default_arch{}, std::declval<const expert_scalar<E>*>(), index_t{},
+                                                             std::declval<expert_scalar<E>*>(), std::declval<expert_scalar<E>*>()));
+template <class E>
+using forward_saving_of =
+    decltype(std::declval<const E&>().forward_saving(simd::default_arch{}, std::declval<const expert_scalar<E>*>(), index_t{},
+                                                     std::declval<expert_scalar<E>*>(), std::declval<expert_scalar<E>*>(),
+                                                     std::declval<expert_scalar<E>*>()));
+template <class E>
+using backward_of = decltype(std::declval<const E&>().backward(
+    std::declval<const expert_scalar<E>*>(), index_t{}, std::declval<const expert_scalar<E>*>(), std::declval<const expert_scalar<E>*>(),
+    std::declval<expert_scalar<E>*>(), std::declval<typename E::Gradient&>(), simd::default_arch{}));
+
+// static_assert(check_expert<E>()) in a layer: one message per missing member.
+template <class E>
+constexpr bool check_expert() {
+  static_assert(detected_v<expert_scalar, E>, "moe: an expert type needs `using Scalar = T;` (float or double)");
+  static_assert(detected_v<expert_gradient, E>, "moe: an expert type needs a nested `struct Gradient`");
+  static_assert(detected_v<gradient_for_each, E>,
+                "moe: Expert::Gradient needs `template <class F> void for_each(F f)`, const and non-const, calling f on "
+                "each gradient matrix");
+  static_assert(detected_v<d_model_of, E>, "moe: an expert type needs `index_t d_model() const`");
+  static_assert(detected_v<d_ff_of, E>, "moe: an expert type needs `index_t d_ff() const` (its work per token)");
+  static_assert(detected_v<scratch_size_of, E>, "moe: an expert type needs `index_t scratch_size(index_t m) const`");
+  static_assert(detected_v<saved_size_of, E>, "moe: an expert type needs `index_t saved_size(index_t m) const`");
+  static_assert(detected_v<zero_gradient_of, E>, "moe: an expert type needs `Gradient zero_gradient() const`");
+  static_assert(detected_v<forward_of, E>,
+                "moe: an expert type needs `template <class Arch> void forward(Arch, const T* x, index_t m, T* y, T* "
+                "scratch) const`");
+  static_assert(detected_v<forward_saving_of, E>,
+                "moe: an expert type needs `template <class Arch> void forward_saving(Arch, const T* x, index_t m, T* y, "
+                "T* saved, T* scratch) const`");
+  static_assert(detected_v<backward_of, E>,
+                "moe: an expert type needs `template <class Arch> void backward(const T* x, index_t m, const T* dy, "
+                "const T* saved, T* dx, Gradient& grad, Arch) const`");
+  return true;
+}
+
+}  // namespace detail
+
+// Whether E can be a MoELayer's or SoftMoELayer's expert type (for your own static_assert).
+template <class E>
+inline constexpr bool is_expert_v =
+    detail::detected_v<detail::expert_scalar, E> && detail::detected_v<detail::expert_gradient, E> &&
+    detail::detected_v<detail::gradient_for_each, E> && detail::detected_v<detail::d_model_of, E> &&
+    detail::detected_v<detail::d_ff_of, E> && detail::detected_v<detail::scratch_size_of, E> &&
+    detail::detected_v<detail::saved_size_of, E> && detail::detected_v<detail::zero_gradient_of, E> &&
+    detail::detected_v<detail::forward_of, E> && detail::detected_v<detail::forward_saving_of, E> &&
+    detail::detected_v<detail::backward_of, E>;
+
+MOE_NAMESPACE_END
