@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/threads.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "../core/workspace.hpp"
@@ -182,10 +183,7 @@ template <class Arch, class T>
 void soft_mix(Arch arch, std::size_t m, const T* w, std::size_t wq, std::size_t wc, const T* src, std::size_t lds,
               std::size_t count, std::size_t n, T* out, std::size_t ldo) noexcept {
   const auto blocks = static_cast<std::ptrdiff_t>((m + 3) / 4);
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(static) if (blocks > 1 && m * n * count > 65536)
-#endif
-  for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+  parallel_for(blocks, blocks > 1 && m * n * count > 65536, [&](std::ptrdiff_t b) {
     const std::size_t q = static_cast<std::size_t>(b) * 4;
     const T* wb = w + q * wq;
     T* ob = out + q * ldo;
@@ -195,7 +193,7 @@ void soft_mix(Arch arch, std::size_t m, const T* w, std::size_t wq, std::size_t 
       case 2: soft_mix_block<2>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
       default: soft_mix_block<1>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
     }
-  }
+  });
 }
 
 // Column-wise kernels on one row of n elements; each column is treated the same way whichever

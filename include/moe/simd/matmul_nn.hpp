@@ -94,10 +94,7 @@ void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   }
   const std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic) if (panels > 1 && m * n * k > 32768 && !in_parallel())
-#endif
-  for (std::ptrdiff_t p = 0; p < panels; ++p) {
+  for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t) {
     const std::size_t c0 = static_cast<std::size_t>(p) * panel, width = std::min(panel, n - c0);
     for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) {
       const std::size_t i1 = std::min(k, i0 + kNNDepthChunk);
@@ -115,7 +112,7 @@ void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
         }
       }
     }
-  }
+  });
 }
 static_assert(kNNTokenBlock == 6, "matmul_nn_strided has one case per token block size");
 
