@@ -158,13 +158,14 @@ bool forward_matches_reference() {
       const moe::index_t a = plan.assignment[j];
       const auto e = static_cast<std::size_t>(plan.expert_of_assignment(a));
       for (moe::index_t h = 0; h < model.d_ff; ++h) {
-        double s = model.b1[e][std::size_t(h)];
+        double s = double(model.b1[e][std::size_t(h)]);
         for (moe::index_t i = 0; i < model.d; ++i) s += double(model.w1[e][std::size_t(h * model.d + i)]) * double(x(t, i));
         hidden[std::size_t(h)] = std::max(s, 0.0);
       }
       for (moe::index_t o = 0; o < model.d; ++o) {
-        double s = model.b2[e][std::size_t(o)];
-        for (moe::index_t h = 0; h < model.d_ff; ++h) s += double(model.w2[e][std::size_t(o * model.d_ff + h)]) * hidden[std::size_t(h)];
+        double s = double(model.b2[e][std::size_t(o)]);
+        for (moe::index_t h = 0; h < model.d_ff; ++h)
+          s += double(model.w2[e][std::size_t(o * model.d_ff + h)]) * hidden[std::size_t(h)];
         ref[std::size_t(o)] += double(plan.weight[a]) * s;
       }
     }

@@ -39,34 +39,32 @@ struct AnyMatrix {
 
 template <class E> using expert_scalar = typename E::Scalar;
 template <class E> using expert_gradient = typename E::Gradient;
+template <class E> using out_ptr = expert_scalar<E>*;     // (declval stand-ins for the arguments)
+template <class E> using in_ptr = const expert_scalar<E>*;
+template <class R> using returns_index = std::enable_if_t<std::is_convertible<R, index_t>::value>;
+
 template <class E>
-using gradient_for_each =
-    decltype(std::declval<typename E::Gradient&>().for_each(AnyMatrix{}), std::declval<const typename E::Gradient&>().for_each(AnyMatrix{}));
-template <class E>
-using d_model_of = std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().d_model()), index_t>::value>;
-template <class E>
-using d_ff_of = std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().d_ff()), index_t>::value>;
-template <class E>
-using scratch_size_of =
-    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().scratch_size(index_t{})), index_t>::value>;
-template <class E>
-using saved_size_of =
-    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().saved_size(index_t{})), index_t>::value>;
+using gradient_for_each = decltype(std::declval<expert_gradient<E>&>().for_each(AnyMatrix{}),
+                                   std::declval<const expert_gradient<E>&>().for_each(AnyMatrix{}));
+template <class E> using d_model_of = returns_index<decltype(std::declval<const E&>().d_model())>;
+template <class E> using d_ff_of = returns_index<decltype(std::declval<const E&>().d_ff())>;
+template <class E> using scratch_size_of = returns_index<decltype(std::declval<const E&>().scratch_size(index_t{}))>;
+template <class E> using saved_size_of = returns_index<decltype(std::declval<const E&>().saved_size(index_t{}))>;
 template <class E>
 using zero_gradient_of =
-    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().zero_gradient()), typename E::Gradient>::value>;
+    std::enable_if_t<std::is_convertible<decltype(std::declval<const E&>().zero_gradient()), expert_gradient<E>>::value>;
 template <class E>
-using forward_of = decltype(std::declval<const E&>().forward(simd::default_arch{}, std::declval<const expert_scalar<E>*>(), index_t{},
-                                                             std::declval<expert_scalar<E>*>(), std::declval<expert_scalar<E>*>()));
+using forward_of = decltype(std::declval<const E&>().forward(simd::default_arch{}, std::declval<in_ptr<E>>(), index_t{},
+                                                             std::declval<out_ptr<E>>(), std::declval<out_ptr<E>>()));
 template <class E>
 using forward_saving_of =
-    decltype(std::declval<const E&>().forward_saving(simd::default_arch{}, std::declval<const expert_scalar<E>*>(), index_t{},
-                                                     std::declval<expert_scalar<E>*>(), std::declval<expert_scalar<E>*>(),
-                                                     std::declval<expert_scalar<E>*>()));
+    decltype(std::declval<const E&>().forward_saving(simd::default_arch{}, std::declval<in_ptr<E>>(), index_t{},
+                                                     std::declval<out_ptr<E>>(), std::declval<out_ptr<E>>(),
+                                                     std::declval<out_ptr<E>>()));
 template <class E>
 using backward_of = decltype(std::declval<const E&>().backward(
-    std::declval<const expert_scalar<E>*>(), index_t{}, std::declval<const expert_scalar<E>*>(), std::declval<const expert_scalar<E>*>(),
-    std::declval<expert_scalar<E>*>(), std::declval<typename E::Gradient&>(), simd::default_arch{}));
+    std::declval<in_ptr<E>>(), index_t{}, std::declval<in_ptr<E>>(), std::declval<in_ptr<E>>(), std::declval<out_ptr<E>>(),
+    std::declval<expert_gradient<E>&>(), simd::default_arch{}));
 
 // static_assert(check_expert<E>()) in a layer: one message per missing member.
 template <class E>
@@ -77,7 +75,8 @@ constexpr bool check_expert() {
                 "moe: Expert::Gradient needs `template <class F> void for_each(F f)`, const and non-const, calling f on "
                 "each gradient matrix");
   static_assert(detected_v<d_model_of, E>, "moe: an expert type needs `index_t d_model() const`");
-  static_assert(detected_v<d_ff_of, E>, "moe: an expert type needs `index_t d_ff() const` (its work per token)");
+  static_assert(detected_v<d_ff_of, E>,
+                "moe: an expert type needs `index_t d_ff() const` (its work per token)");
   static_assert(detected_v<scratch_size_of, E>, "moe: an expert type needs `index_t scratch_size(index_t m) const`");
   static_assert(detected_v<saved_size_of, E>, "moe: an expert type needs `index_t saved_size(index_t m) const`");
   static_assert(detected_v<zero_gradient_of, E>, "moe: an expert type needs `Gradient zero_gradient() const`");
