@@ -44,17 +44,17 @@ class BiasedFeedForward {
   // token alone, whatever else shares the batch (the layer's batch isolation).
   template <class Arch>
   void forward(Arch arch, const T* x, moe::index_t m, T* y, T* scratch) const {
-    pre_activations(arch, x, m, scratch);
+    linear(arch, x, m, d_, w1_, b1_, d_ff_, scratch);  // pre-activations
     relu(scratch, m);
-    output(arch, scratch, m, y);
+    linear(arch, scratch, m, d_ff_, w2_, b2_, d_, y);
   }
   // forward() that also keeps what backward needs (saved_size(m) elements); the same output.
   template <class Arch>
   void forward_saving(Arch arch, const T* x, moe::index_t m, T* y, T* saved, T* scratch) const {
-    pre_activations(arch, x, m, saved);
+    linear(arch, x, m, d_, w1_, b1_, d_ff_, saved);
     std::copy(saved, saved + m * d_ff_, scratch);
     relu(scratch, m);
-    output(arch, scratch, m, y);
+    linear(arch, scratch, m, d_ff_, w2_, b2_, d_, y);
   }
 
   // Given dy = ∂L/∂y [m, d]: writes dx [m, d] and adds the weight gradients to `grad`. Eigen does
@@ -74,22 +74,17 @@ class BiasedFeedForward {
   }
 
  private:
+  // out [m, n] = in [m, k] · wᵀ + b, for w [n, k] and b [n].
   template <class Arch>
-  void pre_activations(Arch arch, const T* x, moe::index_t m, T* pre) const {
-    const auto rows = static_cast<std::size_t>(m), d = static_cast<std::size_t>(d_), ff = static_cast<std::size_t>(d_ff_);
-    moe::simd::matmul_nt(arch, x, rows, d, w1_, ff, pre, ff);  // pre [m, d_ff] = x · w1ᵀ
+  static void linear(Arch arch, const T* in, moe::index_t m, moe::index_t k, const T* w, const T* b, moe::index_t n,
+                     T* out) {
+    const auto rows = static_cast<std::size_t>(m), cols = static_cast<std::size_t>(n);
+    moe::simd::matmul_nt(arch, in, rows, static_cast<std::size_t>(k), w, cols, out, cols);
     for (std::size_t j = 0; j < rows; ++j)
-      for (std::size_t i = 0; i < ff; ++i) pre[j * ff + i] += b1_[i];
+      for (std::size_t i = 0; i < cols; ++i) out[j * cols + i] += b[i];
   }
   void relu(T* h, moe::index_t m) const {
     for (moe::index_t i = 0; i < m * d_ff_; ++i) h[i] = std::max(h[i], T(0));
-  }
-  template <class Arch>
-  void output(Arch arch, const T* hidden, moe::index_t m, T* y) const {
-    const auto rows = static_cast<std::size_t>(m), d = static_cast<std::size_t>(d_), ff = static_cast<std::size_t>(d_ff_);
-    moe::simd::matmul_nt(arch, hidden, rows, ff, w2_, d, y, d);  // y [m, d] = hidden · w2ᵀ
-    for (std::size_t j = 0; j < rows; ++j)
-      for (std::size_t i = 0; i < d; ++i) y[j * d + i] += b2_[i];
   }
 
   const T* w1_;
