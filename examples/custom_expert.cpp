@@ -57,12 +57,14 @@ class BiasedFeedForward {
     linear(arch, scratch, m, d_ff_, w2_, b2_, d_, y);
   }
 
-  // Given dy = ∂L/∂y [m, d]: writes dx [m, d] and adds the weight gradients to `grad`. Eigen does
-  // the products here; this is the part of an expert most worth a finite-difference check.
+  // Given dy = ∂L/∂y [m, d]: writes dx [m, d] and adds the weight gradients to `grad` — the part of
+  // an expert most worth a finite-difference check. Eigen does the weight gradients; dx goes
+  // through moe's simd::matmul_nn, which sums each element in one order whatever m is, so a
+  // token's row of dx does not depend on the other tokens (Eigen's GEMM blocks by m).
   template <class Arch = moe::simd::default_arch>
-  void backward(const T* x, moe::index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch = {}) const {
+  void backward(const T* x, moe::index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch = {}) const {
     using Map = moe::ConstMatrixMap<T>;
-    const Map X(x, m, d_), dY(dy, m, d_), pre(saved, m, d_ff_), W1(w1_, d_ff_, d_), W2(w2_, d_, d_ff_);
+    const Map X(x, m, d_), dY(dy, m, d_), pre(saved, m, d_ff_), W2(w2_, d_, d_ff_);
     const moe::Matrix<T> hidden = pre.cwiseMax(T(0));
     grad.w2.noalias() += dY.transpose() * hidden;
     grad.b2 += dY.colwise().sum();
@@ -70,7 +72,9 @@ class BiasedFeedForward {
     d_pre.array() *= (pre.array() > T(0)).template cast<T>();
     grad.w1.noalias() += d_pre.transpose() * X;
     grad.b1 += d_pre.colwise().sum();
-    moe::MatrixMap<T>(dx, m, d_).noalias() = d_pre * W1;
+    const auto rows = static_cast<std::size_t>(m);
+    moe::simd::matmul_nn(arch, d_pre.data(), rows, static_cast<std::size_t>(d_ff_), w1_, static_cast<std::size_t>(d_), dx,
+                         false);  // dx [m, d] = d_pre [m, d_ff] · w1 [d_ff, d]
   }
 
  private:

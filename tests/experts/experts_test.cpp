@@ -456,6 +456,9 @@ struct NoDff : MinimalExpert {
 struct DoubleForwardOnFloats : MinimalExpert {  // Scalar double, members on float
   using Scalar = double;
 };
+struct IntegerScalar : MinimalExpert {
+  using Scalar = int;
+};
 }  // namespace
 
 TEST_CASE("is_expert_v accepts moe's experts and rejects a type that breaks one part of the contract", "[experts]") {
@@ -471,6 +474,7 @@ TEST_CASE("is_expert_v accepts moe's experts and rejects a type that breaks one 
   STATIC_REQUIRE_FALSE(moe::is_expert_v<GradientWithoutForEach>);
   STATIC_REQUIRE_FALSE(moe::is_expert_v<NoDff>);
   STATIC_REQUIRE_FALSE(moe::is_expert_v<DoubleForwardOnFloats>);
+  STATIC_REQUIRE_FALSE(moe::is_expert_v<IntegerScalar>);
   // The zero-computation experts take the layer's third constructor argument, not the Expert slot.
   STATIC_REQUIRE_FALSE(moe::is_expert_v<moe::ZeroComputeExpert<float>>);
 }

@@ -4,6 +4,10 @@
 
 #include <omp.h>
 
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "../support/reference.hpp"
 
 using namespace moe_test;
@@ -296,6 +300,44 @@ TEST_CASE("Forward and backward bits do not depend on the thread count when thre
   }
   REQUIRE(worst <= 1e-12);
   omp_set_num_threads(2);
+}
+
+namespace {
+// A FeedForward whose forward and forward_saving throw (they hide the base's).
+struct ThrowingExpert : moe::FeedForward<float> {
+  using moe::FeedForward<float>::FeedForward;
+  template <class Arch>
+  void forward(Arch, const float*, index_t m, float*, float*) const {
+    throw std::runtime_error("expert failed on " + std::to_string(m) + " tokens");
+  }
+  template <class Arch>
+  void forward_saving(Arch arch, const float* x, index_t m, float* y, float*, float* scratch) const {
+    forward(arch, x, m, y, scratch);
+  }
+};
+}  // namespace
+
+TEST_CASE("An expert's exception on the threads reaches the caller", "[threads][errors]") {
+  // 4 experts, 2 tokens each (a hash table), 2 threads: equal costs, so the threads take whole
+  // experts, each expert's forward inside the layer's parallel region.
+  const index_t d = 16, ff = 24, E = 4, Tn = 8;
+  std::vector<ThrowingExpert> experts;
+  for (index_t e = 0; e < E; ++e)
+    experts.emplace_back(random_matrix<float>(ff, d, 1 + std::uint32_t(e), 0.2), random_matrix<float>(d, ff, 9 + std::uint32_t(e), 0.2));
+  const index_t costs[] = {8 * ff, 8 * ff, 8 * ff, 8 * ff};
+  index_t loads[2];
+  REQUIRE(moe::detail::share_out_experts(costs, E, 2, loads));
+  moe::MoELayer layer(moe::HashRouter<float>::with_table(E, d, {0, 1, 2, 3, 0, 1, 2, 3}), experts);
+  omp_set_num_threads(2);
+  moe::RouteContext ctx;
+  const std::vector<std::int64_t> ids = {0, 1, 2, 3, 4, 5, 6, 7};
+  ctx.token_ids = ids.data();
+  const moe::Matrix<float> x = random_matrix<float>(Tn, d, 5);
+  moe::Matrix<float> y(Tn, d);
+  moe::Workspace<float> ws;
+  REQUIRE_THROWS_WITH(layer.forward(x, ctx, y, ws), "expert failed on 2 tokens");
+  moe::TrainingWorkspace<float> tws;
+  REQUIRE_THROWS_WITH(layer.forward_train(x, ctx, y, tws), "expert failed on 2 tokens");
 }
 
 TEST_CASE("for_each_ahead runs every item once and tells each thread its next item", "[threads][schedule]") {

@@ -66,27 +66,31 @@ using backward_of = decltype(std::declval<const E&>().backward(
     std::declval<in_ptr<E>>(), index_t{}, std::declval<in_ptr<E>>(), std::declval<in_ptr<E>>(), std::declval<out_ptr<E>>(),
     std::declval<expert_gradient<E>&>(), simd::default_arch{}));
 
-// static_assert(check_expert<E>()) in a layer: one message per missing member.
+template <class E> using floating_scalar = std::enable_if_t<std::is_floating_point<expert_scalar<E>>::value>;
+
+// static_assert(check_expert<E>()) in a layer: a message per missing member (a member's check is
+// skipped when what its signature names, Scalar or Gradient, is itself missing).
 template <class E>
 constexpr bool check_expert() {
-  static_assert(detected_v<expert_scalar, E>, "moe: an expert type needs `using Scalar = T;` (float or double)");
-  static_assert(detected_v<expert_gradient, E>, "moe: an expert type needs a nested `struct Gradient`");
-  static_assert(detected_v<gradient_for_each, E>,
+  constexpr bool scalar = detected_v<expert_scalar, E>, gradient = detected_v<expert_gradient, E>;
+  static_assert(scalar, "moe: an expert type needs `using Scalar = T;` (float or double)");
+  static_assert(!scalar || detected_v<floating_scalar, E>, "moe: an expert's Scalar must be float or double");
+  static_assert(gradient, "moe: an expert type needs a nested `struct Gradient`");
+  static_assert(!gradient || detected_v<gradient_for_each, E>,
                 "moe: Expert::Gradient needs `template <class F> void for_each(F f)`, const and non-const, calling f on "
-                "each gradient matrix");
+                "each gradient matrix (an Eigen matrix)");
   static_assert(detected_v<d_model_of, E>, "moe: an expert type needs `index_t d_model() const`");
-  static_assert(detected_v<d_ff_of, E>,
-                "moe: an expert type needs `index_t d_ff() const` (its work per token)");
+  static_assert(detected_v<d_ff_of, E>, "moe: an expert type needs `index_t d_ff() const` (its work per token)");
   static_assert(detected_v<scratch_size_of, E>, "moe: an expert type needs `index_t scratch_size(index_t m) const`");
   static_assert(detected_v<saved_size_of, E>, "moe: an expert type needs `index_t saved_size(index_t m) const`");
-  static_assert(detected_v<zero_gradient_of, E>, "moe: an expert type needs `Gradient zero_gradient() const`");
-  static_assert(detected_v<forward_of, E>,
+  static_assert(!gradient || detected_v<zero_gradient_of, E>, "moe: an expert type needs `Gradient zero_gradient() const`");
+  static_assert(!scalar || detected_v<forward_of, E>,
                 "moe: an expert type needs `template <class Arch> void forward(Arch, const T* x, index_t m, T* y, T* "
                 "scratch) const`");
-  static_assert(detected_v<forward_saving_of, E>,
+  static_assert(!scalar || detected_v<forward_saving_of, E>,
                 "moe: an expert type needs `template <class Arch> void forward_saving(Arch, const T* x, index_t m, T* y, "
                 "T* saved, T* scratch) const`");
-  static_assert(detected_v<backward_of, E>,
+  static_assert(!scalar || !gradient || detected_v<backward_of, E>,
                 "moe: an expert type needs `template <class Arch> void backward(const T* x, index_t m, const T* dy, "
                 "const T* saved, T* dx, Gradient& grad, Arch) const`");
   return true;
@@ -97,7 +101,8 @@ constexpr bool check_expert() {
 // Whether E can be a MoELayer's or SoftMoELayer's expert type (for your own static_assert).
 template <class E>
 inline constexpr bool is_expert_v =
-    detail::detected_v<detail::expert_scalar, E> && detail::detected_v<detail::expert_gradient, E> &&
+    detail::detected_v<detail::expert_scalar, E> && detail::detected_v<detail::floating_scalar, E> &&
+    detail::detected_v<detail::expert_gradient, E> &&
     detail::detected_v<detail::gradient_for_each, E> && detail::detected_v<detail::d_model_of, E> &&
     detail::detected_v<detail::d_ff_of, E> && detail::detected_v<detail::scratch_size_of, E> &&
     detail::detected_v<detail::saved_size_of, E> && detail::detected_v<detail::zero_gradient_of, E> &&
