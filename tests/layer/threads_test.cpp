@@ -324,7 +324,7 @@ TEST_CASE("An expert's exception on the threads reaches the caller", "[threads][
   std::vector<ThrowingExpert> experts;
   for (index_t e = 0; e < E; ++e)
     experts.emplace_back(random_matrix<float>(ff, d, 1 + std::uint32_t(e), 0.2), random_matrix<float>(d, ff, 9 + std::uint32_t(e), 0.2));
-  const index_t costs[] = {8 * ff, 8 * ff, 8 * ff, 8 * ff};
+  const index_t cost = moe::detail::expert_cost(ff, 2), costs[] = {cost, cost, cost, cost};
   index_t loads[2];
   REQUIRE(moe::detail::share_out_experts(costs, E, 2, loads));
   moe::MoELayer layer(moe::HashRouter<float>::with_table(E, d, {0, 1, 2, 3, 0, 1, 2, 3}), experts);

@@ -129,10 +129,9 @@ void with_serial_eigen(F&& f) {
 template <class Body>
 void for_each_with_serial_eigen(std::ptrdiff_t n, Body&& body) {
 #if defined(MOE_USE_OPENMP)
-  const int threads = max_threads();
-  if (threads > 1 && n > 1 && !in_parallel()) {
+  if (n > 1 && open_region(true)) {
     std::exception_ptr error;
-#pragma omp parallel num_threads(static_cast<int>(std::min<std::ptrdiff_t>(threads, n)))
+#pragma omp parallel num_threads(static_cast<int>(std::min<std::ptrdiff_t>(max_threads(), n)))
     {
       omp_set_num_threads(1);
 #pragma omp for schedule(dynamic, 1)

@@ -12,7 +12,6 @@
 // The layer holds its router and experts by value; both are cheap when they view the caller's
 // weights. forward() is const and thread-safe given one Workspace per thread.
 #include <algorithm>
-#include <exception>
 #include <type_traits>
 #include <utility>
 #include <cmath>
@@ -394,22 +393,11 @@ class MoELayer {
       for (index_t i = 0; i < active; ++i) run_one(order[i], scratch);
       return;
     }
-    // An exception escaping an OpenMP region ends the program: an expert's is kept and rethrown.
-    std::exception_ptr error;
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(threads))
-#endif
-    for (index_t i = 0; i < active; ++i) {
-      try {
-        run_one(order[i], scratch + scratch_needed * thread_index());
-      } catch (...) {
-#if defined(MOE_USE_OPENMP)
-#pragma omp critical(moe_run_experts)
-#endif
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+    // Backward's schedule (most work first, each thread taking the next expert as it frees up),
+    // which also brings an expert's exception out of the parallel region to the caller.
+    detail::for_each_with_serial_eigen(active, [&](std::ptrdiff_t i) {
+      run_one(order[i], scratch + scratch_needed * thread_index());
+    });
   }
 
   void check_width(const char* what, std::size_t index, index_t width) const {
