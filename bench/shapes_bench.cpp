@@ -5,9 +5,9 @@
 //   S3  d = 768,  d_ff = 3072, E = 32, top-1, ReLU FFN  (Switch-style)
 //
 // The binary measures the two numbers the roofline needs, with the same thread counts: the read
-// bandwidth (a SIMD max over 512 MiB, the faster of two access patterns; see measure_read_gbs),
-// before the benchmarks and again before every BM_Layer run, keeping the best; and the sgemm rate
-// (the faster of Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096). For a batch, bound =
+// bandwidth (a SIMD max over 512 MiB, the faster of two access patterns; see measure_read_gbs)
+// and the sgemm rate (the faster of Eigen's GEMM and moe's own kernel at 1024 × 1024 × 4096), both
+// before the benchmarks and again before every BM_Layer run, keeping the best. For a batch, bound =
 // max(bytes of the weights of every expert that got a token ÷ bandwidth, FLOPs ÷ sgemm rate), and
 // the summary's roofline is bound ÷ layer time. Weights and the bandwidth buffer sit on 2 MiB
 // pages unless MOE_BENCH_HUGE_PAGES=0.
@@ -101,12 +101,13 @@ void apply_page_choice() {
 
 using Buffer = std::vector<float, moe::HugePageAllocator<float>>;
 
-// --- the machine's limits, measured once per thread count -------------------------------------
+// --- the machine's limits, per thread count ---------------------------------------------------
 
 struct Limits {
-  double read_gbs = 0;   // GB/s
-  double sgemm_gfs = 0;  // GFLOP/s
+  double read_gbs = 0;   // GB/s, the best so far
+  double sgemm_gfs = 0;  // GFLOP/s, the best so far
   const char* sgemm_source = "";
+  double read_now = 0, sgemm_now = 0;  // the latest measurements
 };
 std::map<int, Limits> g_limits;
 
@@ -158,35 +159,43 @@ double measure_read_gbs(int reps) {
   return static_cast<double>(n * sizeof(float)) / s * 1e-9;
 }
 
-// The machine's bandwidth moves by tens of percent within minutes (other guests share it), so
-// every BM_Layer run measures it again just before its own timing, and the yardstick is the best
-// seen in the whole run: the summary's rooflines all use that one, final value. Returns this
-// measurement, which the summary prints beside the row (which mode the machine was in).
-double refresh_read_gbs(int threads) {
+// sgemm rate with the current thread count: the faster of Eigen's GEMM and moe's own kernel, on a
+// compute-bound size.
+void measure_sgemm_gfs(int reps, Limits& l) {
+  const index_t m = 1024, k = 1024, n = 4096;
+  static const Mat a = Mat::Random(m, k), b = Mat::Random(k, n), bt = b.transpose();
+  static Mat c(m, n);
+  const double eigen = best_seconds(reps, [&] { c.noalias() = a * b; });
+  benchmark::DoNotOptimize(c.data());
+  const double ours = best_seconds(reps, [&] {
+    moe::simd::matmul_nt(Arch{}, a.data(), static_cast<std::size_t>(m), static_cast<std::size_t>(k), bt.data(),
+                         static_cast<std::size_t>(n), c.data(), static_cast<std::size_t>(n));
+  });
+  benchmark::DoNotOptimize(c.data());
+  const double gfs = 2.0 * static_cast<double>(m * n * k) / std::min(eigen, ours) * 1e-9;
+  if (gfs > l.sgemm_gfs) l.sgemm_gfs = gfs, l.sgemm_source = eigen <= ours ? "Eigen" : "moe";
+  l.sgemm_now = gfs;
+}
+
+// The machine's bandwidth moves by tens of percent within minutes (other guests share it), and
+// whole runs have caught its cores at 0.6–0.85 of their usual rate, so every BM_Layer run measures
+// both limits again just before its own timing, and the yardsticks are the best seen in the whole
+// run: the summary's rooflines all use those final values (a row that ran in a slow moment is held
+// to the fast moments' limits). The measurements of this moment stay in read_now and sgemm_now,
+// which the summary prints beside the row.
+const Limits& refresh_limits(int threads) {
   Limits& l = g_limits[threads];
-  const double now = measure_read_gbs(2);
-  l.read_gbs = std::max(l.read_gbs, now);
-  return now;
+  l.read_now = measure_read_gbs(2);
+  l.read_gbs = std::max(l.read_gbs, l.read_now);
+  measure_sgemm_gfs(1, l);
+  return l;
 }
 
 Limits measure_limits(int threads) {
   set_threads(threads);
   Limits l;
-  l.read_gbs = measure_read_gbs(5);
-  {  // sgemm rate: the faster of Eigen's GEMM and moe's own kernel, on a compute-bound size
-    const index_t m = 1024, k = 1024, n = 4096;
-    const Mat a = Mat::Random(m, k), b = Mat::Random(k, n), bt = b.transpose();
-    Mat c(m, n);
-    const double eigen = best_seconds(3, [&] { c.noalias() = a * b; });
-    benchmark::DoNotOptimize(c.data());
-    const double ours = best_seconds(3, [&] {
-      moe::simd::matmul_nt(Arch{}, a.data(), static_cast<std::size_t>(m), static_cast<std::size_t>(k), bt.data(),
-                           static_cast<std::size_t>(n), c.data(), static_cast<std::size_t>(n));
-    });
-    benchmark::DoNotOptimize(c.data());
-    l.sgemm_gfs = 2.0 * static_cast<double>(m * n * k) / std::min(eigen, ours) * 1e-9;
-    l.sgemm_source = eigen <= ours ? "Eigen" : "moe";
-  }
+  l.read_gbs = l.read_now = measure_read_gbs(5);
+  measure_sgemm_gfs(3, l);
   return l;
 }
 
@@ -365,7 +374,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   Mat y(T, s.d);
   moe::Workspace<float> ws;
   m.layer->forward(x, y, ws);
-  const double read_before = refresh_read_gbs(threads);
+  const Limits now = refresh_limits(threads);
   run_iterations(state, T, m.weights(), [&] { m.layer->forward(x, y, ws); });
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
@@ -373,7 +382,8 @@ void BM_Layer(benchmark::State& state, Shape s) {
   state.counters["weight GB/s"] = benchmark::Counter(w.bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["read GB/s before"] = read_before;
+  state.counters["read GB/s before"] = now.read_now;
+  state.counters["sgemm GFLOP/s before"] = now.sgemm_now;
 }
 
 template <class M>
@@ -497,12 +507,13 @@ void print_summary(const Collector& c) {
   std::printf("  weights on %s pages (%s); anonymous huge pages in use now: %s\n", g_huge_pages ? "2 MiB" : "4 KiB",
               g_huge_pages ? "MOE_BENCH_HUGE_PAGES=0 for 4 KiB" : "MOE_BENCH_HUGE_PAGES=0", anon_huge_pages().c_str());
   for (const auto& l : g_limits) {
-    std::printf("  %d thread(s): read %.1f GB/s (best of the run), sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs,
+    std::printf("  %d thread(s), best of the run: read %.1f GB/s, sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs,
                 l.second.sgemm_gfs, l.second.sgemm_source);
   }
-  std::printf("  read now: the read bandwidth measured just before the row's own timing (GB/s)\n");
-  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
-              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "read now");
+  std::printf("  read now, sgemm now: the read bandwidth (GB/s) and sgemm rate (GFLOP/s) measured just before the row's\n"
+              "  own timing\n");
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
+              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "read now", "sgemm now");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
@@ -526,11 +537,11 @@ void print_summary(const Collector& c) {
         const Limits& lim = g_limits.at(threads);
         const double roofline = std::max(layer->counters.at("weight GB/s") / lim.read_gbs,
                                          layer->counters.at("GFLOP/s") / lim.sgemm_gfs);
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f\n", s.name, T, threads, layer->ms, roofline,
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms, roofline,
                     ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
                     threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
-                    layer->counters.at("read GB/s before"));
+                    layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
       }
     }
   }
