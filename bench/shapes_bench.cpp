@@ -19,6 +19,11 @@
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
 //                            the same bytes, in GB/s (bytes read + written)
+//   BM_Expert/S/m/threads    one expert's forward on m tokens, its weights cold (each call takes
+//                            the next of the shape's experts, whose weights together far exceed
+//                            the L3): the summary's second table gives its roofline per m, which
+//                            is where a layer row's shortfall comes from (a row's experts get the
+//                            token counts printed beside the table)
 //
 // After the runs it prints a summary table of the ratios from the medians (or the single runs).
 //   OMP_PROC_BIND=true shapes_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -348,6 +353,11 @@ Work work_of(const Shape& s, const moe::Routing<float>& plan, index_t T) {
 
 // --- benchmarks -----------------------------------------------------------------------------------
 
+// Tokens per expert in each BM_Layer row's batch (the active experts' counts, sorted), for the
+// summary: which BM_Expert rows a layer row is made of.
+std::map<std::string, std::vector<index_t>> g_row_tokens;
+
+
 // The timed loop of BM_Layer and BM_Naive: forward() writes y; up to 16 tokens (memory bound)
 // start every iteration with the weights flushed from the caches, untimed.
 template <class Forward>
@@ -379,6 +389,11 @@ void BM_Layer(benchmark::State& state, Shape s) {
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
   const Work w = work_of(s, ws.routing.plan, T);
+  std::vector<index_t>& counts = g_row_tokens[std::string(s.name) + "/" + std::to_string(T)];
+  counts.clear();
+  for (index_t e = 0; e < s.E; ++e)
+    if (ws.routing.plan.tokens_of(e) > 0) counts.push_back(ws.routing.plan.tokens_of(e));
+  std::sort(counts.begin(), counts.end());
   state.counters["weight GB/s"] = benchmark::Counter(w.bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
@@ -457,6 +472,30 @@ void BM_Move(benchmark::State& state, Shape s, Move what) {
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One expert on m tokens with cold weights: call i runs expert i mod E, so the weights a call
+// reads were last touched E - 1 calls (at least 300 MB of other weights) ago. The token rows are
+// the model's first m inputs.
+const int kExpertTokens[] = {1, 2, 3, 4, 6, 8, 12, 16, 32};
+template <class M>
+void BM_Expert(benchmark::State& state, Shape s) {
+  const index_t m_tokens = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  set_threads(threads);
+  const M& m = model<M>(s);
+  const auto& experts = m.layer->experts();
+  Mat y(m_tokens, s.d);
+  std::vector<float> scratch(static_cast<std::size_t>(experts.front().scratch_size(m_tokens)));
+  std::size_t e = 0;
+  for (auto _ : state) {
+    experts[e].forward(Arch{}, m.x.data(), m_tokens, y.data(), scratch.data());
+    e = (e + 1) % experts.size();
+    benchmark::ClobberMemory();
+  }
+  const double bytes = s.expert_params() * sizeof(float), flops = 2.0 * s.expert_params() * static_cast<double>(m_tokens);
+  state.counters["weight GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // --- summary --------------------------------------------------------------------------------------
 
 // Keeps each benchmark's median (or single-run) real time in ms and counters, by name.
@@ -502,6 +541,43 @@ std::string anon_huge_pages() {
   return found;
 }
 
+// The expert table: roofline of one cold expert per token count m (bound = max(its weights ÷
+// bandwidth, its FLOPs ÷ sgemm rate), with the run's best yardsticks), then each layer row's
+// tokens per active expert.
+void print_expert_summary(const Collector& c) {
+  bool any = false;
+  for (const Shape& s : kShapes)
+    for (const int m : kExpertTokens) any = any || c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/1");
+  if (!any) return;
+  std::printf("\nOne expert, cold weights: roofline (1 thread / 2 threads) by tokens m\n%-4s", "");
+  for (const int m : kExpertTokens) std::printf(" %11d", m);
+  std::printf("\n");
+  for (const Shape& s : kShapes) {
+    std::printf("%-4s", s.name);
+    for (const int m : kExpertTokens) {
+      std::string cell;
+      for (int threads = 1; threads <= 2; ++threads) {
+        const auto* e = c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/" + std::to_string(threads));
+        const auto lim = g_limits.find(threads);
+        char buf[16] = "-";
+        if (e != nullptr && lim != g_limits.end())
+          std::snprintf(buf, sizeof buf, "%.2f", std::max(e->counters.at("weight GB/s") / lim->second.read_gbs,
+                                                          e->counters.at("GFLOP/s") / lim->second.sgemm_gfs));
+        cell += (threads == 1 ? "" : "/") + std::string(buf);
+      }
+      std::printf(" %11s", cell.c_str());
+    }
+    std::printf("\n");
+  }
+  std::printf("Tokens per active expert in the layer rows (min / median / max, experts active)\n");
+  for (const auto& row : g_row_tokens) {
+    const std::vector<index_t>& n = row.second;
+    if (n.empty()) continue;
+    std::printf("  %-8s %4td / %4td / %4td, %3zu\n", row.first.c_str(), static_cast<std::ptrdiff_t>(n.front()),
+                static_cast<std::ptrdiff_t>(n[n.size() / 2]), static_cast<std::ptrdiff_t>(n.back()), n.size());
+  }
+}
+
 void print_summary(const Collector& c) {
   std::printf("\nSummary (medians; roofline = bound / layer time; share = (route+dispatch+combine) / layer)\n");
   std::printf("  weights on %s pages (%s); anonymous huge pages in use now: %s\n", g_huge_pages ? "2 MiB" : "4 KiB",
@@ -545,6 +621,7 @@ void print_summary(const Collector& c) {
       }
     }
   }
+  print_expert_summary(c);
 }
 
 template <class M>
@@ -565,6 +642,12 @@ void register_shape(const Shape& s) {
   benchmark::RegisterBenchmark(("BM_Dispatch/" + n).c_str(), BM_Move<M>, s, Move::dispatch)->Apply(moves);
   benchmark::RegisterBenchmark(("BM_Combine/" + n).c_str(), BM_Move<M>, s, Move::combine)->Apply(moves);
   benchmark::RegisterBenchmark(("BM_Memcpy/" + n).c_str(), BM_Move<M>, s, Move::memcpy)->Apply(moves);
+  auto expert_args = [](benchmark::internal::Benchmark* b) {
+    for (const int m : kExpertTokens)
+      for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({m, threads});
+    b->Unit(benchmark::kMicrosecond)->UseRealTime();
+  };
+  benchmark::RegisterBenchmark(("BM_Expert/" + n).c_str(), BM_Expert<M>, s)->Apply(expert_args);
 }
 
 }  // namespace
