@@ -357,7 +357,6 @@ Work work_of(const Shape& s, const moe::Routing<float>& plan, index_t T) {
 // summary: which BM_Expert rows a layer row is made of.
 std::map<std::string, std::vector<index_t>> g_row_tokens;
 
-
 // The timed loop of BM_Layer and BM_Naive: forward() writes y; up to 16 tokens (memory bound)
 // start every iteration with the weights flushed from the caches, untimed.
 template <class Forward>
@@ -473,7 +472,7 @@ void BM_Move(benchmark::State& state, Shape s, Move what) {
 }
 
 // One expert on m tokens with cold weights: call i runs expert i mod E, so the weights a call
-// reads were last touched E - 1 calls (at least 300 MB of other weights) ago. The token rows are
+// reads were last touched E - 1 calls (about 300 MB of other weights or more) ago. The token rows are
 // the model's first m inputs.
 const int kExpertTokens[] = {1, 2, 3, 4, 6, 8, 12, 16, 32};
 template <class M>
@@ -484,8 +483,8 @@ void BM_Expert(benchmark::State& state, Shape s) {
   const M& m = model<M>(s);
   const auto& experts = m.layer->experts();
   Mat y(m_tokens, s.d);
-  // 64-byte aligned, as the layer's workspace is (a 16-byte aligned hidden buffer made 4 tokens on
-  // S2's shape 25–35% slower: every vector load of it spanned two cache lines).
+  // 64-byte aligned, as the layer's workspace is (with a 16-byte aligned one, 4 tokens on S2's shape
+  // took 1.3–1.7× as long: every vector load of the hidden rows spanned two cache lines).
   Buffer scratch(static_cast<std::size_t>(experts.front().scratch_size(m_tokens)));
   std::size_t e = 0;
   for (auto _ : state) {
@@ -572,11 +571,15 @@ void print_expert_summary(const Collector& c) {
     std::printf("\n");
   }
   std::printf("Tokens per active expert in the layer rows (min / median / max, experts active)\n");
-  for (const auto& row : g_row_tokens) {
-    const std::vector<index_t>& n = row.second;
-    if (n.empty()) continue;
-    std::printf("  %-8s %4td / %4td / %4td, %3zu\n", row.first.c_str(), static_cast<std::ptrdiff_t>(n.front()),
-                static_cast<std::ptrdiff_t>(n[n.size() / 2]), static_cast<std::ptrdiff_t>(n.back()), n.size());
+  for (const Shape& s : kShapes) {
+    for (const int T : kTokenCounts) {
+      const std::string row = std::string(s.name) + "/" + std::to_string(T);
+      const auto found = g_row_tokens.find(row);
+      if (found == g_row_tokens.end() || found->second.empty()) continue;
+      const std::vector<index_t>& n = found->second;
+      std::printf("  %-8s %4td / %4td / %4td, %3zu\n", row.c_str(), static_cast<std::ptrdiff_t>(n.front()),
+                  static_cast<std::ptrdiff_t>(n[n.size() / 2]), static_cast<std::ptrdiff_t>(n.back()), n.size());
+    }
   }
 }
 
