@@ -351,6 +351,12 @@ Work work_of(const Shape& s, const moe::Routing<float>& plan, index_t T) {
   return w;
 }
 
+// The counters the summary's rooflines divide by the yardsticks: weight bytes and FLOPs per second.
+void report_work(benchmark::State& state, const Work& w) {
+  state.counters["weight GB/s"] = benchmark::Counter(w.bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // --- benchmarks -----------------------------------------------------------------------------------
 
 // Tokens per expert in each BM_Layer row's batch (the active experts' counts, sorted), for the
@@ -393,8 +399,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   for (index_t e = 0; e < s.E; ++e)
     if (ws.routing.plan.tokens_of(e) > 0) counts.push_back(ws.routing.plan.tokens_of(e));
   std::sort(counts.begin(), counts.end());
-  state.counters["weight GB/s"] = benchmark::Counter(w.bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GFLOP/s"] = benchmark::Counter(w.flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  report_work(state, w);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["read GB/s before"] = now.read_now;
   state.counters["sgemm GFLOP/s before"] = now.sgemm_now;
@@ -492,9 +497,7 @@ void BM_Expert(benchmark::State& state, Shape s) {
     e = (e + 1) % experts.size();
     benchmark::ClobberMemory();
   }
-  const double bytes = s.expert_params() * sizeof(float), flops = 2.0 * s.expert_params() * static_cast<double>(m_tokens);
-  state.counters["weight GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  report_work(state, Work{s.expert_params() * sizeof(float), 2.0 * s.expert_params() * static_cast<double>(m_tokens)});
 }
 
 // --- summary --------------------------------------------------------------------------------------
