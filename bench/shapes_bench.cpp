@@ -549,14 +549,18 @@ std::string anon_huge_pages() {
 // bandwidth, its FLOPs ÷ sgemm rate), with the run's best yardsticks), then each layer row's
 // tokens per active expert.
 void print_expert_summary(const Collector& c) {
-  bool any = false;
-  for (const Shape& s : kShapes)
-    for (const int m : kExpertTokens) any = any || c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/1");
-  if (!any) return;
+  auto measured = [&](const Shape& s) {  // whether any of the shape's BM_Expert rows ran
+    for (const int m : kExpertTokens)
+      for (int threads = 1; threads <= 2; ++threads)
+        if (c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/" + std::to_string(threads))) return true;
+    return false;
+  };
+  if (std::none_of(std::begin(kShapes), std::end(kShapes), measured)) return;
   std::printf("\nOne expert, cold weights: roofline (1 thread / 2 threads) by tokens m\n%-4s", "");
   for (const int m : kExpertTokens) std::printf(" %11d", m);
   std::printf("\n");
   for (const Shape& s : kShapes) {
+    if (!measured(s)) continue;
     std::printf("%-4s", s.name);
     for (const int m : kExpertTokens) {
       std::string cell;
