@@ -545,14 +545,22 @@ std::string anon_huge_pages() {
   return found;
 }
 
+// bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time, from a row's report_work counters.
+double roofline(const Collector::Entry& e, const Limits& lim) {
+  return std::max(e.counters.at("weight GB/s") / lim.read_gbs, e.counters.at("GFLOP/s") / lim.sgemm_gfs);
+}
+
 // The expert table: roofline of one cold expert per token count m (bound = max(its weights ÷
 // bandwidth, its FLOPs ÷ sgemm rate), with the run's best yardsticks), then each layer row's
 // tokens per active expert.
 void print_expert_summary(const Collector& c) {
+  auto expert = [&](const Shape& s, int m, int threads) {
+    return c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/" + std::to_string(threads));
+  };
   auto measured = [&](const Shape& s) {  // whether any of the shape's BM_Expert rows ran
     for (const int m : kExpertTokens)
       for (int threads = 1; threads <= 2; ++threads)
-        if (c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/" + std::to_string(threads))) return true;
+        if (expert(s, m, threads) != nullptr) return true;
     return false;
   };
   if (std::none_of(std::begin(kShapes), std::end(kShapes), measured)) return;
@@ -565,12 +573,10 @@ void print_expert_summary(const Collector& c) {
     for (const int m : kExpertTokens) {
       std::string cell;
       for (int threads = 1; threads <= 2; ++threads) {
-        const auto* e = c.find("BM_Expert/" + std::string(s.name) + "/" + std::to_string(m) + "/" + std::to_string(threads));
+        const auto* e = expert(s, m, threads);
         const auto lim = g_limits.find(threads);
         char buf[16] = "-";
-        if (e != nullptr && lim != g_limits.end())
-          std::snprintf(buf, sizeof buf, "%.2f", std::max(e->counters.at("weight GB/s") / lim->second.read_gbs,
-                                                          e->counters.at("GFLOP/s") / lim->second.sgemm_gfs));
+        if (e != nullptr && lim != g_limits.end()) std::snprintf(buf, sizeof buf, "%.2f", roofline(*e, lim->second));
         cell += (threads == 1 ? "" : "/") + std::string(buf);
       }
       std::printf(" %11s", cell.c_str());
@@ -622,10 +628,8 @@ void print_summary(const Collector& c) {
           else std::snprintf(buf, sizeof buf, "%.2f", a->counters.at("GB/s") / b->counters.at("GB/s"));
           return std::string(buf);
         };
-        const Limits& lim = g_limits.at(threads);
-        const double roofline = std::max(layer->counters.at("weight GB/s") / lim.read_gbs,
-                                         layer->counters.at("GFLOP/s") / lim.sgemm_gfs);
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms, roofline,
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms,
+                    roofline(*layer, g_limits.at(threads)),
                     ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
                     threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
