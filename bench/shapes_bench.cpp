@@ -359,6 +359,9 @@ void report_work(benchmark::State& state, const Work& w) {
 
 // --- benchmarks -----------------------------------------------------------------------------------
 
+// "S2/128": the shape and batch part of a benchmark's name, and the key of g_row_tokens.
+std::string row_name(const Shape& s, index_t T) { return std::string(s.name) + "/" + std::to_string(T); }
+
 // Tokens per expert in each BM_Layer row's batch (the active experts' counts, sorted), for the
 // summary: which BM_Expert rows a layer row is made of.
 std::map<std::string, std::vector<index_t>> g_row_tokens;
@@ -394,7 +397,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
   const Work w = work_of(s, ws.routing.plan, T);
-  std::vector<index_t>& counts = g_row_tokens[std::string(s.name) + "/" + std::to_string(T)];
+  std::vector<index_t>& counts = g_row_tokens[row_name(s, T)];
   counts.clear();
   for (index_t e = 0; e < s.E; ++e)
     if (ws.routing.plan.tokens_of(e) > 0) counts.push_back(ws.routing.plan.tokens_of(e));
@@ -586,7 +589,7 @@ void print_expert_summary(const Collector& c) {
   std::printf("Tokens per active expert in the layer rows (min / median / max, experts active)\n");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
-      const std::string row = std::string(s.name) + "/" + std::to_string(T);
+      const std::string row = row_name(s, T);
       const auto found = g_row_tokens.find(row);
       if (found == g_row_tokens.end() || found->second.empty()) continue;
       const std::vector<index_t>& n = found->second;
@@ -611,13 +614,12 @@ void print_summary(const Collector& c) {
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
-        const std::string suffix = std::string(s.name) + "/" + std::to_string(T) + "/" + std::to_string(threads);
+        const std::string move = row_name(s, T), suffix = move + "/" + std::to_string(threads);
         const auto* layer = c.find("BM_Layer/" + suffix);
         if (layer == nullptr) continue;
         const auto* naive = c.find("BM_Naive/" + suffix);
         const auto* over = c.find("BM_Overhead/" + suffix);
-        const auto* one = c.find("BM_Layer/" + std::string(s.name) + "/" + std::to_string(T) + "/1");
-        const std::string move = std::string(s.name) + "/" + std::to_string(T);
+        const auto* one = c.find("BM_Layer/" + move + "/1");
         const auto* disp = c.find("BM_Dispatch/" + move);
         const auto* comb = c.find("BM_Combine/" + move);
         const auto* copy = c.find("BM_Memcpy/" + move);
