@@ -859,10 +859,10 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
   using T = TestType;
-  // m covers every token block size (1–8) and the ways batches are cut into blocks: one block up
-  // to 8 tokens, near-equal blocks of at most 6 below 64 (13 → 4 + 4 + 5), blocks of 5 from 64
-  // on (70).
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 70);
+  // m covers every token block size (1–14) and the ways batches are cut into blocks: one block up
+  // to 8 tokens, one packed block of 9–14 where their x fits (these rows are short), near-equal
+  // blocks of at most 6 below 64 (15 → 5 + 5 + 5), blocks of 5 from 64 on (70).
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
@@ -889,9 +889,13 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   using T = TestType;
   // Rows of 20003 elements (80 KB in float): the L2 panels hold only a few rows each, so n = 19
   // spans several panels, the last one partial. And rows just past the length dot_block chunks
-  // (with a k % L tail), where two tokens still stream whole rows and three are chunked.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 5, 13);  // 13: later blocks fetch the next panel
-  const std::size_t k = GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3);
+  // (with a k % L tail), where two tokens still stream whole rows and three are chunked. There 9
+  // and 14 tokens are one packed block, chunked more finely (kPackedChunkBytes); 15 are three blocks
+  // of 5, whose later ones fetch the next panel. Rows of 711 elements are not chunked: in float 11
+  // tokens fit one packed block (11 · 2844 bytes ≤ kPackedXBytes) and 12 do not (6 + 6).
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 5, 9, 11, 12, 14, 15);
+  const std::size_t k =
+      GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3, 711);
   const std::size_t n = 19;
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 1);
@@ -908,7 +912,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
 TEMPLATE_TEST_CASE("simd::gated_matmul_nt computes act(x · w_gateᵀ) ⊙ (x · w_upᵀ)", "[simd][matmul]", float,
                    double) {
   using T = TestType;
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 70);
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 15, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);

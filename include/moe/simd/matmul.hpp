@@ -11,7 +11,8 @@
 //
 // Blocking: weight rows are taken in panels that fit in L2 and every token is run against a
 // panel before moving on, so the weights stream from memory once per call; within a panel, a
-// register block of up to max_token_block() tokens × block_rows() rows shares each load. For a
+// register block of up to max_token_block() tokens × block_rows() rows shares each load (up to
+// kMaxTokenBlock tokens where their x fits L1: packed blocks, see one_block). For a
 // handful of tokens this is one pass over the weights (memory bound, as it must be); for many it
 // is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
 // meanwhile (PanelPrefetch), so that memory and arithmetic overlap. Up to kMaxStreamTokens tokens
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 
 #include "../core/config.hpp"
 #include "../core/threads.hpp"
@@ -28,15 +30,31 @@
 MOE_NAMESPACE_BEGIN
 namespace simd {
 
-inline constexpr std::size_t kMaxTokenBlock = 8;          // token rows per register block, at most
+inline constexpr std::size_t kMaxTokenBlock = 14;         // token rows per register block, at most (packed)
 inline constexpr std::size_t kPanelBytes = 192 * 1024;    // weight panel kept in L2
 
-// Token rows per register block: at most 8 with 32 vector registers (AVX-512), 5 with 16 (AVX2,
-// SSE). How a batch is cut into blocks: token_block() below.
+// Token rows per register block read from the caller's x rows: at most 8 with 32 vector registers
+// (AVX-512), 5 with 16 (AVX2, SSE). How a batch is cut into blocks: token_block() below.
 template <class Arch>
 constexpr std::size_t max_token_block() noexcept {
   return vector_registers<Arch>() >= 32 ? 8 : 5;
 }
+
+// Packed blocks: with 32 registers, a batch of kMinPackedBlock–kMaxTokenBlock tokens is one register
+// block of 2 weight rows (14 × 2 accumulators, 2 weights, 1 x vector) when the x it meets at a time
+// fits kPackedXBytes of the 48 KiB L1: then every weight row is read once, from memory, while the
+// block computes, instead of once from memory and again from L2 by ceil(m / 6) blocks. Its x rows
+// (one chunk of them, kPackedChunkBytes on long rows) are first copied into one buffer, a vector of
+// each token in turn for each k step, so that the loop addresses them from one pointer: fourteen
+// row pointers, as for the unpacked blocks, do not fit the general registers, and spilled ones cost
+// more than the copy. Cold weights, one thread, 9–14 tokens, time against ceil(m / 6) blocks,
+// medians of 9 interleaved: S2's down projection (2 KiB rows) 0.84–0.93, S3's up (3 KiB, 9–10
+// tokens) 0.83–0.85, S3's down (12 KiB) 0.82–0.88, S1's down (14 KiB) 0.81–0.87. Rows of 4 KiB (the
+// gated products of S1 and S2) do not fit: 12 tokens there ran 1.0–1.3×, and halving their rows into
+// chunks was slower still. Nor did 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
+inline constexpr std::size_t kMinPackedBlock = 9;
+inline constexpr std::size_t kPackedXBytes = 32 * 1024;
+inline constexpr std::size_t kPackedChunkBytes = 2048;
 
 // Weight rows per register block for mb tokens, in units of `unit` rows (a gate/up pair is 2):
 // mb · rows accumulators plus rows + 1 loaded vectors must fit the vector registers, with at least
@@ -130,12 +148,15 @@ T add_tail(T sum, const T* x, const T* w, std::size_t i, std::size_t k) noexcept
 // (memory bound) the next rows must be requested ahead (once per cache line); not for a one-token
 // block: its eight row streams keep the hardware prefetcher busy enough (measured 20% faster
 // without). The later token blocks of a panel find it in L2 and fetch the next panel instead
-// (`ahead`).
+// (`ahead`). A packed block (MB ≥ kMinPackedBlock) reads its x from `packed` (pack_tokens: k in
+// [k0, k1)); the rows `x` then serve only the k % L tail.
 template <bool FirstPass, std::size_t MB, std::size_t NB, class Arch, class T>
 void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
-               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo, PanelPrefetch& ahead) noexcept {
+               std::size_t k, batch<T, Arch>* carry, T* out, std::size_t ldo, PanelPrefetch& ahead,
+               const T* packed) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
+  constexpr bool kPacked = MB >= kMinPackedBlock;
   const T* xp[MB];
   const T* wp[NB];
   const T* np[NB];
@@ -157,17 +178,18 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
         prefetch(ahead_at), ahead_at += PanelPrefetch::kLineBytes;
     // With 2–4 tokens, weight vectors kept in registers too: else each weight load is folded into
     // every FMA that uses it, and the rows streamed from memory ~30% slower (4 tokens, 14.7 MB of
-    // rows: 0.87 → 0.63 ms); from 5 tokens on, keeping them spilled (5 × 4 from L2: 150 → 106
-    // GFLOP/s).
+    // rows: 0.87 → 0.63 ms); with 5–8 tokens, keeping them spilled (5 × 4 from L2: 150 → 106
+    // GFLOP/s). A packed block keeps its two (folded, each would be loaded MB times).
     for (std::size_t r = 0; r < NB; ++r) {
       wv[r] = B::load_unaligned(wp[r] + i);
-      if (MB > 1 && MB <= 4) keep_in_register(wv[r]);
+      if (MB > 1 && (MB <= 4 || kPacked)) keep_in_register(wv[r]);
     }
     for (std::size_t j = 0; j < MB; ++j) {
-      B xv = B::load_unaligned(xp[j] + i);
+      B xv = kPacked ? B::load_aligned(packed + j * L) : B::load_unaligned(xp[j] + i);
       if (NB > 1) keep_in_register(xv);
       for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
     }
+    if (kPacked) packed += MB * L;
   }
   if (!FirstPass) ahead.advance(ahead_at);
   if (k1 < k) {
@@ -182,6 +204,16 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   }
 }
 
+// Copies x rows [MB] over k in [k0, k1) (whole vectors: k0 and the end are multiples of L, or the
+// end is the last whole vector before the row's tail) into `packed` as [step][token][L].
+template <std::size_t MB, class Arch, class T>
+void pack_tokens(Arch, const T* const* x, std::size_t k0, std::size_t k1, T* packed) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  for (std::size_t i = k0; i + L <= k1; i += L)
+    for (std::size_t j = 0; j < MB; ++j, packed += L) B::load_unaligned(x[j] + i).store_aligned(packed);
+}
+
 // Runs MB token rows against `units` units of U weight rows (U = 1: single rows; U = 2: a gate
 // row and its up row), block_rows(MB) / U units per register block and the rest one unit at a
 // time. rows(u, ptrs) writes unit u's U row pointers; store(u, count, out) receives the dots of
@@ -193,18 +225,25 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   constexpr std::size_t NB = block_rows<Arch>(MB, U);
   static_assert(NB % U == 0, "a register block holds whole units");
   constexpr std::size_t per_block = NB / U;
-  constexpr std::size_t kChunk = kChunkBytes / sizeof(T);
+  constexpr bool kPacked = MB >= kMinPackedBlock;
+  constexpr std::size_t kChunk = (kPacked ? kPackedChunkBytes : kChunkBytes) / sizeof(T);
   static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
-  // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.)
+  static_assert(MB * kPackedChunkBytes <= kPackedXBytes, "a packed block's chunk of x fits its buffer");
+  // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.) Panels of
+  // rows this long never exceed kMaxChunkedRows (panel_rows, gated_panel_pairs).
   const bool chunked = MB > 1 && k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
   const std::size_t chunk = chunked ? kChunk : k;
   B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
+  // A packed block's x, one chunk at a time: one_block admits it only where unchunked rows fit.
+  alignas(64) T packed[kPacked ? kPackedXBytes / sizeof(T) : 1];
+  if (kPacked && MB * chunk * sizeof(T) > kPackedXBytes) std::abort();  // (unreachable: see one_block)
   T out[MB * NB];
   const T* wr[NB];
   const T* wn[NB];
   std::size_t k0 = 0;
   do {
     const std::size_t k1 = std::min(k, k0 + chunk);
+    if constexpr (kPacked) pack_tokens<MB>(arch, xr, k0, k1, packed);
     std::size_t u = 0;
     if (per_block <= units)
       for (std::size_t q = 0; q < per_block; ++q) rows(q, wr + q * U);
@@ -222,30 +261,44 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
-      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
-      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead);
+      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
+      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
       if (k1 == k) store(u, per_block, out);
       for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
     for (; u < units; ++u) {
       rows(u, wr);
-      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U, ahead);
+      dot_block<false, MB, U>(arch, xr, wr, wr, k0, k1, k, carry + (chunked ? MB * U * u : 0), out, U, ahead,
+                              packed);
       if (k1 == k) store(u, std::size_t(1), out);
     }
     k0 = k1;
   } while (k0 < k);
 }
 
-// The size of the token block starting at token j of m. With 32 registers: up to 8 tokens are one
-// block (one pass over the weights, the best use of their stream from memory); a batch of 9–63 is
-// cut into ceil(m / 6) blocks of near-equal size (16 → 6 + 5 + 5): every block after the first
-// computes from L2, where 4–6 × 4 blocks run 25–30% faster than 8 × 2 (measured with a warm L2
-// panel: 150–165 against 115–130 GFLOP/s). Larger batches, and 16 registers, take 5 at a time
-// (5 × 4 and 5 × 2 compute fastest from L2).
-template <class Arch>
-std::size_t token_block(std::size_t j, std::size_t m) noexcept {
+// Whether a batch of m tokens on rows of k elements is one token block, which reads each weight row
+// once: up to max_token_block() tokens always, and with 32 registers up to kMaxTokenBlock packed
+// ones where the x they meet at a time (a kPackedChunkBytes chunk of rows dot_block chunks, else
+// whole rows) fits kPackedXBytes.
+template <class Arch, class T>
+bool one_block(std::size_t m, std::size_t k) noexcept {
+  if (m <= max_token_block<Arch>()) return true;
+  if (vector_registers<Arch>() < 32 || m > kMaxTokenBlock) return false;
+  const std::size_t row_bytes = k * sizeof(T);
+  return m * (row_bytes > kChunkAboveBytes ? kPackedChunkBytes : row_bytes) <= kPackedXBytes;
+}
+
+// The size of the token block starting at token j of m, on rows of k elements. With 32 registers:
+// up to 8 tokens are one block (one pass over the weights, the best use of their stream from
+// memory), and up to 14 packed where one_block says so; other batches below 64 are cut into
+// ceil(m / 6) blocks of near-equal size (16 → 6 + 5 + 5): every block after the first computes from
+// L2, where 4–6 × 4 blocks run 25–30% faster than 8 × 2 (measured with a warm L2 panel: 150–165
+// against 115–130 GFLOP/s). Larger batches, and 16 registers, take 5 at a time (5 × 4 and 5 × 2
+// compute fastest from L2).
+template <class Arch, class T>
+std::size_t token_block(std::size_t j, std::size_t m, std::size_t k) noexcept {
   constexpr std::size_t most = max_token_block<Arch>();
-  if (most > 5 && m <= most) return m;
+  if (one_block<Arch, T>(m, k)) return m;
   if (most > 5 && m < 64) {
     const std::size_t blocks = (m + 5) / 6, size = m / blocks, of_size = blocks - m % blocks;
     return j < size * of_size ? size : size + 1;  // of_size blocks of `size` tokens, then blocks of size + 1
@@ -261,13 +314,19 @@ void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std
                       Store store, PanelPrefetch ahead) noexcept {
   const T* xr[kMaxTokenBlock];
   for (std::size_t j = 0, mb = 0; j < m; j += mb) {
-    mb = token_block<Arch>(j, m);
+    mb = token_block<Arch, T>(j, m, k);
     for (std::size_t q = 0; q < mb; ++q) xr[q] = x + (j + q) * ldx;
     auto at = [&](auto&& per_unit) {
       return [&, j, mb](std::size_t u, std::size_t count, const T* out) { per_unit(j, mb, u, count, out); };
     };
     if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
       switch (mb) {
+        case 14: sweep_units<14, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 13: sweep_units<13, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 12: sweep_units<12, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 11: sweep_units<11, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 10: sweep_units<10, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
+        case 9: sweep_units<9, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
         case 8: sweep_units<8, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
         case 7: sweep_units<7, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
         case 6: sweep_units<6, U>(arch, xr, k, units, j == 0, rows, at(store), ahead); continue;
@@ -283,7 +342,7 @@ void for_token_blocks(Arch arch, const T* x, std::size_t ldx, std::size_t m, std
     }
   }
 }
-static_assert(kMaxTokenBlock == 8, "for_token_blocks has one case per token block size");
+static_assert(kMaxTokenBlock == 14, "for_token_blocks has one case per token block size");
 
 // ---- streaming: a few tokens against rows they stream whole ----------------------------------------
 //
@@ -397,7 +456,7 @@ void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const
 }
 
 // Weight rows per panel for n rows of k elements against m tokens (at least one register block).
-// - Up to max_token_block() tokens are one token block, which reads each panel once: the panel
+// - A batch that is one token block (one_block) reads each panel once: the panel
 //   need not stay in L2, and longer panels (up to kStreamPanelBytes, at least kMinPanels of them
 //   for the threads to share) keep the row streams going across fewer panel starts. One thread,
 //   alternating binaries: S1 at T = 16 13.2–13.5 → 12.3–12.9 ms, S3 at T = 128 22.9–23.3 →
@@ -415,7 +474,7 @@ template <class Arch, class T>
 std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   const std::size_t row_bytes = std::max<std::size_t>(k, 1) * sizeof(T);
   std::size_t rows = kPanelBytes / row_bytes;
-  if (m <= max_token_block<Arch>()) {
+  if (one_block<Arch, T>(m, k)) {
     std::size_t stream = std::min(kStreamPanelBytes / row_bytes, n / kMinPanels);
     if (m > 1 && row_bytes > kChunkAboveBytes) stream = std::min(stream, kMaxChunkedRows);
     rows = std::max(rows, stream);
