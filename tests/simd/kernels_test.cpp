@@ -892,10 +892,12 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   // (with a k % L tail), where two tokens still stream whole rows and three are chunked. There 9
   // and 14 tokens are one packed block, chunked more finely (kPackedChunkBytes); 15 are three blocks
   // of 5, whose later ones fetch the next panel. Rows of 711 elements are not chunked: in float 11
-  // tokens fit one packed block (11 · 2844 bytes ≤ kPackedXBytes) and 12 do not (6 + 6).
+  // tokens fit one packed block (11 · 2844 bytes ≤ kPackedXBytes) and 12 do not (6 + 6). Rows of
+  // 1027 floats (4108 bytes) are cut into packed chunks for 9–14 tokens (chunks_rows), the last
+  // chunk shorter than a vector.
   const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 5, 9, 11, 12, 14, 15);
   const std::size_t k =
-      GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3, 711);
+      GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3, 711, 1027);
   const std::size_t n = 19;
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 1);

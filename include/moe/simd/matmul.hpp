@@ -48,10 +48,11 @@ constexpr std::size_t max_token_block() noexcept {
 // each token in turn for each k step, so that the loop addresses them from one pointer: fourteen
 // row pointers, as for the unpacked blocks, do not fit the general registers, and spilled ones cost
 // more than the copy. Cold weights, one thread, 9–14 tokens, time against ceil(m / 6) blocks,
-// medians of 9 interleaved: S2's down projection (2 KiB rows) 0.84–0.93, S3's up (3 KiB, 9–10
-// tokens) 0.83–0.85, S3's down (12 KiB) 0.82–0.88, S1's down (14 KiB) 0.81–0.87. Rows of 4 KiB (the
-// gated products of S1 and S2) do not fit: 12 tokens there ran 1.0–1.3×, and halving their rows into
-// chunks was slower still. Nor did 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
+// medians of 9 interleaved: S2's down projection (2 KiB rows) 0.80–0.96, S3's up (3 KiB, 9–10
+// tokens) 0.83–0.98, S3's down (12 KiB) 0.82–0.92, S1's down (14 KiB) 0.74–0.82, the gated products
+// of S1 and S2 (4 KiB rows, in 2 KiB chunks: chunks_rows) 0.82–0.97. Unpacked, 12 tokens had run
+// 1.0–1.3× (the row pointers spilled), and whole 4 KiB rows 1.1–1.3× (x overflowing L1). Nor did
+// 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
 inline constexpr std::size_t kMinPackedBlock = 9;
 inline constexpr std::size_t kPackedXBytes = 32 * 1024;
 inline constexpr std::size_t kPackedChunkBytes = 2048;
@@ -131,6 +132,17 @@ struct PanelPrefetch {
 inline constexpr std::size_t kChunkBytes = 4096;
 inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
 inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
+
+// Whether a token block of mb tokens meets rows of row_bytes in chunks (kChunkBytes, or
+// kPackedChunkBytes for a packed block): rows over kChunkAboveBytes, and rows of at least two
+// packed chunks whose whole x would not fit kPackedXBytes (the gated products' 4 KiB rows: 9–14
+// tokens 0.82–0.97 of the time of ceil(m / 6) blocks; 3 KiB rows cut into 2 + 1 KiB ran 1.09–1.29).
+// Panels of such rows hold at most kMaxChunkedRows (panel_rows, gated_panel_pairs).
+inline bool chunks_rows(std::size_t mb, std::size_t row_bytes) noexcept {
+  if (mb <= 1) return false;
+  return row_bytes > kChunkAboveBytes ||
+         (mb >= kMinPackedBlock && mb * row_bytes > kPackedXBytes && row_bytes >= 2 * kPackedChunkBytes);
+}
 
 // sum + the k % L tail elements [i, k) of a dot product, in order: std::fma, so that every kernel
 // (dot_block, stream_blocks) rounds an element the same way.
@@ -229,9 +241,8 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   constexpr std::size_t kChunk = (kPacked ? kPackedChunkBytes : kChunkBytes) / sizeof(T);
   static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
   static_assert(MB * kPackedChunkBytes <= kPackedXBytes, "a packed block's chunk of x fits its buffer");
-  // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.) Panels of
-  // rows this long never exceed kMaxChunkedRows (panel_rows, gated_panel_pairs).
-  const bool chunked = MB > 1 && k * sizeof(T) > kChunkAboveBytes && units * U <= kMaxChunkedRows;
+  // (One token: its row fits L1 anyway, and whole rows keep the weight streams long.)
+  const bool chunked = chunks_rows(MB, k * sizeof(T)) && units * U <= kMaxChunkedRows;
   const std::size_t chunk = chunked ? kChunk : k;
   B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
   // A packed block's x, one chunk at a time: one_block admits it only where unchunked rows fit.
@@ -278,14 +289,14 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
 
 // Whether a batch of m tokens on rows of k elements is one token block, which reads each weight row
 // once: up to max_token_block() tokens always, and with 32 registers up to kMaxTokenBlock packed
-// ones where the x they meet at a time (a kPackedChunkBytes chunk of rows dot_block chunks, else
-// whole rows) fits kPackedXBytes.
+// ones where the x they meet at a time (a kPackedChunkBytes chunk of rows they chunk, else whole
+// rows) fits kPackedXBytes.
 template <class Arch, class T>
 bool one_block(std::size_t m, std::size_t k) noexcept {
   if (m <= max_token_block<Arch>()) return true;
   if (vector_registers<Arch>() < 32 || m > kMaxTokenBlock) return false;
   const std::size_t row_bytes = k * sizeof(T);
-  return m * (row_bytes > kChunkAboveBytes ? kPackedChunkBytes : row_bytes) <= kPackedXBytes;
+  return m * (chunks_rows(m, row_bytes) ? kPackedChunkBytes : row_bytes) <= kPackedXBytes;
 }
 
 // The size of the token block starting at token j of m, on rows of k elements. With 32 registers:
@@ -475,9 +486,8 @@ std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   const std::size_t row_bytes = std::max<std::size_t>(k, 1) * sizeof(T);
   std::size_t rows = kPanelBytes / row_bytes;
   if (one_block<Arch, T>(m, k)) {
-    std::size_t stream = std::min(kStreamPanelBytes / row_bytes, n / kMinPanels);
-    if (m > 1 && row_bytes > kChunkAboveBytes) stream = std::min(stream, kMaxChunkedRows);
-    rows = std::max(rows, stream);
+    rows = std::max(rows, std::min(kStreamPanelBytes / row_bytes, n / kMinPanels));
+    if (chunks_rows(m, row_bytes)) rows = std::min(rows, kMaxChunkedRows);
   } else if (m >= 64) {
     rows = std::max(rows, std::min(kMaxChunkedRows, kLongPanelBytes / row_bytes));
   }
