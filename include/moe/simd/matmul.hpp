@@ -48,11 +48,12 @@ constexpr std::size_t max_token_block() noexcept {
 // each token in turn for each k step, so that the loop addresses them from one pointer: fourteen
 // row pointers, as for the unpacked blocks, do not fit the general registers, and spilled ones cost
 // more than the copy. Cold weights, one thread, 9–14 tokens, time against ceil(m / 6) blocks,
-// medians of 9 interleaved: S2's down projection (2 KiB rows) 0.80–0.96, S3's up (3 KiB, 9–10
-// tokens) 0.83–0.98, S3's down (12 KiB) 0.82–0.92, S1's down (14 KiB) 0.74–0.82, the gated products
-// of S1 and S2 (4 KiB rows, in 2 KiB chunks: chunks_rows) 0.82–0.97. Unpacked, 12 tokens had run
-// 1.0–1.3× (the row pointers spilled), and whole 4 KiB rows 1.1–1.3× (x overflowing L1). Nor did
-// 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
+// medians of 9 interleaved: S2's down projection (2 KiB rows) 0.81–0.96, S3's up (3 KiB, 9–10
+// tokens) 0.85–0.98, S3's down (12 KiB) 0.82–0.92, S1's down (14 KiB) 0.74–0.82, the gated products
+// of S1 and S2 (4 KiB rows, in 2 KiB chunks: chunks_rows) 0.83–0.97. Unpacked, S3's down projection
+// on 12 tokens ran 1.09–1.46× (the row pointers spilled), and packed whole 4 KiB rows of 12–14
+// tokens 1.2–1.4× (x overflowing L1). Nor did 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
+// More in bench/README.md, "Session 16".
 inline constexpr std::size_t kMinPackedBlock = 9;
 inline constexpr std::size_t kPackedXBytes = 32 * 1024;
 inline constexpr std::size_t kPackedChunkBytes = 2048;
@@ -136,7 +137,7 @@ inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel 
 // Whether a token block of mb tokens meets rows of row_bytes in chunks (kChunkBytes, or
 // kPackedChunkBytes for a packed block): rows over kChunkAboveBytes, and rows of at least two
 // packed chunks whose whole x would not fit kPackedXBytes (the gated products' 4 KiB rows: 9–14
-// tokens 0.82–0.97 of the time of ceil(m / 6) blocks; 3 KiB rows cut into 2 + 1 KiB ran 1.09–1.29).
+// tokens 0.83–0.97 of the time of ceil(m / 6) blocks; 3 KiB rows cut into 2 + 1 KiB ran 1.09–1.29).
 // Panels of such rows hold at most kMaxChunkedRows (panel_rows, gated_panel_pairs).
 inline bool chunks_rows(std::size_t mb, std::size_t row_bytes) noexcept {
   if (mb <= 1) return false;
