@@ -273,8 +273,13 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
-      if (first_pass) dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
-      else dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
+      if constexpr (kPacked) {  // (always a batch's only block, so its first: not compiled twice)
+        dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
+      } else if (first_pass) {
+        dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
+      } else {
+        dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
+      }
       if (k1 == k) store(u, per_block, out);
       for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
@@ -556,13 +561,19 @@ std::size_t gated_panel_pairs(std::size_t k, std::size_t m, std::size_t n) noexc
   return std::max(kGatedChunk, pairs - pairs % kGatedChunk);
 }
 
+// gate[0, n) = act(gate) ⊙ up for one activation (gated_activate<Activation>), passed to the gated
+// product by pointer: its panel loop and register blocks are then compiled once per arch and type,
+// not once per activation (the tests, or a model with SwiGLU and GeGLU experts, use several).
+template <class Arch, class T>
+using GatedEpilogue = void (*)(Arch, T*, const T*, std::size_t) noexcept;
+
 // Gated projection: h [m, n] = act(x · w_gateᵀ) ⊙ (x · w_upᵀ), both weights [n, k]; h rows `ldh`
 // apart. Gate row r and up row r sit in one register block; a token block's gate and up dots for
-// a panel wait in two small buffers and get the activation vectorized (simd::gated_activate),
-// so the [m, n] gate and up products are never stored.
-template <class Activation, class Arch, class T>
-void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up, std::size_t n,
-                     T* h, std::size_t ldh) noexcept {
+// a panel wait in two small buffers and get the activation vectorized (`activate`), so the [m, n]
+// gate and up products are never stored.
+template <class Arch, class T>
+void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up,
+                          std::size_t n, T* h, std::size_t ldh, GatedEpilogue<Arch, T> activate) noexcept {
   if (m == 0 || n == 0) return;
   const std::size_t panel = gated_panel_pairs<Arch, T>(k, m, n);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
@@ -578,7 +589,7 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
     T gate[kMaxTokenBlock][kMaxPanelPairs];
     T up[kMaxTokenBlock][kMaxPanelPairs];
     auto finish = [&](std::size_t a, std::size_t token) {  // the dots of gate[a], up[a] are complete
-      gated_activate<Activation>(arch, gate[a], up[a], r1 - r0);
+      activate(arch, gate[a], up[a], r1 - r0);
       std::copy(gate[a], gate[a] + (r1 - r0), h + token * ldh + r0);
     };
     if (streams<Arch, T>(m, k)) {  // the gate rows, then the up rows
@@ -604,6 +615,13 @@ void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const 
         },
         ahead);
   });
+}
+
+// h [m, n] = act(x · w_gateᵀ) ⊙ (x · w_upᵀ) with Activation's act (gated_matmul_nt_with).
+template <class Activation, class Arch, class T>
+void gated_matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up, std::size_t n,
+                     T* h, std::size_t ldh) noexcept {
+  gated_matmul_nt_with(arch, x, m, k, w_gate, w_up, n, h, ldh, &gated_activate<Activation, Arch, T>);
 }
 
 // The same epilogue for whole rows (MoE training keeps the gate and up products): hidden [m, n] =
