@@ -614,15 +614,15 @@ void print_summary(const Collector& c) {
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
-        const std::string move = row_name(s, T), suffix = move + "/" + std::to_string(threads);
+        const std::string row = row_name(s, T), suffix = row + "/" + std::to_string(threads);
         const auto* layer = c.find("BM_Layer/" + suffix);
         if (layer == nullptr) continue;
         const auto* naive = c.find("BM_Naive/" + suffix);
         const auto* over = c.find("BM_Overhead/" + suffix);
-        const auto* one = c.find("BM_Layer/" + move + "/1");
-        const auto* disp = c.find("BM_Dispatch/" + move);
-        const auto* comb = c.find("BM_Combine/" + move);
-        const auto* copy = c.find("BM_Memcpy/" + move);
+        const auto* one = c.find("BM_Layer/" + row + "/1");
+        const auto* disp = c.find("BM_Dispatch/" + row);
+        const auto* comb = c.find("BM_Combine/" + row);
+        const auto* copy = c.find("BM_Memcpy/" + row);
         auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, bool time, double scale = 1.0) {
           if (a == nullptr || b == nullptr) return std::string("-");
           char buf[32];

@@ -57,6 +57,8 @@ constexpr std::size_t max_token_block() noexcept {
 inline constexpr std::size_t kMinPackedBlock = 9;
 inline constexpr std::size_t kPackedXBytes = 32 * 1024;
 inline constexpr std::size_t kPackedChunkBytes = 2048;
+// Whether a register block of mb tokens is packed (with 16 registers one_block never forms one).
+constexpr bool packed_block(std::size_t mb) noexcept { return mb >= kMinPackedBlock; }
 
 // Weight rows per register block for mb tokens, in units of `unit` rows (a gate/up pair is 2):
 // mb · rows accumulators plus rows + 1 loaded vectors must fit the vector registers, with at least
@@ -142,7 +144,7 @@ inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel 
 inline bool chunks_rows(std::size_t mb, std::size_t row_bytes) noexcept {
   if (mb <= 1) return false;
   return row_bytes > kChunkAboveBytes ||
-         (mb >= kMinPackedBlock && mb * row_bytes > kPackedXBytes && row_bytes >= 2 * kPackedChunkBytes);
+         (packed_block(mb) && mb * row_bytes > kPackedXBytes && row_bytes >= 2 * kPackedChunkBytes);
 }
 
 // sum + the k % L tail elements [i, k) of a dot product, in order: std::fma, so that every kernel
@@ -161,7 +163,7 @@ T add_tail(T sum, const T* x, const T* w, std::size_t i, std::size_t k) noexcept
 // (memory bound) the next rows must be requested ahead (once per cache line); not for a one-token
 // block: its eight row streams keep the hardware prefetcher busy enough (measured 20% faster
 // without). The later token blocks of a panel find it in L2 and fetch the next panel instead
-// (`ahead`). A packed block (MB ≥ kMinPackedBlock) reads its x from `packed` (pack_tokens: k in
+// (`ahead`). A packed block (packed_block(MB)) reads its x from `packed` (pack_tokens: k in
 // [k0, k1)); the rows `x` then serve only the k % L tail.
 template <bool FirstPass, std::size_t MB, std::size_t NB, class Arch, class T>
 void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next, std::size_t k0, std::size_t k1,
@@ -169,7 +171,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
                const T* packed) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
-  constexpr bool kPacked = MB >= kMinPackedBlock;
+  constexpr bool kPacked = packed_block(MB);
   const T* xp[MB];
   const T* wp[NB];
   const T* np[NB];
@@ -238,7 +240,7 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   constexpr std::size_t NB = block_rows<Arch>(MB, U);
   static_assert(NB % U == 0, "a register block holds whole units");
   constexpr std::size_t per_block = NB / U;
-  constexpr bool kPacked = MB >= kMinPackedBlock;
+  constexpr bool kPacked = packed_block(MB);
   constexpr std::size_t kChunk = (kPacked ? kPackedChunkBytes : kChunkBytes) / sizeof(T);
   static_assert(kChunk % B::size == 0, "chunks end on a vector boundary");
   static_assert(MB * kPackedChunkBytes <= kPackedXBytes, "a packed block's chunk of x fits its buffer");
