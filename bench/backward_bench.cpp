@@ -6,11 +6,14 @@
 //                      forward        MoELayer::forward (inference)
 //                      forward_train  MoELayer::forward_train (keeps what backward needs)
 //                      backward       MoELayer::backward (dx, router and every expert's gradients)
+//                      accumulate     MoELayer::backward_accumulate on the same batch (adds to the
+//                                     gradients; experts without tokens untouched)
 //                    The benchmark's own time is the backward time (manual timing).
 //   BM_MakeGradients  layer.make_gradients(): a zero gradient for every weight (O(parameters),
 //                    independent of T); a training loop builds it once (backward only zeroes it)
-// Counters (per call, means over the iterations): forward_ms, forward_train_ms, backward_ms, and
-// the ratios bwd/fwd = backward / forward and bwd/fwd_train = backward / forward_train.
+// Counters (per call, means over the iterations): forward_ms, forward_train_ms, backward_ms,
+// accumulate_ms, and the ratios bwd/fwd = backward / forward, bwd/fwd_train = backward /
+// forward_train and acc/bwd = accumulate / backward.
 // Times are wall time (std::chrono::steady_clock), so that runs on 1 and 2 threads
 // (OMP_NUM_THREADS) compare: backward gives whole experts to the threads.
 // CI smoke run: backward_bench --benchmark_min_time=0.01
@@ -106,7 +109,7 @@ void BM_TrainStep(benchmark::State& state) {
   layer().forward_train(x, ctx, y, train);
   layer().backward(x, dy, dx, grads, train);
 
-  double forward = 0, forward_train = 0, backward = 0;
+  double forward = 0, forward_train = 0, backward = 0, accumulate = 0;
   for (auto _ : state) {
     const double t0 = seconds();
     layer().forward(x, y, ws);
@@ -121,9 +124,14 @@ void BM_TrainStep(benchmark::State& state) {
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();
     const double t3 = seconds();
+    layer().backward_accumulate(x, dy, dx, grads, train);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+    const double t4 = seconds();
     forward += t1 - t0;
     forward_train += t2 - t1;
     backward += t3 - t2;
+    accumulate += t4 - t3;
     state.SetIterationTime(t3 - t2);
   }
   const auto n = static_cast<double>(state.iterations());
@@ -132,6 +140,8 @@ void BM_TrainStep(benchmark::State& state) {
   state.counters["backward_ms"] = 1e3 * backward / n;
   state.counters["bwd/fwd"] = backward / forward;
   state.counters["bwd/fwd_train"] = backward / forward_train;
+  state.counters["accumulate_ms"] = 1e3 * accumulate / n;
+  state.counters["acc/bwd"] = accumulate / backward;
 }
 
 // What backward spends on its gradient buffers alone at this shape, whatever T: a zero Gradients

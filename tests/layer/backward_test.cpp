@@ -226,3 +226,69 @@ TEST_CASE("backward rejects a missing forward and wrong shapes", "[backward][err
   l.forward(other, h.context(), y, ws);
   REQUIRE_THROWS_WITH(l.backward(other, h.probe, dx, grads, ws), Catch::Contains("workspace tokens = -1"));
 }
+
+namespace {
+
+// Every gradient entry of a layer (or of one expert), in a fixed order.
+template <class G>
+std::vector<double> entries(const G& g) {
+  std::vector<double> v;
+  g.for_each([&](const auto& m) { v.insert(v.end(), m.data(), m.data() + m.size()); });
+  return v;
+}
+template <class Grads>
+std::vector<double> all_entries(const Grads& g) {
+  std::vector<double> v(g.router.data(), g.router.data() + g.router.size());
+  auto add = [&](const std::vector<double>& part) { v.insert(v.end(), part.begin(), part.end()); };
+  for (const auto& e : g.experts) add(entries(e));
+  for (const auto& z : g.zero_compute) add(entries(z));
+  for (const auto& s : g.shared) add(entries(s));
+  v.insert(v.end(), g.shared_gate.data(), g.shared_gate.data() + g.shared_gate.size());
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("backward_accumulate adds each batch's gradients; from zero it gives backward's bits", "[backward]") {
+  Config c{"accumulate", moe::presets::qwen2_moe(2, true)};
+  c.zero_compute = true, c.shared = true;
+  Harness<moe::SwiGLU<double>> h(c);
+  const auto l = h.layer();
+  moe::TrainingWorkspace<double> ws_a, ws_b;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD), dx_acc(kTokens, kD);
+  l.forward_train(h.p.x, h.context(), y, ws_a);
+  auto over_a = l.make_gradients();
+  l.backward(h.p.x, h.probe, dx, over_a, ws_a);
+  auto acc = l.make_gradients();  // zeros
+  l.backward_accumulate(h.p.x, h.probe, dx_acc, acc, ws_a);
+  CHECK(all_entries(acc) == all_entries(over_a));
+  CHECK(dx_acc == dx);
+
+  // A second batch of two tokens leaves some FFN experts without a token.
+  const moe::Matrix<double> x_b = -1.5 * h.p.x.topRows(2), dy_b = h.probe.bottomRows(2);
+  moe::Matrix<double> y_b(2, kD), dx_b(2, kD), dx_b_acc(2, kD);
+  l.forward_train(x_b, h.context(), y_b, ws_b);
+  auto over_b = l.make_gradients();
+  l.backward(x_b, dy_b, dx_b, over_b, ws_b);
+  l.backward_accumulate(x_b, dy_b, dx_b_acc, acc, ws_b);
+  CHECK(dx_b_acc == dx_b);
+  const std::vector<double> got = all_entries(acc), a = all_entries(over_a), b = all_entries(over_b);
+  REQUIRE(got.size() == a.size());
+  double scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) scale = std::max(scale, std::abs(a[i] + b[i]));
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(std::abs(got[i] - (a[i] + b[i])) <= 1e-13 * scale);
+  index_t idle = 0;
+  for (index_t e = 0; e < c.ffn_experts; ++e) {
+    if (ws_b.routing.plan.tokens_of(e) > 0) continue;
+    ++idle;  // untouched: still batch A's gradient, bit for bit
+    CHECK(entries(acc.experts[std::size_t(e)]) == entries(over_a.experts[std::size_t(e)]));
+  }
+  REQUIRE(idle > 0);
+
+  // Its errors name it; a stale workspace changes nothing.
+  const std::vector<double> before = all_entries(acc);
+  l.forward(h.p.x, h.context(), y, ws_a);
+  REQUIRE_THROWS_WITH(l.backward_accumulate(h.p.x, h.probe, dx, acc, ws_a),
+                      Catch::Contains("MoELayer::backward_accumulate") && Catch::Contains("workspace tokens = -1"));
+  CHECK(all_entries(acc) == before);
+}

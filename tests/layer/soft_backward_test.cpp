@@ -227,3 +227,45 @@ TEST_CASE("Soft MoE backward rejects a missing forward and wrong shapes", "[back
   REQUIRE_THROWS_WITH(l.router().backward(h.p.x, ws.routing, dD.data(), dC.data(), dx_router, dphi),
                       Catch::Contains("SoftRouter::backward") && Catch::Contains("dphi.cols() = 5") && Catch::Contains("num_slots = 6"));
 }
+
+TEST_CASE("Soft MoE backward_accumulate adds each batch's gradients; from zero it gives backward's bits", "[backward][soft]") {
+  SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"accumulate", 2, true, 1.3, {0, 4, 9}});
+  const auto l = h.layer();
+  auto flat = [](const auto& g) {
+    std::vector<double> v(g.phi.data(), g.phi.data() + g.phi.size());
+    v.push_back(g.scale);
+    for (const auto& e : g.experts) e.for_each([&](const moe::Matrix<double>& m) { v.insert(v.end(), m.data(), m.data() + m.size()); });
+    return v;
+  };
+  moe::SoftTrainingWorkspace<double> ws_a, ws_b;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD), dx_acc(kTokens, kD);
+  l.forward_train(h.p.x, h.context(), y, ws_a);
+  auto over_a = l.make_gradients();
+  l.backward(h.p.x, h.probe, dx, over_a, ws_a);
+  auto acc = l.make_gradients();  // zeros
+  l.backward_accumulate(h.p.x, h.probe, dx_acc, acc, ws_a);
+  CHECK(flat(acc) == flat(over_a));
+  CHECK(dx_acc == dx);
+
+  const moe::Matrix<double> x_b = 0.7 * h.p.x.topRows(3), dy_b = h.probe.bottomRows(3);
+  moe::Matrix<double> y_b(3, kD), dx_b(3, kD), dx_b_acc(3, kD);
+  l.forward_train(x_b, moe::RouteContext{}, y_b, ws_b);
+  auto over_b = l.make_gradients();
+  l.backward(x_b, dy_b, dx_b, over_b, ws_b);
+  l.backward_accumulate(x_b, dy_b, dx_b_acc, acc, ws_b);
+  CHECK(dx_b_acc == dx_b);
+  const std::vector<double> got = flat(acc), a = flat(over_a), b = flat(over_b);
+  REQUIRE(got.size() == a.size());
+  double scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) scale = std::max(scale, std::abs(a[i] + b[i]));
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(std::abs(got[i] - (a[i] + b[i])) <= 1e-13 * scale);
+
+  // An empty batch adds nothing; errors name the function.
+  const moe::Matrix<double> none(0, kD);
+  moe::Matrix<double> y0(0, kD), dx0(0, kD);
+  l.forward_train(none, moe::RouteContext{}, y0, ws_b);
+  l.backward_accumulate(none, none, dx0, acc, ws_b);
+  CHECK(flat(acc) == got);
+  REQUIRE_THROWS_WITH(l.backward_accumulate(h.p.x, h.probe, dx, acc, ws_b),
+                      Catch::Contains("SoftMoELayer::backward_accumulate") && Catch::Contains("workspace tokens = 0"));
+}

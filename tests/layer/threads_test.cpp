@@ -66,6 +66,26 @@ TEST_CASE("Forward and backward bits do not depend on the thread count", "[threa
   REQUIRE(g1.shared_gate == g2.shared_gate);
   REQUIRE(y2 == y3);
   REQUIRE(dx2 == dx3);
+  // backward_accumulate onto those gradients: the same bits on 1 and 2 threads.
+  auto accumulate = [&](int threads, decltype(layer.make_gradients())& g) {
+    omp_set_num_threads(threads);
+    moe::TrainingWorkspace<float> ws;
+    moe::Matrix<float> y(Tn, d), dx(Tn, d);
+    layer.forward_train(x, moe::RouteContext{}, y, ws);
+    layer.backward_accumulate(x, dy, dx, g, ws);
+  };
+  auto a1 = g1, a2 = g1;
+  accumulate(1, a1);
+  accumulate(2, a2);
+  REQUIRE_FALSE(a1.router == g1.router);
+  REQUIRE(a1.router == a2.router);
+  for (std::size_t e = 0; e < a1.experts.size(); ++e) {
+    REQUIRE(a1.experts[e].w_gate == a2.experts[e].w_gate);
+    REQUIRE(a1.experts[e].w_up == a2.experts[e].w_up);
+    REQUIRE(a1.experts[e].w_down == a2.experts[e].w_down);
+  }
+  REQUIRE(a1.shared[0].w_down == a2.shared[0].w_down);
+  REQUIRE(a1.shared_gate == a2.shared_gate);
   // A permuted batch (dropless top-k has no cross-token dependence): rows permute bit for bit.
   moe::Workspace<float> ws;
   const moe::Matrix<float> x_rev = x.colwise().reverse();

@@ -53,6 +53,22 @@ void check_dim(const char* where, const char* actual_name, const A& actual, cons
   }
 }
 
+// What a layer's backward checks before it writes anything: that the workspace holds a
+// forward_train of `training_tokens` tokens (-1: none) on this x, and the shapes of x, dy and dx
+// against the layer's width d.
+template <class X, class DY, class DX, class Index>
+void check_backward_inputs(const char* where, Index training_tokens, Index d, const X& x, const DY& dy, const DX& dx) {
+  if (training_tokens != x.rows()) {
+    throw_invalid(where, ": needs the workspace of a forward_train on the same x, with no other forward since ",
+                  "(workspace tokens = ", training_tokens, ", x.rows() = ", x.rows(), ")");
+  }
+  check_dim(where, "x.cols()", x.cols(), "d_model", d);
+  check_dim(where, "dy.rows()", dy.rows(), "x.rows()", x.rows());
+  check_dim(where, "dy.cols()", dy.cols(), "d_model", d);
+  check_dim(where, "dx.rows()", dx.rows(), "x.rows()", x.rows());
+  check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
+}
+
 }  // namespace detail
 
 MOE_NAMESPACE_END

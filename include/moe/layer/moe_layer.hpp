@@ -171,25 +171,34 @@ class MoELayer {
   template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
                 TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr, Arch arch = {}) const {
-    const index_t T_ = x.rows(), d = d_model();
-    if (ws.training_tokens != T_) {
-      detail::throw_invalid("MoELayer::backward: needs the workspace of a forward_train on the same x, with no other forward "
-                            "since (workspace tokens = ", ws.training_tokens, ", x.rows() = ", T_, ")");
-    }
-    detail::check_dim("MoELayer::backward", "x.cols()", x.cols(), "d_model", d);
-    detail::check_dim("MoELayer::backward", "dy.rows()", dy.rows(), "x.rows()", T_);
-    detail::check_dim("MoELayer::backward", "dy.cols()", dy.cols(), "d_model", d);
-    detail::check_dim("MoELayer::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
-    detail::check_dim("MoELayer::backward", "dx.cols()", dx.cols(), "d_model", d);
-    check_gradients(grads);
+    check_backward("MoELayer::backward", x, dy, dx, grads, ws);
     zero_gradients(grads);
-    backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch);
+    backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch, false);
+  }
+
+  // backward() that adds this batch's weight gradients to `grads` instead of overwriting them:
+  // gradient accumulation over micro-batches (zero `grads` where a step starts, for example with
+  // backward() on its first micro-batch). dx is still overwritten. Experts that received no token
+  // are not touched, which at a few tokens skips most of backward()'s time: zeroing every expert's
+  // gradients. From zeroed `grads` it gives backward()'s bits.
+  template <class Arch = simd::default_arch>
+  void backward_accumulate(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                           TrainingWorkspace<T>& ws, const T* extra_dlogits = nullptr, Arch arch = {}) const {
+    check_backward("MoELayer::backward_accumulate", x, dy, dx, grads, ws);
+    backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch, true);
   }
 
  private:
+  void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
+                      const Gradients& grads, const TrainingWorkspace<T>& ws) const {
+    detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
+    check_gradients(where, grads);
+  }
+
+  // `accumulate`: add to `grads` (backward_accumulate) rather than to the zeroed ones (backward).
   template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                        TrainingWorkspace<T>& ws, const T* extra_dlogits, Arch arch) const {
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, Arch arch, bool accumulate) const {
     const index_t d = d_model();
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
@@ -209,7 +218,7 @@ class MoELayer {
       shared.d_out = gate.asDiagonal() * dy;
       shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
     }
-    experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads);
+    experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads, accumulate);
     // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
     detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, shared, arch); });
   }
@@ -223,15 +232,16 @@ class MoELayer {
   };
 
   // Every expert's backward: d_in [A, d] from d_out [A, d] and the saved activations, each shared
-  // expert's dx into `shared`, and the routed and shared experts' weight gradients (zeroed here
-  // first, with or without tokens: at few tokens zeroing them is much of the work). With several
+  // expert's dx into `shared`, and the routed and shared experts' weight gradients (unless
+  // `accumulate`, zeroed here first, with or without tokens: at few tokens zeroing them is much of
+  // the work; with `accumulate`, experts without tokens are skipped). With several
   // threads (MOE_USE_OPENMP) whole experts go to the threads, most work first, each thread taking
   // the next as it frees up; an expert's products then run on its one thread, as they do on one
   // thread, so the bits do not depend on the thread count (tests/layer/threads_test.cpp).
   // backward_bench on 2 threads: see README.
   template <class Arch>
   void experts_backward(Arch arch, const TrainingWorkspace<T>& ws, const T* d_out, T* d_in, SharedGrads& shared,
-                        Gradients& grads) const {
+                        Gradients& grads, bool accumulate) const {
     const Routing<T>& plan = ws.routing.plan;
     const index_t d = d_model(), T_ = plan.num_tokens, num_ffn = static_cast<index_t>(experts_.size());
     const auto num_shared = static_cast<index_t>(shared_.size());
@@ -244,7 +254,7 @@ class MoELayer {
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
       if (e < num_ffn) saved_at[std::size_t(e)] = saved, saved += experts_[e].saved_size(m);
-      if (e < num_ffn || m > 0) jobs.push_back(e);
+      if (m > 0 || (e < num_ffn && !accumulate)) jobs.push_back(e);
     }
     saved = ws.shared_saved.data();
     for (index_t s = 0; s < num_shared; ++s) {
@@ -261,14 +271,14 @@ class MoELayer {
       const index_t e = jobs[std::size_t(i)];
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);
-        grads.shared[s].for_each([](auto& w) { w.setZero(); });
+        if (!accumulate) grads.shared[s].for_each([](auto& w) { w.setZero(); });
         shared_[s].backward(shared.x_rows.data(), T_, shared.d_out.data(), saved_at[std::size_t(num_ffn) + s],
                             shared.dx.data() + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch);
         return;
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {
-        grads.experts[e].for_each([](auto& w) { w.setZero(); });
+        if (!accumulate) grads.experts[e].for_each([](auto& w) { w.setZero(); });
         if (m == 0) return;
         experts_[e].backward(dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)], d_in + first * d,
                              grads.experts[e], arch);
@@ -475,8 +485,7 @@ class MoELayer {
     }
   }
 
-  void check_gradients(const Gradients& g) const {
-    const char* where = "MoELayer::backward";
+  void check_gradients(const char* where, const Gradients& g) const {
     detail::check_dim(where, "grads.router.rows()", g.router.rows(), "num_experts", num_experts());
     detail::check_dim(where, "grads.router.cols()", g.router.cols(), "d_model", d_model());
     detail::check_dim(where, "grads.experts.size()", g.experts.size(), "experts", experts_.size());

@@ -143,31 +143,37 @@ class SoftMoELayer {
   template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
                 SoftTrainingWorkspace<T>& ws, Arch arch = {}) const {
-    const index_t T_ = x.rows(), d = d_model();
-    const char* where = "SoftMoELayer::backward";
-    if (ws.training_tokens != T_) {
-      detail::throw_invalid(where, ": needs the workspace of a forward_train on the same x, with no other forward since ",
-                            "(workspace tokens = ", ws.training_tokens, ", x.rows() = ", T_, ")");
-    }
-    detail::check_dim(where, "x.cols()", x.cols(), "d_model", d);
-    detail::check_dim(where, "dy.rows()", dy.rows(), "x.rows()", T_);
-    detail::check_dim(where, "dy.cols()", dy.cols(), "d_model", d);
-    detail::check_dim(where, "dx.rows()", dx.rows(), "x.rows()", T_);
-    detail::check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
-    check_gradients(grads);
+    check_backward("SoftMoELayer::backward", x, dy, dx, grads, ws);
     grads.phi.setZero();
     grads.scale = T(0);
-    if (T_ == 0) {
+    if (x.rows() == 0) {
       for (auto& e : grads.experts) e.for_each([](auto& m) { m.setZero(); });
       return;
     }
-    backward_checked(x, dy, dx, grads, ws, arch);
+    backward_checked(x, dy, dx, grads, ws, arch, false);
+  }
+
+  // backward() that adds this batch's gradients to `grads` instead of overwriting them: gradient
+  // accumulation over micro-batches (zero `grads` where a step starts, for example with backward()
+  // on its first micro-batch). dx is still overwritten. From zeroed `grads` it gives backward()'s bits.
+  template <class Arch = simd::default_arch>
+  void backward_accumulate(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                           SoftTrainingWorkspace<T>& ws, Arch arch = {}) const {
+    check_backward("SoftMoELayer::backward_accumulate", x, dy, dx, grads, ws);
+    if (x.rows() > 0) backward_checked(x, dy, dx, grads, ws, arch, true);
   }
 
  private:
+  void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
+                      const Gradients& grads, const SoftTrainingWorkspace<T>& ws) const {
+    detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
+    check_gradients(where, grads);
+  }
+
+  // `accumulate`: add to `grads` (backward_accumulate) rather than to the zeroed ones (backward).
   template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
-                        SoftTrainingWorkspace<T>& ws, Arch arch) const {
+                        SoftTrainingWorkspace<T>& ws, Arch arch, bool accumulate) const {
     const index_t T_ = x.rows(), d = d_model();
     const SoftRouting<T>& routing = ws.routing;
     const index_t S = routing.num_slots(), s = routing.slots_per_expert(), rows = routing.slot_rows();
@@ -195,14 +201,14 @@ class SoftMoELayer {
       }
     });
     // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
-    // each zeroing its gradient first.
+    // each zeroing its gradient first (unless `accumulate`).
     std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
     const T* saved = ws.saved.data();
     for (index_t e = 0; e < num_experts(); ++e) saved_at[std::size_t(e)] = saved, saved += experts_[std::size_t(e)].saved_size(m);
     detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
-      grads.experts[e].for_each([](auto& w) { w.setZero(); });
+      if (!accumulate) grads.experts[e].for_each([](auto& w) { w.setZero(); });
       experts_[e].backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e], d_slots.data() + first * d,
                            grads.experts[e], arch);
     });
@@ -216,7 +222,7 @@ class SoftMoELayer {
         dD.middleRows(first, n).noalias() = x.middleRows(first, n) * group_grad.transpose();
         dx.middleRows(first, n).noalias() += D.middleRows(first, n) * group_grad;
       }
-      grads.scale = router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
+      grads.scale += router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
     });
   }
 
@@ -261,8 +267,7 @@ class SoftMoELayer {
     combine(arch, routing, slot_out, d, y.data(), y.outerStride(), ws.mix);
   }
 
-  void check_gradients(const Gradients& g) const {
-    const char* where = "SoftMoELayer::backward";
+  void check_gradients(const char* where, const Gradients& g) const {
     detail::check_dim(where, "grads.phi.rows()", g.phi.rows(), "d_model", d_model());
     detail::check_dim(where, "grads.phi.cols()", g.phi.cols(), "num_slots", router_.num_slots());
     detail::check_dim(where, "grads.experts.size()", g.experts.size(), "experts", experts_.size());
