@@ -4,6 +4,7 @@
 
 #include <functional>
 
+#include "../support/accumulate.hpp"
 #include "../support/reference.hpp"
 
 using namespace moe_test;
@@ -255,28 +256,18 @@ TEST_CASE("backward_accumulate adds each batch's gradients; from zero it gives b
   Harness<moe::SwiGLU<double>> h(c);
   const auto l = h.layer();
   moe::TrainingWorkspace<double> ws_a, ws_b;
-  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD), dx_acc(kTokens, kD);
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD);
   l.forward_train(h.p.x, h.context(), y, ws_a);
-  auto over_a = l.make_gradients();
-  l.backward(h.p.x, h.probe, dx, over_a, ws_a);
   auto acc = l.make_gradients();  // zeros
-  l.backward_accumulate(h.p.x, h.probe, dx_acc, acc, ws_a);
+  const auto over_a = backward_both_ways(l, h.p.x, h.probe, ws_a, acc);
   CHECK(all_entries(acc) == all_entries(over_a));
-  CHECK(dx_acc == dx);
 
   // A second batch of two tokens leaves some FFN experts without a token.
   const moe::Matrix<double> x_b = -1.5 * h.p.x.topRows(2), dy_b = h.probe.bottomRows(2);
-  moe::Matrix<double> y_b(2, kD), dx_b(2, kD), dx_b_acc(2, kD);
+  moe::Matrix<double> y_b(2, kD);
   l.forward_train(x_b, h.context(), y_b, ws_b);
-  auto over_b = l.make_gradients();
-  l.backward(x_b, dy_b, dx_b, over_b, ws_b);
-  l.backward_accumulate(x_b, dy_b, dx_b_acc, acc, ws_b);
-  CHECK(dx_b_acc == dx_b);
-  const std::vector<double> got = all_entries(acc), a = all_entries(over_a), b = all_entries(over_b);
-  REQUIRE(got.size() == a.size());
-  double scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) scale = std::max(scale, std::abs(a[i] + b[i]));
-  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(std::abs(got[i] - (a[i] + b[i])) <= 1e-13 * scale);
+  const auto over_b = backward_both_ways(l, x_b, dy_b, ws_b, acc);
+  require_sums(all_entries(acc), all_entries(over_a), all_entries(over_b));
   index_t idle = 0;
   for (index_t e = 0; e < c.ffn_experts; ++e) {
     if (ws_b.routing.plan.tokens_of(e) > 0) continue;
