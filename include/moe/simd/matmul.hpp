@@ -275,11 +275,10 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
       B* const parked = carry + (chunked ? MB * U * u : 0);
-      if constexpr (kPacked) {  // (always a batch's only block, so its first: not compiled twice)
+      // A packed block is always a batch's only block, so its first: its later-pass variant is never compiled.
+      if (kPacked || first_pass) {
         dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
-      } else if (first_pass) {
-        dot_block<true, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
-      } else {
+      } else if constexpr (!kPacked) {
         dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
       }
       if (k1 == k) store(u, per_block, out);
