@@ -123,6 +123,37 @@ TEST_CASE("build_routing groups choices by expert and keeps each token's rank or
                       Catch::Contains("expert = 3") && Catch::Contains("num_experts = 3"));
 }
 
+TEST_CASE("dispatch copies each assignment's token row and combine sums them in rank order", "[core][routing]") {
+  // token 0 -> {2, 0}, token 1 -> {} (no row in the buffer, zeros from combine), token 2 -> {0}, token 3 -> {1, 2, 0}
+  const std::vector<index_t> begin = {0, 2, 2, 3, 6};
+  const std::vector<index_t> experts = {2, 0, 0, 1, 2, 0};
+  const std::vector<double> weights = {0.6, 0.4, 1.0, 0.5, 0.3, 0.2};
+  moe::Routing<double> plan;
+  moe::build_routing(4, 3, begin.data(), experts.data(), weights.data(), plan);
+  for (const index_t d : {index_t(1), index_t(5), index_t(37)}) {
+    const index_t ldx = d + 3, A = plan.num_assignments();
+    std::vector<double> x(std::size_t(4 * ldx));
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.25 * double(i) - 7.0;
+    std::vector<double> buffer(std::size_t(A * d + 1), -1.0);  // one guard element after the rows
+    moe::dispatch(moe::simd::default_arch{}, plan, x.data(), ldx, d, buffer.data());
+    for (index_t a = 0; a < A; ++a)
+      for (index_t i = 0; i < d; ++i) REQUIRE(buffer[std::size_t(a * d + i)] == x[std::size_t(plan.token[std::size_t(a)] * ldx + i)]);
+    REQUIRE(buffer.back() == -1.0);
+
+    const index_t ldy = d + 2;
+    std::vector<double> y(std::size_t(4 * ldy), -1.0);
+    moe::combine(moe::simd::default_arch{}, plan, buffer.data(), d, y.data(), ldy);
+    for (index_t t = 0; t < 4; ++t) {
+      for (index_t i = 0; i < d; ++i) {
+        double want = 0;  // the token's choices in rank order: weights[c] times its own x row
+        for (index_t c = begin[std::size_t(t)]; c < begin[std::size_t(t) + 1]; ++c) want += weights[std::size_t(c)] * x[std::size_t(t * ldx + i)];
+        REQUIRE(y[std::size_t(t * ldy + i)] == Approx(want).epsilon(1e-15).margin(1e-15));
+      }
+      for (index_t i = d; i < ldy; ++i) REQUIRE(y[std::size_t(t * ldy + i)] == -1.0);  // the stride's gap untouched
+    }
+  }
+}
+
 TEST_CASE("Errors derive from the standard exceptions and are prefixed with moe::", "[core][errors]") {
   try {
     moe::detail::check_dim("Thing::call", "x.cols()", 7, "d", 8);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "config.hpp"
+#include "memory.hpp"
 #include "types.hpp"
 
 MOE_NAMESPACE_BEGIN
@@ -24,7 +25,9 @@ class Buffer {
   std::size_t capacity() const noexcept { return data_.size(); }
 
  private:
-  std::vector<T, Eigen::aligned_allocator<T>> data_;  // 16/32/64-byte aligned for SIMD loads
+  // 64-byte aligned, and from 2 MiB on on 2 MiB pages (HugePageAllocator): dispatch writes a
+  // large batch's rows scattered over the buffer, one TLB miss per row on 4 KiB pages.
+  std::vector<T, HugePageAllocator<T>> data_;
 };
 
 // Resizes a std::vector without releasing memory; allocation happens only when it grows past
