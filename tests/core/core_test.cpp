@@ -103,13 +103,26 @@ TEST_CASE("Routing groups must partition the batch", "[core][groups]") {
   REQUIRE_THROWS_AS(moe::RouteContext::with_groups({}), moe::invalid_argument);
 }
 
-TEST_CASE("build_routing groups choices by expert and keeps each token's rank order", "[core][routing]") {
-  // token 0 -> {2, 0}, token 1 -> {}, token 2 -> {0}, token 3 -> {1, 2, 0}
-  const std::vector<index_t> begin = {0, 2, 2, 3, 6};
-  const std::vector<index_t> experts = {2, 0, 0, 1, 2, 0};
-  const std::vector<double> weights = {0.6, 0.4, 1.0, 0.5, 0.3, 0.2};
+namespace {
+
+// Four tokens' choices, best first: token 0 -> {2, 0}, token 1 -> {} (none), token 2 -> {0},
+// token 3 -> {1, 2, 0}; and the plan build_routing makes of them.
+struct ExampleChoices {
+  std::vector<index_t> begin = {0, 2, 2, 3, 6};
+  std::vector<index_t> experts = {2, 0, 0, 1, 2, 0};
+  std::vector<double> weights = {0.6, 0.4, 1.0, 0.5, 0.3, 0.2};
   moe::Routing<double> plan;
-  moe::build_routing(4, 3, begin.data(), experts.data(), weights.data(), plan);
+  ExampleChoices() { moe::build_routing(4, 3, begin.data(), experts.data(), weights.data(), plan); }
+};
+
+}  // namespace
+
+TEST_CASE("build_routing groups choices by expert and keeps each token's rank order", "[core][routing]") {
+  ExampleChoices ex;
+  const auto& begin = ex.begin;
+  const auto& experts = ex.experts;
+  const auto& weights = ex.weights;
+  moe::Routing<double>& plan = ex.plan;
   REQUIRE(plan.expert_begin == std::vector<index_t>{0, 3, 4, 6});
   REQUIRE(plan.token == std::vector<index_t>{0, 2, 3, 3, 0, 3});
   REQUIRE(plan.weight == std::vector<double>{0.4, 1.0, 0.2, 0.5, 0.6, 0.3});
@@ -124,12 +137,10 @@ TEST_CASE("build_routing groups choices by expert and keeps each token's rank or
 }
 
 TEST_CASE("dispatch copies each assignment's token row and combine sums them in rank order", "[core][routing]") {
-  // token 0 -> {2, 0}, token 1 -> {} (no row in the buffer, zeros from combine), token 2 -> {0}, token 3 -> {1, 2, 0}
-  const std::vector<index_t> begin = {0, 2, 2, 3, 6};
-  const std::vector<index_t> experts = {2, 0, 0, 1, 2, 0};
-  const std::vector<double> weights = {0.6, 0.4, 1.0, 0.5, 0.3, 0.2};
-  moe::Routing<double> plan;
-  moe::build_routing(4, 3, begin.data(), experts.data(), weights.data(), plan);
+  const ExampleChoices ex;  // token 1 has no row in the buffer, and zeros from combine
+  const auto& begin = ex.begin;
+  const auto& weights = ex.weights;
+  const moe::Routing<double>& plan = ex.plan;
   for (const index_t d : {index_t(1), index_t(5), index_t(37)}) {
     const index_t ldx = d + 3, A = plan.num_assignments();
     std::vector<double> x(std::size_t(4 * ldx));
