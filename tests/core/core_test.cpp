@@ -142,8 +142,8 @@ TEST_CASE("dispatch copies each assignment's token row and combine sums them in 
   const auto& weights = ex.weights;
   const moe::Routing<double>& plan = ex.plan;
   for (const index_t d : {index_t(1), index_t(5), index_t(37)}) {
-    const index_t ldx = d + 3, A = plan.num_assignments();
-    std::vector<double> x(std::size_t(4 * ldx));
+    const index_t ldx = d + 3, A = plan.num_assignments(), tokens = plan.num_tokens;
+    std::vector<double> x(std::size_t(tokens * ldx));
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.25 * double(i) - 7.0;
     std::vector<double> buffer(std::size_t(A * d + 1), -1.0);  // one guard element after the rows
     moe::dispatch(moe::simd::default_arch{}, plan, x.data(), ldx, d, buffer.data());
@@ -152,9 +152,9 @@ TEST_CASE("dispatch copies each assignment's token row and combine sums them in 
     REQUIRE(buffer.back() == -1.0);
 
     const index_t ldy = d + 2;
-    std::vector<double> y(std::size_t(4 * ldy), -1.0);
+    std::vector<double> y(std::size_t(tokens * ldy), -1.0);
     moe::combine(moe::simd::default_arch{}, plan, buffer.data(), d, y.data(), ldy);
-    for (index_t t = 0; t < 4; ++t) {
+    for (index_t t = 0; t < tokens; ++t) {
       for (index_t i = 0; i < d; ++i) {
         double want = 0;  // the token's choices in rank order: weights[c] times its own x row
         for (index_t c = begin[std::size_t(t)]; c < begin[std::size_t(t) + 1]; ++c) want += weights[std::size_t(c)] * x[std::size_t(t * ldx + i)];

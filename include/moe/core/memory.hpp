@@ -1,5 +1,5 @@
 #pragma once
-// Huge pages for weight buffers.
+// Huge pages for weight buffers (and the workspace's buffers: core/workspace.hpp).
 //
 // An MoE layer streams hundreds of megabytes of expert weights, and on 4 KiB pages every 4 KiB of
 // a row panel needs its own TLB entry (a page walk). Linux gives anonymous memory 2 MiB pages where
