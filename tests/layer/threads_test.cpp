@@ -378,6 +378,38 @@ TEST_CASE("for_each_ahead runs every item once and tells each thread its next it
   }
 }
 
+TEST_CASE("parallel_for_balanced gives each thread a run of items of near-equal cost", "[threads][schedule]") {
+  // Items of uneven cost, as the tokens of an expert-choice plan: the first ones dear.
+  auto cost_of = [](std::ptrdiff_t i) -> std::ptrdiff_t { return i < 20 ? 9 : i % 3; };
+  for (const std::ptrdiff_t n : {0, 1, 2, 3, 17, 200}) {
+    CAPTURE(n);
+    std::vector<std::ptrdiff_t> before(std::size_t(n) + 1, 0);  // cost of items [0, i)
+    for (std::ptrdiff_t i = 0; i < n; ++i) before[std::size_t(i) + 1] = before[std::size_t(i)] + cost_of(i);
+    auto cost_before = [&](std::ptrdiff_t i) { return before[std::size_t(i)]; };
+    for (const bool parallel : {false, true}) {
+      CAPTURE(parallel);
+      omp_set_num_threads(2);
+      std::vector<std::vector<std::ptrdiff_t>> items(2);  // per thread, in the order run
+      moe::parallel_for_balanced(n, parallel, cost_before,
+                                 [&](std::ptrdiff_t i) { items[std::size_t(omp_get_thread_num())].push_back(i); });
+      // Every item once, thread 0 taking a leading run and thread 1 the rest, each in order.
+      std::vector<std::ptrdiff_t> all = items[0];
+      all.insert(all.end(), items[1].begin(), items[1].end());
+      std::vector<std::ptrdiff_t> expected(static_cast<std::size_t>(n));
+      for (std::ptrdiff_t i = 0; i < n; ++i) expected[std::size_t(i)] = i;
+      REQUIRE(all == expected);
+      if (!parallel || n < 2) {
+        REQUIRE(items[1].empty());
+        continue;
+      }
+      // The split lies where the running cost first reaches half the total.
+      const std::ptrdiff_t split = std::ptrdiff_t(items[0].size());
+      REQUIRE(2 * before[std::size_t(split)] >= before[std::size_t(n)]);
+      REQUIRE((split == 0 || 2 * before[std::size_t(split) - 1] < before[std::size_t(n)]));
+    }
+  }
+}
+
 TEST_CASE("Blocked products give the same bits on 1 and 2 threads across many panels", "[threads][determinism][simd]") {
   // k = 1024 floats: 48 weight rows per L2 panel, so n = 200 is 5 panels (the last partial), each
   // thread fetching the next panel it claimed while its later token blocks run; m covers one

@@ -65,6 +65,46 @@ void parallel_for(std::ptrdiff_t n, bool parallel, Body&& body) {
   for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
 }
 
+// body(i) for i in [0, n), split over the OpenMP threads when open_region(parallel) into one
+// contiguous range per thread, the ranges' costs as equal as whole items allow. cost_before(i) is
+// the cost of items [0, i): non-decreasing, cost_before(0) = 0. For items of uneven cost (the
+// tokens of an expert-choice plan, which have 0 to E assignments each), where parallel_for's
+// static schedule gives each thread an equal count of items. Else a plain loop.
+template <class CostBefore, class Body>
+void parallel_for_balanced(std::ptrdiff_t n, bool parallel, CostBefore&& cost_before, Body&& body) {
+#if defined(MOE_USE_OPENMP)
+  if (n > 1 && open_region(parallel)) {
+    const std::ptrdiff_t total = cost_before(n);
+#pragma omp parallel
+    {
+      const int parts = omp_get_num_threads(), part = omp_get_thread_num();
+      // The first item whose cost_before reaches the share of threads [0, p): a binary search.
+      auto boundary = [&](int p) {
+        if (p == parts) return n;
+        const std::ptrdiff_t target = total * p / parts;
+        std::ptrdiff_t lo = 0, hi = n;
+        while (lo < hi) {
+          const std::ptrdiff_t mid = lo + (hi - lo) / 2;
+          if (cost_before(mid) < target) {
+            lo = mid + 1;
+          } else {
+            hi = mid;
+          }
+        }
+        return lo;
+      };
+      const std::ptrdiff_t end = boundary(part + 1);
+      for (std::ptrdiff_t i = boundary(part); i < end; ++i) body(i);
+    }
+    return;
+  }
+#else
+  (void)parallel;
+  (void)cost_before;
+#endif
+  for (std::ptrdiff_t i = 0; i < n; ++i) body(i);
+}
+
 // body(i, next) for i in [0, n), where `next` is the item this thread runs after i (n if none),
 // so that body can fetch its data ahead. Split over the OpenMP threads when open_region(parallel):
 // each thread claims its next item before it starts the current one (a dynamic schedule, one item
