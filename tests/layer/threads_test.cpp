@@ -410,6 +410,53 @@ TEST_CASE("parallel_for_balanced gives each thread a run of items of near-equal 
   }
 }
 
+TEST_CASE("Dispatch and combine of an uneven plan give the same rows on 1 and 2 threads", "[threads][determinism]") {
+  // As under expert choice: the first 40 tokens have all 16 experts, the rest 0 to 2, so the
+  // threads' runs of tokens are far from equal counts.
+  const index_t Tn = 300, E = 16, d = 230;
+  std::vector<index_t> begin(std::size_t(Tn) + 1, 0), experts;
+  std::vector<float> weights;
+  for (index_t t = 0; t < Tn; ++t) {
+    const index_t count = t < 40 ? E : t % 3;
+    for (index_t j = 0; j < count; ++j) {
+      experts.push_back((t + j) % E);
+      weights.push_back(0.01f * float((t * 7 + j) % 13) - 0.05f);
+    }
+    begin[std::size_t(t) + 1] = static_cast<index_t>(experts.size());
+  }
+  moe::Routing<float> plan;
+  moe::build_routing(Tn, E, begin.data(), experts.data(), weights.data(), plan);
+  const index_t A = plan.num_assignments();
+  REQUIRE(A * d > 65536);  // large enough for dispatch and combine to open a parallel region
+  REQUIRE(Tn * d > 65536);
+  const moe::Matrix<float> x = random_matrix<float>(Tn, d, 3);
+
+  auto run = [&](int threads, std::vector<float>& buffer, moe::Matrix<float>& y) {
+    omp_set_num_threads(threads);
+    buffer.assign(std::size_t(A * d), -1.0f);
+    y = moe::Matrix<float>::Constant(Tn, d, -1.0f);
+    moe::dispatch(moe::simd::default_arch{}, plan, x.data(), d, d, buffer.data());
+    // Combine the dispatched rows as the experts' outputs: y row t = (Σ its weights) · x row t.
+    moe::combine(moe::simd::default_arch{}, plan, buffer.data(), d, y.data(), d);
+  };
+  std::vector<float> buffer1, buffer2;
+  moe::Matrix<float> y1, y2;
+  run(1, buffer1, y1);
+  run(2, buffer2, y2);
+  omp_set_num_threads(2);
+  REQUIRE(buffer1 == buffer2);
+  REQUIRE(y1 == y2);
+  for (index_t a = 0; a < A; ++a)
+    for (index_t i = 0; i < d; ++i) REQUIRE(buffer2[std::size_t(a * d + i)] == x(plan.token[std::size_t(a)], i));
+  for (index_t t = 0; t < Tn; ++t) {
+    for (index_t i = 0; i < d; ++i) {
+      double want = 0;
+      for (index_t c = begin[std::size_t(t)]; c < begin[std::size_t(t) + 1]; ++c) want += double(weights[std::size_t(c)]) * double(x(t, i));
+      REQUIRE(double(y2(t, i)) == Approx(want).margin(1e-5));
+    }
+  }
+}
+
 TEST_CASE("Blocked products give the same bits on 1 and 2 threads across many panels", "[threads][determinism][simd]") {
   // k = 1024 floats: 48 weight rows per L2 panel, so n = 200 is 5 panels (the last partial), each
   // thread fetching the next panel it claimed while its later token blocks run; m covers one
