@@ -67,9 +67,9 @@ void parallel_for(std::ptrdiff_t n, bool parallel, Body&& body) {
 
 // body(i) for i in [0, n), split over the OpenMP threads when open_region(parallel) into one
 // contiguous range per thread, the ranges' costs as equal as whole items allow. cost_before(i) is
-// the cost of items [0, i): non-decreasing, cost_before(0) = 0. For items of uneven cost (the
-// tokens of an expert-choice plan, which have 0 to E assignments each), where parallel_for's
-// static schedule gives each thread an equal count of items. Else a plain loop.
+// the cost of items [0, i): non-decreasing, cost_before(0) = 0. Meant for items of uneven cost
+// (the tokens of an expert-choice plan, which have 0 to E assignments each), which parallel_for's
+// static schedule would share out by count. Else a plain loop.
 template <class CostBefore, class Body>
 void parallel_for_balanced(std::ptrdiff_t n, bool parallel, CostBefore&& cost_before, Body&& body) {
 #if defined(MOE_USE_OPENMP)

@@ -19,8 +19,8 @@ MOE_NAMESPACE_BEGIN
 template <class Arch, class T>
 void dispatch(Arch arch, const Routing<T>& plan, const T* x, index_t ldx, index_t d, T* buffer) {
   const index_t T_ = plan.num_tokens;
-  // Threads take runs of tokens of equal cost (a row read and a row written per assignment): a
-  // token has k assignments under top-k, but 0 to E under expert choice.
+  // Threads take runs of tokens of equal cost (an x row read per token, a row written per
+  // assignment): a token has k assignments under top-k, but 0 to E under expert choice.
   auto cost_before = [&](index_t t) { return t + plan.token_begin[t]; };
   parallel_for_balanced(T_, plan.num_assignments() * d > 65536, cost_before, [&](index_t t) {
     const T* row = x + t * ldx;
