@@ -15,10 +15,9 @@ MOE_NAMESPACE_BEGIN
 template <class Arch, class T>
 void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, T* y, index_t ldy) {
   const index_t T_ = plan.num_tokens;
-  // Threads take runs of tokens of equal cost (a row read per assignment and one written per
-  // token), as in dispatch.
-  auto cost_before = [&](index_t t) { return t + plan.token_begin[t]; };
-  parallel_for_balanced(T_, T_ * d > 65536, cost_before, [&](index_t t) {
+  // Threads take runs of tokens that move equal numbers of rows, as in dispatch.
+  auto rows_before = [&](index_t t) { return plan.rows_moved_before(t); };
+  parallel_for_balanced(T_, T_ * d > 65536, rows_before, [&](index_t t) {
     const index_t first = plan.token_begin[t];
     simd::weighted_row_sum(arch, expert_out, static_cast<std::size_t>(d), plan.assignment.data() + first,
                            plan.weight.data(), static_cast<std::size_t>(plan.token_begin[t + 1] - first), y + t * ldy,

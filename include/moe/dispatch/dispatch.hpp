@@ -19,10 +19,10 @@ MOE_NAMESPACE_BEGIN
 template <class Arch, class T>
 void dispatch(Arch arch, const Routing<T>& plan, const T* x, index_t ldx, index_t d, T* buffer) {
   const index_t T_ = plan.num_tokens;
-  // Threads take runs of tokens of equal cost (an x row read per token, a row written per
-  // assignment): a token has k assignments under top-k, but 0 to E under expert choice.
-  auto cost_before = [&](index_t t) { return t + plan.token_begin[t]; };
-  parallel_for_balanced(T_, plan.num_assignments() * d > 65536, cost_before, [&](index_t t) {
+  // Threads take runs of tokens that move equal numbers of rows: a token has k assignments under
+  // top-k, but 0 to E under expert choice.
+  auto rows_before = [&](index_t t) { return plan.rows_moved_before(t); };
+  parallel_for_balanced(T_, plan.num_assignments() * d > 65536, rows_before, [&](index_t t) {
     const T* row = x + t * ldx;
     for (index_t c = plan.token_begin[t]; c < plan.token_begin[t + 1]; ++c)
       simd::copy_row(arch, row, buffer + plan.assignment[c] * d, static_cast<std::size_t>(d));

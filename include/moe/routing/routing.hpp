@@ -34,6 +34,9 @@ struct Routing {
   index_t num_assignments() const noexcept { return static_cast<index_t>(token.size()); }
   index_t tokens_of(index_t expert) const noexcept { return expert_begin[expert + 1] - expert_begin[expert]; }
   index_t experts_of(index_t tok) const noexcept { return token_begin[tok + 1] - token_begin[tok]; }
+  // Rows dispatch or combine moves for tokens [0, tok): one per token (its x row read, or its y row
+  // written) and one per assignment. Threads share those kernels' tokens out by it.
+  index_t rows_moved_before(index_t tok) const noexcept { return tok + token_begin[tok]; }
 
   // The expert that owns expert-grouped assignment `a` (binary search over expert_begin).
   index_t expert_of_assignment(index_t a) const noexcept {
