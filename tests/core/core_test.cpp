@@ -162,6 +162,19 @@ TEST_CASE("dispatch copies each assignment's token row and combine sums them in 
       }
       for (index_t i = d; i < ldy; ++i) REQUIRE(y[std::size_t(t * ldy + i)] == -1.0);  // the stride's gap untouched
     }
+
+    // With init rows (d apart), each y row sums from its init row; token 1 gets init's row.
+    std::vector<double> init(std::size_t(tokens * d));
+    for (std::size_t i = 0; i < init.size(); ++i) init[i] = 3.0 - 0.5 * double(i);
+    moe::combine(moe::simd::default_arch{}, plan, buffer.data(), d, y.data(), ldy, init.data());
+    for (index_t t = 0; t < tokens; ++t) {
+      for (index_t i = 0; i < d; ++i) {
+        double want = init[std::size_t(t * d + i)];
+        for (index_t c = begin[std::size_t(t)]; c < begin[std::size_t(t) + 1]; ++c) want += weights[std::size_t(c)] * x[std::size_t(t * ldx + i)];
+        REQUIRE(y[std::size_t(t * ldy + i)] == Approx(want).epsilon(1e-15).margin(1e-15));
+      }
+      for (index_t i = d; i < ldy; ++i) REQUIRE(y[std::size_t(t * ldy + i)] == -1.0);
+    }
   }
 }
 

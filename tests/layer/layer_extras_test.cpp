@@ -86,8 +86,15 @@ TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "
                            gated ? moe::Weight<double>::own(shared_gate) : moe::Weight<double>());
   const moe::Matrix<double> x = random_matrix<double>(23, m.d, 8);
   moe::Workspace<double> ws;
-  moe::Matrix<double> y = x;
-  layer.forward(y, y, ws);  // in place: shared experts must read x before combine writes y
+  // In place: shared experts must read x before combine writes y. Contiguous rows, which the
+  // shared experts read where they are, or rows d + 5 apart, which they read from a copy.
+  const index_t row_gap = GENERATE(index_t(0), index_t(5));
+  moe::Matrix<double> rows = moe::Matrix<double>::Constant(x.rows(), m.d + row_gap, -3.0);
+  rows.leftCols(m.d) = x;
+  moe::MatrixRef<double> y = rows.leftCols(m.d);
+  REQUIRE(y.outerStride() == m.d + row_gap);
+  layer.forward(y, y, ws);
+  if (row_gap > 0) REQUIRE((rows.rightCols(row_gap).array() == -3.0).all());  // the gap untouched
   const Mat xd = to_double(x);
   for (index_t t = 0; t < x.rows(); ++t) {
     const std::vector<double> p = softmax(linear(to_double(gate), xd[std::size_t(t)]));

@@ -664,8 +664,9 @@ TEMPLATE_TEST_CASE("simd::weighted_row_sum sums weighted rows", "[simd][rows]", 
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
   const std::size_t count = GENERATE(as<std::size_t>{}, 0, 1, 2, 5, 7);
-  CAPTURE(n, offset, count);
-  auto rng = make_rng(n, offset, 40 + count);
+  const bool with_init = GENERATE(false, true);
+  CAPTURE(n, offset, count, with_init);
+  auto rng = make_rng(n, offset, 40 + count + (with_init ? 10 : 0));
 
   constexpr std::size_t kSrcRows = 6;
   const std::size_t stride = n + 1;
@@ -674,15 +675,19 @@ TEMPLATE_TEST_CASE("simd::weighted_row_sum sums weighted rows", "[simd][rows]", 
   std::vector<T> row_weight(kSrcRows);  // indexed by source row
   fill_uniform(row_weight.data(), kSrcRows, -1.0, 1.0, rng);
   const index_t rows[] = {4, 1, 1, 5, 0, 2, 3};
+  Guarded<T> init = input<T>(n, offset);
+  fill_uniform(init.data(), n, -2.0, 2.0, rng);
   Guarded<T> out = output<T>(n, offset);
-  moe::simd::weighted_row_sum(Arch{}, src.data(), stride, rows, row_weight.data(), count, out.data(), n);
+  moe::simd::weighted_row_sum(Arch{}, src.data(), stride, rows, row_weight.data(), count, out.data(), n,
+                              with_init ? init.data() : nullptr);
 
-  // count fused multiply-adds in sequence: each rounds the running sum once, so the error is at
-  // most count·eps times the sum of |terms| (count == 0 must give exact zeros).
+  // count fused multiply-adds in sequence from init (or 0): each rounds the running sum once, so
+  // the error is at most count·eps times the sum of |terms| and |init| (count == 0 must give init,
+  // or zeros, exactly).
   for (std::size_t i = 0; i < n; ++i) {
     CAPTURE(i);
-    double ref = 0;
-    double abs_terms = 0;
+    double ref = with_init ? dbl(init[i]) : 0.0;
+    double abs_terms = std::abs(ref);
     for (std::size_t j = 0; j < count; ++j) {
       const std::size_t r = static_cast<std::size_t>(rows[j]);
       const double term = dbl(row_weight[r]) * dbl(src[r * stride + i]);
@@ -690,7 +695,7 @@ TEMPLATE_TEST_CASE("simd::weighted_row_sum sums weighted rows", "[simd][rows]", 
       abs_terms += std::abs(term);
     }
     CHECK(std::abs(dbl(out[i]) - ref) <= static_cast<double>(count) * eps<T>() * abs_terms);
-    if (count == 0) CHECK(out[i] == T(0));
+    if (count == 0) CHECK(out[i] == (with_init ? init[i] : T(0)));
   }
   CHECK(out.guards_intact());
 }
@@ -726,6 +731,13 @@ TEMPLATE_TEST_CASE("simd::weighted_row_sum sums in the given order", "[simd][row
     for (std::size_t i = 0; i < n; ++i) CHECK(out[i] == expected[o]);
     CHECK(out.guards_intact());
   }
+  // init comes first: 1 + big rounds to big, and - big gives 0; added last it would give 1.
+  std::vector<T> ones(n, T(1));
+  const index_t big_minus_big[] = {0, 2};
+  Guarded<T> out = output<T>(n, offset);
+  moe::simd::weighted_row_sum(Arch{}, src.data(), stride, big_minus_big, weight, 2, out.data(), n, ones.data());
+  for (std::size_t i = 0; i < n; ++i) CHECK(out[i] == T(0));
+  CHECK(out.guards_intact());
 }
 
 // ---- matmul.hpp ----------------------------------------------------------------------------------

@@ -10,10 +10,12 @@
 
 MOE_NAMESPACE_BEGIN
 
-// y [T, d] (rows `ldy` apart) from expert_out [A, d] in the plan's expert-grouped order.
-// Tokens with no assignment get zeros.
+// y [T, d] (rows `ldy` apart) from expert_out [A, d] in the plan's expert-grouped order. With
+// `init` [T, d] (rows d apart; MoELayer's shared experts and dropped tokens), y row t sums from
+// init row t instead of zeros: y is written once, not summed and then added to. Tokens with no
+// assignment get init's row, or zeros.
 template <class Arch, class T>
-void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, T* y, index_t ldy) {
+void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, T* y, index_t ldy, const T* init = nullptr) {
   const index_t T_ = plan.num_tokens;
   // Threads take runs of tokens that move equal numbers of rows, as in dispatch.
   auto rows_before = [&](index_t t) { return plan.rows_moved_before(t); };
@@ -21,7 +23,7 @@ void combine(Arch arch, const Routing<T>& plan, const T* expert_out, index_t d, 
     const index_t first = plan.token_begin[t];
     simd::weighted_row_sum(arch, expert_out, static_cast<std::size_t>(d), plan.assignment.data() + first,
                            plan.weight.data(), static_cast<std::size_t>(plan.token_begin[t + 1] - first), y + t * ldy,
-                           static_cast<std::size_t>(d));
+                           static_cast<std::size_t>(d), init != nullptr ? init + t * d : nullptr);
   });
 }
 

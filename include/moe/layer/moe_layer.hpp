@@ -346,12 +346,7 @@ class MoELayer {
       for (const Expert& s : shared_) scratch_needed = std::max(scratch_needed, s.scratch_size(x.rows()));
       extra = add_shared_and_dropped(arch, x, ws, ws.scratch.ensure(scratch_needed), train);
     }
-    combine(arch, plan, expert_out, d, y.data(), y.outerStride());
-    if (extra != nullptr) {
-      for (index_t t = 0; t < x.rows(); ++t) {
-        simd::axpy(arch, T(1), extra + t * d, y.data() + t * y.outerStride(), static_cast<std::size_t>(d));
-      }
-    }
+    combine(arch, plan, expert_out, d, y.data(), y.outerStride(), extra);  // y = extra + routed, written once
   }
 
 
@@ -422,9 +417,13 @@ class MoELayer {
   T* add_shared_and_dropped(Arch arch, const ConstMatrixRef<T>& x, Workspace<T>& ws, T* scratch, TrainingWorkspace<T>* train) const {
     const index_t T_ = x.rows(), d = d_model();
     T* extra = ws.extra.ensure(T_ * d);
-    T* x_rows = ws.shared_in.ensure(T_ * d);     // contiguous copy of x
     T* shared_out = ws.shared_out.ensure(T_ * d);
-    for (index_t t = 0; t < T_; ++t) simd::copy_row(arch, x.data() + t * x.outerStride(), x_rows + t * d, static_cast<std::size_t>(d));
+    const T* x_rows = x.data();  // x with rows d apart: x itself, or a copy
+    if (x.outerStride() != d) {
+      T* copy = ws.shared_in.ensure(T_ * d);
+      for (index_t t = 0; t < T_; ++t) simd::copy_row(arch, x.data() + t * x.outerStride(), copy + t * d, static_cast<std::size_t>(d));
+      x_rows = copy;
+    }
     std::fill(extra, extra + T_ * d, T(0));
     if (!shared_.empty()) {
       T* gate = ws.shared_gate.ensure(T_);

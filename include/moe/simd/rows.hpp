@@ -52,12 +52,13 @@ void axpy(Arch, T w, const T* x, T* y, std::size_t n) noexcept {
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
-// out[0, n) = sum over j in [0, count) of row_weight[rows[j]] * src row rows[j], summed in j
-// order and written once (each output chunk is accumulated in registers). count == 0 gives zeros.
-// The fixed order makes the result independent of threads and of where the rows came from.
+// out[0, n) = init[0, n) + sum over j in [0, count) of row_weight[rows[j]] * src row rows[j],
+// summed from init (zeros when init is null) in j order and written once (each output chunk is
+// accumulated in registers). The fixed order makes the result independent of threads and of where
+// the rows came from. out may be init, but no source row.
 template <class Arch, class T>
 void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t* rows, const T* row_weight,
-                      std::size_t count, T* out, std::size_t n) noexcept {
+                      std::size_t count, T* out, std::size_t n, const T* init = nullptr) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   // The rows' addresses and weights, looked up once rather than per vector (up to kMaxRows rows;
@@ -73,11 +74,12 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
   }
   auto row_at = [&](std::size_t j) { return j < kMaxRows ? row[j] : src + static_cast<std::size_t>(rows[j]) * src_stride; };
   auto weight_at = [&](std::size_t j) { return j < kMaxRows ? weight[j] : row_weight[rows[j]]; };
+  auto start = [&](std::size_t i) { return init != nullptr ? B::load_unaligned(init + i) : B(T(0)); };
   std::size_t i = 0;
   // Four vectors at a time: four independent FMA chains instead of one (the chain's latency, not
-  // memory, bounded the one-vector loop). Each element still sums its rows in order from zero.
+  // memory, bounded the one-vector loop). Each element still sums its rows in order from init.
   for (; i + 4 * L <= n; i += 4 * L) {
-    B a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    B a0 = start(i), a1 = start(i + L), a2 = start(i + 2 * L), a3 = start(i + 3 * L);
     for (std::size_t j = 0; j < count; ++j) {
       const B w(weight_at(j));
       const T* p = row_at(j) + i;
@@ -92,12 +94,12 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
     a3.store_unaligned(out + i + 3 * L);
   }
   for (; i + L <= n; i += L) {
-    B acc(T(0));
+    B acc = start(i);
     for (std::size_t j = 0; j < count; ++j) acc = xsimd::fma(B(weight_at(j)), B::load_unaligned(row_at(j) + i), acc);
     acc.store_unaligned(out + i);
   }
   for (; i < n; ++i) {
-    T acc(0);
+    T acc = init != nullptr ? init[i] : T(0);
     for (std::size_t j = 0; j < count; ++j) acc = std::fma(weight_at(j), row_at(j)[i], acc);
     out[i] = acc;
   }
