@@ -424,8 +424,9 @@ class MoELayer {
       for (index_t t = 0; t < T_; ++t) simd::copy_row(arch, x.data() + t * x.outerStride(), copy + t * d, static_cast<std::size_t>(d));
       x_rows = copy;
     }
-    std::fill(extra, extra + T_ * d, T(0));
-    if (!shared_.empty()) {
+    if (shared_.empty()) {
+      std::fill(extra, extra + T_ * d, T(0));
+    } else {
       T* gate = ws.shared_gate.ensure(T_);
       if (shared_gate_.rows() == 1) {
         simd::matmul_nt(arch, x_rows, static_cast<std::size_t>(T_), static_cast<std::size_t>(d), shared_gate_.data(), 1, gate, 1);
@@ -442,14 +443,21 @@ class MoELayer {
         saved = train->shared_saved.ensure(saved_needed);
         shared_out = train->shared_outputs.ensure(static_cast<index_t>(shared_.size()) * T_ * d);
       }
-      for (const Expert& s : shared_) {
+      for (std::size_t i = 0; i < shared_.size(); ++i) {
+        const Expert& s = shared_[i];
         if (train != nullptr) {
           s.forward_saving(arch, x_rows, T_, shared_out, saved, scratch);
           saved += s.saved_size(T_);
         } else {
           s.forward(arch, x_rows, T_, shared_out, scratch);
         }
-        for (index_t t = 0; t < T_; ++t) simd::axpy(arch, gate[t], shared_out + t * d, extra + t * d, static_cast<std::size_t>(d));
+        // extra row t (+)= gate[t] · output row t; the first expert's pass writes it from zero.
+        // The rows are independent: threads take runs of tokens.
+        parallel_for(T_, T_ * d > 65536, [&](index_t t) {
+          T* row = extra + t * d;
+          simd::weighted_row_sum(arch, shared_out, static_cast<std::size_t>(d), &t, gate, 1, row, static_cast<std::size_t>(d),
+                                 i == 0 ? nullptr : row);
+        });
         if (train != nullptr) shared_out += T_ * d;  // keep each shared expert's output
       }
     }
