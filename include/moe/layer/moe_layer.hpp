@@ -205,11 +205,12 @@ class MoELayer {
     const T* expert_out = ws.expert_out.data();
     Matrix<T> d_out(A, d), d_in(A, d);  // [A, d] gradients of expert outputs and inputs
     Vector<T> grad_weight(A);           // [A] ∂L/∂(routing weight)
-    for (index_t a = 0; a < A; ++a) {
+    // Row by row, the same code for every row whichever thread takes it: the bits do not depend on the threads.
+    parallel_for(A, A * d > 65536, [&](index_t a) {
       const index_t t = plan.token[a];
       grad_weight[a] = dy.row(t).dot(ConstMatrixMap<T>(expert_out + a * d, 1, d).row(0));
       d_out.row(a) = plan.weight[a] * dy.row(t);
-    }
+    });
     SharedGrads shared;
     if (!shared_.empty()) {
       const index_t T_ = x.rows();
@@ -219,8 +220,13 @@ class MoELayer {
       shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
     }
     experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads, accumulate);
+    // dx row t = Σ of its assignments' input gradients, in rank order.
+    parallel_for(x.rows(), A * d > 65536, [&](index_t t) {
+      dx.row(t).setZero();
+      for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
+    });
     // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, d_in, grad_weight, shared, arch); });
+    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, grad_weight, shared, arch); });
   }
 
   // The shared experts' part of backward: their common inputs, and each one's dx, added to the
@@ -289,18 +295,14 @@ class MoELayer {
     });
   }
 
-  // backward's last part: dx from the experts' input gradients, dropped tokens, the router and the
-  // shared experts.
+  // backward's last part: adds to dx (the experts' input gradients) the dropped tokens', the
+  // router's and the shared experts' parts.
   template <class Arch>
   void combine_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
-                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const Matrix<T>& d_in, const Vector<T>& grad_weight,
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const Vector<T>& grad_weight,
                         const SharedGrads& shared, Arch arch) const {
     const index_t T_ = x.rows();
     const Routing<T>& plan = ws.routing.plan;
-    dx.setZero();
-    for (index_t t = 0; t < T_; ++t)
-      for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
-
     Vector<T> grad_lost;  // [T] ∂L/∂(lost weight), pass-through only
     if (dropped_tokens_ == DroppedTokens::pass_through) {
       grad_lost = Vector<T>::Zero(T_);
