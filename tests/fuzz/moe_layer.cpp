@@ -8,9 +8,9 @@
 // options, shapes, groups, ids); moe::numeric_error only with check_finite on and values that are
 // not moderate; the plan's structure; y against a per-token reference built from the plan (each
 // expert run on the token's row alone, shared experts, pass-through) computed in double; y finite
-// for moderate values; y bit-identical when y aliases x, with a warm workspace, and from
-// forward_train; backward's dx and gradients finite for moderate values, and backward refusing a
-// workspace from another batch.
+// for moderate values; y bit-identical when y aliases x, with a warm workspace, with x and y
+// rows not contiguous, and from forward_train; backward's dx and gradients finite for moderate
+// values, and backward refusing a workspace from another batch.
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
@@ -180,6 +180,13 @@ void exercise(FuzzedDataProvider& fdp, Case& c, std::optional<Router>& router, b
   moe::Matrix<T> inout = c.x;
   layer->forward(inout, ctx, inout, ws);
   MOE_FUZZ_CHECK(same_bits(inout, y));
+  // So do x and y rows that are not contiguous (the shared experts then read a copy of x), in place.
+  moe::Matrix<T> wide = moe::Matrix<T>::Constant(c.T_, c.d + 3, T(-7));
+  wide.leftCols(c.d) = c.x;
+  moe::MatrixRef<T> strided = wide.leftCols(c.d);
+  layer->forward(strided, ctx, strided, ws);
+  MOE_FUZZ_CHECK(same_bits(moe::Matrix<T>(strided), y));
+  MOE_FUZZ_CHECK((wide.rightCols(3).array() == T(-7)).all());
 
   if constexpr (std::is_same<Router, moe::TopKRouter<T>>::value) {
     moe::TrainingWorkspace<T> tws;
