@@ -220,8 +220,10 @@ class MoELayer {
       shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
     }
     experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads, accumulate);
-    // dx row t = Σ of its assignments' input gradients, in rank order.
-    parallel_for(x.rows(), A * d > 65536, [&](index_t t) {
+    // dx row t = Σ of its assignments' input gradients, in rank order: combine's work, so split as
+    // combine splits it (a token has 0 to E assignments under expert choice).
+    auto rows_before = [&](index_t t) { return plan.rows_moved_before(t); };
+    parallel_for_balanced(x.rows(), A * d > 65536, rows_before, [&](index_t t) {
       dx.row(t).setZero();
       for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
     });
