@@ -112,6 +112,29 @@ TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "
     }
     for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).margin(1e-12));
   }
+  // backward on the same strided x (the shared experts then read a copy) gives the bits of
+  // contiguous x (which they read in place); their gradients' values: tests/layer/backward_test.cpp.
+  const moe::Matrix<double> dy = random_matrix<double>(x.rows(), m.d, 11);
+  auto train = [&](const moe::ConstMatrixRef<double>& input, moe::Matrix<double>& dx) {
+    moe::TrainingWorkspace<double> tws;
+    moe::Matrix<double> out(x.rows(), m.d);
+    layer.forward_train(input, moe::RouteContext{}, out, tws);
+    auto grads = layer.make_gradients();
+    layer.backward(input, dy, dx, grads, tws);
+    return grads;
+  };
+  moe::Matrix<double> dx_contiguous(x.rows(), m.d), dx_strided(x.rows(), m.d);
+  const auto g_contiguous = train(x, dx_contiguous);
+  rows.leftCols(m.d) = x;
+  const auto g_strided = train(rows.leftCols(m.d), dx_strided);
+  REQUIRE(dx_strided == dx_contiguous);
+  REQUIRE(g_strided.shared_gate == g_contiguous.shared_gate);
+  for (std::size_t s = 0; s < 2; ++s) {
+    std::vector<moe::Matrix<double>> strided, contiguous;
+    g_strided.shared[s].for_each([&](const moe::Matrix<double>& w) { strided.push_back(w); });
+    g_contiguous.shared[s].for_each([&](const moe::Matrix<double>& w) { contiguous.push_back(w); });
+    REQUIRE(strided == contiguous);
+  }
   REQUIRE_THROWS_WITH(layer.set_shared_experts({m.expert(0)}, moe::Weight<double>::own(random_matrix<double>(2, m.d, 1))),
                       Catch::Contains("gate.rows() = 2"));
 }

@@ -215,7 +215,8 @@ class MoELayer {
     if (!shared_.empty()) {
       const index_t T_ = x.rows();
       const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // sigmoid(x · w_gateᵀ) or 1, from forward_train
-      shared.x_rows = x;
+      shared.x_rows = x.data();
+      if (x.outerStride() != d) shared.x_copy = x, shared.x_rows = shared.x_copy.data();
       shared.d_out = gate.asDiagonal() * dy;
       shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
     }
@@ -234,7 +235,8 @@ class MoELayer {
   // The shared experts' part of backward: their common inputs, and each one's dx, added to the
   // layer's dx in order once every expert is done.
   struct SharedGrads {
-    Matrix<T> x_rows;  // [T, d] x, contiguous
+    const T* x_rows = nullptr;  // [T, d] x with rows d apart: x itself, or x_copy
+    Matrix<T> x_copy;
     Matrix<T> d_out;   // [T, d] gate ⊙ dy: every shared expert's output gradient
     Matrix<T> dx;      // [S·T, d] shared expert s's input gradient in rows [s·T, (s + 1)·T)
   };
@@ -280,7 +282,7 @@ class MoELayer {
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);
         if (!accumulate) grads.shared[s].for_each([](auto& w) { w.setZero(); });
-        shared_[s].backward(shared.x_rows.data(), T_, shared.d_out.data(), saved_at[std::size_t(num_ffn) + s],
+        shared_[s].backward(shared.x_rows, T_, shared.d_out.data(), saved_at[std::size_t(num_ffn) + s],
                             shared.dx.data() + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch);
         return;
       }
@@ -491,7 +493,7 @@ class MoELayer {
     }
     if (gated) {
       const Vector<T> dz = d_gate.cwiseProduct(gate).cwiseProduct((Vector<T>::Ones(T_) - gate));  // [T]
-      grads.shared_gate.noalias() += dz.transpose() * shared.x_rows;
+      grads.shared_gate.noalias() += dz.transpose() * ConstMatrixMap<T>(shared.x_rows, T_, d);
       dx.noalias() += dz * shared_gate_.map();
     }
   }
