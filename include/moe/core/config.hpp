@@ -33,6 +33,17 @@
 #define MOE_THIRD_PARTY_END
 #endif
 
+// Unrolls a loop over a register block's tokens or rows (a compile-time count) whole, so that
+// its accumulators stay in registers. GCC does so unasked only from -O3: at -O2 (CMake's
+// RelWithDebInfo) the layer ran 1.6–4.7× slower without this.
+#if defined(__clang__)
+#define MOE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MOE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MOE_UNROLL
+#endif
+
 // Keeps a rarely taken path out of its caller's body (a hot loop's epilogue stays short).
 #if defined(__GNUC__)
 #define MOE_NOINLINE __attribute__((noinline))

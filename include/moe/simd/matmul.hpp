@@ -175,11 +175,11 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
   const T* xp[MB];
   const T* wp[NB];
   const T* np[NB];
-  for (std::size_t j = 0; j < MB; ++j) xp[j] = x[j];
-  for (std::size_t r = 0; r < NB; ++r) wp[r] = w[r], np[r] = next[r];
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) xp[j] = x[j];
+  MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) wp[r] = w[r], np[r] = next[r];
   B acc[MB][NB];
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t r = 0; r < NB; ++r) acc[j][r] = k0 == 0 ? B(T(0)) : carry[j * NB + r];
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+    MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) acc[j][r] = k0 == 0 ? B(T(0)) : carry[j * NB + r];
   const char* ahead_at = ahead.at[0];
   const char* const ahead_end = ahead.end[0];
   std::size_t i = k0;
@@ -187,7 +187,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
     B wv[NB];
     constexpr std::size_t kLine = PanelPrefetch::kLineBytes / sizeof(T);
     if (FirstPass && MB > 1 && i % kLine == 0)
-      for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
+      MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
     if (!FirstPass)
       for (std::size_t q = 0; q < PanelPrefetch::kLinesPerStep && ahead_at < ahead_end; ++q)
         prefetch(ahead_at), ahead_at += PanelPrefetch::kLineBytes;
@@ -195,25 +195,25 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
     // every FMA that uses it, and the rows streamed from memory ~30% slower (4 tokens, 14.7 MB of
     // rows: 0.87 → 0.63 ms); with 5–8 tokens, keeping them spilled (5 × 4 from L2: 150 → 106
     // GFLOP/s). A packed block keeps its two (folded, each would be loaded MB times).
-    for (std::size_t r = 0; r < NB; ++r) {
+    MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) {
       wv[r] = B::load_unaligned(wp[r] + i);
       if (MB > 1 && (MB <= 4 || kPacked)) keep_in_register(wv[r]);
     }
-    for (std::size_t j = 0; j < MB; ++j) {
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       B xv = kPacked ? B::load_aligned(packed + j * L) : B::load_unaligned(xp[j] + i);
       if (NB > 1) keep_in_register(xv);
-      for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
+      MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
     }
     if (kPacked) packed += MB * L;
   }
   if (!FirstPass) ahead.advance(ahead_at);
   if (k1 < k) {
-    for (std::size_t j = 0; j < MB; ++j)
-      for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+      MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
     return;
   }
-  for (std::size_t j = 0; j < MB; ++j) {
-    for (std::size_t r = 0; r < NB; ++r) {
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
+    MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) {
       out[j * ldo + r] = add_tail(reduce_add(acc[j][r]), xp[j], wp[r], i, k);
     }
   }
@@ -226,7 +226,7 @@ void pack_tokens(Arch, const T* const* x, std::size_t k0, std::size_t k1, T* pac
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   for (std::size_t i = k0; i + L <= k1; i += L)
-    for (std::size_t j = 0; j < MB; ++j, packed += L) B::load_unaligned(x[j] + i).store_aligned(packed);
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j, packed += L) B::load_unaligned(x[j] + i).store_aligned(packed);
 }
 
 // Runs MB token rows against `units` units of U weight rows (U = 1: single rows; U = 2: a gate
@@ -249,8 +249,10 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   const std::size_t chunk = chunked ? kChunk : k;
   B carry[MB * kMaxChunkedRows];  // parked accumulators: unit u's at MB · U · u
   // A packed block's x, one chunk at a time: one_block admits it only where unchunked rows fit.
-  alignas(64) T packed[kPacked ? kPackedXBytes / sizeof(T) : 1];
+  alignas(64) T packed_x[kPacked ? kPackedXBytes / sizeof(T) : 1];
   if (kPacked && MB * chunk * sizeof(T) > kPackedXBytes) std::abort();  // (unreachable: see one_block)
+  // (null when unpacked: the blocks do not read it, and g++ -O1 -Wall would call it uninitialized)
+  T* const packed = kPacked ? packed_x : nullptr;
   T out[MB * NB];
   const T* wr[NB];
   const T* wn[NB];
@@ -282,7 +284,7 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
         dot_block<false, MB, NB>(arch, xr, wr, wn, k0, k1, k, parked, out, NB, ahead, packed);
       }
       if (k1 == k) store(u, per_block, out);
-      for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
+      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) wr[q] = wn[q];
     }
     for (; u < units; ++u) {
       rows(u, wr);
@@ -390,8 +392,8 @@ constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
 template <std::size_t MB, std::size_t NB, class T>
 MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t i, std::size_t k, T* out,
                                    std::size_t ldo) noexcept {
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t q = 0; q < NB; ++q) out[j * ldo + q] = add_tail(out[j * ldo + q], x + j * ldx, rows + q * k, i, k);
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+    MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) out[j * ldo + q] = add_tail(out[j * ldo + q], x + j * ldx, rows + q * k, i, k);
 }
 
 // out[j * ldo + r] = dot(x row j, w row r) for j < MB and rows r in [r0, r1) (a multiple of NB
@@ -408,25 +410,25 @@ void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k,
     const T* rows = w + r * k;
     const T* next = r + 2 * NB <= r1 ? rows + NB * k : rows;
     B acc[MB][NB];
-    for (std::size_t j = 0; j < MB; ++j)
-      for (std::size_t q = 0; q < NB; ++q) acc[j][q] = B(T(0));
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) acc[j][q] = B(T(0));
     std::size_t c = 0;
     for (; c + L <= k; c += L) {
       if (NB < kMaxBlockRows && c % kLine == 0)
-        for (std::size_t q = 0; q < NB; ++q) prefetch(next + q * k + c);
+        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) prefetch(next + q * k + c);
       B wv[NB];
-      for (std::size_t q = 0; q < NB; ++q) {
+      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) {
         wv[q] = B::load_unaligned(rows + q * k + c);
         if (MB > 1 && MB <= 4) keep_in_register(wv[q]);  // (see dot_block)
       }
-      for (std::size_t j = 0; j < MB; ++j) {
+      MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
         B xv = B::load_unaligned(x + j * ldx + c);
         if (NB > 1) keep_in_register(xv);
-        for (std::size_t q = 0; q < NB; ++q) acc[j][q] = xsimd::fma(xv, wv[q], acc[j][q]);
+        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) acc[j][q] = xsimd::fma(xv, wv[q], acc[j][q]);
       }
     }
-    for (std::size_t j = 0; j < MB; ++j)
-      for (std::size_t q = 0; q < NB; ++q) out[j * ldo + r + q] = reduce_add(acc[j][q]);
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) out[j * ldo + r + q] = reduce_add(acc[j][q]);
     if (c < k) add_stream_tails<MB, NB>(x, ldx, rows, c, k, out + r, ldo);
   }
 }

@@ -42,18 +42,18 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   B acc[MB][NV];
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t v = 0; v < NV; ++v) acc[j][v] = from_zero ? B(T(0)) : B::load_unaligned(y + j * ldy + v * L);
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+    MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = from_zero ? B(T(0)) : B::load_unaligned(y + j * ldy + v * L);
   for (std::size_t i = i0; i < i1; ++i) {
     B wv[NV];
-    for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
-    for (std::size_t j = 0; j < MB; ++j) {
+    MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       const B xv(x[j * ldx + i]);
-      for (std::size_t v = 0; v < NV; ++v) acc[j][v] = xsimd::fma(xv, wv[v], acc[j][v]);
+      MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = xsimd::fma(xv, wv[v], acc[j][v]);
     }
   }
-  for (std::size_t j = 0; j < MB; ++j)
-    for (std::size_t v = 0; v < NV; ++v) acc[j][v].store_unaligned(y + j * ldy + v * L);
+  MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+    MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v].store_unaligned(y + j * ldy + v * L);
 }
 
 // The columns [c0, c0 + width) of the MB token rows, width < NV·L: whole vectors, then single
@@ -65,7 +65,7 @@ void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t l
   std::size_t c = 0;
   for (; c + L <= width; c += L) nn_block<MB, 1>(arch, x, ldx, w + c, ldw, i0, i1, y + c, ldy, from_zero);
   for (; c < width; ++c) {
-    for (std::size_t j = 0; j < MB; ++j) {
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       T sum = from_zero ? T(0) : y[j * ldy + c];
       for (std::size_t i = i0; i < i1; ++i) sum = std::fma(x[j * ldx + i], w[i * ldw + c], sum);
       y[j * ldy + c] = sum;
