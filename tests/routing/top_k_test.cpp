@@ -168,6 +168,39 @@ TEST_CASE("TopKRouter breaks ties toward the lower expert index", "[routing][top
   }
 }
 
+TEMPLATE_TEST_CASE("TopKRouter breaks ties below the row maximum toward the lower index, the tail included",
+                   "[routing][top_k]", float, double) {
+  // Expert E - 1 (in the scores' SIMD tail) copies expert 0's weight row (in the SIMD body): equal
+  // logits, which are rarely the row's maximum, must give bit-equal scores and weights.
+  using T = TestType;
+  const index_t E = index_t(moe::simd::lanes<T, moe::simd::default_arch>()) + 1, d = 6, Tn = 400;
+  moe::Matrix<T> W = random_matrix<T>(E, d, 7);
+  W.row(E - 1) = W.row(0);
+  const moe::Matrix<T> x = random_matrix<T>(Tn, d, 8, 3.0);
+  const auto score = GENERATE(moe::ScoreFunction::softmax, moe::ScoreFunction::sigmoid);
+  moe::TopKOptions o;
+  o.k = 2;
+  o.score = score;
+  moe::TopKRouter<T> router(W, o);
+  moe::RouterOutput<T> out;
+  router.route(x, out);
+  const auto& p = out.plan;
+  index_t ties_chosen = 0;
+  for (index_t t = 0; t < Tn; ++t) {
+    CAPTURE(int(score), t);
+    REQUIRE(out.scores()(t, E - 1) == out.scores()(t, 0));
+    T weight_first = -1, weight_last = -1;
+    for (index_t j = p.token_begin[t]; j < p.token_begin[t + 1]; ++j) {
+      const index_t a = p.assignment[std::size_t(j)], e = p.expert_of_assignment(a);
+      if (e == 0) weight_first = p.weight[std::size_t(a)];
+      if (e == E - 1) weight_last = p.weight[std::size_t(a)];
+    }
+    if (weight_last >= 0) REQUIRE(weight_first == weight_last);  // E - 1 only with 0, at the same weight
+    ties_chosen += weight_first >= 0 && weight_last < 0;
+  }
+  REQUIRE(ties_chosen > 0);  // the tie was decided (by index) in some rows
+}
+
 TEST_CASE("Selection bias changes the choice, never the weights", "[routing][top_k]") {
   const index_t E = 4, d = 5;
   const moe::Matrix<double> W = random_matrix<double>(E, d, 3);

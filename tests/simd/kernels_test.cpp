@@ -367,6 +367,32 @@ TEMPLATE_TEST_CASE("simd::softmax of equal logits is uniform", "[simd][softmax]"
   for (std::size_t i = 0; i < n; ++i) CHECK(std::abs(dbl(out[i]) - ref) <= 2 * eps<T>() * ref);
 }
 
+// Equal inputs must give bit-equal outputs wherever they sit, the row's tail included: a router's
+// tie between experts is broken by index only if their scores are equal. Rows of random values
+// below the maximum (x[0] = 0), each value copied to the last element, which lies in the tail.
+TEMPLATE_TEST_CASE("simd::exp_shifted, softmax and sigmoid give equal inputs equal outputs at every position",
+                   "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(kLanes<TestType> + 1, 2 * kLanes<TestType> + 3, 3 * kLanes<TestType> - 1);
+  CAPTURE(n);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> value(-30.0, -1e-3);
+  std::vector<T> x(n), out(n);
+  for (int row = 0; row < 500; ++row) {
+    x[0] = T(0);
+    for (std::size_t i = 1; i + 1 < n; ++i) x[i] = static_cast<T>(value(rng));
+    const std::size_t twin = 1 + static_cast<std::size_t>(row) % (n - 2);  // in the SIMD body or the tail
+    x[n - 1] = x[twin];
+    CAPTURE(row, twin, x[twin]);
+    moe::simd::exp_shifted(Arch{}, x.data(), T(-0.5), out.data(), n);
+    REQUIRE(out[n - 1] == out[twin]);
+    moe::simd::softmax(Arch{}, x.data(), out.data(), n);
+    REQUIRE(out[n - 1] == out[twin]);
+    moe::simd::sigmoid(Arch{}, x.data(), out.data(), n);
+    REQUIRE(out[n - 1] == out[twin]);
+  }
+}
+
 TEMPLATE_TEST_CASE("simd::log_sum_exp matches a double reference", "[simd][softmax]", float, double) {
   using T = TestType;
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));

@@ -436,9 +436,9 @@ class MoELayer {
       T* gate = ws.shared_gate.ensure(T_);
       if (shared_gate_.rows() == 1) {
         simd::matmul_nt(arch, x_rows, static_cast<std::size_t>(T_), static_cast<std::size_t>(d), shared_gate_.data(), 1, gate, 1);
-        // One token at a time: a vector call would round a token differently in the SIMD body and
-        // in the tail, so its gate would depend on its batch position.
-        for (index_t t = 0; t < T_; ++t) simd::sigmoid(arch, gate + t, gate + t, 1);
+        // simd::sigmoid rounds a row's tail as its body, so a gate does not depend on the token's
+        // place in the batch.
+        simd::sigmoid(arch, gate, gate, static_cast<std::size_t>(T_));
       } else {
         std::fill(gate, gate + T_, T(1));
       }

@@ -25,23 +25,37 @@ T max_value(Arch, const T* x, std::size_t n) noexcept {
   return m;
 }
 
+// f applied to the last count < L elements of a row: the lanes are padded with `pad` and go through
+// the batch kernel of the full ones. Each lane's result depends only on its own input, so equal
+// inputs give equal outputs wherever they sit in the row: the scalar std::exp differs from the
+// batch exp in the last bit for about 1 input in 10, and two experts with equal logits, one of them
+// in the tail, then got unequal scores (and a tie could go to the higher index).
+template <class B, class T, class F>
+void map_tail(const T* x, T* out, std::size_t count, T pad, F f) noexcept {
+  T lanes[B::size];
+  for (std::size_t j = 0; j < B::size; ++j) lanes[j] = j < count ? x[j] : pad;
+  f(B::load_unaligned(lanes)).store_unaligned(lanes);
+  for (std::size_t j = 0; j < count; ++j) out[j] = lanes[j];
+}
+
 // out[i] = exp(x[i] - shift); returns the sum of out. `out` may equal `x`.
 template <class Arch, class T>
 T exp_shifted(Arch, const T* x, T shift, T* out, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   const B vshift(shift);
+  auto exp_lanes = [&](const B& v) { return exp_batch(v - vshift); };
   B vsum(T(0));
   std::size_t i = 0;
   for (; i + L <= n; i += L) {
-    const B e = exp_batch(B::load_unaligned(x + i) - vshift);
+    const B e = exp_lanes(B::load_unaligned(x + i));
     e.store_unaligned(out + i);
     vsum += e;
   }
   T sum = reduce_add(vsum);
-  for (; i < n; ++i) {
-    out[i] = std::exp(x[i] - shift);
-    sum += out[i];
+  if (i < n) {
+    map_tail<B>(x + i, out + i, n - i, shift, exp_lanes);
+    for (; i < n; ++i) sum += out[i];
   }
   return sum;
 }
@@ -82,18 +96,14 @@ void sigmoid(Arch, const T* x, T* out, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   const B one(T(1)), zero(T(0));
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) {
-    const B v = B::load_unaligned(x + i);
+  auto sigmoid_lanes = [&](const B& v) {
     const B e = exp_batch(B(-xsimd::abs(v)));
     const B s = one / (one + e);
-    xsimd::select(v < zero, e * s, s).store_unaligned(out + i);
-  }
-  for (; i < n; ++i) {
-    const T e = std::exp(-std::fabs(x[i]));
-    const T s = T(1) / (T(1) + e);
-    out[i] = x[i] < T(0) ? e * s : s;
-  }
+    return xsimd::select(v < zero, e * s, s);
+  };
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) sigmoid_lanes(B::load_unaligned(x + i)).store_unaligned(out + i);
+  if (i < n) map_tail<B>(x + i, out + i, n - i, T(0), sigmoid_lanes);
 }
 
 }  // namespace simd
