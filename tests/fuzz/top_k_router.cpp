@@ -43,7 +43,7 @@ bool capped(const TopKOptions& o) { return o.capacity_factor > 0 || o.fixed_capa
 // Capacity of a group of n tokens, in double so an extreme capacity_factor cannot overflow here.
 double capacity_of(const TopKOptions& o, index_t n, index_t E) {
   if (o.fixed_capacity > 0) return static_cast<double>(o.fixed_capacity);
-  return std::ceil(o.capacity_factor * static_cast<double>(n) * static_cast<double>(o.k) / static_cast<double>(E));
+  return std::ceil(static_cast<double>(n * o.k) / static_cast<double>(E) * o.capacity_factor);  // Megatron-Core's order
 }
 
 // The selection order: larger value first, equal values by the lower index, NaN after every number.
@@ -246,6 +246,10 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     std::size_t q = 0;
     T lost(0);
     bool rerouted = false;
+    // Reroute moves a token's lost choices in rank order until one finds no room: the first
+    // `moved` lost choices are not lost.
+    std::size_t moved = 0;
+    for (index_t j = c.num_chosen; j < R; ++j) moved += kept[sz(t)][sz(j)] ? 1 : 0;
     for (index_t j = 0; j < R; ++j) {
       const T den = kept[sz(t)][sz(j)] ? denominator : plain;
       const T w = c.raw[sz(j)] / den * scale;
@@ -261,7 +265,11 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
         ++q;
         rerouted = rerouted || j >= c.num_chosen;
       } else if (j < c.num_chosen) {
-        lost += w;
+        if (moved > 0) {
+          --moved;
+        } else {
+          lost += w;
+        }
       }
     }
     MOE_FUZZ_CHECK_TOKEN(q == got.size());

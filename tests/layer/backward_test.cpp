@@ -178,6 +178,9 @@ TEST_CASE("Layer gradients match finite differences for every top-k option", "[b
   auto reroute = capped;
   reroute.overflow = moe::OverflowPolicy::reroute, reroute.renormalize_after_drop = false;
   configs.push_back({"capacity with reroute", reroute});
+  Config reroute_pass{"capacity with reroute, pass-through", reroute};  // only choices reroute did not move are lost
+  reroute_pass.pass_through = true;
+  configs.push_back(reroute_pass);
   Config switch_cfg{"switch pass-through", moe::presets::switch_transformers(0.5)};
   switch_cfg.pass_through = true;
   configs.push_back(switch_cfg);

@@ -37,11 +37,23 @@ std::vector<std::vector<Assigned>> dropless(const moe::Matrix<double>& W, const 
   return by_token(out.plan);
 }
 
+// Megatron-Core's get_capacity(num_tokens = tokens · k, E, cf): ceil((num_tokens / E) · cf) in double.
 index_t capacity_of(double cf, index_t tokens, index_t k, index_t E) {
-  return index_t(std::ceil(cf * double(tokens) * double(k) / double(E)));
+  return index_t(std::ceil(double(tokens * k) / double(E) * cf));
 }
 
 }  // namespace
+
+TEST_CASE("expert_capacity rounds as Megatron-Core's get_capacity", "[routing][capacity]") {
+  // Megatron-Core: math.ceil((num_tokens / num_experts) * capacity_factor), num_tokens = T · k.
+  // 45 · 4 / 6 = 30 exactly, and 30 · 1.1 rounds to 33.0 in double; cf · T · k / E in that order
+  // rounds 1.1 · 45 up to 49.50000000000001 and ends above 33 (ceil 34).
+  REQUIRE(30.0 * 1.1 == 33.0);
+  REQUIRE(1.1 * 45.0 * 4.0 / 6.0 > 33.0);
+  CHECK(moe::expert_capacity(1.1, 45, 4, 6) == 33);
+  CHECK(moe::expert_capacity(1.25, 10, 2, 4) == 7);  // 5 · 1.25 = 6.25
+  CHECK(moe::expert_capacity(1.0, 0, 2, 4) == 0);
+}
 
 TEST_CASE("Capacity drops by position: per expert the earliest tokens win", "[routing][capacity]") {
   const index_t E = GENERATE(2, 4, 7), d = 9, Tn = GENERATE(1, 10, 37);
@@ -151,18 +163,31 @@ TEST_CASE("Reroute moves lost choices to the next-best expert with room", "[rout
   std::vector<index_t> load(std::size_t(E), 0);
   for (index_t e = 0; e < E; ++e) load[std::size_t(e)] = dropped_out.plan.tokens_of(e);
   const auto got = by_token(plan);
+  std::size_t next_dropped = 0;
   for (index_t t = 0; t < Tn; ++t) {
     std::vector<double> p(static_cast<std::size_t>(E));
     for (index_t e = 0; e < E; ++e) p[std::size_t(e)] = out.scores()(t, e);
     const std::vector<index_t> ranking = top_k(p, E);
     std::vector<index_t> ref;
     for (const Assigned& a : primaries[std::size_t(t)]) ref.push_back(a.expert);
-    std::size_t next = std::size_t(k);
-    for (std::size_t lost = ref.size(); lost < std::size_t(k); ++lost) {
+    // The token's lost choices in rank order; the first ones move to other experts, and only
+    // those that found no room are lost (dropped, with their weight).
+    std::vector<index_t> lost_choices;
+    for (std::size_t j = 0; j < std::size_t(k); ++j)
+      if (std::find(ref.begin(), ref.end(), ranking[j]) == ref.end()) lost_choices.push_back(ranking[j]);
+    std::size_t next = std::size_t(k), moved = 0;
+    for (; moved < lost_choices.size(); ++moved) {
       while (next < ranking.size() && load[std::size_t(ranking[next])] >= C) ++next;
       if (next == ranking.size()) break;
       ref.push_back(ranking[next]);
       ++load[std::size_t(ranking[next++])];
+    }
+    double lost_weight = 0;
+    for (std::size_t j = moved; j < lost_choices.size(); ++j) lost_weight += p[std::size_t(lost_choices[j])];
+    if (moved < lost_choices.size()) {
+      REQUIRE(next_dropped < plan.dropped.size());
+      CHECK(plan.dropped[next_dropped] == t);
+      CHECK(plan.dropped_weight[next_dropped++] == Approx(lost_weight).epsilon(1e-12));
     }
     // The plan lists a token's experts in rank order, so its weights never increase.
     std::vector<index_t> ref_in_rank_order;
@@ -175,6 +200,7 @@ TEST_CASE("Reroute moves lost choices to the next-best expert with room", "[rout
       if (j > 0) CHECK(got[std::size_t(t)][j].weight <= got[std::size_t(t)][j - 1].weight);
     }
   }
+  CHECK(next_dropped == plan.dropped.size());
 }
 
 TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above scale", "[routing][capacity]") {

@@ -24,11 +24,14 @@ MOE_NAMESPACE_BEGIN
 enum class CapacityPriority { position, score };
 enum class OverflowPolicy { drop, reroute };
 
-// ceil(capacity_factor · tokens · k / E); the formula Megatron-Core and Switch use. A value past
-// the range of index_t (a huge capacity_factor) saturates to its maximum: no expert ever fills.
+// ceil(capacity_factor · tokens · k / E), the formula Megatron-Core and Switch use, rounded as
+// Megatron-Core and DeepSpeed compute it in double, ceil((tokens · k / E) · capacity_factor): other
+// orders of the same product round differently (cf 1.1, 45 tokens, k 4, E 6: 33 this way, 34 as
+// ceil(cf · tokens · k / E)). A value past the range of index_t (a huge capacity_factor)
+// saturates to its maximum: no expert ever fills.
 inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k, index_t num_experts) {
-  const double capacity = std::ceil(capacity_factor * static_cast<double>(tokens) * static_cast<double>(k) /
-                                    static_cast<double>(num_experts));
+  const double capacity =
+      std::ceil(static_cast<double>(tokens * k) / static_cast<double>(num_experts) * capacity_factor);
   // 2^63 exactly; every double below it converts to index_t without overflow.
   constexpr double kLimit = static_cast<double>(std::numeric_limits<index_t>::max());
   if (!(capacity < kLimit)) return std::numeric_limits<index_t>::max();
@@ -93,6 +96,15 @@ void apply_capacity(double capacity_factor, index_t fixed_capacity, CapacityPrio
       }
     }
   }
+}
+
+// How many of a token's lost choices reroute moved to other experts: its kept candidates past the
+// chosen ones. apply_capacity moves lost choices in rank order until one finds no room, so these
+// are its first lost choices in rank order; the rest stay lost (Routing::dropped).
+inline index_t rerouted_choices(const std::uint8_t* kept, index_t num_chosen, index_t stride) noexcept {
+  index_t moved = 0;
+  for (index_t j = num_chosen; j < stride; ++j) moved += kept[j] != 0;
+  return moved;
 }
 
 MOE_NAMESPACE_END

@@ -26,8 +26,8 @@ struct Routing {
   std::vector<T> weight;              // [A] combine weight of each assignment, grouped by expert
   std::vector<index_t> token_begin;   // [T + 1]
   std::vector<index_t> assignment;    // [A] per token, in rank order: index into token/weight
-  std::vector<index_t> dropped;       // tokens that lost one or more chosen experts to capacity, ascending
-  std::vector<T> dropped_weight;      // [dropped] total weight of the choices each of them lost
+  std::vector<index_t> dropped;       // tokens left with fewer experts than they chose (capacity), ascending
+  std::vector<T> dropped_weight;      // [dropped] total weight of the choices each of them lost (not those rerouted)
   std::vector<index_t> rerouted;      // tokens with a choice moved to a next-best expert, ascending
   std::vector<index_t> fill_cursor;   // [E] scratch for build_routing, kept to avoid reallocation
 

@@ -42,8 +42,10 @@ enum class ScoreFunction {
   sigmoid,  // independent per-expert scores (DeepSeek-V3)
 };
 
-// Where the softmax sits relative to the top-k selection. The two choose the same experts; their
-// weights agree in exact arithmetic when `normalize` is on, and differ without it.
+// Where the softmax sits relative to the top-k selection. Without expert bias or group limits the
+// two choose the same experts (softmax is monotone; a bias added to, or group scores summed over,
+// probabilities in one and logits in the other can rank differently); their weights then agree in
+// exact arithmetic when `normalize` is on, and differ without it.
 // Naming: Megatron-Core's `moe_router_pre_softmax = true` is `before_top_k`; its default is
 // `after_top_k`. ("pre/post-softmax" wording is ambiguous, so the enum says where.)
 enum class SoftmaxPlacement {
@@ -154,7 +156,8 @@ class TopKRouter {
 
   // Backward through the routing weights. Given, for this batch's `out`:
   //   grad_weight [A]  ∂L/∂(weight of each plan assignment), in the plan's expert-grouped order;
-  //   grad_lost   [T]  ∂L/∂(total weight a token lost to capacity), or null (DroppedTokens::zero);
+  //   grad_lost   [T]  ∂L/∂(total weight a token lost to capacity: plan.dropped_weight), or null
+  //                    (DroppedTokens::zero); the entries of tokens not in plan.dropped are not read;
   //   extra_dlogits [T, E] ∂L/∂logits from auxiliary losses, or null;
   // adds ∂L/∂W to dweight [E, d] and ∂L/∂x to dx [T, d]. Selection (top-k, bias, groups,
   // capacity) is piecewise constant and has no gradient, as in every reference implementation.
@@ -185,11 +188,15 @@ class TopKRouter {
       const std::uint8_t* kept = kept_all + t * R;
       const index_t* row = ranked + t * R;
       // ∂L/∂(final weight) of every candidate: kept ones from their assignment, lost ones share
-      // the token's lost-weight gradient.
+      // the token's lost-weight gradient (those reroute moved are not lost: decide_and_build).
       index_t q = plan.token_begin[t];
+      index_t moved = rerouted_choices(kept, num_chosen[t], R);
       for (index_t j = 0; j < R; ++j) {
         if (kept[j]) {
           g_weight[j] = grad_weight[plan.assignment[q++]];
+        } else if (j < num_chosen[t] && moved > 0) {
+          g_weight[j] = T(0);
+          --moved;
         } else {
           g_weight[j] = (j < num_chosen[t] && grad_lost != nullptr) ? grad_lost[t] : T(0);
         }
@@ -492,14 +499,15 @@ class TopKRouter {
         denominator = kept_sum + eps;
         if (denominator == T(0)) denominator = T(1);
       }
-      bool was_rerouted = false;
+      // A lost choice that reroute moved elsewhere is not lost: only the others count.
+      index_t moved = rerouted_choices(keep, c.num_chosen[t], R);
+      const bool was_rerouted = moved > 0;
       for (index_t j = 0; j < R; ++j) {
         if (keep[j]) {
           chosen[n] = c.expert[t * R + j];
           weights[n++] = raw[j] / denominator * scale;
-          was_rerouted = was_rerouted || j >= c.num_chosen[t];
         } else if (j < c.num_chosen[t]) {
-          lost += raw[j] / plain * scale;
+          if (moved > 0) --moved; else lost += raw[j] / plain * scale;
         }
       }
       if (n - begin[t] < c.num_chosen[t]) {
