@@ -118,7 +118,7 @@ TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "
   auto train = [&](const moe::ConstMatrixRef<double>& input, moe::Matrix<double>& dx) {
     moe::TrainingWorkspace<double> tws;
     moe::Matrix<double> out(x.rows(), m.d);
-    layer.forward_train(input, moe::RouteContext{}, out, tws);
+    layer.forward_train(input, out, tws);  // (no RouteContext: the overload without one)
     auto grads = layer.make_gradients();
     layer.backward(input, dy, dx, grads, tws);
     return grads;

@@ -172,7 +172,7 @@ TEST_CASE("Soft MoE backward of an empty batch gives zero gradients", "[backward
   moe::SoftTrainingWorkspace<double> ws;
   const moe::Matrix<double> x(0, kD), dy(0, kD);
   moe::Matrix<double> y(0, kD), dx(0, kD);
-  l.forward_train(x, moe::RouteContext{}, y, ws);
+  l.forward_train(x, y, ws);  // (the overload without a RouteContext)
   auto grads = l.make_gradients();
   grads.phi.setOnes();
   grads.scale = 3;

@@ -159,6 +159,11 @@ class MoELayer {
 
   // forward() that keeps what backward() needs in `ws`; y has the same bits as forward().
   template <class Arch = simd::default_arch>
+  void forward_train(const ConstMatrixRef<T>& x, MatrixRef<T> y, TrainingWorkspace<T>& ws, Arch arch = {}) const {
+    forward_train(x, RouteContext{}, y, ws, arch);
+  }
+  // As above, with a RouteContext (routing groups, token ids, training jitter).
+  template <class Arch = simd::default_arch>
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, TrainingWorkspace<T>& ws,
                      Arch arch = {}) const {
     run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes

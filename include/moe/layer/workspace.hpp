@@ -29,7 +29,8 @@ struct Workspace {
 
 // A Workspace that also keeps, from MoELayer::forward_train, what MoELayer::backward needs.
 // Memory per token, for k routed experts of hidden size d_ff (gated) and S shared experts:
-// k · (2·d_ff + 2·d) + 2·E values, plus S · (2·d_ff + d) with shared experts.
+// k · (2·d_ff + 2·d) + 2·E values, plus S · (2·d_ff + d) with shared experts (on top of the
+// Workspace's own shared-expert rows: README, "Training", has the whole count).
 template <class T>
 struct TrainingWorkspace : Workspace<T> {
   Buffer<T> saved;           // expert pre-activations, expert-grouped
