@@ -573,6 +573,40 @@ TEMPLATE_TEST_CASE("SoftMoELayer edge shapes: T = 0, T = 1, E = 1, aliasing, reu
 
 // ---- errors ------------------------------------------------------------------------------------
 
+// Reference in integers: capacity_factor = p / q exactly, so tokens · cf / E = (tokens · p) / (q · E),
+// rounded half to even by its quotient and remainder.
+TEST_CASE("soft_slots_per_expert rounds tokens * cf / E half to even, as vmoe sizes its slots", "[soft][routing]") {
+  struct Factor {
+    double value;
+    index_t p, q;
+  };
+  for (const Factor cf : {Factor{0.25, 1, 4}, Factor{0.5, 1, 2}, Factor{1.0, 1, 1}, Factor{1.25, 5, 4}, Factor{2.0, 2, 1}}) {
+    for (const index_t experts : {1, 2, 3, 4, 8, 16, 32, 64, 128}) {
+      for (index_t tokens = 1; tokens <= 300; ++tokens) {
+        const index_t num = tokens * cf.p, den = cf.q * experts;
+        index_t expected = num / den;
+        const index_t twice_rem = 2 * (num % den);
+        if (twice_rem > den || (twice_rem == den && expected % 2 == 1)) ++expected;
+        CAPTURE(cf.value, experts, tokens, expected);
+        if (expected >= 1) {
+          CHECK(moe::soft_slots_per_expert(tokens, experts, cf.value) == expected);
+        } else {
+          CHECK_THROWS_WITH(moe::soft_slots_per_expert(tokens, experts, cf.value), Catch::Contains("rounded = 0"));
+        }
+      }
+    }
+  }
+  // Halves go to even: 6 / 4 = 1.5 -> 2, 10 / 4 = 2.5 -> 2, 14 / 4 = 3.5 -> 4.
+  CHECK(moe::soft_slots_per_expert(6, 4, 1.0) == 2);
+  CHECK(moe::soft_slots_per_expert(10, 4, 1.0) == 2);
+  CHECK(moe::soft_slots_per_expert(14, 4, 1.0) == 4);
+  REQUIRE_THROWS_AS(moe::soft_slots_per_expert(0, 4, 1.0), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(moe::soft_slots_per_expert(16, 0, 1.0), Catch::Contains("num_experts = 0"));
+  REQUIRE_THROWS_WITH(moe::soft_slots_per_expert(16, 4, -1.0), Catch::Contains("capacity_factor = -1"));
+  REQUIRE_THROWS_AS(moe::soft_slots_per_expert(16, 4, std::numeric_limits<double>::quiet_NaN()), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(moe::soft_slots_per_expert(16, 4, 1e300), Catch::Contains("2^63"));
+}
+
 TEST_CASE("SoftRouter and SoftMoELayer errors name the parameter and the values", "[soft][errors]") {
   std::mt19937 rng(19);
   const index_t d = 4;

@@ -55,6 +55,31 @@ struct SoftOptions {
   bool check_finite = true;      // throw moe::numeric_error on a non-finite logit
 };
 
+// Slots per expert from a capacity factor, as vmoe's SoftRouter sizes its parameter when it is given
+// no slot count: round(tokens_per_group · capacity_factor / num_experts), computed in double, with
+// halves to even (Python's round). Φ's column count is fixed when the model is built, so
+// tokens_per_group is the group size the model is built for (a ViT's patch count), not a batch's.
+// Throws when the inputs are out of range or the result is below 1 (as vmoe does).
+inline index_t soft_slots_per_expert(index_t tokens_per_group, index_t num_experts, double capacity_factor) {
+  if (tokens_per_group < 1 || num_experts < 1 || !(capacity_factor > 0) || !std::isfinite(capacity_factor)) {
+    detail::throw_invalid("soft_slots_per_expert: needs tokens_per_group >= 1, num_experts >= 1 and a finite "
+                          "capacity_factor > 0 (tokens_per_group = ", tokens_per_group, ", num_experts = ", num_experts,
+                          ", capacity_factor = ", capacity_factor, ")");
+  }
+  const double exact = static_cast<double>(tokens_per_group) * capacity_factor / static_cast<double>(num_experts);
+  const double below = std::floor(exact);
+  const double above = below + 1;
+  const double fraction = exact - below;  // no rounding: the difference fits exact's bits
+  const double slots = fraction > 0.5 ? above : fraction < 0.5 ? below : (std::fmod(below, 2.0) == 0 ? below : above);
+  constexpr double kLimit = static_cast<double>(std::numeric_limits<index_t>::max());  // 2^63
+  if (!(slots >= 1) || !(slots < kLimit)) {
+    detail::throw_invalid("soft_slots_per_expert: round(tokens_per_group * capacity_factor / num_experts) must be in "
+                          "[1, 2^63) (tokens_per_group = ", tokens_per_group, ", num_experts = ", num_experts,
+                          ", capacity_factor = ", capacity_factor, ", rounded = ", slots, ")");
+  }
+  return static_cast<index_t>(slots);
+}
+
 // The dense routing of one batch: logits, dispatch weights D and combine weights C, all [T, S],
 // and the group boundaries they were computed with. Reused across batches: once it has seen the
 // largest batch (and the most groups) routing into it allocates nothing.
