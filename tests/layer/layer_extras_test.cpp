@@ -73,6 +73,65 @@ TEST_CASE("Zero-computation experts take routing slots and cost no products", "[
   REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::zero(0), Catch::Contains("d_model = 0"));
 }
 
+// constant_view reads the caller's buffers: the same bits as the copying constant, forward and
+// backward, and an update to the buffers is what the next forward uses.
+TEST_CASE("ZeroComputeExpert::constant_view sees its buffers as they are updated", "[layer][zero_compute]") {
+  const Model m;
+  const index_t E = m.E_ffn + 2;  // + a plain and a mixed constant expert
+  const moe::Matrix<double> gate = random_matrix<double>(E, m.d, 5, 2.0);
+  moe::Vector<double> value = random_matrix<double>(m.d, 1, 6).col(0), value2 = random_matrix<double>(m.d, 1, 16).col(0);
+  moe::Matrix<double> mix = random_matrix<double>(2, m.d, 7);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  moe::TopKOptions o;
+  o.k = 2;
+  auto copying = [&] {
+    return moe::MoELayer(moe::TopKRouter<double>(gate, o), experts,
+                         {moe::ZeroComputeExpert<double>::constant(value2), moe::ZeroComputeExpert<double>::constant(value, mix)});
+  };
+  const moe::MoELayer viewing(moe::TopKRouter<double>(gate, o), experts,
+                              {moe::ZeroComputeExpert<double>::constant_view(moe::ConstVectorMap<double>(value2.data(), m.d)),
+                               moe::ZeroComputeExpert<double>::constant_view(moe::ConstVectorMap<double>(value.data(), m.d),
+                                                                             moe::ConstMatrixMap<double>(mix.data(), 2, m.d))});
+  const moe::Matrix<double> x = random_matrix<double>(40, m.d, 8), dy = random_matrix<double>(40, m.d, 9);
+  auto run = [&](const auto& layer, moe::Matrix<double>& y, moe::Matrix<double>& dx) {
+    moe::TrainingWorkspace<double> ws;
+    y.resize(x.rows(), m.d);
+    dx.resize(x.rows(), m.d);
+    layer.forward_train(x, y, ws);
+    for (index_t e = m.E_ffn; e < E; ++e) REQUIRE(ws.routing.plan.tokens_of(e) > 0);
+    auto grads = layer.make_gradients();
+    layer.backward(x, dy, dx, grads, ws);
+    return grads;
+  };
+  for (int step = 0; step < 2; ++step) {
+    CAPTURE(step);
+    moe::Matrix<double> y_copy, dx_copy, y_view, dx_view;
+    const auto g_copy = run(copying(), y_copy, dx_copy);
+    const auto g_view = run(viewing, y_view, dx_view);
+    REQUIRE(y_view == y_copy);
+    REQUIRE(dx_view == dx_copy);
+    for (std::size_t z = 0; z < 2; ++z) {
+      REQUIRE(g_view.zero_compute[z].value == g_copy.zero_compute[z].value);
+      REQUIRE(g_view.zero_compute[z].mix == g_copy.zero_compute[z].mix);
+    }
+    REQUIRE(g_copy.zero_compute[1].mix.size() == 2 * m.d);
+    // An optimizer step in place; the copying layer is rebuilt from the new values above.
+    value -= 0.5 * g_view.zero_compute[1].value;
+    value2 -= 0.5 * g_view.zero_compute[0].value;
+    mix -= 0.5 * g_view.zero_compute[1].mix;
+    REQUIRE(viewing.zero_compute_experts()[1].value() == value);
+  }
+  REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::constant_view(moe::ConstVectorMap<double>(value.data(), m.d),
+                                                                    moe::ConstMatrixMap<double>(mix.data(), 1, m.d)),
+                      Catch::Contains("mix.rows() = 1"));
+  REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::constant_view(moe::ConstVectorMap<double>(value.data(), m.d),
+                                                                    moe::ConstMatrixMap<double>(mix.data(), 2, m.d - 1)),
+                      Catch::Contains("mix.cols() = 10") && Catch::Contains("value.size() = 11"));
+  REQUIRE_THROWS_WITH(moe::ZeroComputeExpert<double>::constant_view(moe::ConstVectorMap<double>(value.data(), 0)),
+                      Catch::Contains("d_model = 0"));
+}
+
 TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "[layer][shared]") {
   const Model m;
   const moe::Matrix<double> gate = random_matrix<double>(m.E_ffn, m.d, 5, 2.0);

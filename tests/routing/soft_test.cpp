@@ -607,6 +607,29 @@ TEST_CASE("soft_slots_per_expert rounds tokens * cf / E half to even, as vmoe si
   REQUIRE_THROWS_WITH(moe::soft_slots_per_expert(16, 4, 1e300), Catch::Contains("2^63"));
 }
 
+TEST_CASE("SoftMoELayer::set_scale gives the bits of a layer built with that scale; a non-finite one changes nothing",
+          "[soft][layer]") {
+  std::mt19937 rng(23);
+  const index_t d = 6, ff = 5, E = 3, s = 2;
+  const Mat<double> phi = random_matrix<double>(rng, d, E * s);
+  const std::vector<moe::SwiGLU<double>> experts = make_swiglu<double>(rng, E, d, ff);
+  const Mat<double> x = random_matrix<double>(rng, 9, d);
+  const bool normalized = GENERATE(false, true);
+  moe::SoftMoELayer<moe::SwiGLU<double>> layer(moe::SoftRouter<double>(phi, E, soft_options(s, normalized, 0.5)), experts);
+  const moe::SoftMoELayer<moe::SwiGLU<double>> built(moe::SoftRouter<double>(phi, E, soft_options(s, normalized, 1.75)), experts);
+  moe::SoftWorkspace<double> ws;
+  const Mat<double> before = layer.forward(x, ws);
+  layer.set_scale(1.75);
+  CHECK(layer.router().options().scale == 1.75);
+  const Mat<double> after = layer.forward(x, ws);
+  CHECK(after == built.forward(x, ws));
+  CHECK(after != before);
+  REQUIRE_THROWS_AS(layer.set_scale(std::numeric_limits<double>::quiet_NaN()), moe::invalid_argument);
+  REQUIRE_THROWS_WITH(layer.set_scale(-std::numeric_limits<double>::infinity()), Catch::Contains("scale = -inf"));
+  CHECK(layer.router().options().scale == 1.75);
+  CHECK(layer.forward(x, ws) == after);
+}
+
 TEST_CASE("SoftRouter and SoftMoELayer errors name the parameter and the values", "[soft][errors]") {
   std::mt19937 rng(19);
   const index_t d = 4;

@@ -37,24 +37,29 @@ class ZeroComputeExpert {
 
   static ZeroComputeExpert zero(index_t d) { return ZeroComputeExpert(ZeroComputeKind::zero, d); }
   static ZeroComputeExpert copy(index_t d) { return ZeroComputeExpert(ZeroComputeKind::copy, d); }
-  // Outputs `value` [d] for every token.
+  // Outputs `value` [d] for every token (a copy of it).
   static ZeroComputeExpert constant(Vector<T> value) {
-    ZeroComputeExpert e(ZeroComputeKind::constant, value.size());
-    e.value_ = std::move(value);
-    return e;
+    const index_t d = value.size();
+    return with_value(Weight<T>::own(Matrix<T>(std::move(value).transpose())), d);
   }
-  // MoE++ constant expert: a1 · x + a2 · value with [a1, a2] = softmax(mix [2, d] · x).
+  // MoE++ constant expert: a1 · x + a2 · value with [a1, a2] = softmax(mix [2, d] · x) (copies).
   static ZeroComputeExpert constant(Vector<T> value, Matrix<T> mix) {
-    detail::check_dim("ZeroComputeExpert::constant", "mix.rows()", mix.rows(), "2", 2);
-    detail::check_dim("ZeroComputeExpert::constant", "mix.cols()", mix.cols(), "value.size()", value.size());
-    ZeroComputeExpert e = constant(std::move(value));
-    e.mix_ = Weight<T>::own(std::move(mix));
-    return e;
+    const index_t d = value.size();
+    return with_mix(constant(std::move(value)), Weight<T>::own(std::move(mix)), d);
+  }
+  // As the two above, viewing the caller's buffers, which must outlive the expert: an optimizer
+  // that updates them in place (from Gradient::value and ::mix) is seen by the next forward.
+  // (Named, not overloads: an Eigen Map converts to Vector and Matrix, which would copy it.)
+  static ZeroComputeExpert constant_view(ConstVectorMap<T> value) {
+    return with_value(Weight<T>::view(value.data(), 1, value.size()), value.size());
+  }
+  static ZeroComputeExpert constant_view(ConstVectorMap<T> value, ConstMatrixMap<T> mix) {
+    return with_mix(constant_view(value), Weight<T>::view(mix), value.size());
   }
 
   ZeroComputeKind kind() const noexcept { return kind_; }
   index_t d_model() const noexcept { return d_; }
-  const Vector<T>& value() const noexcept { return value_; }
+  ConstVectorMap<T> value() const noexcept { return ConstVectorMap<T>(value_.data(), value_.cols()); }
   bool mixes() const noexcept { return mix_.rows() == 2; }
 
   // y [m, d] = E(x [m, d]); contiguous rows.
@@ -71,7 +76,7 @@ class ZeroComputeExpert {
           if (mixes()) {
             T a[2];
             mix_weights(xj, a);
-            for (std::size_t i = 0; i < d; ++i) yj[i] = a[0] * xj[i] + a[1] * value_[static_cast<index_t>(i)];
+            for (std::size_t i = 0; i < d; ++i) yj[i] = a[0] * xj[i] + a[1] * value_.data()[i];
           } else {
             std::copy(value_.data(), value_.data() + d, yj);
           }
@@ -103,7 +108,7 @@ class ZeroComputeExpert {
         for (index_t j = 0; j < m; ++j) {
           T a[2];
           mix_weights(x + j * d_, a);
-          const T da0 = dY.row(j).dot(X.row(j)), da1 = dY.row(j).dot(value_.transpose());
+          const T da0 = dY.row(j).dot(X.row(j)), da1 = dY.row(j).dot(value_.map().row(0));
           const T mean = a[0] * da0 + a[1] * da1;
           const T dz0 = a[0] * (da0 - mean), dz1 = a[1] * (da1 - mean);
           grad.mix.row(0) += dz0 * X.row(j);
@@ -118,6 +123,17 @@ class ZeroComputeExpert {
  private:
   ZeroComputeExpert(ZeroComputeKind kind, index_t d) : kind_(kind), d_(d) {
     if (d < 1) detail::throw_invalid("ZeroComputeExpert: d_model must be at least 1 (d_model = ", d, ")");
+  }
+  static ZeroComputeExpert with_value(Weight<T> value, index_t d) {
+    ZeroComputeExpert e(ZeroComputeKind::constant, d);
+    e.value_ = std::move(value);
+    return e;
+  }
+  static ZeroComputeExpert with_mix(ZeroComputeExpert e, Weight<T> mix, index_t d) {
+    detail::check_dim("ZeroComputeExpert::constant", "mix.rows()", mix.rows(), "2", 2);
+    detail::check_dim("ZeroComputeExpert::constant", "mix.cols()", mix.cols(), "value.size()", d);
+    e.mix_ = std::move(mix);
+    return e;
   }
   // [a1, a2] = softmax(mix · x) for one token row.
   void mix_weights(const T* x, T* a) const noexcept {
@@ -136,7 +152,7 @@ class ZeroComputeExpert {
 
   ZeroComputeKind kind_;
   index_t d_;
-  Vector<T> value_;  // [d] for constant experts
+  Weight<T> value_;  // [1, d] for constant experts, empty otherwise
   Weight<T> mix_;    // [2, d] or empty
 };
 

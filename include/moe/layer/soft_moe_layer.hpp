@@ -93,6 +93,9 @@ class SoftMoELayer {
   index_t num_experts() const noexcept { return router_.num_experts(); }
   index_t slots_per_expert() const noexcept { return router_.slots_per_expert(); }
   const SoftRouter<T>& router() const noexcept { return router_; }
+  // A training step on the router's scale (Φ and the experts are views the optimizer updates in
+  // place). Not while a forward or backward on this layer runs.
+  void set_scale(double scale) { router_.set_scale(scale); }
   const std::vector<Expert>& experts() const noexcept { return experts_; }
 
   // y [T, d] = layer(x [T, d]). y must already have T rows and d columns; y may alias x (x is

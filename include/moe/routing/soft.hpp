@@ -317,7 +317,14 @@ class SoftRouter {
                             ", num_experts = ", num_experts_, ", slots_per_expert = ", options_.slots_per_expert, ")");
     }
     if (phi_.rows() < 1) detail::throw_invalid("SoftRouter: phi.rows() (d_model) must be at least 1 (phi.rows() = ", phi_.rows(), ")");
-    if (!std::isfinite(options_.scale)) detail::throw_invalid("SoftRouter: scale must be finite (scale = ", options_.scale, ")");
+    set_scale(options_.scale);
+  }
+
+  // Sets the logits' scale (vmoe's learned scalar; its gradient is SoftMoELayer's Gradients::scale).
+  // A non-finite scale throws and leaves the old one.
+  void set_scale(double scale) {
+    if (!std::isfinite(scale)) detail::throw_invalid("SoftRouter: scale must be finite (scale = ", scale, ")");
+    options_.scale = scale;
   }
 
   index_t num_experts() const noexcept { return num_experts_; }
