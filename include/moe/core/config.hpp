@@ -35,7 +35,7 @@
 
 // Unrolls a loop over a register block's tokens or rows (a compile-time count) whole, so that
 // its accumulators stay in registers. GCC does so unasked only from -O3: at -O2 (CMake's
-// RelWithDebInfo) the layer ran 1.6–4.7× slower without this.
+// RelWithDebInfo) the layer ran 2–4× slower without this.
 #if defined(__clang__)
 #define MOE_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
