@@ -38,7 +38,7 @@
 // RelWithDebInfo) the layer ran 2–4× slower without this.
 #if defined(__clang__)
 #define MOE_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
+#elif defined(__GNUC__) && __GNUC__ >= 8 && !defined(__NVCOMPILER) && !defined(__INTEL_COMPILER)
 #define MOE_UNROLL _Pragma("GCC unroll 16")
 #else
 #define MOE_UNROLL

@@ -45,7 +45,7 @@ class ZeroComputeExpert {
   // MoE++ constant expert: a1 · x + a2 · value with [a1, a2] = softmax(mix [2, d] · x) (copies).
   static ZeroComputeExpert constant(Vector<T> value, Matrix<T> mix) {
     const index_t d = value.size();
-    return with_mix(constant(std::move(value)), Weight<T>::own(std::move(mix)), d);
+    return with_mix("ZeroComputeExpert::constant", constant(std::move(value)), Weight<T>::own(std::move(mix)), d);
   }
   // As the two above, viewing the caller's buffers, which must outlive the expert: an optimizer
   // that updates them in place (from Gradient::value and ::mix) is seen by the next forward.
@@ -54,7 +54,7 @@ class ZeroComputeExpert {
     return with_value(Weight<T>::view(value.data(), 1, value.size()), value.size());
   }
   static ZeroComputeExpert constant_view(ConstVectorMap<T> value, ConstMatrixMap<T> mix) {
-    return with_mix(constant_view(value), Weight<T>::view(mix), value.size());
+    return with_mix("ZeroComputeExpert::constant_view", constant_view(value), Weight<T>::view(mix), value.size());
   }
 
   ZeroComputeKind kind() const noexcept { return kind_; }
@@ -129,9 +129,9 @@ class ZeroComputeExpert {
     e.value_ = std::move(value);
     return e;
   }
-  static ZeroComputeExpert with_mix(ZeroComputeExpert e, Weight<T> mix, index_t d) {
-    detail::check_dim("ZeroComputeExpert::constant", "mix.rows()", mix.rows(), "2", 2);
-    detail::check_dim("ZeroComputeExpert::constant", "mix.cols()", mix.cols(), "value.size()", d);
+  static ZeroComputeExpert with_mix(const char* where, ZeroComputeExpert e, Weight<T> mix, index_t d) {
+    detail::check_dim(where, "mix.rows()", mix.rows(), "2", 2);
+    detail::check_dim(where, "mix.cols()", mix.cols(), "value.size()", d);
     e.mix_ = std::move(mix);
     return e;
   }

@@ -94,7 +94,7 @@ class SoftMoELayer {
   index_t slots_per_expert() const noexcept { return router_.slots_per_expert(); }
   const SoftRouter<T>& router() const noexcept { return router_; }
   // A training step on the router's scale (Φ and the experts are views the optimizer updates in
-  // place). Not while a forward or backward on this layer runs.
+  // place). After backward, as for those: backward reads the scale forward_train ran with.
   void set_scale(double scale) { router_.set_scale(scale); }
   const std::vector<Expert>& experts() const noexcept { return experts_; }
 

@@ -25,13 +25,13 @@ enum class CapacityPriority { position, score };
 enum class OverflowPolicy { drop, reroute };
 
 // ceil(capacity_factor · tokens · k / E), the formula Megatron-Core and Switch use, rounded as
-// Megatron-Core and DeepSpeed compute it in double, ceil((tokens · k / E) · capacity_factor): other
+// Megatron-Core's get_capacity computes it in double, ceil((tokens · k / E) · capacity_factor): other
 // orders of the same product round differently (cf 1.1, 45 tokens, k 4, E 6: 33 this way, 34 as
 // ceil(cf · tokens · k / E)). A value past the range of index_t (a huge capacity_factor)
 // saturates to its maximum: no expert ever fills.
 inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k, index_t num_experts) {
   const double capacity =
-      std::ceil(static_cast<double>(tokens * k) / static_cast<double>(num_experts) * capacity_factor);
+      std::ceil(static_cast<double>(tokens) * static_cast<double>(k) / static_cast<double>(num_experts) * capacity_factor);
   // 2^63 exactly; every double below it converts to index_t without overflow.
   constexpr double kLimit = static_cast<double>(std::numeric_limits<index_t>::max());
   if (!(capacity < kLimit)) return std::numeric_limits<index_t>::max();

@@ -43,9 +43,11 @@ enum class ScoreFunction {
 };
 
 // Where the softmax sits relative to the top-k selection. Without expert bias or group limits the
-// two choose the same experts (softmax is monotone; a bias added to, or group scores summed over,
-// probabilities in one and logits in the other can rank differently); their weights then agree in
-// exact arithmetic when `normalize` is on, and differ without it.
+// two choose the same experts in exact arithmetic (softmax is monotone; a bias added to, or group
+// scores summed over, probabilities in one and logits in the other can rank differently; and in
+// floating point, distinct logits whose probabilities round equal, or underflow to 0, tie and go
+// to the lower index); their weights then agree in exact arithmetic when `normalize` is on, and
+// differ without it.
 // Naming: Megatron-Core's `moe_router_pre_softmax = true` is `before_top_k`; its default is
 // `after_top_k`. ("pre/post-softmax" wording is ambiguous, so the enum says where.)
 enum class SoftmaxPlacement {
