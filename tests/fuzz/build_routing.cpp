@@ -138,12 +138,4 @@ void run(FuzzedDataProvider& fdp) {
 
 }  // namespace
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  FuzzedDataProvider fdp(data, size);
-  if (fdp.ConsumeBool()) {
-    run<double>(fdp);
-  } else {
-    run<float>(fdp);
-  }
-  return 0;
-}
+MOE_FUZZ_FLOAT_AND_DOUBLE(run)

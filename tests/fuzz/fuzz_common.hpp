@@ -48,14 +48,17 @@ inline std::string& case_description() {
 
 inline std::size_t sz(index_t i) { return static_cast<std::size_t>(i); }
 
-// Library issues a target found and that are reported but not fixed yet are skipped (the input
-// must still not crash), so fuzzing keeps exploring past them. Configure with MOE_FUZZ_STRICT=ON
-// to check them too: a fix is done when the strict build passes its target's corpus.
-#if defined(MOE_FUZZ_STRICT)
-inline constexpr bool kSkipKnownIssues = false;
-#else
-inline constexpr bool kSkipKnownIssues = true;
-#endif
+// The fuzzer's entry point: the input's first byte picks the scalar type of RUN<T>(fdp).
+#define MOE_FUZZ_FLOAT_AND_DOUBLE(RUN)                                                \
+  extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) { \
+    FuzzedDataProvider fdp(data, size);                                               \
+    if (fdp.ConsumeBool()) {                                                          \
+      RUN<double>(fdp);                                                               \
+    } else {                                                                          \
+      RUN<float>(fdp);                                                                \
+    }                                                                                 \
+    return 0;                                                                         \
+  }
 
 // Largest magnitude of a "moderate" value.
 inline constexpr double kModerate = 16.0;

@@ -30,13 +30,10 @@ namespace {
 
 using namespace moe_fuzz;
 
-// Library issue this fuzzer found that is reported but not fixed yet (kSkipKnownIssues): inputs
-// that reach it are not checked further. Delete the entry when its fix lands.
-//  - top_k.hpp rank_candidates, after_top_k with capacity and rerouting: a rerouting candidate's
-//    term exp(logit − the largest chosen logit) can overflow when a selection bias ranks experts
-//    whose logits are far above the chosen ones (detected per token: token_issue below).
-// (Fixed: a top_p rounding to 0 in T chose no expert; a zero weight denominator gave 0/0; the
-// after_top_k softmax overflowed for the chosen experts.)
+// Library issues this fuzzer found, all fixed: a top_p rounding to 0 in T chose no expert; a zero
+// weight denominator gave 0/0; the after_top_k softmax overflowed for the chosen experts; a
+// rerouting candidate's exp(logit − the largest chosen logit) overflowed when a selection bias
+// ranked experts whose logits are far above the chosen ones (NaN weights when renormalized).
 
 bool capped(const TopKOptions& o) { return o.capacity_factor > 0 || o.fixed_capacity > 0; }
 
@@ -117,6 +114,8 @@ bool reference_candidates(const TopKOptions& o, const moe::Vector<T>& bias, cons
     for (index_t j = 0; j < R; ++j) c.raw[sz(j)] = std::exp(logits[c.expert[sz(j)]] - top);
     for (index_t j = 0; j < o.k; ++j) sum += c.raw[sz(j)];
     for (index_t j = 0; j < R; ++j) c.raw[sz(j)] /= sum;
+    for (index_t j = o.k; j < R; ++j)  // e^(l − top) / sum in one exp where e^(l − top) overflows
+      if (std::isinf(c.raw[sz(j)])) c.raw[sz(j)] = std::exp(logits[c.expert[sz(j)]] - top - std::log(sum));
   } else {
     for (index_t j = 0; j < R; ++j) c.raw[sz(j)] = scores[c.expert[sz(j)]];
   }
@@ -170,11 +169,12 @@ bool close(T actual, double expected) {
   return std::fabs(static_cast<double>(actual) - expected) <= tol;
 }
 
-// Returns, per token, whether its weights are exempt from the finiteness check (empty when the
-// reference does not apply): it reaches a known issue, or a documented weight is beyond T's range.
-// The second happens with a selection bias and rerouting: the bias can choose an expert whose raw
-// score is far below the one a choice is rerouted to, and the rerouted weight raw / Σ chosen raw
-// is then unbounded (up to 1/eps), so × scale can exceed the largest T even from moderate values.
+// Returns, per token, whether a documented weight of it is beyond T's range (more than half the
+// largest T; empty when the reference does not apply). That happens with a selection bias (or a
+// zero group mask) and rerouting: the selection can choose an expert whose raw score is far below
+// the one a choice is rerouted to, and the rerouted weight raw / Σ chosen raw is then unbounded, so
+// even moderate values can exceed the largest T. The router throws moe::numeric_error for it when
+// check_finite, and passes an infinite weight otherwise.
 template <class T>
 std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vector<T>& bias, const moe::RouterOutput<T>& out,
                                           const std::vector<index_t>& bounds, index_t T_, index_t E) {
@@ -217,7 +217,7 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
   const T eps = o.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
   const T scale = static_cast<T>(o.scale);
   std::size_t next_dropped = 0, next_rerouted = 0;
-  std::vector<char> token_issue(sz(T_), 0);
+  std::vector<char> token_beyond(sz(T_), 0);
   for (index_t t = 0; t < T_; ++t) {
     const Candidates<T>& c = cand[sz(t)];
     MOE_FUZZ_CHECK_TOKEN(c.num_chosen >= 1 && c.num_chosen <= o.k);
@@ -235,12 +235,26 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     if (o.normalize) plain = chosen_sum + eps;
     if (plain == T(0)) plain = T(1);
     T denominator = plain;
-    if (o.renormalize_after_drop && is_capped && kept_any) {
+    const bool renormalized = o.renormalize_after_drop && is_capped && kept_any;
+    if (renormalized) {
       denominator = kept_sum + eps;
       if (denominator == T(0)) denominator = T(1);
     }
-    if (kSkipKnownIssues) {
-      for (const T raw : c.raw) token_issue[sz(t)] = token_issue[sz(t)] || !std::isfinite(raw);
+    // Renormalized, raw / Σ kept raw is a softmax over the kept logits: computed so where a
+    // rerouted raw weight overflowed T (softmax after top-k).
+    std::vector<T> share(sz(R), T(0));
+    const bool shares_from_logits =
+        renormalized && o.softmax_placement == SoftmaxPlacement::after_top_k && std::isinf(kept_sum);
+    if (shares_from_logits) {
+      const T* l = out.logits().data() + t * E;
+      T top = -std::numeric_limits<T>::infinity(), sum(0);
+      for (index_t j = 0; j < R; ++j)
+        if (kept[sz(t)][sz(j)]) top = std::max(top, l[c.expert[sz(j)]]);
+      for (index_t j = 0; j < R; ++j) {
+        if (kept[sz(t)][sz(j)]) share[sz(j)] = std::exp(l[c.expert[sz(j)]] - top);
+        sum += share[sz(j)];
+      }
+      for (T& v : share) v /= sum;
     }
     const std::vector<Choice<T>> got = choices_of(plan, t);
     std::size_t q = 0;
@@ -251,13 +265,15 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     std::size_t moved = 0;
     for (index_t j = c.num_chosen; j < R; ++j) moved += kept[sz(t)][sz(j)] ? 1 : 0;
     for (index_t j = 0; j < R; ++j) {
+      const bool from_logits = shares_from_logits && kept[sz(t)][sz(j)];
       const T den = kept[sz(t)][sz(j)] ? denominator : plain;
-      const T w = c.raw[sz(j)] / den * scale;
+      const T w = (from_logits ? share[sz(j)] : c.raw[sz(j)] / den) * scale;
       // The same weight in long double (range beyond double's), with a margin for T's rounding.
-      const long double exact = static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(den) *
-                                static_cast<long double>(scale);
+      const long double exact = from_logits ? static_cast<long double>(w)
+                                            : static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(den) *
+                                                  static_cast<long double>(scale);
       const bool beyond_range = !(std::fabs(exact) <= static_cast<long double>(std::numeric_limits<T>::max()) / 2);
-      if (std::isfinite(c.raw[sz(j)]) && beyond_range) token_issue[sz(t)] = 1;
+      if (beyond_range && (kept[sz(t)][sz(j)] || j < c.num_chosen)) token_beyond[sz(t)] = 1;
       if (kept[sz(t)][sz(j)]) {
         MOE_FUZZ_CHECK_TOKEN(q < got.size());
         MOE_FUZZ_CHECK_TOKEN(got[q].expert == c.expert[sz(j)]);
@@ -286,7 +302,7 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
   MOE_FUZZ_CHECK(next_dropped == plan.dropped.size());
   MOE_FUZZ_CHECK(next_rerouted == plan.rerouted.size());
 #undef MOE_FUZZ_CHECK_TOKEN
-  return token_issue;
+  return token_beyond;
 }
 
 template <class T>
@@ -360,8 +376,21 @@ void run(FuzzedDataProvider& fdp) {
   } catch (const moe::invalid_argument&) {
     MOE_FUZZ_CHECK(!valid);
     return;
-  } catch (const moe::numeric_error&) {
-    MOE_FUZZ_CHECK(valid && o.check_finite && !moderate);
+  } catch (const moe::numeric_error& e) {
+    MOE_FUZZ_CHECK(valid && o.check_finite);
+    if (moderate) {
+      // Moderate values throw only for a routing weight beyond T's range: routed again without
+      // the check, the reference must find one.
+      MOE_FUZZ_CHECK(std::string(e.what()).find("routing weight is beyond") != std::string::npos);
+      TopKOptions unchecked = o;
+      unchecked.check_finite = false;
+      moe::TopKRouter<T> lenient(w, unchecked);
+      if (bias.size() > 0) lenient.set_selection_bias(bias);
+      lenient.route(x, ctx, out);
+      const std::vector<index_t> bounds = g.boundaries.empty() ? std::vector<index_t>{0, T_} : g.boundaries;
+      const std::vector<char> beyond = check_against_reference(unchecked, bias, out, bounds, T_, E);
+      MOE_FUZZ_CHECK(std::find(beyond.begin(), beyond.end(), char(1)) != beyond.end());
+    }
     return;
   }
   MOE_FUZZ_CHECK(valid);
@@ -404,7 +433,7 @@ void run(FuzzedDataProvider& fdp) {
     if (o.overflow == OverflowPolicy::drop) MOE_FUZZ_CHECK(plan.rerouted.empty());
   }
 
-  const std::vector<char> token_issue = check_against_reference(o, bias, out, bounds, T_, E);
+  const std::vector<char> beyond_range = check_against_reference(o, bias, out, bounds, T_, E);
 
   // Weights finite whenever the logits are finite, and within [0, |scale|] when the selection
   // follows the raw weights' order. A selection bias, or a zero group mask (a masked expert can
@@ -414,7 +443,7 @@ void run(FuzzedDataProvider& fdp) {
   const bool selection_follows_raw = bias.size() == 0 && !(o.expert_groups > 1 && o.group_mask == GroupMask::zero);
   if (logits_finite && std::isfinite(scale)) {
     for (index_t t = 0; t < T_; ++t) {
-      if (!token_issue.empty() && token_issue[sz(t)]) continue;
+      if (!o.check_finite && !beyond_range.empty() && beyond_range[sz(t)]) continue;  // documented inf
       for (const Choice<T>& c : choices_of(plan, t)) {
         MOE_FUZZ_CHECK(std::isfinite(c.weight));
         if (selection_follows_raw) {
@@ -426,7 +455,7 @@ void run(FuzzedDataProvider& fdp) {
     // Lost weights are bounded like the kept ones, except after renormalization, where they are
     // divided by the surviving raw weights only (Σ lost raw / Σ kept raw can be any size).
     for (std::size_t i = 0; i < plan.dropped.size() && !o.renormalize_after_drop; ++i) {
-      if (token_issue.empty() || !token_issue[sz(plan.dropped[i])]) MOE_FUZZ_CHECK(std::isfinite(plan.dropped_weight[i]));
+      if (beyond_range.empty() || !beyond_range[sz(plan.dropped[i])]) MOE_FUZZ_CHECK(std::isfinite(plan.dropped_weight[i]));
     }
   }
 
@@ -466,12 +495,4 @@ void run(FuzzedDataProvider& fdp) {
 
 }  // namespace
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  FuzzedDataProvider fdp(data, size);
-  if (fdp.ConsumeBool()) {
-    run<double>(fdp);
-  } else {
-    run<float>(fdp);
-  }
-  return 0;
-}
+MOE_FUZZ_FLOAT_AND_DOUBLE(run)

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <limits>
+#include <type_traits>
 #include <map>
 #include <set>
 
@@ -256,6 +257,161 @@ TEST_CASE("A rerouted choice keeps the chosen experts' denominator, even above s
   }
   CHECK(out.plan.rerouted == std::vector<index_t>{1, 2});
   CHECK(out.plan.dropped.empty());
+}
+
+// Two tokens, E = 4, k = 2, softmax after top-k, one slot per expert (x rows are the logits: W = I).
+// A selection bias picks experts 0 and 1 for both; token 1 loses both to token 0 and is rerouted to
+// experts 2 and 3, whose logits (gap, gap − 1) sit far above its chosen ones (0, −1): e^gap
+// overflows T, so both raw weights of token 1's kept choices are beyond T's range.
+template <class T>
+struct FarReroute {
+  static constexpr index_t E = 4, Tn = 2;
+  moe::Matrix<T> W = moe::Matrix<T>::Identity(E, E);
+  moe::Matrix<T> x;
+  moe::TopKOptions o;
+  moe::Vector<T> bias = (moe::Vector<T>(E) << 1000, 1000, 0, 0).finished();
+  explicit FarReroute(double gap) : x(Tn, E) {
+    x << 0.5, -0.25, 3, 2,  //
+        0, -1, T(gap), T(gap - 1);
+    o.k = 2;
+    o.softmax_placement = moe::SoftmaxPlacement::after_top_k;
+    o.fixed_capacity = 1;
+    o.overflow = moe::OverflowPolicy::reroute;
+    o.scale = 1.5;
+  }
+  moe::TopKRouter<T> router() const {
+    moe::TopKRouter<T> r(W, o);
+    r.set_selection_bias(bias);
+    return r;
+  }
+};
+
+// ∂L/∂weight of token t's assignment to expert e in the tests below.
+double far_grad(index_t t, index_t e) { return 0.3 + 0.25 * double(e) - 0.7 * double(t); }
+
+// L = Σ over token t's assignments of far_grad(t, e) · weight, for the finite differences.
+double far_loss(const moe::TopKRouter<double>& router, const moe::Matrix<double>& x) {
+  moe::RouterOutput<double> out;
+  router.route(x, out);
+  double L = 0;
+  const auto got = by_token(out.plan);
+  for (index_t t = 0; t < index_t(got.size()); ++t)
+    for (const Assigned& a : got[std::size_t(t)]) L += far_grad(t, a.expert) * a.weight;
+  return L;
+}
+
+TEMPLATE_TEST_CASE("Renormalized over choices rerouted far above the chosen logits: exact weights and gradients", "[routing][capacity][backward]",
+                   float, double) {
+  using T = TestType;
+  const double gap = std::is_same<T, float>::value ? 150.0 : 800.0;  // e^gap overflows T
+  REQUIRE(std::isinf(std::exp(T(gap))));
+  FarReroute<T> f(gap);
+  f.o.renormalize_after_drop = true;
+  const moe::TopKRouter<T> router = f.router();
+  moe::RouterOutput<T> out;
+  router.route(f.x, out);
+  const auto got = by_token(out.plan);
+  CHECK(out.plan.rerouted == std::vector<index_t>{1});
+  CHECK(out.plan.dropped.empty());
+  // Kept weights: scale · softmax over the kept logits, w_j = e^(l_j − top) / Σ_kept e^(l_i − top);
+  // ∂L/∂l_j = scale · w_j · (g_j − Σ_kept w_i g_i) for kept j.
+  const index_t expected[2][2] = {{0, 1}, {2, 3}};
+  moe::Matrix<double> dlogits = moe::Matrix<double>::Zero(f.Tn, f.E);
+  for (index_t t = 0; t < f.Tn; ++t) {
+    REQUIRE(got[std::size_t(t)].size() == 2);
+    const double l0 = double(f.x(t, expected[t][0])), l1 = double(f.x(t, expected[t][1]));
+    const double top = std::max(l0, l1);
+    const double w[2] = {std::exp(l0 - top) / (std::exp(l0 - top) + std::exp(l1 - top)),
+                         std::exp(l1 - top) / (std::exp(l0 - top) + std::exp(l1 - top))};
+    double mean_g = 0;
+    for (int j = 0; j < 2; ++j) {
+      const Assigned& a = got[std::size_t(t)][std::size_t(j)];
+      CHECK(a.expert == expected[t][j]);
+      REQUIRE(std::isfinite(a.weight));
+      CHECK(a.weight == Approx(f.o.scale * w[j]).epsilon(1e-5));
+      mean_g += w[j] * far_grad(t, expected[t][j]);
+    }
+    for (int j = 0; j < 2; ++j) dlogits(t, expected[t][j]) = f.o.scale * w[j] * (far_grad(t, expected[t][j]) - mean_g);
+  }
+
+  std::vector<T> grad_weight(out.plan.weight.size());
+  for (std::size_t a = 0; a < grad_weight.size(); ++a) grad_weight[a] = T(far_grad(out.plan.token[a], out.plan.expert_of_assignment(index_t(a))));
+  moe::Matrix<T> dx = moe::Matrix<T>::Zero(f.Tn, f.E), dW = moe::Matrix<T>::Zero(f.E, f.E);
+  router.backward(f.x, out, grad_weight.data(), nullptr, nullptr, dx, dW);
+  // With W = I: ∂L/∂x = ∂L/∂logits, ∂L/∂W = (∂L/∂logits)ᵀ x.
+  const moe::Matrix<double> dW_ref = dlogits.transpose() * f.x.template cast<double>();
+  for (index_t t = 0; t < f.Tn; ++t)
+    for (index_t e = 0; e < f.E; ++e) {
+      CAPTURE(t, e, dx(t, e), dlogits(t, e));
+      REQUIRE(std::isfinite(dx(t, e)));
+      CHECK(std::abs(double(dx(t, e)) - dlogits(t, e)) <= 1e-5);
+    }
+  for (index_t r = 0; r < f.E; ++r)
+    for (index_t c = 0; c < f.E; ++c) {
+      CAPTURE(r, c, dW(r, c), dW_ref(r, c));
+      REQUIRE(std::isfinite(dW(r, c)));
+      CHECK(std::abs(double(dW(r, c)) - dW_ref(r, c)) <= 1e-5 * (1 + std::abs(dW_ref(r, c))));
+    }
+  CHECK(std::abs(dlogits(1, 2)) > 0.01);  // token 1's gradient is not small: 1.5 · 0.73 · 0.27 · 0.25
+
+  if (std::is_same<T, double>::value) {  // and central differences of L over x, in double
+    FarReroute<double> fd(gap);
+    fd.o.renormalize_after_drop = true;
+    const moe::TopKRouter<double> r = fd.router();
+    const double h = 1e-5;
+    for (index_t t = 0; t < f.Tn; ++t)
+      for (index_t e = 0; e < f.E; ++e) {
+        moe::Matrix<double> xp = fd.x, xm = fd.x;
+        xp(t, e) += h, xm(t, e) -= h;
+        const double numeric = (far_loss(r, xp) - far_loss(r, xm)) / (2 * h);
+        CAPTURE(t, e, numeric, dx(t, e));
+        CHECK(std::abs(numeric - double(dx(t, e))) <= 1e-7);
+      }
+  }
+}
+
+TEST_CASE("A rerouted weight beyond the scalar's range throws a named numeric_error, or passes as inf", "[routing][capacity][errors]") {
+  // As above, without renormalization: token 1's weights are e^150 / (1 + e^-1) · 1.5 and e^149 / ...,
+  // beyond float.
+  FarReroute<float> f(150.0);
+  moe::RouterOutput<float> out;
+  {
+    moe::RouterOutput<float> warm;  // a plan from an earlier batch, to see what the throw leaves
+    f.router().route(f.x.topRows(1), warm);
+    out = warm;
+  }
+  REQUIRE_THROWS_AS(f.router().route(f.x, out), moe::numeric_error);
+  REQUIRE_THROWS_WITH(f.router().route(f.x, out), Catch::Contains("token = 1") && Catch::Contains("expert = 2") &&
+                                                        Catch::Contains("renormalize_after_drop"));
+  CHECK(out.plan.num_tokens == 0);  // an empty plan, not a half-built one
+  CHECK(out.plan.num_assignments() == 0);
+  CHECK(out.plan.dropped.empty());
+  CHECK(out.plan.rerouted.empty());
+
+  f.o.check_finite = false;  // documented: the infinite weight then passes through
+  f.router().route(f.x, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[1].size() == 2);
+  CHECK(got[1][0].expert == 2);
+  CHECK(std::isinf(got[1][0].weight));
+  CHECK(std::isinf(got[1][1].weight));
+}
+
+TEST_CASE("A rerouted weight whose exp overflows but whose value fits the scalar is exact", "[routing][capacity]") {
+  // Token 1's chosen logits are (0, 0), so its raw weights are e^l / 2; e^89 overflows float but
+  // e^89 / 2 = 2.2e38 fits.
+  FarReroute<float> f(150.0);
+  f.x.row(1) << 0, 0, 89, -50;
+  f.o.scale = 1;
+  REQUIRE(std::isinf(std::exp(89.0f)));
+  moe::RouterOutput<float> out;
+  f.router().route(f.x, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[1].size() == 2);
+  CHECK(got[1][0].expert == 2);
+  REQUIRE(std::isfinite(got[1][0].weight));
+  CHECK(got[1][0].weight == Approx(std::exp(89.0) / 2).epsilon(1e-5));
+  CHECK(got[1][1].weight == Approx(std::exp(-50.0) / 2).epsilon(1e-5));
 }
 
 TEST_CASE("Renormalized after a drop, survivors of probability 1e-30 get finite, exact gradients", "[routing][capacity][backward]") {

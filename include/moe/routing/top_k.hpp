@@ -12,7 +12,9 @@
 // Capacity (capacity.hpp) may then drop or reroute choices, per routing group. A rerouted choice
 // keeps the same denominator, so when the selection can choose experts whose raw weight is below
 // the one a choice is rerouted to (a selection bias, or GroupMask::zero letting a masked expert win
-// at 0 over negative logits), its weight can exceed `scale`, without bound as Σ raw → 0.
+// at 0 over negative logits), its weight can exceed `scale`, without bound as Σ raw → 0; one beyond
+// T's range throws moe::numeric_error (with check_finite). Renormalized after drops, the weights are
+// raw / Σ kept raw ≤ 1 however far the raw weights overflow T.
 // The selection bias (DeepSeek e_score_correction_bias) changes which experts are chosen, never
 // the weights.
 #include <algorithm>
@@ -97,7 +99,9 @@ struct TopKOptions {
   double jitter = 0.0;
   std::uint64_t jitter_seed = 0;
 
-  bool check_finite = true;  // throw moe::numeric_error on a non-finite logit
+  // Throw moe::numeric_error on a non-finite logit, and on a routing weight beyond T's range (only
+  // a rerouted choice's can be: see the top of this file).
+  bool check_finite = true;
 };
 
 template <class T>
@@ -185,11 +189,14 @@ class TopKRouter {
     const bool renormalize = options_.renormalize_after_drop && capped;
     const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
     const T scale = static_cast<T>(options_.scale);
-    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_log_raw(static_cast<std::size_t>(R));
+    const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
+    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_log_raw(static_cast<std::size_t>(R)),
+        shares(static_cast<std::size_t>(R));
     for (index_t t = 0; t < T_; ++t) {
       const T* raw = raw_all + t * R;
       const std::uint8_t* kept = kept_all + t * R;
       const index_t* row = ranked + t * R;
+      const T* logits_row = out.logits().data() + t * E;
       // ∂L/∂(final weight) of every candidate: kept ones from their assignment, lost ones share
       // the token's lost-weight gradient (those reroute moved are not lost: decide_and_build).
       index_t q = plan.token_begin[t];
@@ -229,10 +236,15 @@ class TopKRouter {
           normalized = D != T(0);
           if (!normalized) D = T(1);
         }
+        // Σ raw overflowed (renormalized over a rerouted choice far above the chosen logits, as
+        // decide_and_build): r_j = raw_j / D from the logits.
+        const bool from_logits = normalized && on_logits && std::isinf(D);
+        if (from_logits) logit_shares(logits_row, row, R, in_denominator, shares.data());
+        auto share = [&](index_t j) { return from_logits && in_denominator(j) ? shares[j] : raw[j] / D; };
         T weighted(0);
-        for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], raw[j] / D) : T(0);
+        for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], share(j)) : T(0);
         for (index_t j = 0; j < R; ++j) {
-          const T r = raw[j] / D;
+          const T r = share(j);
           if (in_group(j)) g_log_raw[j] += scale * times(g_weight[j], r);
           if (normalized && in_denominator(j)) g_log_raw[j] -= scale * r * weighted;
         }
@@ -248,7 +260,7 @@ class TopKRouter {
       }
       // raw → logits.
       T* dl = dlogits.data() + t * E;
-      if (options_.softmax_placement == SoftmaxPlacement::after_top_k) {
+      if (on_logits) {
         // raw_j = exp(l_j) / Σ_{i<k} exp(l_i): ∂raw_j/∂l_i = raw_j (δ_ij − [i<k] raw_i).
         T s(0);
         for (index_t j = 0; j < R; ++j) s += g_log_raw[j];
@@ -444,6 +456,10 @@ class TopKRouter {
         for (index_t j = 0; j < R; ++j) row_raw[j] = std::exp(logits(t, row[j]) - top);
         for (index_t j = 0; j < k; ++j) sum += row_raw[j];
         for (index_t j = 0; j < R; ++j) row_raw[j] /= sum;
+        // A rerouting candidate whose logit is far above the chosen ones (ranked below them by a
+        // selection bias or a zero group mask) overflows exp before the division: one exp then.
+        for (index_t j = k; j < R; ++j)
+          if (std::isinf(row_raw[j])) row_raw[j] = std::exp(logits(t, row[j]) - top - std::log(sum));
       } else {
         for (index_t j = 0; j < R; ++j) row_raw[j] = scores(t, row[j]);
       }
@@ -478,6 +494,8 @@ class TopKRouter {
     plan.rerouted.clear();
     const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);  // DeepSeek-V3's denominator guard
     const T scale = static_cast<T>(options_.scale);
+    const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
+    T* shares = out.row_scratch.ensure(R);
     index_t n = 0;
     for (index_t t = 0; t < T_; ++t) {
       begin[t] = n;
@@ -498,17 +516,25 @@ class TopKRouter {
       // Every summed probability underflowed to 0: keep those zeros rather than 0/0 = NaN.
       if (plain == T(0)) plain = T(1);
       T denominator = plain;
+      bool shares_from_logits = false;
       if (options_.renormalize_after_drop && capped && kept_any) {
         denominator = kept_sum + eps;
         if (denominator == T(0)) denominator = T(1);
+        // Only a rerouted raw weight can overflow (softmax after top-k); raw / Σ kept raw is then
+        // the softmax over the kept logits.
+        shares_from_logits = on_logits && std::isinf(kept_sum);
+        if (shares_from_logits)
+          logit_shares(out.logits().data() + t * E, c.expert + t * R, R, [keep](index_t j) { return keep[j] != 0; }, shares);
       }
       // A lost choice that reroute moved elsewhere is not lost: only the others count.
       index_t moved = rerouted_choices(keep, c.num_chosen[t], R);
       const bool was_rerouted = moved > 0;
       for (index_t j = 0; j < R; ++j) {
         if (keep[j]) {
+          const T w = (shares_from_logits ? shares[j] : raw[j] / denominator) * scale;
+          if (options_.check_finite && !std::isfinite(w)) throw_weight_overflow(t, c.expert[t * R + j], w, E, plan);
           chosen[n] = c.expert[t * R + j];
-          weights[n++] = raw[j] / denominator * scale;
+          weights[n++] = w;
         } else if (j < c.num_chosen[t]) {
           if (moved > 0) --moved; else lost += raw[j] / plain * scale;
         }
@@ -521,6 +547,35 @@ class TopKRouter {
     }
     begin[T_] = n;
     build_routing(T_, E, begin, chosen, weights, plan);
+  }
+
+  // With softmax after top-k, raw_j / Σ_{i kept} raw_i for the kept candidates j of one token (0
+  // for the others), computed as a softmax over their logits (raw_j = e^(l_j − top) / s, and top
+  // and s cancel): exact where Σ kept raw overflows T.
+  template <class IsKept>
+  static void logit_shares(const T* logits, const index_t* experts, index_t R, IsKept is_kept, T* shares) {
+    T top = -std::numeric_limits<T>::infinity();
+    for (index_t j = 0; j < R; ++j)
+      if (is_kept(j)) top = std::max(top, logits[experts[j]]);
+    T sum(0);
+    for (index_t j = 0; j < R; ++j) {
+      shares[j] = is_kept(j) ? std::exp(logits[experts[j]] - top) : T(0);
+      sum += shares[j];
+    }
+    for (index_t j = 0; j < R; ++j) shares[j] /= sum;
+  }
+
+  // Leaves an empty plan behind (never a half-built one) and names the weight.
+  [[noreturn]] static void throw_weight_overflow(index_t t, index_t expert, T w, index_t E, Routing<T>& plan) {
+    plan.dropped.clear();
+    plan.dropped_weight.clear();
+    plan.rerouted.clear();
+    const index_t no_choices = 0;
+    build_routing(index_t(0), E, &no_choices, static_cast<const index_t*>(nullptr), static_cast<const T*>(nullptr), plan);
+    detail::throw_numeric("TopKRouter::route: routing weight is beyond the range of the scalar type (token = ", t,
+                          ", expert = ", expert, ", weight = ", w,
+                          "): the choice was rerouted to an expert whose score is far above the chosen experts', and keeps their "
+                          "denominator; renormalize_after_drop or OverflowPolicy::drop avoid it, check_finite = false lets it through");
   }
 
   Weight<T> weight_;  // [E, d]
