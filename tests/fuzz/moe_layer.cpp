@@ -273,7 +273,7 @@ void run(FuzzedDataProvider& fdp) {
   char text[300];
   if (kind <= 1) {
     const TopKOptions o = decode_options(fdp, E, c.T_);
-    bool router_valid = options_valid(o, E);
+    bool router_valid = options_valid<T>(o, E);
     if (c.T_ > 0 && c.training && o.jitter > 0 && c.ids.empty()) c.valid = false;
     if (!(std::fabs(o.scale) <= kModerate)) c.moderate = false;
     const moe::Matrix<T> w = matrix<T>(fdp, E, c.d, special_weights, c.moderate);  // [E, d]

@@ -66,9 +66,10 @@ inline moe::TopKOptions decode_options(FuzzedDataProvider& fdp, index_t E, index
   return o;
 }
 
-// The documented constraints of TopKOptions (top_k.hpp), written out independently.
-inline bool options_valid(const TopKOptions& o, index_t E) {
-  if (E < 1 || o.k < 1 || o.k > E || !std::isfinite(o.scale)) return false;
+// The documented constraints of TopKOptions (top_k.hpp) for a TopKRouter<T>, written out independently.
+template <class T>
+bool options_valid(const TopKOptions& o, index_t E) {
+  if (E < 1 || o.k < 1 || o.k > E || !std::isfinite(static_cast<T>(o.scale))) return false;
   if (o.score == ScoreFunction::sigmoid && o.softmax_placement == SoftmaxPlacement::after_top_k) return false;
   if (o.expert_groups < 1 || E % o.expert_groups != 0) return false;
   const index_t size = E / o.expert_groups;

@@ -216,6 +216,7 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
   } while (false)
   const T eps = o.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
   const T scale = static_cast<T>(o.scale);
+  const bool on_logits = o.softmax_placement == SoftmaxPlacement::after_top_k;
   std::size_t next_dropped = 0, next_rerouted = 0;
   std::vector<char> token_beyond(sz(T_), 0);
   for (index_t t = 0; t < T_; ++t) {
@@ -243,8 +244,7 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
     // Renormalized, raw / Σ kept raw is a softmax over the kept logits: computed so where a
     // rerouted raw weight overflowed T (softmax after top-k).
     std::vector<T> share(sz(R), T(0));
-    const bool shares_from_logits =
-        renormalized && o.softmax_placement == SoftmaxPlacement::after_top_k && std::isinf(kept_sum);
+    const bool shares_from_logits = renormalized && on_logits && std::isinf(kept_sum);
     if (shares_from_logits) {
       const T* l = out.logits().data() + t * E;
       T top = -std::numeric_limits<T>::infinity(), sum(0);
@@ -268,16 +268,27 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
       const bool from_logits = shares_from_logits && kept[sz(t)][sz(j)];
       const T den = kept[sz(t)][sz(j)] ? denominator : plain;
       const T w = (from_logits ? share[sz(j)] : c.raw[sz(j)] / den) * scale;
-      // The same weight in long double (range beyond double's), with a margin for T's rounding.
+      // The same weight in long double (range beyond double's), with a margin for T's rounding;
+      // after top-k from the logits, since raw itself may be beyond T.
+      long double exact_raw = static_cast<long double>(c.raw[sz(j)]);
+      if (on_logits) {
+        const T* l = out.logits().data() + t * E;
+        long double top = -std::numeric_limits<long double>::infinity(), sum = 0;
+        for (index_t i = 0; i < o.k; ++i) top = std::max(top, static_cast<long double>(l[c.expert[sz(i)]]));
+        for (index_t i = 0; i < o.k; ++i) sum += std::exp(static_cast<long double>(l[c.expert[sz(i)]]) - top);
+        exact_raw = std::exp(static_cast<long double>(l[c.expert[sz(j)]]) - top) / sum;
+      }
       const long double exact = from_logits ? static_cast<long double>(w)
-                                            : static_cast<long double>(c.raw[sz(j)]) / static_cast<long double>(den) *
-                                                  static_cast<long double>(scale);
+                                            : exact_raw / static_cast<long double>(den) * static_cast<long double>(scale);
       const bool beyond_range = !(std::fabs(exact) <= static_cast<long double>(std::numeric_limits<T>::max()) / 2);
       if (beyond_range && (kept[sz(t)][sz(j)] || j < c.num_chosen)) token_beyond[sz(t)] = 1;
       if (kept[sz(t)][sz(j)]) {
         MOE_FUZZ_CHECK_TOKEN(q < got.size());
         MOE_FUZZ_CHECK_TOKEN(got[q].expert == c.expert[sz(j)]);
-        MOE_FUZZ_CHECK_TOKEN(close(got[q].weight, static_cast<double>(w)));
+        // In T's own order where that is finite; else (a rerouted raw weight beyond T) the exact
+        // value, which the router reaches in the log domain. Near or beyond T's range: unchecked.
+        if (!beyond_range)
+          MOE_FUZZ_CHECK_TOKEN(close(got[q].weight, std::isfinite(w) ? static_cast<double>(w) : static_cast<double>(exact)));
         ++q;
         rerouted = rerouted || j >= c.num_chosen;
       } else if (j < c.num_chosen) {
@@ -312,7 +323,7 @@ void run(FuzzedDataProvider& fdp) {
   const index_t d = size_in(fdp, 0, 48);
   const index_t T_ = size_in(fdp, 0, 64);
   const TopKOptions o = decode_options(fdp, E, T_);
-  bool valid = options_valid(o, E);
+  bool valid = options_valid<T>(o, E);
   bool moderate = true;
   const bool special_w = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   const bool special_x = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
@@ -378,18 +389,30 @@ void run(FuzzedDataProvider& fdp) {
     return;
   } catch (const moe::numeric_error& e) {
     MOE_FUZZ_CHECK(valid && o.check_finite);
-    if (moderate) {
-      // Moderate values throw only for a routing weight beyond T's range: routed again without
-      // the check, the reference must find one.
-      MOE_FUZZ_CHECK(std::string(e.what()).find("routing weight is beyond") != std::string::npos);
+    // Moderate values throw only for a routing weight beyond T's range.
+    const bool weight_beyond = std::strstr(e.what(), "routing weight is beyond") != nullptr;
+    if (moderate) MOE_FUZZ_CHECK(weight_beyond);
+    if (weight_beyond) {
+      // It leaves an empty plan; routed again without the check, the named token's weight for the
+      // named expert is infinite, and the reference finds that token's weights beyond T's range.
+      MOE_FUZZ_CHECK(out.plan.num_tokens == 0 && out.plan.num_assignments() == 0 && out.plan.dropped.empty() &&
+                     out.plan.rerouted.empty());
+      std::ptrdiff_t token = -1, expert = -1;
+      const char* named = std::strstr(e.what(), "token = ");
+      MOE_FUZZ_CHECK(named != nullptr && std::sscanf(named, "token = %td, expert = %td", &token, &expert) == 2);
+      MOE_FUZZ_CHECK(token >= 0 && token < T_ && expert >= 0 && expert < E);
       TopKOptions unchecked = o;
       unchecked.check_finite = false;
       moe::TopKRouter<T> lenient(w, unchecked);
       if (bias.size() > 0) lenient.set_selection_bias(bias);
       lenient.route(x, ctx, out);
+      bool named_infinite = false;
+      for (const Choice<T>& c : choices_of(out.plan, token)) named_infinite = named_infinite || (c.expert == expert && std::isinf(c.weight));
+      MOE_FUZZ_CHECK(named_infinite);
       const std::vector<index_t> bounds = g.boundaries.empty() ? std::vector<index_t>{0, T_} : g.boundaries;
       const std::vector<char> beyond = check_against_reference(unchecked, bias, out, bounds, T_, E);
-      MOE_FUZZ_CHECK(std::find(beyond.begin(), beyond.end(), char(1)) != beyond.end());
+      if (moderate) MOE_FUZZ_CHECK(!beyond.empty());
+      if (!beyond.empty()) MOE_FUZZ_CHECK(beyond[sz(token)]);
     }
     return;
   }

@@ -375,18 +375,29 @@ TEST_CASE("A rerouted weight beyond the scalar's range throws a named numeric_er
   // beyond float.
   FarReroute<float> f(150.0);
   moe::RouterOutput<float> out;
-  {
-    moe::RouterOutput<float> warm;  // a plan from an earlier batch, to see what the throw leaves
-    f.router().route(f.x.topRows(1), warm);
-    out = warm;
+  // What the throw leaves behind, after plans that rerouted a choice and that dropped two.
+  for (const bool dropping : {false, true}) {
+    FarReroute<float> warm(150.0);
+    warm.o.renormalize_after_drop = !dropping;
+    if (dropping) warm.o.overflow = moe::OverflowPolicy::drop;
+    warm.router().route(warm.x, out);
+    REQUIRE(out.plan.num_assignments() == (dropping ? 2 : 4));
+    REQUIRE(out.plan.rerouted.size() == (dropping ? 0u : 1u));
+    REQUIRE(out.plan.dropped.size() == (dropping ? 1u : 0u));
+    REQUIRE_THROWS_WITH(f.router().route(f.x, out), Catch::Contains("token = 1") && Catch::Contains("expert = 2") &&
+                                                          Catch::Contains("renormalize_after_drop"));
+    CHECK(out.plan.num_tokens == 0);  // an empty plan, not a half-built one
+    CHECK(out.plan.num_assignments() == 0);
+    CHECK(out.plan.dropped.empty());
+    CHECK(out.plan.dropped_weight.empty());
+    CHECK(out.plan.rerouted.empty());
   }
   REQUIRE_THROWS_AS(f.router().route(f.x, out), moe::numeric_error);
-  REQUIRE_THROWS_WITH(f.router().route(f.x, out), Catch::Contains("token = 1") && Catch::Contains("expert = 2") &&
-                                                        Catch::Contains("renormalize_after_drop"));
-  CHECK(out.plan.num_tokens == 0);  // an empty plan, not a half-built one
-  CHECK(out.plan.num_assignments() == 0);
-  CHECK(out.plan.dropped.empty());
-  CHECK(out.plan.rerouted.empty());
+  // Backward through what the throw left is refused, not read out of bounds.
+  moe::Matrix<float> dx = moe::Matrix<float>::Zero(f.Tn, f.E), dW = moe::Matrix<float>::Zero(f.E, f.E);
+  const std::vector<float> grad_weight(4, 1.0f);
+  REQUIRE_THROWS_WITH(f.router().backward(f.x, out, grad_weight.data(), nullptr, nullptr, dx, dW),
+                      Catch::Contains("out.plan.num_tokens = 0"));
 
   f.o.check_finite = false;  // documented: the infinite weight then passes through
   f.router().route(f.x, out);
@@ -395,6 +406,45 @@ TEST_CASE("A rerouted weight beyond the scalar's range throws a named numeric_er
   CHECK(got[1][0].expert == 2);
   CHECK(std::isinf(got[1][0].weight));
   CHECK(std::isinf(got[1][1].weight));
+}
+
+TEMPLATE_TEST_CASE("A rerouted weight whose raw weight overflows but whose scaled value fits is exact", "[routing][capacity]",
+                   float, double) {
+  // Token 1's weights are e^gap / (1 + e^-1) · scale and e^(gap − 1) / (1 + e^-1) · scale: e^gap is
+  // beyond T, the products are not (or are 0 for scale 0). Expected values in the log domain.
+  using T = TestType;
+  const bool is_float = std::is_same<T, float>::value;
+  FarReroute<T> f(is_float ? 150.0 : 800.0);
+  const double gap = double(f.x(1, 2));
+  f.o.scale = GENERATE(as<double>{}, 1e-30, -1e-30, 1e-300, -1e-300, 0.0, 0.5);
+  CAPTURE(f.o.scale);
+  if (is_float && std::abs(f.o.scale) == 1e-300) return;  // 0 in float: the scale 0 case
+  const double log_value = f.o.scale == 0 ? -std::numeric_limits<double>::infinity()
+                                          : gap + std::log(std::abs(f.o.scale)) - std::log1p(std::exp(-1.0));
+  moe::RouterOutput<T> out;
+  if (log_value > std::log(double(std::numeric_limits<T>::max()))) {  // 0.5 in both, 1e-30 in double
+    REQUIRE_THROWS_AS(f.router().route(f.x, out), moe::numeric_error);
+    return;
+  }
+  f.router().route(f.x, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[1].size() == 2);
+  CHECK(got[1][0].expert == 2);
+  CHECK(got[1][1].expert == 3);
+  const double sign = f.o.scale < 0 ? -1.0 : 1.0;
+  for (int j = 0; j < 2; ++j) {
+    const double expected = sign * std::exp(log_value - double(j));
+    CAPTURE(j, expected);
+    REQUIRE(std::isfinite(got[1][std::size_t(j)].weight));
+    CHECK(got[1][std::size_t(j)].weight == Approx(expected).epsilon(is_float ? 1e-5 : 1e-12));
+  }
+}
+
+TEST_CASE("A scale beyond the scalar's range is refused, naming it", "[routing][errors]") {
+  moe::TopKOptions o;
+  o.scale = 1e300;  // finite in double, not in float
+  REQUIRE_THROWS_WITH(moe::TopKRouter<float>(moe::Matrix<float>::Identity(4, 4), o), Catch::Contains("scale = 1e+300"));
+  CHECK_NOTHROW(moe::TopKRouter<double>(moe::Matrix<double>::Identity(4, 4), o));
 }
 
 TEST_CASE("A rerouted weight whose exp overflows but whose value fits the scalar is exact", "[routing][capacity]") {

@@ -12,6 +12,8 @@
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+#include "../support/reference.hpp"
+
 namespace {
 
 using moe::index_t;
@@ -137,27 +139,6 @@ std::vector<std::int64_t> random_ids(std::mt19937_64& rng, index_t n) {
   return ids;
 }
 
-// Double SwiGLU of one row: W_down (silu(W_gate x) ⊙ W_up x).
-template <class T>
-std::vector<double> reference_swiglu(const moe::SwiGLU<T>& expert, const T* x) {
-  const index_t d = expert.d_model();
-  const index_t ff = expert.d_ff();
-  std::vector<double> h(static_cast<std::size_t>(ff));
-  for (index_t f = 0; f < ff; ++f) {
-    double g = 0.0;
-    double u = 0.0;
-    for (index_t i = 0; i < d; ++i) {
-      g += static_cast<double>(expert.w_gate()(f, i)) * static_cast<double>(x[i]);
-      u += static_cast<double>(expert.w_up()(f, i)) * static_cast<double>(x[i]);
-    }
-    h[static_cast<std::size_t>(f)] = g / (1.0 + std::exp(-g)) * u;
-  }
-  std::vector<double> y(static_cast<std::size_t>(d), 0.0);
-  for (index_t o = 0; o < d; ++o) {
-    for (index_t f = 0; f < ff; ++f) y[static_cast<std::size_t>(o)] += static_cast<double>(expert.w_down()(o, f)) * h[static_cast<std::size_t>(f)];
-  }
-  return y;
-}
 
 }  // namespace
 
@@ -384,7 +365,7 @@ TEMPLATE_TEST_CASE("MoELayer with HashRouter matches a per-token double referenc
     for (index_t t = 0; t < s.T; ++t) {
       std::vector<double> expected(static_cast<std::size_t>(s.d), 0.0);
       for (const index_t e : ref_hash_experts(ids[static_cast<std::size_t>(t)], 3, s.k, s.E)) {
-        const auto out_e = reference_swiglu(at(layer.experts(), e), &x(t, 0));
+        const auto out_e = moe_test::swiglu_row(at(layer.experts(), e), &x(t, 0));
         for (index_t i = 0; i < s.d; ++i) at(expected, i) += at(out_e, i) / static_cast<double>(s.k);
       }
       const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-13;

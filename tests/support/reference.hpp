@@ -72,6 +72,13 @@ inline std::vector<double> swiglu(const Mat& wg, const Mat& wu, const Mat& wd, c
   return linear(wd, g);
 }
 
+// The same for one row x [d] of a SwiGLU expert's input, read from the expert's own weights.
+template <class T>
+std::vector<double> swiglu_row(const moe::SwiGLU<T>& expert, const T* x) {
+  const std::vector<double> row(x, x + expert.d_model());
+  return swiglu(to_double(expert.w_gate()), to_double(expert.w_up()), to_double(expert.w_down()), row);
+}
+
 // Largest |a - b| relative to the largest |b| (norm-relative error, robust near zeros).
 template <class A>
 double max_relative_error(const A& actual, const Mat& expected) {

@@ -100,7 +100,7 @@ struct TopKOptions {
   std::uint64_t jitter_seed = 0;
 
   // Throw moe::numeric_error on a non-finite logit, and on a routing weight beyond T's range (only
-  // a rerouted choice's can be: see the top of this file).
+  // a rerouted choice's can be: see the top of this file; with check_finite = false it is ±inf).
   bool check_finite = true;
 };
 
@@ -173,6 +173,8 @@ class TopKRouter {
                 const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {}) const {
     const index_t T_ = x.rows(), E = num_experts();
     detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
+    // (An empty plan beside T_ logits: the route that filled `out` threw.)
+    detail::check_dim("TopKRouter::backward", "out.plan.num_tokens", out.plan.num_tokens, "x.rows()", T_);
     detail::check_dim("TopKRouter::backward", "x.cols()", x.cols(), "d_model", d_model());
     detail::check_dim("TopKRouter::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
     detail::check_dim("TopKRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
@@ -308,7 +310,10 @@ class TopKRouter {
     if (o.k < 1 || o.k > E) {
       detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", o.k, ", num_experts = ", E, ")");
     }
-    if (!std::isfinite(o.scale)) detail::throw_invalid("TopKRouter: scale must be finite (scale = ", o.scale, ")");
+    if (!std::isfinite(static_cast<T>(o.scale))) {
+      detail::throw_invalid("TopKRouter: scale must be finite in the scalar type (scale = ", o.scale, ", largest = ",
+                            std::numeric_limits<T>::max(), ")");
+    }
     if (o.score == ScoreFunction::sigmoid && o.softmax_placement == SoftmaxPlacement::after_top_k) {
       detail::throw_invalid("TopKRouter: softmax_placement = after_top_k needs score = softmax (score = sigmoid)");
     }
@@ -531,7 +536,8 @@ class TopKRouter {
       const bool was_rerouted = moved > 0;
       for (index_t j = 0; j < R; ++j) {
         if (keep[j]) {
-          const T w = (shares_from_logits ? shares[j] : raw[j] / denominator) * scale;
+          T w = (shares_from_logits ? shares[j] : raw[j] / denominator) * scale;
+          if (!std::isfinite(w)) w = wide_weight(out.logits().data() + t * E, c.expert + t * R, j, raw[j], denominator);
           if (options_.check_finite && !std::isfinite(w)) throw_weight_overflow(t, c.expert[t * R + j], w, E, plan);
           chosen[n] = c.expert[t * R + j];
           weights[n++] = w;
@@ -563,6 +569,23 @@ class TopKRouter {
       sum += shares[j];
     }
     for (index_t j = 0; j < R; ++j) shares[j] /= sum;
+  }
+
+  // raw_j / denominator · scale for candidate j of a token whose experts (in rank order) are
+  // `experts`, where that form overflowed T (a rerouted choice: raw_j itself beyond T, or the
+  // quotient) while the value may still fit: in the log domain, in long double (on x86 also a wider
+  // range and precision). A value beyond T's range comes back infinite.
+  T wide_weight(const T* logits, const index_t* experts, index_t j, T raw_j, T denominator) const {
+    using W = long double;
+    W log_raw = std::log(static_cast<W>(raw_j));
+    if (options_.softmax_placement == SoftmaxPlacement::after_top_k) {  // raw_j = e^(l_j − top) / Σ_{i<k} e^(l_i − top)
+      W top = -std::numeric_limits<W>::infinity(), sum(0);
+      for (index_t i = 0; i < options_.k; ++i) top = std::max(top, static_cast<W>(logits[experts[i]]));
+      for (index_t i = 0; i < options_.k; ++i) sum += std::exp(static_cast<W>(logits[experts[i]]) - top);
+      log_raw = static_cast<W>(logits[experts[j]]) - top - std::log(sum);
+    }
+    const W magnitude = std::exp(log_raw - std::log(static_cast<W>(denominator)) + std::log(std::fabs(static_cast<W>(options_.scale))));
+    return static_cast<T>(std::signbit(options_.scale) ? -magnitude : magnitude);
   }
 
   // Leaves an empty plan behind (never a half-built one) and names the weight.
