@@ -173,8 +173,11 @@ void exercise(FuzzedDataProvider& fdp, Case& c, std::optional<Router>& router, b
   bool weights_finite = true;
   for (const T w : plan.weight) weights_finite = weights_finite && std::isfinite(w);
   for (const T w : plan.dropped_weight) weights_finite = weights_finite && std::isfinite(w);
-  // (Non-finite routing weights from moderate values: a rerouted weight beyond T's range with
-  // check_finite off. The layer must still not crash.)
+  // A top-k router with check_finite gives finite weights or throws; without it, a rerouted weight
+  // beyond T's range is infinite, and the layer must still not crash.
+  if constexpr (std::is_same<Router, moe::TopKRouter<T>>::value) {
+    if (router->options().check_finite) MOE_FUZZ_CHECK(weights_finite);
+  }
   if (c.moderate && weights_finite) MOE_FUZZ_CHECK(all_finite(y));
   if (all_finite(c.x)) MOE_FUZZ_CHECK(matches_reference(*layer, c, plan, y));
 
