@@ -241,12 +241,12 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
       denominator = kept_sum + eps;
       if (denominator == T(0)) denominator = T(1);
     }
+    const T* l = out.logits().data() + t * E;  // the token's logits
     // Renormalized, raw / Σ kept raw is a softmax over the kept logits: computed so where a
     // rerouted raw weight overflowed T (softmax after top-k).
     std::vector<T> share(sz(R), T(0));
     const bool shares_from_logits = renormalized && on_logits && std::isinf(kept_sum);
     if (shares_from_logits) {
-      const T* l = out.logits().data() + t * E;
       T top = -std::numeric_limits<T>::infinity(), sum(0);
       for (index_t j = 0; j < R; ++j)
         if (kept[sz(t)][sz(j)]) top = std::max(top, l[c.expert[sz(j)]]);
@@ -255,6 +255,13 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
         sum += share[sz(j)];
       }
       for (T& v : share) v /= sum;
+    }
+    // After top-k, the exact raw weights e^(l_j − top) / Σ_{i<k} e^(l_i − top) come from the logits
+    // in long double, since raw itself may be beyond T.
+    long double exact_top = -std::numeric_limits<long double>::infinity(), exact_sum = 0;
+    if (on_logits) {
+      for (index_t i = 0; i < o.k; ++i) exact_top = std::max(exact_top, static_cast<long double>(l[c.expert[sz(i)]]));
+      for (index_t i = 0; i < o.k; ++i) exact_sum += std::exp(static_cast<long double>(l[c.expert[sz(i)]]) - exact_top);
     }
     const std::vector<Choice<T>> got = choices_of(plan, t);
     std::size_t q = 0;
@@ -268,16 +275,9 @@ std::vector<char> check_against_reference(const TopKOptions& o, const moe::Vecto
       const bool from_logits = shares_from_logits && kept[sz(t)][sz(j)];
       const T den = kept[sz(t)][sz(j)] ? denominator : plain;
       const T w = (from_logits ? share[sz(j)] : c.raw[sz(j)] / den) * scale;
-      // The same weight in long double (range beyond double's), with a margin for T's rounding;
-      // after top-k from the logits, since raw itself may be beyond T.
-      long double exact_raw = static_cast<long double>(c.raw[sz(j)]);
-      if (on_logits) {
-        const T* l = out.logits().data() + t * E;
-        long double top = -std::numeric_limits<long double>::infinity(), sum = 0;
-        for (index_t i = 0; i < o.k; ++i) top = std::max(top, static_cast<long double>(l[c.expert[sz(i)]]));
-        for (index_t i = 0; i < o.k; ++i) sum += std::exp(static_cast<long double>(l[c.expert[sz(i)]]) - top);
-        exact_raw = std::exp(static_cast<long double>(l[c.expert[sz(j)]]) - top) / sum;
-      }
+      // The same weight in long double (range beyond double's), with a margin for T's rounding.
+      const long double exact_raw = on_logits ? std::exp(static_cast<long double>(l[c.expert[sz(j)]]) - exact_top) / exact_sum
+                                              : static_cast<long double>(c.raw[sz(j)]);
       const long double exact = from_logits ? static_cast<long double>(w)
                                             : exact_raw / static_cast<long double>(den) * static_cast<long double>(scale);
       const bool beyond_range = !(std::fabs(exact) <= static_cast<long double>(std::numeric_limits<T>::max()) / 2);

@@ -139,7 +139,6 @@ std::vector<std::int64_t> random_ids(std::mt19937_64& rng, index_t n) {
   return ids;
 }
 
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("HashRouter random hash follows the documented formula", "[routing][hash]", float, double) {
