@@ -235,9 +235,9 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
   moe::Routing<double> plan;
   moe::build_routing(4, 4, begin.data(), experts.data(), weights.data(), plan);
   plan.dropped = {1};
-  moe::Matrix<double> scores(2, 4);
-  scores << 0.25, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0;
-  const moe::RoutingStats s = moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 2, 4));
+  moe::Matrix<double> scores(4, 4);  // two uniform rows (entropy log 4), two one-hot rows (0)
+  scores << 0.25, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 1.0, 0.0;
+  const moe::RoutingStats s = moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 4, 4));
   REQUIRE(s.load == std::vector<index_t>{4, 1, 1, 0});
   REQUIRE(s.assignments == 6);
   REQUIRE(s.dropped_tokens == 1);
@@ -246,4 +246,9 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
   REQUIRE(s.mean_score_entropy == Approx(std::log(4.0) / 2));
   const moe::Routing<double> empty;
   REQUIRE(moe::routing_stats(empty).imbalance == 0);
+  // Scores of another shape than the plan's [tokens, experts] are refused.
+  REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 2, 4)),
+                      Catch::Contains("routing_stats") && Catch::Contains("scores.rows() = 2") && Catch::Contains("plan.num_tokens = 4"));
+  REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 4, 3)),
+                      Catch::Contains("scores.cols() = 3") && Catch::Contains("plan.num_experts = 4"));
 }

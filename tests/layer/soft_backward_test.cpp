@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../support/accumulate.hpp"
@@ -227,6 +229,98 @@ TEST_CASE("Soft MoE backward rejects a missing forward and wrong shapes", "[back
   const moe::Matrix<double> dD(kTokens, kExperts * 2), dC(kTokens, kExperts * 2);
   REQUIRE_THROWS_WITH(l.router().backward(h.p.x, ws.routing, dD.data(), dC.data(), dx_router, dphi),
                       Catch::Contains("SoftRouter::backward") && Catch::Contains("dphi.cols() = 5") && Catch::Contains("num_slots = 6"));
+}
+
+TEST_CASE("Soft MoE backward refuses a workspace laid out for another layer, and a routing whose route threw",
+          "[backward][soft][errors]") {
+  const SoftHarness<moe::SwiGLU<double>> two_slots(SoftConfig{"two slots", 2, true, 1.0, {}});
+  const SoftHarness<moe::SwiGLU<double>> one_slot(SoftConfig{"one slot", 1, true, 1.0, {}});
+  const SoftHarness<moe::FeedForward<double, moe::GELU>> ffn(SoftConfig{"FFN experts", 2, true, 1.0, {}});
+  const auto layer = two_slots.layer();
+  auto grads = layer.make_gradients();
+  moe::Matrix<double> y(kTokens, kD), dx = moe::Matrix<double>::Constant(kTokens, kD, 7.0);
+  moe::SoftTrainingWorkspace<double> ws;
+  // Same tokens and width, other slot count: the slot buffers have other sizes.
+  one_slot.layer().forward_train(one_slot.p.x, moe::RouteContext{}, y, ws);
+  REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),
+                      Catch::Contains("SoftMoELayer::backward") && Catch::Contains("does not fit this layer") &&
+                          Catch::Contains("workspace: tokens = 9, d_model = 6, experts = 3, slots per expert = 1, rows = 3") &&
+                          Catch::Contains("this layer: tokens = 9, d_model = 6, experts = 3, slots per expert = 2"));
+  // Same slots, other experts: FFN experts save d_ff values per slot row, gated ones 2·d_ff.
+  ffn.layer().forward_train(ffn.p.x, moe::RouteContext{}, y, ws);
+  REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),
+                      Catch::Contains("saved values = " + std::to_string(kExperts * 2 * kFF)) &&
+                          Catch::Contains("saved values = " + std::to_string(kExperts * 2 * 2 * kFF)));
+  CHECK((dx.array() == 7.0).all());
+  layer.forward_train(two_slots.p.x, moe::RouteContext{}, y, ws);
+  REQUIRE_NOTHROW(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws));
+
+  // A route that throws leaves an empty routing, which the router's backward refuses (before, it
+  // kept D and C of the earlier batch beside the new logits and gave wrong gradients).
+  moe::Matrix<double> bad = two_slots.p.x;
+  bad(2, 1) = std::numeric_limits<double>::quiet_NaN();
+  REQUIRE_THROWS_AS(layer.router().route(bad, ws.routing), moe::numeric_error);
+  REQUIRE(ws.routing.num_tokens() == 0);
+  moe::Matrix<double> dphi(kD, kExperts * 2), dx_router(kTokens, kD);
+  const moe::Matrix<double> dD(kTokens, kExperts * 2), dC(kTokens, kExperts * 2);
+  REQUIRE_THROWS_WITH(layer.router().backward(two_slots.p.x, ws.routing, dD.data(), dC.data(), dx_router, dphi),
+                      Catch::Contains("routing.num_tokens() = 0") && Catch::Contains("x.rows() = 9"));
+  // ... and the layer's backward refuses the workspace routed into since its forward_train.
+  REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),
+                      Catch::Contains("does not fit this layer") && Catch::Contains("workspace: tokens = 9") &&
+                          Catch::Contains("this layer: tokens = 0"));
+}
+
+// Normalized routing depends on x and Φ only through x̂ and Φ̂ (up to eps = 1e-6 in the norms,
+// negligible from norms of 1e6 on): logits(c·x, Φ) = logits(x, c·Φ) = logits(x, Φ), so ∂/∂x at c·x is
+// ∂/∂x at x divided by c, and likewise for Φ. With c large enough that Σx² (or a column's ΣΦ²)
+// overflows the scalar (a norm above ~1.8e19 in float, ~1.3e154 in double) this held only up to
+// the overflow: the logits collapsed to 0 and the gradients with them. (Scaled so far that x·Φ
+// itself overflows, the logits are not finite and check_finite throws.)
+TEMPLATE_TEST_CASE("Normalized Soft routing: logits and gradients of huge x rows or Φ columns follow from moderate ones",
+                   "[backward][soft][numeric]", float, double) {
+  using T = TestType;
+  const T big = std::is_same<T, float>::value ? T(1e25) : T(1e200), moderate = T(1e6);
+  const index_t S = kExperts * 2;
+  const moe::Matrix<T> x = random_matrix<T>(kTokens, kD, 201), phi = random_matrix<T>(kD, S, 202);
+  const moe::Matrix<T> dD = random_matrix<T>(kTokens, S, 203), dC = random_matrix<T>(kTokens, S, 204);
+  REQUIRE(!std::isfinite((big * x).row(0).squaredNorm()));  // the case: the sum of squares overflows
+  moe::SoftOptions o;
+  o.slots_per_expert = 2;
+  o.normalized = true;
+  o.scale = 1.5;
+  const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-13;
+  // The reference: x and Φ both scaled by 1e6.
+  const moe::Matrix<T> x_ref = moderate * x;
+  const moe::SoftRouter<T> router(moe::Matrix<T>(moderate * phi), kExperts, o);
+  moe::SoftRouting<T> reference;
+  router.route(x_ref, reference);
+  moe::Matrix<T> dx = moe::Matrix<T>::Zero(kTokens, kD), dphi = moe::Matrix<T>::Zero(kD, S);
+  const T dscale = router.backward(x_ref, reference, dD.data(), dC.data(), dx, dphi);
+  const double dx_norm = dx.template cast<double>().norm(), dphi_norm = dphi.template cast<double>().norm();
+  REQUIRE(dx_norm > 0);
+  REQUIRE(dphi_norm > 0);
+  for (const bool scale_x : {true, false}) {
+    CAPTURE(scale_x);
+    const T cx = scale_x ? big : moderate, cphi = scale_x ? moderate : big;
+    const moe::Matrix<T> x_scaled = cx * x;
+    const moe::SoftRouter<T> scaled_router(moe::Matrix<T>(cphi * phi), kExperts, o);
+    moe::SoftRouting<T> scaled;
+    scaled_router.route(x_scaled, scaled);
+    for (index_t t = 0; t < kTokens; ++t) {
+      for (index_t j = 0; j < S; ++j) {
+        CAPTURE(t, j);
+        REQUIRE(std::abs(double(scaled.logits()(t, j)) - double(reference.logits()(t, j))) <= tol * o.scale);
+      }
+    }
+    moe::Matrix<T> dx_scaled = moe::Matrix<T>::Zero(kTokens, kD), dphi_scaled = moe::Matrix<T>::Zero(kD, S);
+    const T dscale_scaled = scaled_router.backward(x_scaled, scaled, dD.data(), dC.data(), dx_scaled, dphi_scaled);
+    REQUIRE(std::abs(double(dscale_scaled) - double(dscale)) <= tol * 10 * std::max(1.0, std::abs(double(dscale))));
+    // The gradients at the scaled point times the scale ratio (in double: it may overflow T).
+    const double rx = double(cx) / double(moderate), rphi = double(cphi) / double(moderate);
+    REQUIRE((dx_scaled.template cast<double>() * rx - dx.template cast<double>()).norm() <= tol * 10 * dx_norm);
+    REQUIRE((dphi_scaled.template cast<double>() * rphi - dphi.template cast<double>()).norm() <= tol * 10 * dphi_norm);
+  }
 }
 
 TEST_CASE("Soft MoE backward_accumulate adds each batch's gradients; from zero it gives backward's bits", "[backward][soft]") {

@@ -442,6 +442,45 @@ TEST_CASE("HashRouter::route and backward: shapes", "[errors][hash][backward]") 
                   Contains("dweight.rows() = 3") && Contains("num_experts = 4"), dx);
 }
 
+TEST_CASE("Router backward after a route that threw, or with another router's output", "[errors][routing][backward]") {
+  // A route that throws after sizing its output leaves the empty plan, never the earlier batch's
+  // plan beside the new logits (which backward read past, expert choice's out of bounds); backward
+  // refuses it.
+  const moe::TopKRouter<float> top_k(gate(), top2());
+  const moe::ExpertChoiceRouter<float> expert_choice(gate(), {2.0, true});
+  const auto hash = moe::HashRouter<float>::with_table(kE, kD, {0, 1, 2, 3, 0, 1});
+  const std::vector<std::int64_t> ids = {1, 2, 3, 4, 5}, bad_ids = {1, 2, 9, 4, 5};  // 9: outside the table
+  moe::RouteContext ctx, bad_ctx;
+  ctx.token_ids = ids.data();
+  bad_ctx.token_ids = bad_ids.data();
+  const moe::Matrix<float> x = tokens();
+  moe::Matrix<float> non_finite = tokens();
+  non_finite(4, 1) = kInf;
+  auto check = [&](const auto& router, const moe::RouteContext& good, const moe::RouteContext& failing, const moe::Matrix<float>& failing_x) {
+    moe::RouterOutput<float> out;
+    router.route(x, good, out);
+    REQUIRE(out.plan.num_assignments() > 0);
+    const std::vector<float> gw(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+    REQUIRE_THROWS(router.route(failing_x, failing, out));
+    REQUIRE(out.plan.num_tokens == 0);
+    REQUIRE(out.plan.num_experts == kE);
+    REQUIRE(out.plan.num_assignments() == 0);
+    REQUIRE(out.plan.expert_begin == std::vector<index_t>(kE + 1, 0));
+    REQUIRE(out.plan.token_begin == std::vector<index_t>{0});
+    moe::Matrix<float> dx = sentinel(kT, kD), dw = sentinel(kE, kD);
+    REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                    Contains("out.plan.num_tokens = 0") && Contains("x.rows() = 5"), dw);
+    REQUIRE(same_bits(dx, sentinel(kT, kD)));
+    // An output routed over more experts (same tokens).
+    moe::TopKRouter<float>(random_matrix<float>(kE + 2, kD, 5), top2()).route(x, out);
+    REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                    Contains("out.num_experts() = 6") && Contains("num_experts = 4"), dw);
+  };
+  SECTION("top-k") { check(top_k, ctx, ctx, non_finite); }
+  SECTION("expert choice") { check(expert_choice, ctx, ctx, non_finite); }
+  SECTION("hash") { check(hash, ctx, bad_ctx, x); }
+}
+
 // --- build_routing ------------------------------------------------------------------------------
 
 TEST_CASE("build_routing: expert id out of range", "[errors][routing]") {
@@ -550,6 +589,52 @@ TEST_CASE("MoELayer::backward: without a forward_train, or after another batch's
   REQUIRE(grads.router == router_before);
 }
 
+TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed into since", "[errors][layer][backward]") {
+  // Each case would have had backward read the saved activations, the expert rows or the shared
+  // experts' outputs past the workspace's buffers.
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  const moe::Matrix<float> x = tokens(), dy = random_matrix<float>(kT, kD, 9);
+  moe::Matrix<float> y(kT, kD), dx = sentinel(kT, kD);
+  moe::TrainingWorkspace<float> ws;
+  auto grads = layer.make_gradients();
+  const auto grads_before = grads.router;
+  const auto fits_not = Contains("MoELayer::backward: the workspace's forward_train state does not fit this layer");
+
+  // Experts of another d_ff (8 instead of 6): other saved sizes.
+  std::vector<moe::SwiGLU<float>> wide;
+  for (index_t e = 0; e < kE; ++e) {
+    wide.emplace_back(random_matrix<float>(kFF + 2, kD, 1), random_matrix<float>(kFF + 2, kD, 2), random_matrix<float>(kD, kFF + 2, 3));
+  }
+  const moe::MoELayer wide_layer(moe::TopKRouter<float>(gate(), top2()), wide);
+  wide_layer.forward_train(x, moe::RouteContext{}, y, ws);
+  const std::string gated_saved = std::to_string(2 * kT * 2 * kFF), wide_saved = std::to_string(2 * kT * 2 * (kFF + 2));
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument,
+                  fits_not && Contains("workspace: tokens = 5, d_model = 8, experts = 4, slots per expert = 0, rows = 10, saved values = " +
+                                       wide_saved) && Contains("this layer: tokens = 5, d_model = 8, experts = 4, slots per expert = 0, "
+                                                               "rows = 10, saved values = " + gated_saved), dx);
+  // More experts (6): the plan's per-expert sizes cannot be laid over this layer's experts.
+  const moe::MoELayer more(moe::TopKRouter<float>(random_matrix<float>(kE + 2, kD, 5), top2()), experts(kE + 2));
+  more.forward_train(x, moe::RouteContext{}, y, ws);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument,
+                  fits_not && Contains("workspace: tokens = 5, d_model = 8, experts = 6") && Contains("this layer: tokens = 5, d_model = 8, "
+                                                                                                    "experts = 4, slots per expert = 0, rows = 10, saved values = -1"), dx);
+  // This layer, given shared experts after its forward_train.
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  layer.set_shared_experts(experts(1));
+  auto shared_grads = layer.make_gradients();
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
+                  fits_not && Contains("shared experts = 0, shared saved values = 0;") &&
+                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ")"), dx);
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  REQUIRE_NOTHROW(layer.backward(x, dy, dx, shared_grads, ws));
+  // The workspace's routing replaced after the forward_train.
+  dx = sentinel(kT, kD);
+  layer.router().route(tokens(kT + 1), ws.routing);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
+                  fits_not && Contains("workspace: tokens = 5") && Contains("this layer: tokens = 6"), dx);
+  REQUIRE(grads.router == grads_before);
+}
+
 TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors][layer][backward]") {
   moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
   layer.set_shared_experts(experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD, 4)));
@@ -622,7 +707,14 @@ TEST_CASE("LoadAccumulator: shapes, k and counts", "[errors][balance]") {
   REQUIRE_REJECTS_ARG(acc.add_counts({1, 2, 3}, 4), moe::invalid_argument, Contains("counts.size() = 3"));
   REQUIRE_REJECTS_ARG(acc.add_counts({1, 2, 3, 4}, -1), moe::invalid_argument, Contains("tokens = -1"));
   REQUIRE_REJECTS_ARG(acc.add_counts({1, 5, 0, 0}, 4), moe::invalid_argument, Contains("counts[1] = 5") && Contains("tokens = 4"));
+  // Each count fits 4 tokens, but 4 tokens make at most 4·2 = 8 top-2 choices, not 9.
+  REQUIRE_REJECTS_ARG(acc.add_counts({4, 4, 1, 0}, 4), moe::invalid_argument,
+                      Contains("sum to at most tokens * k") && Contains("sum = 9") && Contains("tokens = 4") && Contains("k = 2"));
   REQUIRE(acc.tokens() == 0);
+  REQUIRE(acc.micro_batches() == 0);
+  acc.add_counts({4, 3, 1, 0}, 4);  // 8 = 4·2: every token's two choices
+  REQUIRE(acc.counts() == std::vector<index_t>{4, 3, 1, 0});
+  acc.reset();
   REQUIRE(acc.micro_batches() == 0);
 }
 

@@ -38,7 +38,9 @@
 // - Megatron-Core switch_load_balancing_loss_func(probs, tokens_per_expert, T, topk, E, coeff)
 //   = coeff·E/(topk·T²) · Σ_i (Σ_t p_ti)·c_i: load_balancing_loss, AuxLossOptions::megatron.
 //   Its sequence_load_balancing_loss_func ("seq_aux_loss") is sequence_load_balancing_loss with
-//   the same options. Its "global_aux_loss" divides the running mean of the counts over
+//   the same options once its rows are reordered: Megatron's tokens are sequence-major (its probs
+//   are viewed as [S, B, E], so row s·B + b is token s of sample b), where SequenceBounds needs
+//   each sample's tokens contiguous (row b·S + s). Its "global_aux_loss" divides the running mean of the counts over
 //   micro-batches by one micro-batch's token count: on one rank that equals F_i here when the
 //   micro-batches have equal size (across ranks Megatron also divides the local score sum by the
 //   global token count, i.e. P_i / ranks).
@@ -466,15 +468,25 @@ class LoadAccumulator {
     tokens_ += plan.num_tokens;
     ++micro_batches_;
   }
-  // Adds counts [E] over `tokens` tokens gathered elsewhere (e.g. all-reduced across ranks).
+  // Adds counts [E] over `tokens` tokens gathered elsewhere (e.g. all-reduced across ranks): each
+  // in [0, tokens], and at most k choices per token in all, as add() would count them.
   void add_counts(const std::vector<index_t>& counts, index_t tokens) {
     const char* where = "LoadAccumulator::add_counts";
     detail::check_dim(where, "counts.size()", static_cast<index_t>(counts.size()), "num_experts", num_experts());
     if (tokens < 0) detail::throw_invalid(where, ": tokens must be >= 0 (tokens = ", tokens, ")");
+    constexpr index_t kMax = std::numeric_limits<index_t>::max();
+    const index_t choices = tokens > kMax / k_ ? kMax : tokens * k_;  // (no overflow)
+    index_t total = 0;  // at most `choices`, checked before each addition
     for (std::size_t e = 0; e < counts.size(); ++e) {
       if (counts[e] < 0 || counts[e] > tokens) {
         detail::throw_invalid(where, ": counts[", e, "] must be in [0, tokens] (counts[", e, "] = ", counts[e], ", tokens = ", tokens, ")");
       }
+      if (counts[e] > choices - total) {
+        long double sum = 0;
+        for (const index_t c : counts) sum += static_cast<long double>(c);
+        detail::throw_invalid(where, ": counts must sum to at most tokens * k (sum = ", sum, ", tokens = ", tokens, ", k = ", k_, ")");
+      }
+      total += counts[e];
     }
     for (std::size_t e = 0; e < counts.size(); ++e) counts_[e] += counts[e];
     tokens_ += tokens;

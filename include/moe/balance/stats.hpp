@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../routing/routing.hpp"
 
@@ -19,9 +20,14 @@ struct RoutingStats {
   double mean_score_entropy = 0;   // mean over tokens of the entropy of their score row (if given)
 };
 
-// Statistics of `plan`; `scores` [T, E] (softmax rows) adds mean_score_entropy when non-empty.
+// Statistics of `plan`; `scores` [T, E] (softmax rows, the plan's tokens and experts) adds
+// mean_score_entropy when non-empty.
 template <class T>
 RoutingStats routing_stats(const Routing<T>& plan, const ConstMatrixMap<T>& scores = ConstMatrixMap<T>(nullptr, 0, 0)) {
+  if (scores.rows() != 0 || scores.cols() != 0) {
+    detail::check_dim("routing_stats", "scores.rows()", scores.rows(), "plan.num_tokens", plan.num_tokens);
+    detail::check_dim("routing_stats", "scores.cols()", scores.cols(), "plan.num_experts", plan.num_experts);
+  }
   RoutingStats s;
   const index_t E = plan.num_experts;
   s.load.resize(static_cast<std::size_t>(E));

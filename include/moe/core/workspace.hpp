@@ -2,9 +2,11 @@
 // Growable, reusable buffers: they grow to the largest size requested and never shrink, so once
 // a workspace has seen the largest batch, further use performs no heap allocation.
 #include <cstddef>
+#include <string>
 #include <vector>
 
 #include "config.hpp"
+#include "error.hpp"
 #include "memory.hpp"
 #include "types.hpp"
 
@@ -36,5 +38,44 @@ template <class V>
 void resize_keep(V& v, index_t n) {
   v.resize(static_cast<std::size_t>(n));
 }
+
+// How a forward_train laid out what it saved for backward. forward_train records it in the
+// workspace; backward works out the layout its own layer would have left for the workspace's
+// routing and refuses a workspace whose layout differs (one filled by another layer, by this one
+// before set_shared_experts, or routed into since) rather than read past its buffers.
+struct TrainingLayout {
+  index_t tokens = -1;
+  index_t d_model = -1;
+  index_t experts = -1;           // routed experts
+  index_t slots_per_expert = -1;  // SoftMoELayer; 0 for MoELayer
+  index_t rows = -1;              // expert input rows: assignments (MoELayer) or slot rows (SoftMoELayer)
+  index_t saved = -1;             // values the routed experts saved
+  index_t shared_experts = -1;    // MoELayer's shared experts; 0 for SoftMoELayer
+  index_t shared_saved = -1;      // values the shared experts saved
+
+  bool operator==(const TrainingLayout& o) const noexcept {
+    return tokens == o.tokens && d_model == o.d_model && experts == o.experts && slots_per_expert == o.slots_per_expert &&
+           rows == o.rows && saved == o.saved && shared_experts == o.shared_experts && shared_saved == o.shared_saved;
+  }
+  bool operator!=(const TrainingLayout& o) const noexcept { return !(*this == o); }
+};
+
+namespace detail {
+
+inline std::string describe(const TrainingLayout& l) {
+  return concat("tokens = ", l.tokens, ", d_model = ", l.d_model, ", experts = ", l.experts, ", slots per expert = ",
+                l.slots_per_expert, ", rows = ", l.rows, ", saved values = ", l.saved, ", shared experts = ", l.shared_experts,
+                ", shared saved values = ", l.shared_saved);
+}
+
+inline void check_training_layout(const char* where, const TrainingLayout& saved, const TrainingLayout& layer) {
+  if (saved != layer) {
+    throw_invalid(where, ": the workspace's forward_train state does not fit this layer (it comes from another layer or from this "
+                  "one before a change such as set_shared_experts, or was routed into since) (workspace: ", describe(saved), "; this layer: ",
+                  describe(layer), ")");
+  }
+}
+
+}  // namespace detail
 
 MOE_NAMESPACE_END

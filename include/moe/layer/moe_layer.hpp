@@ -167,6 +167,7 @@ class MoELayer {
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, TrainingWorkspace<T>& ws,
                      Arch arch = {}) const {
     run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
+    ws.layout = training_layout(ws.routing.plan);
     ws.training_tokens = x.rows();
   }
 
@@ -197,7 +198,25 @@ class MoELayer {
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const TrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
+    detail::check_training_layout(where, ws.layout, training_layout(ws.routing.plan));
     check_gradients(where, grads);
+  }
+
+  // The layout forward_train leaves in a TrainingWorkspace for this layer and routing `plan`.
+  TrainingLayout training_layout(const Routing<T>& plan) const {
+    TrainingLayout l;
+    l.tokens = plan.num_tokens;
+    l.d_model = d_model();
+    l.experts = num_experts();
+    l.slots_per_expert = 0;
+    l.rows = plan.num_assignments();
+    l.shared_experts = static_cast<index_t>(shared_.size());
+    l.saved = 0;
+    l.shared_saved = 0;
+    if (plan.num_experts != num_experts()) l.saved = -1;  // (a plan for other experts: no per-expert sizes to add)
+    else for (index_t e = 0; e < static_cast<index_t>(experts_.size()); ++e) l.saved += experts_[e].saved_size(plan.tokens_of(e));
+    for (const Expert& s : shared_) l.shared_saved += s.saved_size(plan.num_tokens);
+    return l;
   }
 
   // `accumulate`: add to `grads` (backward_accumulate) rather than to the zeroed ones (backward).

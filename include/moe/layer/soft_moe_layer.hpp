@@ -64,6 +64,7 @@ struct SoftWorkspace {
 template <class T>
 struct SoftTrainingWorkspace : SoftWorkspace<T> {
   Buffer<T> saved;  // expert pre-activations, in the expert-major slot order
+  TrainingLayout layout;  // how forward_train laid these out (backward checks it against its layer)
 };
 
 template <class Expert>
@@ -143,6 +144,7 @@ class SoftMoELayer {
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftTrainingWorkspace<T>& ws,
                      Arch arch = {}) const {
     run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
+    ws.layout = training_layout(ws.routing);
     ws.training_tokens = x.rows();
   }
 
@@ -175,7 +177,24 @@ class SoftMoELayer {
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const SoftTrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
+    detail::check_training_layout(where, ws.layout, training_layout(ws.routing));
     check_gradients(where, grads);
+  }
+
+  // The layout forward_train leaves in a SoftTrainingWorkspace for this layer and `routing`.
+  TrainingLayout training_layout(const SoftRouting<T>& routing) const {
+    TrainingLayout l;
+    l.tokens = routing.num_tokens();
+    l.d_model = d_model();
+    l.experts = num_experts();
+    l.slots_per_expert = router_.slots_per_expert();
+    l.rows = routing.slot_rows();
+    l.saved = 0;
+    if (routing.num_experts() != num_experts() || routing.slots_per_expert() != l.slots_per_expert) l.saved = -1;
+    else for (const Expert& expert : experts_) l.saved += expert.saved_size(routing.rows_per_expert());
+    l.shared_experts = 0;
+    l.shared_saved = 0;
+    return l;
   }
 
   // `accumulate`: add to `grads` (backward_accumulate) rather than to the zeroed ones (backward).

@@ -36,6 +36,7 @@ struct TrainingWorkspace : Workspace<T> {
   Buffer<T> saved;           // expert pre-activations, expert-grouped
   Buffer<T> shared_saved;    // [S] × shared-expert pre-activations for all tokens
   Buffer<T> shared_outputs;  // [S, T, d] shared-expert outputs (for the gate's gradient)
+  TrainingLayout layout;     // how forward_train laid these out (backward checks it against its layer)
 };
 
 MOE_NAMESPACE_END

@@ -7,7 +7,12 @@
 //            c = min(ceil(capacity_factor · Tg / E), Tg), ties to the lower token index
 //   weight = S[t, e]
 // Every expert takes exactly c tokens of each group, so the load is balanced by construction; a
-// token may get anywhere from 0 to E experts. capacity_factor is the average number of experts
+// token may get anywhere from 0 to E experts.
+//
+// The ranking is on S as computed in T, as the references rank their rounded softmax: scores
+// that round to the same value tie, and the lower token index wins. A token whose top logit leads
+// its others by more than ~17 (float) or ~37 (double) has S = 1 exactly for that expert, so such
+// tokens tie for it however their exact probabilities differ (by less than T's rounding). capacity_factor is the average number of experts
 // per token (the paper's default is 2).
 //
 // Capacity and selection are computed per routing group (RouteContext, README, "Guarantees"), so one
@@ -117,6 +122,9 @@ class ExpertChoiceRouter {
     const index_t T_ = x.rows();
     const index_t E = num_experts();
     detail::check_dim("ExpertChoiceRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
+    // (An empty plan beside T_ logits: the route that filled `out` threw.)
+    detail::check_dim("ExpertChoiceRouter::backward", "out.plan.num_tokens", out.plan.num_tokens, "x.rows()", T_);
+    detail::check_dim("ExpertChoiceRouter::backward", "out.num_experts()", out.num_experts(), "num_experts", E);
     detail::check_dim("ExpertChoiceRouter::backward", "x.cols()", x.cols(), "d_model", d_model());
     detail::check_dim("ExpertChoiceRouter::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
     detail::check_dim("ExpertChoiceRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());

@@ -202,7 +202,11 @@ class HashRouter {
     (void)grad_lost;
     (void)extra_dlogits;
     detail::check_dim("HashRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", x.rows());
+    detail::check_dim("HashRouter::backward", "out.plan.num_tokens", out.plan.num_tokens, "x.rows()", x.rows());
+    detail::check_dim("HashRouter::backward", "out.num_experts()", out.num_experts(), "num_experts", num_experts_);
+    detail::check_dim("HashRouter::backward", "x.cols()", x.cols(), "d_model", d_model_);
     detail::check_dim("HashRouter::backward", "dx.rows()", dx.rows(), "x.rows()", x.rows());
+    detail::check_dim("HashRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model_);
     detail::check_dim("HashRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", num_experts_);
     detail::check_dim("HashRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model_);
   }

@@ -45,7 +45,9 @@ class RouterOutput {
   }
 
   // For routers: sizes the [T, E] buffers and returns writable views of them.
+  // The plan becomes the empty plan (Routing::clear) until the router builds this batch's.
   void reshape(index_t tokens, index_t experts) {
+    plan.clear(experts);
     num_tokens_ = tokens;
     num_experts_ = experts;
     top_k_ = 0;

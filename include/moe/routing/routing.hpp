@@ -38,6 +38,22 @@ struct Routing {
   // written) and one per assignment. Threads share those kernels' tokens out by it.
   index_t rows_moved_before(index_t tok) const noexcept { return tok + token_begin[tok]; }
 
+  // Makes this the empty plan (no tokens) of `experts` experts, keeping the memory. Routers start
+  // every route with it (RouterOutput::reshape), so a route that throws leaves this, never the
+  // plan of an earlier batch beside the new batch's logits.
+  void clear(index_t experts) {
+    num_tokens = 0;
+    num_experts = experts;
+    expert_begin.assign(static_cast<std::size_t>(experts + 1), index_t(0));
+    token_begin.assign(1, index_t(0));
+    token.clear();
+    weight.clear();
+    assignment.clear();
+    dropped.clear();
+    dropped_weight.clear();
+    rerouted.clear();
+  }
+
   // The expert that owns expert-grouped assignment `a` (binary search over expert_begin).
   index_t expert_of_assignment(index_t a) const noexcept {
     const auto it = std::upper_bound(expert_begin.begin(), expert_begin.end(), a);

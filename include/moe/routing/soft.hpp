@@ -30,6 +30,7 @@
 // Bits: the logits are sums in a fixed order (detail::soft_mix), D is computed within each group
 // and C within each token, all by kernels that treat an element the same way wherever it sits, so
 // a group's routing does not change in any bit whatever the other groups hold.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -125,6 +126,14 @@ class SoftRouting {
     logits_data_ = logits_.ensure(n);
     dispatch_data_ = dispatch_.ensure(n);
     combine_data_ = combine_.ensure(n);
+  }
+  // For routers: the empty routing (no tokens, one group), keeping the memory. A route that
+  // throws leaves this, never logits of one batch beside D and C of another.
+  void clear() noexcept {
+    num_tokens_ = 0;
+    num_groups_ = 1;
+    group_begin_.resize(2);  // (never below 2 elements: no allocation)
+    group_begin_[0] = group_begin_[1] = 0;
   }
   MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_data_, num_tokens_, num_slots()); }
   MatrixMap<T> mutable_dispatch_weights() noexcept { return MatrixMap<T>(dispatch_data_, num_tokens_, num_slots()); }
@@ -293,6 +302,26 @@ T soft_sum_squares(Arch, const T* x, std::size_t n) noexcept {
 // The epsilon inside the rsqrt of the normalized variant (vmoe `normalize`).
 inline constexpr double kSoftNormEpsilon = 1e-6;
 
+// rsqrt(Σ_i v_i² + eps) for the n values v[i · stride], given `sum`, their sum of squares as the
+// caller computed it. Where that sum overflowed (a norm above ~1.8e19 in float, ~1.3e154 in
+// double) it is recomputed from the values divided by the largest |v_i|, as hypot does: the
+// normalized logits are at most `scale` whatever the norm, and would otherwise collapse to 0.
+// A non-finite value keeps the overflowed result (its logits are not finite: check_finite).
+template <class T>
+T soft_inverse_norm(T sum, const T* v, std::size_t n, std::size_t stride) noexcept {
+  const auto eps = static_cast<T>(kSoftNormEpsilon);
+  if (sum <= std::numeric_limits<T>::max()) return T(1) / std::sqrt(sum + eps);  // the usual case
+  T largest(0);
+  for (std::size_t i = 0; i < n; ++i) largest = std::max(largest, std::abs(v[i * stride]));
+  if (!(largest <= std::numeric_limits<T>::max())) return T(1) / std::sqrt(sum + eps);
+  T scaled(0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const T u = v[i * stride] / largest;
+    scaled += u * u;
+  }
+  return T(1) / largest / std::sqrt(scaled + eps / largest / largest);
+}
+
 }  // namespace detail
 
 template <class T>
@@ -364,15 +393,16 @@ class SoftRouter {
       T* column_scale = out.column_scale.ensure(S);
       compute_column_scale(arch, column_scale);
       for (index_t t = 0; t < T_; ++t) {
-        const T sum = detail::soft_sum_squares(arch, x.data() + t * x.outerStride(), static_cast<std::size_t>(d));
+        const T* x_row = x.data() + t * x.outerStride();
+        const T sum = detail::soft_sum_squares(arch, x_row, static_cast<std::size_t>(d));
         T* row = &logits(t, 0);
         detail::soft_column_mul(arch, column_scale, row, n_slots);
-        simd::scale(arch, T(1) / std::sqrt(sum + static_cast<T>(detail::kSoftNormEpsilon)), row, n_slots);
+        simd::scale(arch, detail::soft_inverse_norm(sum, x_row, static_cast<std::size_t>(d), 1), row, n_slots);
       }
     } else if (options_.scale != 1.0) {
       for (index_t t = 0; t < T_; ++t) simd::scale(arch, static_cast<T>(options_.scale), &logits(t, 0), n_slots);
     }
-    if (options_.check_finite) check_finite_logits(logits);
+    if (options_.check_finite) check_finite_logits(out);
 
     // D: softmax over each group's tokens, column by column (vectorized across columns).
     for (index_t g = 0; g < groups.count(); ++g) {
@@ -438,19 +468,25 @@ class SoftRouter {
       dscale = dlogits.cwiseProduct(product).sum();
       dproduct = scale * dlogits;
     } else {
-      const auto eps = static_cast<T>(detail::kSoftNormEpsilon);
-      const Vector<T> r = (x.rowwise().squaredNorm().array() + eps).rsqrt().matrix();                    // [T]
-      const Vector<T> q = (phi_map.colwise().squaredNorm().transpose().array() + eps).rsqrt().matrix();  // [S]
+      Vector<T> r(T_), q(S);  // [T], [S]
+      for (index_t t = 0; t < T_; ++t) {
+        r[t] = detail::soft_inverse_norm(x.row(t).squaredNorm(), x.data() + t * x.outerStride(), static_cast<std::size_t>(d), 1);
+      }
+      for (index_t j = 0; j < S; ++j) {
+        q[j] = detail::soft_inverse_norm(phi_map.col(j).squaredNorm(), phi_map.data() + j, static_cast<std::size_t>(d),
+                                         static_cast<std::size_t>(S));
+      }
       const Matrix<T> g = dlogits.cwiseProduct(product);  // [T, S] dL ⊙ P
       const Vector<T> dr = g * q * scale;                 // [T]
       const Vector<T> dc = g.transpose() * r;             // [S]
       dscale = dc.dot(q);
       dproduct = r.asDiagonal() * dlogits * (scale * q).asDiagonal();
-      // r_t³ and q_j³ terms.
-      const Vector<T> x_factor = -dr.cwiseProduct(r.cwiseProduct(r).cwiseProduct(r));                    // [T]
-      const Vector<T> phi_factor = -(scale * dc).cwiseProduct(q.cwiseProduct(q).cwiseProduct(q));        // [S]
-      dx += x_factor.asDiagonal() * x;
-      dphi += phi_map * phi_factor.asDiagonal();
+      // The r_t³ and q_j³ terms, as (dr·r)·r times the normalized rows (columns): r³ alone
+      // underflows where the norms are large (r ~ 1e-20 in float) while these products do not.
+      const Vector<T> x_factor = -dr.cwiseProduct(r).cwiseProduct(r);               // [T]
+      const Vector<T> phi_factor = -(scale * dc).cwiseProduct(q).cwiseProduct(q);   // [S]
+      dx += x_factor.asDiagonal() * (r.asDiagonal() * x);
+      dphi += (phi_map * q.asDiagonal()) * phi_factor.asDiagonal();
     }
     dx.noalias() += dproduct * phi_map.transpose();
     dphi.noalias() += x.transpose() * dproduct;
@@ -469,15 +505,19 @@ class SoftRouter {
     }
     const auto scale = static_cast<T>(options_.scale);
     for (index_t j = 0; j < S; ++j) {
-      column_scale[j] = scale * (T(1) / std::sqrt(column_scale[j] + static_cast<T>(detail::kSoftNormEpsilon)));
+      column_scale[j] = scale * detail::soft_inverse_norm(column_scale[j], phi_map.data() + j, static_cast<std::size_t>(d_model()),
+                                                          static_cast<std::size_t>(S));
     }
   }
 
-  static void check_finite_logits(const MatrixMap<T>& logits) {
+  // Throws on the first non-finite logit, leaving `out` empty (SoftRouting::clear).
+  static void check_finite_logits(SoftRouting<T>& out) {
+    const ConstMatrixMap<T> logits = out.logits();
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (index_t j = 0; j < logits.cols(); ++j) {
         const T v = logits(t, j);
         if (!std::isfinite(v)) {
+          out.clear();
           detail::throw_numeric("SoftRouter::route: logit is not finite (token = ", t, ", slot = ", j, ", logit = ", v, ")");
         }
       }

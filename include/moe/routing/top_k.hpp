@@ -175,6 +175,7 @@ class TopKRouter {
     detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
     // (An empty plan beside T_ logits: the route that filled `out` threw.)
     detail::check_dim("TopKRouter::backward", "out.plan.num_tokens", out.plan.num_tokens, "x.rows()", T_);
+    detail::check_dim("TopKRouter::backward", "out.num_experts()", out.num_experts(), "num_experts", E);
     detail::check_dim("TopKRouter::backward", "x.cols()", x.cols(), "d_model", d_model());
     detail::check_dim("TopKRouter::backward", "dx.rows()", dx.rows(), "x.rows()", T_);
     detail::check_dim("TopKRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
@@ -590,11 +591,7 @@ class TopKRouter {
 
   // Leaves an empty plan behind (never a half-built one) and names the weight.
   [[noreturn]] static void throw_weight_overflow(index_t t, index_t expert, T w, index_t E, Routing<T>& plan) {
-    plan.dropped.clear();
-    plan.dropped_weight.clear();
-    plan.rerouted.clear();
-    const index_t no_choices = 0;
-    build_routing(index_t(0), E, &no_choices, static_cast<const index_t*>(nullptr), static_cast<const T*>(nullptr), plan);
+    plan.clear(E);
     detail::throw_numeric("TopKRouter::route: routing weight is beyond the range of the scalar type (token = ", t,
                           ", expert = ", expert, ", weight = ", w,
                           "): the choice was rerouted to an expert whose score is far above the chosen experts', and keeps their "
