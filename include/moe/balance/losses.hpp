@@ -40,10 +40,10 @@
 //   Its sequence_load_balancing_loss_func ("seq_aux_loss") is sequence_load_balancing_loss with
 //   the same options once its rows are reordered: Megatron's tokens are sequence-major (its probs
 //   are viewed as [S, B, E], so row s·B + b is token s of sample b), where SequenceBounds needs
-//   each sample's tokens contiguous (row b·S + s). Its "global_aux_loss" divides the running mean of the counts over
-//   micro-batches by one micro-batch's token count: on one rank that equals F_i here when the
-//   micro-batches have equal size (across ranks Megatron also divides the local score sum by the
-//   global token count, i.e. P_i / ranks).
+//   each sample's tokens contiguous (row b·S + s). Its "global_aux_loss" divides the running mean
+//   of the counts over micro-batches by one micro-batch's token count: on one rank that equals F_i
+//   here when the micro-batches have equal size (across ranks Megatron also divides the local
+//   score sum by the global token count, i.e. P_i / ranks).
 // - Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE load_balancing_loss_func: expert_mask =
 //   one_hot(top-k ids) [T, k, E]; tokens_per_expert = mean over tokens [k, E], whose (j, i) entry
 //   is the fraction of tokens whose j-th choice is i; router_prob_per_expert = mean over tokens of

@@ -7,13 +7,13 @@
 //            c = min(ceil(capacity_factor · Tg / E), Tg), ties to the lower token index
 //   weight = S[t, e]
 // Every expert takes exactly c tokens of each group, so the load is balanced by construction; a
-// token may get anywhere from 0 to E experts.
+// token may get anywhere from 0 to E experts. capacity_factor is the average number of experts
+// per token (the paper's default is 2).
 //
 // The ranking is on S as computed in T, as the references rank their rounded softmax: scores
 // that round to the same value tie, and the lower token index wins. A token whose top logit leads
 // its others by more than ~17 (float) or ~37 (double) has S = 1 exactly for that expert, so such
-// tokens tie for it however their exact probabilities differ (by less than T's rounding). capacity_factor is the average number of experts
-// per token (the paper's default is 2).
+// tokens tie for it however their exact probabilities differ (by less than T's rounding).
 //
 // Capacity and selection are computed per routing group (RouteContext, README, "Guarantees"), so one
 // request's tokens can never displace another's. For the same reason the logits come from the
