@@ -195,10 +195,7 @@ class ExpertChoiceRouter {
     resize_keep(plan.token, A);
     resize_keep(plan.weight, A);
     resize_keep(plan.token_begin, T_ + 1);
-    resize_keep(plan.assignment, A);
-    plan.dropped.clear();
-    plan.dropped_weight.clear();
-    plan.rerouted.clear();
+    resize_keep(plan.assignment, A);  // (dropped, dropped_weight, rerouted: left empty by route's reshape)
     index_t* expert_begin = plan.expert_begin.data();  // [E + 1]
     index_t* token = plan.token.data();                // [A]
     T* weight = plan.weight.data();                    // [A]

@@ -186,9 +186,6 @@ class HashRouter {
       }
     }
     begin[T_] = T_ * k;
-    out.plan.dropped.clear();
-    out.plan.dropped_weight.clear();
-    out.plan.rerouted.clear();
     build_routing(T_, E, begin, chosen, weights, out.plan);
   }
 

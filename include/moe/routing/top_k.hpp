@@ -494,10 +494,7 @@ class TopKRouter {
     index_t* begin = out.choice_begin.ensure(T_ + 1);
     index_t* chosen = out.choice_expert.ensure(T_ * k);
     T* weights = out.choice_weight.ensure(T_ * k);
-    Routing<T>& plan = out.plan;
-    plan.dropped.clear();
-    plan.dropped_weight.clear();
-    plan.rerouted.clear();
+    Routing<T>& plan = out.plan;  // empty since route's reshape: dropped and rerouted are filled below
     const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);  // DeepSeek-V3's denominator guard
     const T scale = static_cast<T>(options_.scale);
     const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
