@@ -269,6 +269,37 @@ TEST_CASE("Soft MoE backward refuses a workspace laid out for another layer, and
   REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),
                       Catch::Contains("does not fit this layer") && Catch::Contains("workspace: tokens = 9") &&
                           Catch::Contains("this layer: tokens = 0"));
+  // Routed into since by another batch of the same shape: only the route count differs (backward
+  // would pair the new D and C with the old batch's slot activations).
+  layer.forward_train(two_slots.p.x, moe::RouteContext{}, y, ws);
+  const std::string route = std::to_string(ws.routing.route_count());
+  layer.router().route(moe::Matrix<double>(-two_slots.p.x), ws.routing);
+  const std::string next = std::to_string(ws.routing.route_count());
+  REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),
+                      Catch::Contains("does not fit this layer") && Catch::Contains("route = " + route + ";") &&
+                          Catch::Contains("route = " + next + ")"));
+}
+
+TEST_CASE("Soft MoE backward refuses a dx that shares memory with x or dy", "[backward][soft][errors]") {
+  const SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"aliasing", 2, true, 1.0, {}});
+  const auto layer = h.layer();
+  auto grads = layer.make_gradients();
+  moe::SoftTrainingWorkspace<double> ws;
+  moe::Matrix<double> x = h.p.x, dy = h.probe, y(kTokens, kD);
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  const moe::Matrix<double> x_before = x, dy_before = dy;
+  REQUIRE_THROWS_WITH(layer.backward(x, dy, dy, grads, ws),
+                      Catch::Contains("SoftMoELayer::backward: dx must not share memory with dy"));
+  REQUIRE_THROWS_WITH(layer.backward(x, dy, x, grads, ws), Catch::Contains("SoftMoELayer::backward: dx must not share memory with x"));
+  CHECK(x == x_before);
+  CHECK(dy == dy_before);
+  moe::Matrix<double> dphi(kD, kExperts * 2);
+  const moe::Matrix<double> dD(kTokens, kExperts * 2), dC(kTokens, kExperts * 2);
+  REQUIRE_THROWS_WITH(layer.router().backward(x, ws.routing, dD.data(), dC.data(), x, dphi),
+                      Catch::Contains("SoftRouter::backward: dx must not share memory with x"));
+  CHECK(x == x_before);
+  moe::Matrix<double> dx(kTokens, kD);
+  REQUIRE_NOTHROW(layer.backward(x, dy, dx, grads, ws));
 }
 
 // Normalized routing depends on x and Φ only through x̂ and Φ̂ (up to eps = 1e-6 in the norms,

@@ -623,8 +623,8 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   layer.set_shared_experts(experts(1));
   auto shared_grads = layer.make_gradients();
   REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
-                  fits_not && Contains("shared experts = 0, shared saved values = 0;") &&
-                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ")"), dx);
+                  fits_not && Contains("shared experts = 0, shared saved values = 0, route = ") &&
+                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", route = "), dx);
   layer.forward_train(x, moe::RouteContext{}, y, ws);
   REQUIRE_NOTHROW(layer.backward(x, dy, dx, shared_grads, ws));
   // The workspace's routing replaced after the forward_train.
@@ -633,6 +633,53 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
                   fits_not && Contains("workspace: tokens = 5") && Contains("this layer: tokens = 6"), dx);
   REQUIRE(grads.router == grads_before);
+
+  // Routed into since by another batch of the same shape. Under expert choice every expert takes
+  // the same number of tokens whatever the batch, so every size matches and only the route count
+  // tells the routings apart (backward used to pair the new plan with the old saved values).
+  moe::ExpertChoiceOptions one_each;
+  one_each.capacity_factor = 1.0;
+  const moe::MoELayer chosen(moe::ExpertChoiceRouter<float>(gate(), one_each), experts());
+  chosen.forward_train(x, moe::RouteContext{}, y, ws);
+  auto chosen_grads = chosen.make_gradients();
+  REQUIRE_NOTHROW(chosen.backward(x, dy, dx, chosen_grads, ws));
+  const std::string route = std::to_string(ws.routing.route_count());
+  chosen.router().route(random_matrix<float>(kT, kD, 77), ws.routing);
+  const std::string next = std::to_string(ws.routing.route_count());
+  dx = sentinel(kT, kD);
+  REQUIRE_REJECTS(chosen.backward(x, dy, dx, chosen_grads, ws), moe::invalid_argument,
+                  fits_not && Contains("route = " + route + ";") && Contains("route = " + next + ")"), dx);
+}
+
+TEST_CASE("Backward: a dx that shares memory with x or dy", "[errors][layer][backward]") {
+  // The layer's backward reads dy (pass-through tokens, the shared experts' gate) and x (the
+  // router's weight gradient) after it has written dx, so in place it gave wrong gradients.
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  moe::Matrix<float> x = tokens(), y(kT, kD);
+  moe::TrainingWorkspace<float> ws;
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  auto grads = layer.make_gradients();
+  moe::Matrix<float> dy = random_matrix<float>(kT, kD, 9);
+  REQUIRE_REJECTS(layer.backward(x, dy, dy, grads, ws), moe::invalid_argument,
+                  Contains("MoELayer::backward: dx must not share memory with dy, which is read after dx is written"), dy);
+  REQUIRE_REJECTS(layer.backward_accumulate(x, dy, x, grads, ws), moe::invalid_argument,
+                  Contains("MoELayer::backward_accumulate: dx must not share memory with x"), x);
+  // Overlapping in part: dy rows 0..4 and dx rows 1..5 of one buffer.
+  moe::Matrix<float> both = random_matrix<float>(kT + 1, kD, 10);
+  REQUIRE_REJECTS(layer.backward(x, both.topRows(kT), both.bottomRows(kT), grads, ws), moe::invalid_argument,
+                  Contains("dx must not share memory with dy"), both);
+  // Adjacent but disjoint blocks of one buffer are fine.
+  moe::Matrix<float> halves = random_matrix<float>(2 * kT, kD, 11);
+  REQUIRE_NOTHROW(layer.backward(x, halves.topRows(kT), halves.bottomRows(kT), grads, ws));
+
+  // A router's backward reads x after adding to dx.
+  const moe::TopKRouter<float> router(gate(), top2());
+  moe::RouterOutput<float> out;
+  router.route(x, out);
+  const std::vector<float> grad_weight(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+  moe::Matrix<float> dweight(kE, kD);
+  REQUIRE_REJECTS(router.backward(x, out, grad_weight.data(), nullptr, nullptr, x, dweight), moe::invalid_argument,
+                  Contains("TopKRouter::backward: dx must not share memory with x"), x);
 }
 
 TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors][layer][backward]") {

@@ -984,6 +984,12 @@ std::vector<T> activation_arguments() {
   std::vector<T> x;
   for (int i = -400; i <= 400; ++i) x.push_back(static_cast<T>(0.025 * i));
   for (const double v : {1e-3, -1e-3, 1e-20, -1e-20, 15.0, -15.0, 30.0, -30.0, 1e4, -1e4}) x.push_back(static_cast<T>(v));
+  // Huge arguments, where x³ or x² overflows (GELU's and tanh GELU's inner terms) and xsimd's
+  // double erf returns NaN from about 1.4e62 unless its argument is clamped.
+  const double largest = dbl(std::numeric_limits<T>::max());
+  for (const double v : {1e7, 1e10, 1e19, 6e19, 1e30, 1e62, 1.4e62, 4e154, 1e200, 1e300, largest}) {
+    if (v <= largest) x.push_back(static_cast<T>(v)), x.push_back(static_cast<T>(-v));
+  }
   return x;
 }
 
@@ -1063,6 +1069,90 @@ TEMPLATE_TEST_CASE("Activations: scalar and batch forms match the double formula
   check_activation_scalar_and_batch<moe::GELU, T>();
   check_activation_scalar_and_batch<moe::GELUTanh, T>();
   check_activation_scalar_and_batch<moe::SiLU, T>();
+}
+
+// NaN and ±inf through an activation's scalar and batch forms: NaN stays NaN (ReLU's SIMD max
+// used to turn it into 0 while the scalar tail kept it), and the two forms agree on ±inf, so a
+// value's fate does not depend on its column.
+template <class Act, class T>
+void check_special_values() {
+  INFO("activation " << Act::name);
+  using B = moe::simd::batch<T, Arch>;
+  constexpr std::size_t L = kLanes<T>;
+  const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+  for (const T v : {nan, inf, -inf}) {
+    CAPTURE(v);
+    alignas(64) T lanes_in[L], lanes_out[L];
+    for (std::size_t l = 0; l < L; ++l) lanes_in[l] = l % 2 == 0 ? v : T(0.5);
+    Act::apply(B::load_aligned(lanes_in)).store_aligned(lanes_out);
+    const T scalar = Act::apply(v);
+    if (std::isnan(v)) CHECK(std::isnan(scalar));
+    for (std::size_t l = 0; l < L; l += 2) {
+      CAPTURE(l);
+      if (std::isnan(scalar)) CHECK(std::isnan(lanes_out[l]));
+      else CHECK(lanes_out[l] == scalar);
+    }
+    alignas(64) T half_out[L];
+    Act::apply(B(T(0.5))).store_aligned(half_out);
+    for (std::size_t l = 1; l < L; l += 2) CHECK(lanes_out[l] == half_out[l]);  // neighbours untouched
+  }
+  CHECK(Act::apply(inf) == inf);  // x · (something that tends to 1) for every activation here
+}
+
+TEST_CASE("simd::has_fma tells the architecture tags that multiply and add with one rounding", "[simd]") {
+  // simd::fma refuses (static_assert) a tag without FMA in a translation unit that targets FMA.
+  STATIC_REQUIRE(moe::simd::has_fma<xsimd::fma3<xsimd::avx2>>());
+  STATIC_REQUIRE(moe::simd::has_fma<xsimd::fma3<xsimd::sse4_2>>());
+  STATIC_REQUIRE(moe::simd::has_fma<xsimd::avx512bw>());
+  STATIC_REQUIRE_FALSE(moe::simd::has_fma<xsimd::avx2>());
+  STATIC_REQUIRE_FALSE(moe::simd::has_fma<xsimd::sse4_2>());
+  STATIC_REQUIRE(moe::simd::has_fma<Arch>() == moe::simd::target_has_fma());
+}
+
+TEMPLATE_TEST_CASE("Activations: NaN stays NaN and ±inf give the same result in scalar and batch form",
+                   "[simd][activations]", float, double) {
+  using T = TestType;
+  check_special_values<moe::ReLU, T>();
+  check_special_values<moe::GELU, T>();
+  check_special_values<moe::GELUTanh, T>();
+  check_special_values<moe::SiLU, T>();
+  CHECK(moe::ReLU::apply(-std::numeric_limits<T>::infinity()) == T(0));
+  // A NaN column of a layer's hidden values stays NaN whichever lane it lands in.
+  const std::size_t n = 2 * kLanes<T> + 3;
+  std::vector<T> hidden(n, std::numeric_limits<T>::quiet_NaN());
+  moe::simd::activate<moe::ReLU>(Arch{}, hidden.data(), n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(std::isnan(hidden[i]));
+}
+
+// The derivative backward uses, against a central difference of the double reference, and at
+// huge |x|, where tanh GELU's derivative multiplied 1 − tanh² = 0 by an overflowed x² (NaN).
+template <class Act>
+void check_derivative() {
+  INFO("activation " << Act::name);
+  for (int i = -160; i <= 160; ++i) {
+    const double x = 0.05 * i + 0.0123;  // off 0, where ReLU's derivative jumps
+    CAPTURE(x);
+    const double h = 1e-6;
+    const double central = (reference(Act{}, x + h) - reference(Act{}, x - h)) / (2 * h);
+    // Central difference: O(h²·|f'''|) ≈ 1e-12, plus rounding 2·eps·|f|/h ≈ 1e-9.
+    CHECK(std::abs(moe::ActivationDerivative<Act>::apply(x) - central) <= 1e-8);
+  }
+  for (const double v : {1e10, 6e19, 1e30, 4e154, 1e300}) {
+    CAPTURE(v);
+    CHECK(moe::ActivationDerivative<Act>::apply(v) == 1.0);  // each activation tends to x
+    CHECK(moe::ActivationDerivative<Act>::apply(-v) == 0.0);  // and to 0 below
+    if (v < 3e38) {
+      CHECK(moe::ActivationDerivative<Act>::apply(static_cast<float>(v)) == 1.0f);
+      CHECK(moe::ActivationDerivative<Act>::apply(static_cast<float>(-v)) == 0.0f);
+    }
+  }
+}
+
+TEST_CASE("Activation derivatives match central differences and stay finite at huge |x|", "[experts][activations]") {
+  check_derivative<moe::ReLU>();
+  check_derivative<moe::GELU>();
+  check_derivative<moe::GELUTanh>();
+  check_derivative<moe::SiLU>();
 }
 
 TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double formulas", "[simd][activations]", float,

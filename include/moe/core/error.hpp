@@ -1,6 +1,7 @@
 #pragma once
 // Exceptions and argument checks. Messages name the component, the parameter and the values:
 //   "moe::TopKRouter: k must satisfy 1 <= k <= num_experts (k = 0, num_experts = 8)"
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -53,9 +54,27 @@ void check_dim(const char* where, const char* actual_name, const A& actual, cons
   }
 }
 
+// Checks that `out`, which a call writes, shares no memory with `in`, which it reads after
+// writing `out` (row-major matrices, rows outerStride() apart), e.g. a backward's dx and dy.
+template <class Out, class In>
+void check_disjoint(const char* where, const char* out_name, const Out& out, const char* in_name, const In& in) {
+  auto bytes = [](const auto& m) {  // [first, last) byte addresses, equal when empty
+    const auto first = reinterpret_cast<std::uintptr_t>(m.data());
+    if (m.rows() == 0 || m.cols() == 0) return std::make_pair(first, first);
+    const auto values = static_cast<std::uintptr_t>((m.rows() - 1) * m.outerStride() + m.cols());
+    return std::make_pair(first, first + values * sizeof(*m.data()));
+  };
+  const auto a = bytes(out), b = bytes(in);
+  if (a.first < b.second && b.first < a.second) {
+    throw_invalid(where, ": ", out_name, " must not share memory with ", in_name, ", which is read after ", out_name,
+                  " is written (", out_name, ".data() = ", static_cast<const void*>(out.data()), ", ", in_name,
+                  ".data() = ", static_cast<const void*>(in.data()), ")");
+  }
+}
+
 // What a layer's backward checks before it writes anything: that the workspace holds a
-// forward_train of `training_tokens` tokens (-1: none) on this x, and the shapes of x, dy and dx
-// against the layer's width d.
+// forward_train of `training_tokens` tokens (-1: none) on this x, the shapes of x, dy and dx
+// against the layer's width d, and that dx is neither x's nor dy's memory.
 template <class X, class DY, class DX, class Index>
 void check_backward_inputs(const char* where, Index training_tokens, Index d, const X& x, const DY& dy, const DX& dx) {
   if (training_tokens != x.rows()) {
@@ -67,6 +86,8 @@ void check_backward_inputs(const char* where, Index training_tokens, Index d, co
   check_dim(where, "dy.cols()", dy.cols(), "d_model", d);
   check_dim(where, "dx.rows()", dx.rows(), "x.rows()", x.rows());
   check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
+  check_disjoint(where, "dx", dx, "x", x);
+  check_disjoint(where, "dx", dx, "dy", dy);
 }
 
 }  // namespace detail

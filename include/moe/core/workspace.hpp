@@ -2,6 +2,7 @@
 // Growable, reusable buffers: they grow to the largest size requested and never shrink, so once
 // a workspace has seen the largest batch, further use performs no heap allocation.
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -39,10 +40,11 @@ void resize_keep(V& v, index_t n) {
   v.resize(static_cast<std::size_t>(n));
 }
 
-// How a forward_train laid out what it saved for backward. forward_train records it in the
-// workspace; backward works out the layout its own layer would have left for the workspace's
-// routing and refuses a workspace whose layout differs (one filled by another layer, by this one
-// before set_shared_experts, or routed into since) rather than read past its buffers.
+// How a forward_train laid out what it saved for backward, and after which route. forward_train
+// records it in the workspace; backward works out the layout its own layer would have left for
+// the workspace's routing and refuses a workspace whose layout differs (one filled by another
+// layer, by this one before set_shared_experts, or routed into since) rather than read past its
+// buffers or pair one batch's routing with another's saved values.
 struct TrainingLayout {
   index_t tokens = -1;
   index_t d_model = -1;
@@ -52,10 +54,12 @@ struct TrainingLayout {
   index_t saved = -1;             // values the routed experts saved
   index_t shared_experts = -1;    // MoELayer's shared experts; 0 for SoftMoELayer
   index_t shared_saved = -1;      // values the shared experts saved
+  std::uint64_t route = 0;        // the routing's route_count()
 
   bool operator==(const TrainingLayout& o) const noexcept {
     return tokens == o.tokens && d_model == o.d_model && experts == o.experts && slots_per_expert == o.slots_per_expert &&
-           rows == o.rows && saved == o.saved && shared_experts == o.shared_experts && shared_saved == o.shared_saved;
+           rows == o.rows && saved == o.saved && shared_experts == o.shared_experts && shared_saved == o.shared_saved &&
+           route == o.route;
   }
   bool operator!=(const TrainingLayout& o) const noexcept { return !(*this == o); }
 };
@@ -65,7 +69,7 @@ namespace detail {
 inline std::string describe(const TrainingLayout& l) {
   return concat("tokens = ", l.tokens, ", d_model = ", l.d_model, ", experts = ", l.experts, ", slots per expert = ",
                 l.slots_per_expert, ", rows = ", l.rows, ", saved values = ", l.saved, ", shared experts = ", l.shared_experts,
-                ", shared saved values = ", l.shared_saved);
+                ", shared saved values = ", l.shared_saved, ", route = ", l.route);
 }
 
 inline void check_training_layout(const char* where, const TrainingLayout& saved, const TrainingLayout& layer) {

@@ -35,7 +35,9 @@ struct ActivationDerivative<GELUTanh> {
   static T apply(T x) noexcept {
     const T c = T(0.79788456080286535588), a = T(0.044715);
     const T th = std::tanh(c * (x + a * x * x * x));
-    return T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * c * (T(1) + T(3) * a * x * x);
+    const T sech2 = T(1) - th * th;  // 0 once tanh saturates, where x · x may overflow: 0 · inf
+    if (sech2 == T(0)) return T(0.5) * (T(1) + th);
+    return T(0.5) * (T(1) + th) + T(0.5) * x * sech2 * c * (T(1) + T(3) * a * x * x);
   }
 };
 

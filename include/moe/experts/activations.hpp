@@ -40,25 +40,63 @@ xsimd::batch<T, Arch> exp_of(const xsimd::batch<T, Arch>& x) noexcept {
 
 }  // namespace detail
 
-// max(x, 0).
+// max(x, 0), NaN kept: x < 0 ? 0 : x, written out because std::max(x, 0) and the SIMD max
+// instructions (which return their second operand when either is NaN) disagree on NaN.
 struct ReLU {
   static constexpr const char* name = "relu";
-  template <class V>
-  static V apply(const V& x) noexcept {
-    using std::max;
-    using xsimd::max;
-    return max(x, V(0));
+  template <class T>
+  static T apply(T x) noexcept {
+    return x < T(0) ? T(0) : x;
+  }
+  template <class T, class Arch>
+  static xsimd::batch<T, Arch> apply(const xsimd::batch<T, Arch>& x) noexcept {
+    using B = xsimd::batch<T, Arch>;
+    return xsimd::select(x < B(T(0)), B(T(0)), x);
   }
 };
+
+namespace detail {
+
+// f(x) for a batch, with x clamped to [-bound, bound] first, where f is already ±1 to the last
+// bit, and NaN lanes kept out of f and passed through: xsimd's erf and tanh call its exp, whose
+// double version converts to int64 with a scalar cast on AVX2 (undefined for NaN, ±inf and huge
+// lanes), and its double erf returns NaN beyond |x| ≈ 1e62.
+template <class T, class Arch, class F>
+xsimd::batch<T, Arch> saturating(const xsimd::batch<T, Arch>& x, T bound, F f) noexcept {
+  using B = xsimd::batch<T, Arch>;
+  const auto is_nan = xsimd::isnan(x);
+  const B clamped = xsimd::select(is_nan, B(T(0)), xsimd::min(xsimd::max(x, B(-bound)), B(bound)));
+  return xsimd::select(is_nan, x, f(clamped));
+}
+
+template <class T>
+T erf_of(T x) noexcept {
+  return std::erf(x);
+}
+template <class T, class Arch>
+xsimd::batch<T, Arch> erf_of(const xsimd::batch<T, Arch>& x) noexcept {
+  // erf(6) = 1 − 2e-17: 1 in float and double.
+  return saturating(x, T(6), [](const auto& v) { return xsimd::erf(v); });
+}
+
+template <class T>
+T tanh_of(T x) noexcept {
+  return std::tanh(x);
+}
+template <class T, class Arch>
+xsimd::batch<T, Arch> tanh_of(const xsimd::batch<T, Arch>& x) noexcept {
+  // tanh(20) = 1 − 8e-18: 1 in float and double.
+  return saturating(x, T(20), [](const auto& v) { return xsimd::tanh(v); });
+}
+
+}  // namespace detail
 
 // Exact GELU: x · Φ(x) = 0.5 · x · (1 + erf(x / √2)) (PyTorch approximate='none').
 struct GELU {
   static constexpr const char* name = "gelu";
   template <class V>
   static V apply(const V& x) noexcept {
-    using std::erf;
-    using xsimd::erf;
-    return V(0.5) * x * (V(1) + erf(x * detail::constant<V>(0.70710678118654752440)));
+    return V(0.5) * x * (V(1) + detail::erf_of(x * detail::constant<V>(0.70710678118654752440)));
   }
 };
 
@@ -67,10 +105,8 @@ struct GELUTanh {
   static constexpr const char* name = "gelu_tanh";
   template <class V>
   static V apply(const V& x) noexcept {
-    using std::tanh;
-    using xsimd::tanh;
     const V inner = detail::constant<V>(0.79788456080286535588) * (x + detail::constant<V>(0.044715) * x * x * x);
-    return V(0.5) * x * (V(1) + tanh(inner));
+    return V(0.5) * x * (V(1) + detail::tanh_of(inner));
   }
 };
 

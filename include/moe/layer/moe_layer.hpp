@@ -167,7 +167,7 @@ class MoELayer {
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, TrainingWorkspace<T>& ws,
                      Arch arch = {}) const {
     run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
-    ws.layout = training_layout(ws.routing.plan);
+    ws.layout = training_layout(ws.routing);
     ws.training_tokens = x.rows();
   }
 
@@ -198,13 +198,15 @@ class MoELayer {
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const TrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
-    detail::check_training_layout(where, ws.layout, training_layout(ws.routing.plan));
+    detail::check_training_layout(where, ws.layout, training_layout(ws.routing));
     check_gradients(where, grads);
   }
 
-  // The layout forward_train leaves in a TrainingWorkspace for this layer and routing `plan`.
-  TrainingLayout training_layout(const Routing<T>& plan) const {
+  // The layout forward_train leaves in a TrainingWorkspace for this layer and `routing`.
+  TrainingLayout training_layout(const RouterOutput<T>& routing) const {
+    const Routing<T>& plan = routing.plan;
     TrainingLayout l;
+    l.route = routing.route_count();
     l.tokens = plan.num_tokens;
     l.d_model = d_model();
     l.experts = num_experts();

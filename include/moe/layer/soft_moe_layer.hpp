@@ -184,6 +184,7 @@ class SoftMoELayer {
   // The layout forward_train leaves in a SoftTrainingWorkspace for this layer and `routing`.
   TrainingLayout training_layout(const SoftRouting<T>& routing) const {
     TrainingLayout l;
+    l.route = routing.route_count();
     l.tokens = routing.num_tokens();
     l.d_model = d_model();
     l.experts = num_experts();

@@ -130,6 +130,7 @@ class ExpertChoiceRouter {
     detail::check_dim("ExpertChoiceRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
+    detail::check_disjoint("ExpertChoiceRouter::backward", "dx", dx, "x", x);
     const Routing<T>& plan = out.plan;
     Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
     for (index_t t = 0; t < T_; ++t) {

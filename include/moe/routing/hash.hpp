@@ -206,6 +206,7 @@ class HashRouter {
     detail::check_dim("HashRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model_);
     detail::check_dim("HashRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", num_experts_);
     detail::check_dim("HashRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model_);
+    detail::check_disjoint("HashRouter::backward", "dx", dx, "x", x);
   }
 
  private:

@@ -44,9 +44,14 @@ class RouterOutput {
     top_k_stride_ = stride;
   }
 
+  // How many routes have begun into this output: a layer's backward tells the routing its
+  // forward_train left from a later one of the same shape by it.
+  std::uint64_t route_count() const noexcept { return route_count_; }
+
   // For routers: sizes the [T, E] buffers and returns writable views of them.
   // The plan becomes the empty plan (Routing::clear) until the router builds this batch's.
   void reshape(index_t tokens, index_t experts) {
+    ++route_count_;
     plan.clear(experts);
     num_tokens_ = tokens;
     num_experts_ = experts;
@@ -83,6 +88,7 @@ class RouterOutput {
   index_t num_experts_ = 0;
   index_t top_k_ = 0;         // choices per token recorded by the last route, 0 when none
   index_t top_k_stride_ = 1;  // their row stride in candidate_expert
+  std::uint64_t route_count_ = 0;
   Buffer<T> logits_;
   Buffer<T> scores_;
   T* logits_data_ = nullptr;

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -113,8 +114,12 @@ class SoftRouting {
   // [T, S] C: softmax of the logits over the slots (each row sums to 1).
   ConstMatrixMap<T> combine_weights() const noexcept { return ConstMatrixMap<T>(combine_data_, num_tokens_, num_slots()); }
 
+  // How many routes have begun into this routing (see RouterOutput::route_count).
+  std::uint64_t route_count() const noexcept { return route_count_; }
+
   // For routers: sizes the buffers for `tokens` tokens in `groups`.
   void reshape(index_t tokens, index_t experts, index_t slots_per_expert, const GroupBounds& groups) {
+    ++route_count_;
     num_tokens_ = tokens;
     num_experts_ = experts;
     slots_per_expert_ = slots_per_expert;
@@ -150,6 +155,7 @@ class SoftRouting {
   index_t slots_per_expert_ = 1;
   index_t num_groups_ = 1;
   std::vector<index_t> group_begin_ = {0, 0};
+  std::uint64_t route_count_ = 0;
   Buffer<T> logits_;
   Buffer<T> dispatch_;
   Buffer<T> combine_;
@@ -187,7 +193,7 @@ void soft_mix_block(Arch, const T* w, std::size_t wq, std::size_t wc, const T* s
       for (std::size_t k = 0; k < kChunks; ++k) v[k] = B::load_unaligned(src + c * lds + i + k * L);
       for (std::size_t q = 0; q < MB; ++q) {
         const B wv(w[q * wq + c * wc]);
-        for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = xsimd::fma(wv, v[k], acc[q][k]);
+        for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = simd::fma(wv, v[k], acc[q][k]);
       }
     }
     for (std::size_t q = 0; q < MB; ++q)
@@ -198,7 +204,7 @@ void soft_mix_block(Arch, const T* w, std::size_t wq, std::size_t wc, const T* s
     for (std::size_t q = 0; q < MB; ++q) acc[q] = B(T(0));
     for (std::size_t c = 0; c < count; ++c) {
       const B v = B::load_unaligned(src + c * lds + i);
-      for (std::size_t q = 0; q < MB; ++q) acc[q] = xsimd::fma(B(w[q * wq + c * wc]), v, acc[q]);
+      for (std::size_t q = 0; q < MB; ++q) acc[q] = simd::fma(B(w[q * wq + c * wc]), v, acc[q]);
     }
     for (std::size_t q = 0; q < MB; ++q) acc[q].store_unaligned(out + q * ldo + i);
   }
@@ -278,7 +284,7 @@ void soft_column_sum_squares(Arch, const T* row, T* acc, std::size_t n) noexcept
   std::size_t j = 0;
   for (; j + L <= n; j += L) {
     const B v = B::load_unaligned(row + j);
-    xsimd::fma(v, v, B::load_unaligned(acc + j)).store_unaligned(acc + j);
+    simd::fma(v, v, B::load_unaligned(acc + j)).store_unaligned(acc + j);
   }
   for (; j < n; ++j) acc[j] = std::fma(row[j], row[j], acc[j]);
 }
@@ -292,7 +298,7 @@ T soft_sum_squares(Arch, const T* x, std::size_t n) noexcept {
   std::size_t i = 0;
   for (; i + L <= n; i += L) {
     const B v = B::load_unaligned(x + i);
-    acc = xsimd::fma(v, v, acc);
+    acc = simd::fma(v, v, acc);
   }
   T sum = simd::reduce_add(acc);
   for (; i < n; ++i) sum = std::fma(x[i], x[i], sum);
@@ -443,6 +449,7 @@ class SoftRouter {
     detail::check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
     detail::check_dim(where, "dphi.rows()", dphi.rows(), "d_model", d);
     detail::check_dim(where, "dphi.cols()", dphi.cols(), "num_slots", S);
+    detail::check_disjoint(where, "dx", dx, "x", x);
     if (T_ == 0) return T(0);
     const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();  // [T, S]
     const ConstMatrixMap<T> dD(grad_dispatch, T_, S), dC(grad_combine, T_, S);              // [T, S]

@@ -181,6 +181,7 @@ class TopKRouter {
     detail::check_dim("TopKRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
     detail::check_dim("TopKRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
+    detail::check_disjoint("TopKRouter::backward", "dx", dx, "x", x);
     Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
     const index_t R = candidate_stride();
     const index_t* ranked = out.candidate_expert.data();

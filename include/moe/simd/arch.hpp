@@ -2,8 +2,8 @@
 // The only header that includes xsimd. It names the default architecture and hides the
 // differences between xsimd versions (Debian 12 ships 8.1: `hadd`, no `reduce_max`).
 //
-// Every kernel takes the architecture as its first argument (a tag such as xsimd::avx2{}), so two
-// translation units built with different -m flags never share one inline kernel body.
+// Every kernel takes the architecture as its first argument (a tag such as xsimd::fma3<xsimd::avx2>{}),
+// so two translation units built with different -m flags never share one inline kernel body.
 #include <cstddef>
 #include <type_traits>
 
@@ -36,6 +36,32 @@ constexpr std::size_t lanes() noexcept {
 template <class Arch>
 constexpr std::size_t vector_registers() noexcept {
   return std::is_base_of<xsimd::avx512f, Arch>::value ? 32 : 16;
+}
+
+// Whether Arch multiplies and adds with one rounding. For other architectures xsimd::fma is
+// x * y + z, which the compiler may fuse where the target has FMA (GCC's default
+// -ffp-contract=fast) in one kernel and not in another.
+template <class Arch>
+constexpr bool has_fma() noexcept {
+  return std::is_base_of<xsimd::avx512f, Arch>::value || std::is_base_of<xsimd::fma3<xsimd::avx2>, Arch>::value ||
+         std::is_base_of<xsimd::fma3<xsimd::avx>, Arch>::value || std::is_base_of<xsimd::fma3<xsimd::sse4_2>, Arch>::value ||
+         std::is_base_of<xsimd::fma4, Arch>::value;
+}
+
+// Whether this translation unit targets x86 FMA instructions (-mfma, -march=haswell or later).
+constexpr bool target_has_fma() noexcept {
+  return XSIMD_WITH_FMA3_SSE || XSIMD_WITH_FMA3_AVX || XSIMD_WITH_FMA3_AVX2 || XSIMD_WITH_FMA4 || XSIMD_WITH_AVX512F;
+}
+
+// x · y + z, fused. The kernels' multiply-adds all go through here, so that a token's outputs do
+// not depend on which kernel its batch size picks: with a tag without FMA in a translation unit
+// whose target has it, the compiler would fuse some of them and not others.
+template <class T, class Arch>
+batch<T, Arch> fma(const batch<T, Arch>& x, const batch<T, Arch>& y, const batch<T, Arch>& z) noexcept {
+  static_assert(has_fma<Arch>() || !target_has_fma(),
+                "moe: this translation unit targets FMA, so pass an architecture tag with FMA (simd::default_arch, "
+                "xsimd::fma3<xsimd::avx2>, xsimd::avx512f...): with a tag without it, results would depend on the batch size");
+  return xsimd::fma(x, y, z);
 }
 
 template <class T, class Arch>

@@ -202,7 +202,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       B xv = kPacked ? B::load_aligned(packed + j * L) : B::load_unaligned(xp[j] + i);
       if (NB > 1) keep_in_register(xv);
-      MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) acc[j][r] = xsimd::fma(xv, wv[r], acc[j][r]);
+      MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) acc[j][r] = simd::fma(xv, wv[r], acc[j][r]);
     }
     if (kPacked) packed += MB * L;
   }
@@ -424,7 +424,7 @@ void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k,
       MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
         B xv = B::load_unaligned(x + j * ldx + c);
         if (NB > 1) keep_in_register(xv);
-        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) acc[j][q] = xsimd::fma(xv, wv[q], acc[j][q]);
+        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) acc[j][q] = simd::fma(xv, wv[q], acc[j][q]);
       }
     }
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)

@@ -49,7 +49,7 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
     MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       const B xv(x[j * ldx + i]);
-      MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = xsimd::fma(xv, wv[v], acc[j][v]);
+      MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = simd::fma(xv, wv[v], acc[j][v]);
     }
   }
   MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)

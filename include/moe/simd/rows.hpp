@@ -48,7 +48,7 @@ void axpy(Arch, T w, const T* x, T* y, std::size_t n) noexcept {
   constexpr std::size_t L = B::size;
   const B vw(w);
   std::size_t i = 0;
-  for (; i + L <= n; i += L) xsimd::fma(vw, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+  for (; i + L <= n; i += L) simd::fma(vw, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
@@ -83,10 +83,10 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
     for (std::size_t j = 0; j < count; ++j) {
       const B w(weight_at(j));
       const T* p = row_at(j) + i;
-      a0 = xsimd::fma(w, B::load_unaligned(p), a0);
-      a1 = xsimd::fma(w, B::load_unaligned(p + L), a1);
-      a2 = xsimd::fma(w, B::load_unaligned(p + 2 * L), a2);
-      a3 = xsimd::fma(w, B::load_unaligned(p + 3 * L), a3);
+      a0 = simd::fma(w, B::load_unaligned(p), a0);
+      a1 = simd::fma(w, B::load_unaligned(p + L), a1);
+      a2 = simd::fma(w, B::load_unaligned(p + 2 * L), a2);
+      a3 = simd::fma(w, B::load_unaligned(p + 3 * L), a3);
     }
     a0.store_unaligned(out + i);
     a1.store_unaligned(out + i + L);
@@ -95,7 +95,7 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
   }
   for (; i + L <= n; i += L) {
     B acc = start(i);
-    for (std::size_t j = 0; j < count; ++j) acc = xsimd::fma(B(weight_at(j)), B::load_unaligned(row_at(j) + i), acc);
+    for (std::size_t j = 0; j < count; ++j) acc = simd::fma(B(weight_at(j)), B::load_unaligned(row_at(j) + i), acc);
     acc.store_unaligned(out + i);
   }
   for (; i < n; ++i) {
