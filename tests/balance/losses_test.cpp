@@ -616,6 +616,18 @@ TEST_CASE("BiasBalancer follows b += u * sign(mean load - load)", "[balance][bia
   REQUIRE(balancer.bias()[1] == 0.0);
   REQUIRE(balancer.bias()[2] == -0.5);
   REQUIRE(balancer.bias()[3] == 0.5);
+  // Loads near index_t's range, whose E · load overflowed before: each against the mean taken
+  // exactly in long double (its 64-bit significand holds these sums).
+  moe::BiasBalancer<double> huge(4, 0.5);
+  const index_t big = index_t(1) << 61;
+  const std::vector<index_t> huge_load = {big, big, big - 1, 3};
+  huge.update(huge_load);
+  long double total = 0;
+  for (const index_t c : huge_load) total += static_cast<long double>(c);
+  for (std::size_t e = 0; e < 4; ++e) {
+    const long double gap = total / 4 - static_cast<long double>(huge_load[e]);
+    CHECK(huge.bias()[index_t(e)] == (gap > 0 ? 0.5 : gap < 0 ? -0.5 : 0.0));
+  }
 
   // From a plan (its per-expert assignments) and from a LoadAccumulator (its counts).
   const index_t E = 4;

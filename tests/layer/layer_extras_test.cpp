@@ -2,6 +2,8 @@
 // against per-token double references.
 #include <catch2/catch.hpp>
 
+#include <memory>
+
 #include "../support/reference.hpp"
 
 using namespace moe_test;
@@ -251,4 +253,55 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
                       Catch::Contains("routing_stats") && Catch::Contains("scores.rows() = 2") && Catch::Contains("plan.num_tokens = 4"));
   REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 4, 3)),
                       Catch::Contains("scores.cols() = 3") && Catch::Contains("plan.num_experts = 4"));
+}
+
+TEST_CASE("A copied workspace or routing keeps its own batch, after its source routes again or is gone",
+          "[layer][workspace]") {
+  // Their logits and scores used to be views into the source's buffers: a copy kept for a later
+  // backward saw the source's next batch (wrong router gradients), or freed memory.
+  const Model m;
+  const moe::Matrix<double> gate = random_matrix<double>(m.E_ffn, m.d, 5, 2.0);
+  moe::TopKOptions o;
+  o.k = 2;
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  const moe::MoELayer layer(moe::TopKRouter<double>(gate, o), experts);
+  const moe::Matrix<double> x1 = random_matrix<double>(7, m.d, 8), x2 = random_matrix<double>(7, m.d, 9);
+  const moe::Matrix<double> dy = random_matrix<double>(7, m.d, 10);
+  moe::Matrix<double> y(7, m.d), dx_ref(7, m.d), dx(7, m.d);
+  auto g_ref = layer.make_gradients(), g = layer.make_gradients();
+  moe::TrainingWorkspace<double> fresh;
+  layer.forward_train(x1, y, fresh);
+  layer.backward(x1, dy, dx_ref, g_ref, fresh);
+
+  SECTION("the source routes the next batch") {
+    moe::TrainingWorkspace<double> ws;
+    layer.forward_train(x1, y, ws);
+    moe::TrainingWorkspace<double> kept = ws;
+    layer.forward_train(x2, y, ws);
+    layer.backward(x1, dy, dx, g, kept);
+  }
+  SECTION("the source is destroyed") {
+    auto ws = std::make_unique<moe::TrainingWorkspace<double>>();
+    layer.forward_train(x1, y, *ws);
+    moe::TrainingWorkspace<double> kept = *ws;
+    ws.reset();
+    layer.backward(x1, dy, dx, g, kept);
+  }
+  CHECK(dx == dx_ref);
+  CHECK(g.router == g_ref.router);
+  for (index_t e = 0; e < m.E_ffn; ++e) CHECK(g.experts[std::size_t(e)].w_gate == g_ref.experts[std::size_t(e)].w_gate);
+
+  // Soft routing: its logits, dispatch and combine weights.
+  moe::SoftOptions so;
+  so.slots_per_expert = 2;
+  const moe::SoftRouter<double> soft(random_matrix<double>(m.d, 2 * m.E_ffn, 11), m.E_ffn, so);
+  moe::SoftRouting<double> expected, routing;
+  soft.route(x1, expected);
+  soft.route(x1, routing);
+  const moe::SoftRouting<double> kept = routing;
+  soft.route(x2, routing);
+  CHECK(kept.logits() == expected.logits());
+  CHECK(kept.dispatch_weights() == expected.dispatch_weights());
+  CHECK(kept.combine_weights() == expected.combine_weights());
 }

@@ -438,6 +438,20 @@ TEMPLATE_TEST_CASE("A rerouted weight whose raw weight overflows but whose scale
     REQUIRE(std::isfinite(got[1][std::size_t(j)].weight));
     CHECK(got[1][std::size_t(j)].weight == Approx(expected).epsilon(is_float ? 1e-5 : 1e-12));
   }
+  // Its gradient (the raw weight's inf times scale gave NaN): with L = Σ weights and logits = x,
+  // ∂L/∂l2 = w2 and ∂L/∂l3 = w3 (each weight is e^(l_j − lse(l0, l1)) · scale), and ∂L/∂l_i =
+  // −(w2 + w3) · softmax(l0, l1)_i for the two chosen logits, whose softmax the weights divide by.
+  const std::vector<T> ones(static_cast<std::size_t>(out.plan.num_assignments()), T(1));
+  moe::Matrix<T> dx = moe::Matrix<T>::Zero(FarReroute<T>::Tn, FarReroute<T>::E), dW = moe::Matrix<T>::Zero(4, 4);
+  f.router().backward(f.x, out, ones.data(), nullptr, nullptr, dx, dW);
+  const double w2 = sign * std::exp(log_value), w3 = sign * std::exp(log_value - 1.0);
+  const double p0 = 1 / (1 + std::exp(-1.0)), p1 = 1 - p0;
+  const double expected_dx[4] = {-(w2 + w3) * p0, -(w2 + w3) * p1, w2, w3};
+  for (index_t i = 0; i < 4; ++i) {
+    CAPTURE(i, expected_dx[i]);
+    REQUIRE(std::isfinite(dx(1, i)));
+    CHECK(double(dx(1, i)) == Approx(expected_dx[i]).epsilon(is_float ? 1e-5 : 1e-12).margin(1e-300));
+  }
 }
 
 TEST_CASE("A scale beyond the scalar's range is refused, naming it", "[routing][errors]") {

@@ -332,4 +332,13 @@ TEST_CASE("An empty batch routes to an empty plan", "[routing][top_k]") {
   REQUIRE(out.plan.num_assignments() == 0);
   REQUIRE(out.plan.num_tokens == 0);
   check_plan_invariants(out.plan);
+  // With the boundaries of no sequence ({0}, which with_groups accepts), as a loop over sequences
+  // builds them for a batch of none, and with a capacity that counts per group.
+  o.capacity_factor = 1.0;
+  const moe::TopKRouter<float> capped(W, o);
+  capped.route(moe::Matrix<float>(0, 3), moe::RouteContext::with_groups({0}), out);
+  REQUIRE(out.plan.num_tokens == 0);
+  check_plan_invariants(out.plan);
+  REQUIRE_THROWS_WITH(capped.route(random_matrix<float>(2, 3, 2), moe::RouteContext::with_groups({0}), out),
+                      Catch::Contains("num_groups must be at least 1 for a non-empty batch (num_groups = 0, tokens = 2)"));
 }

@@ -226,6 +226,11 @@ TEST_CASE("TopKRouter: top_p outside [0, 1]", "[errors][top_k]") {
     CAPTURE(p);
     REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("top_p must be in [0, 1] (top_p = "));
   }
+  // Just outside: the value prints in full (6 digits showed "top_p = 1", inside the range).
+  moe::TopKOptions o;
+  o.k = 2;
+  o.top_p = 1.0000001;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("(top_p = 1.0000001)"));
 }
 
 TEST_CASE("TopKRouter: top_p without softmax-before-top-k scores", "[errors][top_k]") {
@@ -475,6 +480,18 @@ TEST_CASE("Router backward after a route that threw, or with another router's ou
     moe::TopKRouter<float>(random_matrix<float>(kE + 2, kD, 5), top2()).route(x, out);
     REQUIRE_REJECTS(router.backward(x, out, gw.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
                     Contains("out.num_experts() = 6") && Contains("num_experts = 4"), dw);
+    // An output of the same shape from a router of another configuration: top-k with capacity
+    // and reroute keeps E candidates per token where plain top-2 keeps 2 (its backward read the
+    // candidate buffers with its own stride, past their end).
+    moe::TopKOptions rerouting = top2();
+    rerouting.capacity_factor = 100.0;
+    rerouting.overflow = moe::OverflowPolicy::reroute;
+    moe::TopKRouter<float>(gate(), rerouting).route(x, out);
+    const std::vector<float> gw_other(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+    REQUIRE_REJECTS(router.backward(x, out, gw_other.data(), nullptr, nullptr, dx, dw), moe::invalid_argument,
+                    Contains("out was filled by a router of another kind or configuration") &&
+                        Contains("out's router fingerprint = 0x"), dw);
+    REQUIRE(same_bits(dx, sentinel(kT, kD)));
   };
   SECTION("top-k") { check(top_k, ctx, ctx, non_finite); }
   SECTION("expert choice") { check(expert_choice, ctx, ctx, non_finite); }
@@ -490,6 +507,21 @@ TEST_CASE("build_routing: expert id out of range", "[errors][routing]") {
   const float weight[2] = {1.0f, 1.0f};
   REQUIRE_REJECTS(moe::build_routing(2, 4, begin, chosen, weight, out.plan), moe::invalid_argument,
                   Contains("expert = 4") && Contains("num_experts = 4") && Contains("choice = 1"), out.plan);
+}
+
+TEST_CASE("build_routing: choice_begin not starting at 0 or decreasing", "[errors][routing]") {
+  // The fill wrote by choice_begin: {0, 3, 1, 2} wrote past the plan's arrays.
+  moe::RouterOutput<float> out = routed();
+  const index_t chosen[3] = {1, 2, 3};
+  const float weight[3] = {1.0f, 1.0f, 1.0f};
+  const index_t decreasing[4] = {0, 3, 1, 2};
+  REQUIRE_REJECTS(moe::build_routing(3, 4, decreasing, chosen, weight, out.plan), moe::invalid_argument,
+                  Contains("choice_begin must not decrease") && Contains("choice_begin[1] = 3, choice_begin[2] = 1"), out.plan);
+  const index_t late_start[4] = {1, 2, 3, 3};
+  REQUIRE_REJECTS(moe::build_routing(3, 4, late_start, chosen, weight, out.plan), moe::invalid_argument,
+                  Contains("choice_begin[0] must be 0 (choice_begin[0] = 1)"), out.plan);
+  REQUIRE_REJECTS(moe::build_routing(-1, 4, late_start, chosen, weight, out.plan), moe::invalid_argument,
+                  Contains("num_tokens = -1"), out.plan);
 }
 
 // --- experts ------------------------------------------------------------------------------------
@@ -648,7 +680,21 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   const std::string next = std::to_string(ws.routing.route_count());
   dx = sentinel(kT, kD);
   REQUIRE_REJECTS(chosen.backward(x, dy, dx, chosen_grads, ws), moe::invalid_argument,
-                  fits_not && Contains("route = " + route + ";") && Contains("route = " + next + ")"), dx);
+                  fits_not && Contains("route = " + route + ", router") && Contains("route = " + next + ", router"), dx);
+
+  // A layer whose router has other options, with the same experts and plan sizes (capacity 100
+  // drops nothing): the router's backward would have read the candidate buffers past their end.
+  moe::TopKOptions rerouting = top2();
+  rerouting.capacity_factor = 100.0;
+  rerouting.overflow = moe::OverflowPolicy::reroute;
+  const moe::MoELayer plain(moe::TopKRouter<float>(gate(), top2()), experts());
+  const moe::MoELayer other_router(moe::TopKRouter<float>(gate(), rerouting), experts());
+  plain.forward_train(x, moe::RouteContext{}, y, ws);
+  auto other_grads = other_router.make_gradients();
+  dx = sentinel(kT, kD);
+  REQUIRE_REJECTS(other_router.backward(x, dy, dx, other_grads, ws), moe::invalid_argument,
+                  fits_not && Contains("router fingerprint = " + std::to_string(plain.router().config_fingerprint()) + ";") &&
+                      Contains("router fingerprint = " + std::to_string(other_router.router().config_fingerprint()) + ")"), dx);
 }
 
 TEST_CASE("Backward: a dx that shares memory with x or dy", "[errors][layer][backward]") {
@@ -735,7 +781,14 @@ TEST_CASE("BiasBalancer: num_experts, update_rate, bias and load", "[errors][bal
   REQUIRE_REJECTS_ARG(b.set_bias(nan_bias), moe::invalid_argument, Contains("bias[2] is not finite"));
   REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{1, 2}), moe::invalid_argument, Contains("load.size() = 2"));
   REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{1, -2, 0, 0}), moe::invalid_argument, Contains("load[1] = -2"));
+  const index_t most = std::numeric_limits<index_t>::max();
+  REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{most, 1, 0, 0}), moe::invalid_argument,
+                      Contains("the loads' sum overflows") && Contains("load[1] = 1"));
   REQUIRE(b.bias() == bias);  // no partial update
+  // An update rate that overflows float, or rounds to 0 in it, would move nothing or everything.
+  REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, 1e39), moe::invalid_argument, Contains("update_rate = 1e+39"));
+  REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, 1e-50), moe::invalid_argument, Contains("update_rate = 1e-50"));
+  REQUIRE_NOTHROW(moe::BiasBalancer<double>(kE, 1e-50));
   moe::TopKRouter<float> other(random_matrix<float>(kE + 2, kD, 1), top2());
   REQUIRE_REJECTS_ARG(b.apply(other), moe::invalid_argument, Contains("router.num_experts() = 6") && Contains("num_experts = 4"));
   REQUIRE(other.selection_bias().size() == 0);

@@ -11,6 +11,7 @@
 // get_updated_expert_bias (moe_router_bias_update_rate = u).
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -27,11 +28,14 @@ class BiasBalancer {
  public:
   using Scalar = T;
 
-  // b = 0. update_rate u must be finite and > 0 (DeepSeek-V3: 0.001).
+  // b = 0. update_rate u must be finite and > 0 in T (DeepSeek-V3: 0.001): 1e39 overflows float
+  // and 1e-50 rounds to 0, a balancer that never moves.
   BiasBalancer(index_t num_experts, double update_rate) : update_rate_(update_rate) {
     if (num_experts < 1) detail::throw_invalid("BiasBalancer: num_experts must be at least 1 (num_experts = ", num_experts, ")");
-    if (!(std::isfinite(update_rate) && update_rate > 0)) {
-      detail::throw_invalid("BiasBalancer: update_rate must be finite and > 0 (update_rate = ", update_rate, ")");
+    const auto step = static_cast<T>(update_rate);
+    if (!(std::isfinite(update_rate) && update_rate > 0 && std::isfinite(step) && step > T(0))) {
+      detail::throw_invalid("BiasBalancer: update_rate must be finite and > 0 in the scalar type (update_rate = ", update_rate,
+                            ")");
     }
     bias_ = Vector<T>::Zero(num_experts);
   }
@@ -51,7 +55,8 @@ class BiasBalancer {
   void reset() { bias_.setZero(); }
 
   // One step of the rule from per-expert loads [E] (non-negative). The comparison with the mean
-  // is exact: sign(Σ_j c_j − E · c_i).
+  // is exact: the sign of Σ_j c_j − E · c_i, taken as (q − c_i, r) with Σ_j c_j = q · E + r so
+  // that E · c_i cannot overflow.
   void update(const std::vector<index_t>& load) {
     const char* where = "BiasBalancer::update";
     const index_t E = num_experts();
@@ -59,13 +64,19 @@ class BiasBalancer {
     index_t total = 0;
     for (std::size_t e = 0; e < load.size(); ++e) {
       if (load[e] < 0) detail::throw_invalid(where, ": load[", e, "] must be >= 0 (load[", e, "] = ", load[e], ")");
+      if (load[e] > std::numeric_limits<index_t>::max() - total) {
+        detail::throw_invalid(where, ": the loads' sum overflows index_t (load[", e, "] = ", load[e], ", sum before it = ", total, ")");
+      }
       total += load[e];
     }
+    const index_t mean_floor = total / E, remainder = total % E;
     const T step = static_cast<T>(update_rate_);
     for (index_t e = 0; e < E; ++e) {
-      const index_t excess = total - E * load[static_cast<std::size_t>(e)];  // E · (mean − load_e)
-      if (excess > 0) bias_[e] += step;
-      if (excess < 0) bias_[e] -= step;
+      const index_t c = load[static_cast<std::size_t>(e)];
+      const bool under = c < mean_floor || (c == mean_floor && remainder > 0);  // c < mean
+      const bool over = c > mean_floor;                                         // c > mean
+      if (under) bias_[e] += step;
+      if (over) bias_[e] -= step;
     }
   }
   // Loads from a plan: the assignments each expert received (after capacity, if any).

@@ -1,10 +1,12 @@
 #pragma once
 // Exceptions and argument checks. Messages name the component, the parameter and the values:
 //   "moe::TopKRouter: k must satisfy 1 <= k <= num_experts (k = 0, num_experts = 8)"
+#include <charconv>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "config.hpp"
@@ -25,10 +27,23 @@ class numeric_error : public std::domain_error {
 
 namespace detail {
 
+// Floating-point values print in their shortest form that reads back to the same value (an
+// ostream's 6 digits showed a top_p of 1.0000001 as 1, inside the range the message names).
+template <class Part>
+void append(std::ostringstream& out, const Part& part) {
+  if constexpr (std::is_floating_point<Part>::value) {
+    char text[64];
+    const auto result = std::to_chars(text, text + sizeof(text), part);
+    out.write(text, result.ptr - text);
+  } else {
+    out << part;
+  }
+}
+
 template <class... Parts>
 std::string concat(const Parts&... parts) {
   std::ostringstream out;
-  (out << ... << parts);
+  (append(out, parts), ...);
   return out.str();
 }
 

@@ -55,11 +55,12 @@ struct TrainingLayout {
   index_t shared_experts = -1;    // MoELayer's shared experts; 0 for SoftMoELayer
   index_t shared_saved = -1;      // values the shared experts saved
   std::uint64_t route = 0;        // the routing's route_count()
+  std::uint64_t router = 0;       // the layer's router's config_fingerprint()
 
   bool operator==(const TrainingLayout& o) const noexcept {
     return tokens == o.tokens && d_model == o.d_model && experts == o.experts && slots_per_expert == o.slots_per_expert &&
            rows == o.rows && saved == o.saved && shared_experts == o.shared_experts && shared_saved == o.shared_saved &&
-           route == o.route;
+           route == o.route && router == o.router;
   }
   bool operator!=(const TrainingLayout& o) const noexcept { return !(*this == o); }
 };
@@ -69,7 +70,7 @@ namespace detail {
 inline std::string describe(const TrainingLayout& l) {
   return concat("tokens = ", l.tokens, ", d_model = ", l.d_model, ", experts = ", l.experts, ", slots per expert = ",
                 l.slots_per_expert, ", rows = ", l.rows, ", saved values = ", l.saved, ", shared experts = ", l.shared_experts,
-                ", shared saved values = ", l.shared_saved, ", route = ", l.route);
+                ", shared saved values = ", l.shared_saved, ", route = ", l.route, ", router fingerprint = ", l.router);
 }
 
 inline void check_training_layout(const char* where, const TrainingLayout& saved, const TrainingLayout& layer) {

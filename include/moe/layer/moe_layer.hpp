@@ -207,6 +207,7 @@ class MoELayer {
     const Routing<T>& plan = routing.plan;
     TrainingLayout l;
     l.route = routing.route_count();
+    l.router = router_.config_fingerprint();
     l.tokens = plan.num_tokens;
     l.d_model = d_model();
     l.experts = num_experts();

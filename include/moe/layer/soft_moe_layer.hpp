@@ -185,6 +185,7 @@ class SoftMoELayer {
   TrainingLayout training_layout(const SoftRouting<T>& routing) const {
     TrainingLayout l;
     l.route = routing.route_count();
+    l.router = router_.config_fingerprint();
     l.tokens = routing.num_tokens();
     l.d_model = d_model();
     l.experts = num_experts();

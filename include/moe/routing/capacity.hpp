@@ -4,8 +4,12 @@
 // Each routing group of Tg tokens gives every expert room for C = ceil(capacity_factor · Tg · k / E)
 // assignments. Over-capacity choices are decided by priority:
 //   position: per expert, earlier tokens win (Switch, Megatron "position");
-//   score:    per expert, higher raw weights win, ties to the earlier token (Megatron "probs",
-//             V-MoE batch prioritized routing).
+//   score:    per expert, higher raw weights win, ties to the earlier token. The raw weight is the
+//             softmax or sigmoid score before normalization and scale, so this is Megatron "probs"
+//             where those do not reorder choices (softmax scores, or no normalization); with
+//             sigmoid scores and `normalize`, Megatron ranks the normalized weights instead. Each
+//             (token, choice) ranks on its own, not first choices before second ones as V-MoE's
+//             batch prioritized routing does.
 // and then either dropped, or rerouted to the token's next-best expert that still has room
 // (Capacity-Aware Token Reroute). Capacity is counted within each group, so one group's tokens
 // never displace another's.

@@ -43,7 +43,8 @@ struct RouteContext {
 class GroupBounds {
  public:
   GroupBounds(const RouteContext& ctx, index_t num_tokens, const char* where) {
-    if (ctx.group_begin == nullptr) {
+    // No groups, or none over an empty batch (with_groups({0})): the single group {0, num_tokens}.
+    if (ctx.group_begin == nullptr || (ctx.num_groups == 0 && num_tokens == 0 && ctx.group_begin[0] == 0)) {
       whole_[0] = 0;
       whole_[1] = num_tokens;
       begin_ = whole_;
@@ -52,7 +53,10 @@ class GroupBounds {
     }
     begin_ = ctx.group_begin;
     count_ = ctx.num_groups;
-    if (count_ < 1) detail::throw_invalid(where, ": num_groups must be at least 1 (num_groups = ", count_, ")");
+    if (count_ < 1) {
+      detail::throw_invalid(where, ": num_groups must be at least 1 for a non-empty batch (num_groups = ", count_, ", tokens = ",
+                            num_tokens, ")");
+    }
     if (begin_[0] != 0) detail::throw_invalid(where, ": group_begin[0] must be 0 (group_begin[0] = ", begin_[0], ")");
     for (index_t g = 0; g < count_; ++g) {
       if (begin_[g + 1] < begin_[g]) {

@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "../core/error.hpp"
+#include "../core/fingerprint.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
 #include "../simd/matmul.hpp"
@@ -76,6 +77,11 @@ class ExpertChoiceRouter {
   index_t num_experts() const noexcept { return weight_.rows(); }
   index_t d_model() const noexcept { return weight_.cols(); }
   const ExpertChoiceOptions& options() const noexcept { return options_; }
+  // Its options, the expert count and the width: backward refuses a RouterOutput this fingerprint
+  // did not stamp.
+  std::uint64_t config_fingerprint() const noexcept {
+    return detail::Fingerprint().add(2).add(num_experts()).add(d_model()).add(options_.capacity_factor).add(options_.check_finite).value();
+  }
   ConstMatrixMap<T> weight() const noexcept { return weight_.map(); }
 
   // Tokens each expert takes from a group of `group_tokens` tokens:
@@ -99,7 +105,7 @@ class ExpertChoiceRouter {
     const index_t T_ = x.rows();
     const index_t E = num_experts();
     const GroupBounds groups(ctx, T_, "ExpertChoiceRouter::route");
-    out.reshape(T_, E);
+    out.reshape(T_, E, config_fingerprint());
     compute_logits(arch, x, out);
     if (options_.check_finite) check_finite_logits(out.logits());
     const T* logits = out.logits().data();
@@ -131,6 +137,7 @@ class ExpertChoiceRouter {
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
     detail::check_disjoint("ExpertChoiceRouter::backward", "dx", dx, "x", x);
+    detail::check_router_config("ExpertChoiceRouter::backward", "out", out.router_config(), config_fingerprint());
     const Routing<T>& plan = out.plan;
     Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
     for (index_t t = 0; t < T_; ++t) {

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/fingerprint.hpp"
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../simd/arch.hpp"
@@ -116,6 +117,11 @@ class HashRouter {
   index_t num_experts() const noexcept { return num_experts_; }
   index_t d_model() const noexcept { return d_model_; }
   index_t k() const noexcept { return options_.k; }
+  // k, the seed, the expert count, the width and the table's size: backward refuses a
+  // RouterOutput this fingerprint did not stamp.
+  std::uint64_t config_fingerprint() const noexcept {
+    return detail::Fingerprint().add(3).add(num_experts_).add(d_model_).add(options_.k).add(options_.seed).add(table_.size()).value();
+  }
   const HashOptions& options() const noexcept { return options_; }
   // The id -> expert table; empty for the random hash.
   const std::vector<index_t>& table() const noexcept { return table_; }
@@ -168,7 +174,7 @@ class HashRouter {
       detail::throw_invalid("HashRouter::route: RouteContext::token_ids must not be null; hash routing keys on token ids (tokens = ",
                             T_, ")");
     }
-    out.reshape(T_, E);
+    out.reshape(T_, E, config_fingerprint());
     index_t* begin = out.choice_begin.ensure(T_ + 1);
     index_t* chosen = out.choice_expert.ensure(T_ * k);
     T* weights = out.choice_weight.ensure(T_ * k);
@@ -207,6 +213,7 @@ class HashRouter {
     detail::check_dim("HashRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", num_experts_);
     detail::check_dim("HashRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model_);
     detail::check_disjoint("HashRouter::backward", "dx", dx, "x", x);
+    detail::check_router_config("HashRouter::backward", "out", out.router_config(), config_fingerprint());
   }
 
  private:

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../core/error.hpp"
+#include "../core/fingerprint.hpp"
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "routing.hpp"
@@ -19,15 +20,17 @@ class RouterOutput {
   index_t num_tokens() const noexcept { return num_tokens_; }
   index_t num_experts() const noexcept { return num_experts_; }
   // [T, E] router logits x · Wᵀ (without any selection bias).
-  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_data_, num_tokens_, num_experts_); }
+  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_.data(), num_tokens_, num_experts_); }
   // [T, E] scores: softmax over experts or sigmoid of the logits, as the router is configured.
-  ConstMatrixMap<T> scores() const noexcept { return ConstMatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
+  ConstMatrixMap<T> scores() const noexcept { return ConstMatrixMap<T>(scores_.data(), num_tokens_, num_experts_); }
 
   // [T, k] the experts each token chose before capacity, best first (one row per token), from the
   // last route of a TopKRouter with a fixed k. These are the ids the load-balancing losses count
   // (balance/losses.hpp: c_i is taken before capacity drops): once capacity has dropped or
   // rerouted choices the plan no longer holds them, this view still does. A view of router
-  // scratch, valid until the next route into this output. Throws moe::invalid_argument when the
+  // scratch, valid until the next route into this output. With a selection bias or group-limited
+  // selection these are the biased, group-limited choices; Megatron-Core and DeepSeek-V3's
+  // sequence-wise loss count a plain top-k of the unbiased scores instead. Throws moe::invalid_argument when the
   // last route recorded none: dynamic top-p (a varying number of choices per token),
   // ExpertChoiceRouter and HashRouter (never dropped: count their plan), or no route yet.
   using ConstIndexMap = Eigen::Map<const Matrix<index_t>, 0, Eigen::OuterStride<>>;
@@ -48,20 +51,24 @@ class RouterOutput {
   // forward_train left from a later one of the same shape by it.
   std::uint64_t route_count() const noexcept { return route_count_; }
 
-  // For routers: sizes the [T, E] buffers and returns writable views of them.
+  // The fingerprint of the router that last routed into this output (its config_fingerprint()).
+  std::uint64_t router_config() const noexcept { return router_config_; }
+
+  // For routers: sizes the [T, E] buffers, stamped with the router's config_fingerprint().
   // The plan becomes the empty plan (Routing::clear) until the router builds this batch's.
-  void reshape(index_t tokens, index_t experts) {
+  void reshape(index_t tokens, index_t experts, std::uint64_t router_config) {
     ++route_count_;
+    router_config_ = router_config;
     plan.clear(experts);
     num_tokens_ = tokens;
     num_experts_ = experts;
     top_k_ = 0;
     top_k_stride_ = 1;
-    logits_data_ = logits_.ensure(tokens * experts);
-    scores_data_ = scores_.ensure(tokens * experts);
+    logits_.ensure(tokens * experts);
+    scores_.ensure(tokens * experts);
   }
-  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_data_, num_tokens_, num_experts_); }
-  MatrixMap<T> mutable_scores() noexcept { return MatrixMap<T>(scores_data_, num_tokens_, num_experts_); }
+  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_.data(), num_tokens_, num_experts_); }
+  MatrixMap<T> mutable_scores() noexcept { return MatrixMap<T>(scores_.data(), num_tokens_, num_experts_); }
 
   // Router scratch: token-major choices before the plan is built, and per-row selection buffers.
   Buffer<index_t> choice_begin;        // [T + 1]
@@ -89,10 +96,9 @@ class RouterOutput {
   index_t top_k_ = 0;         // choices per token recorded by the last route, 0 when none
   index_t top_k_stride_ = 1;  // their row stride in candidate_expert
   std::uint64_t route_count_ = 0;
+  std::uint64_t router_config_ = 0;
   Buffer<T> logits_;
   Buffer<T> scores_;
-  T* logits_data_ = nullptr;
-  T* scores_data_ = nullptr;
 };
 
 MOE_NAMESPACE_END

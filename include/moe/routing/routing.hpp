@@ -67,6 +67,20 @@ struct Routing {
 template <class T>
 void build_routing(index_t num_tokens, index_t num_experts, const index_t* choice_begin, const index_t* experts,
                    const T* weights, Routing<T>& plan) {
+  if (num_tokens < 0 || num_experts < 0) {
+    detail::throw_invalid("build_routing: num_tokens and num_experts must be >= 0 (num_tokens = ", num_tokens,
+                          ", num_experts = ", num_experts, ")");
+  }
+  // choice_begin must start at 0 and never decrease: the fill below writes by it.
+  if (num_tokens > 0 && choice_begin[0] != 0) {
+    detail::throw_invalid("build_routing: choice_begin[0] must be 0 (choice_begin[0] = ", choice_begin[0], ")");
+  }
+  for (index_t t = 0; t < num_tokens; ++t) {
+    if (choice_begin[t + 1] < choice_begin[t]) {
+      detail::throw_invalid("build_routing: choice_begin must not decrease (choice_begin[", t, "] = ", choice_begin[t],
+                            ", choice_begin[", t + 1, "] = ", choice_begin[t + 1], ")");
+    }
+  }
   const index_t num_choices = num_tokens > 0 ? choice_begin[num_tokens] : 0;
   for (index_t c = 0; c < num_choices; ++c) {
     if (experts[c] < 0 || experts[c] >= num_experts) {

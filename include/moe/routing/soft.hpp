@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/fingerprint.hpp"
 #include "../core/threads.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
@@ -108,18 +109,23 @@ class SoftRouting {
   }
 
   // [T, S] logits (after normalization and scale).
-  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_data_, num_tokens_, num_slots()); }
+  ConstMatrixMap<T> logits() const noexcept { return ConstMatrixMap<T>(logits_.data(), num_tokens_, num_slots()); }
   // [T, S] D: softmax of the logits over the tokens of each group (each column sums to 1 per group).
-  ConstMatrixMap<T> dispatch_weights() const noexcept { return ConstMatrixMap<T>(dispatch_data_, num_tokens_, num_slots()); }
+  ConstMatrixMap<T> dispatch_weights() const noexcept { return ConstMatrixMap<T>(dispatch_.data(), num_tokens_, num_slots()); }
   // [T, S] C: softmax of the logits over the slots (each row sums to 1).
-  ConstMatrixMap<T> combine_weights() const noexcept { return ConstMatrixMap<T>(combine_data_, num_tokens_, num_slots()); }
+  ConstMatrixMap<T> combine_weights() const noexcept { return ConstMatrixMap<T>(combine_.data(), num_tokens_, num_slots()); }
 
   // How many routes have begun into this routing (see RouterOutput::route_count).
   std::uint64_t route_count() const noexcept { return route_count_; }
+  // The fingerprint of the router that last routed into it (SoftRouter::config_fingerprint()).
+  std::uint64_t router_config() const noexcept { return router_config_; }
 
-  // For routers: sizes the buffers for `tokens` tokens in `groups`.
-  void reshape(index_t tokens, index_t experts, index_t slots_per_expert, const GroupBounds& groups) {
+  // For routers: sizes the buffers for `tokens` tokens in `groups`, stamped with the router's
+  // config_fingerprint().
+  void reshape(index_t tokens, index_t experts, index_t slots_per_expert, const GroupBounds& groups,
+               std::uint64_t router_config) {
     ++route_count_;
+    router_config_ = router_config;
     num_tokens_ = tokens;
     num_experts_ = experts;
     slots_per_expert_ = slots_per_expert;
@@ -128,9 +134,9 @@ class SoftRouting {
     for (index_t g = 0; g < num_groups_; ++g) group_begin_[static_cast<std::size_t>(g)] = groups.begin(g);
     group_begin_[static_cast<std::size_t>(num_groups_)] = groups.end(num_groups_ - 1);
     const index_t n = tokens * num_slots();
-    logits_data_ = logits_.ensure(n);
-    dispatch_data_ = dispatch_.ensure(n);
-    combine_data_ = combine_.ensure(n);
+    logits_.ensure(n);
+    dispatch_.ensure(n);
+    combine_.ensure(n);
   }
   // For routers: the empty routing (no tokens, one group), keeping the memory. A route that
   // throws leaves this, never logits of one batch beside D and C of another.
@@ -140,9 +146,9 @@ class SoftRouting {
     group_begin_.resize(2);  // (never below 2 elements: no allocation)
     group_begin_[0] = group_begin_[1] = 0;
   }
-  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_data_, num_tokens_, num_slots()); }
-  MatrixMap<T> mutable_dispatch_weights() noexcept { return MatrixMap<T>(dispatch_data_, num_tokens_, num_slots()); }
-  MatrixMap<T> mutable_combine_weights() noexcept { return MatrixMap<T>(combine_data_, num_tokens_, num_slots()); }
+  MatrixMap<T> mutable_logits() noexcept { return MatrixMap<T>(logits_.data(), num_tokens_, num_slots()); }
+  MatrixMap<T> mutable_dispatch_weights() noexcept { return MatrixMap<T>(dispatch_.data(), num_tokens_, num_slots()); }
+  MatrixMap<T> mutable_combine_weights() noexcept { return MatrixMap<T>(combine_.data(), num_tokens_, num_slots()); }
 
   // Router scratch.
   Buffer<T> column_max;    // [S]
@@ -156,12 +162,10 @@ class SoftRouting {
   index_t num_groups_ = 1;
   std::vector<index_t> group_begin_ = {0, 0};
   std::uint64_t route_count_ = 0;
+  std::uint64_t router_config_ = 0;
   Buffer<T> logits_;
   Buffer<T> dispatch_;
   Buffer<T> combine_;
-  T* logits_data_ = nullptr;
-  T* dispatch_data_ = nullptr;
-  T* combine_data_ = nullptr;
 };
 
 namespace detail {
@@ -366,6 +370,13 @@ class SoftRouter {
   index_t slots_per_expert() const noexcept { return options_.slots_per_expert; }
   index_t num_slots() const noexcept { return phi_.cols(); }
   index_t d_model() const noexcept { return phi_.rows(); }
+  // The expert and slot counts, the width, normalization and check_finite (not Φ or the learned
+  // scale): backward refuses a SoftRouting this fingerprint did not stamp.
+  std::uint64_t config_fingerprint() const noexcept {
+    return detail::Fingerprint()
+        .add(4).add(num_experts_).add(d_model()).add(options_.slots_per_expert).add(options_.normalized).add(options_.check_finite)
+        .value();
+  }
   const SoftOptions& options() const noexcept { return options_; }
   ConstMatrixMap<T> phi() const noexcept { return phi_.map(); }  // [d, S]
 
@@ -382,7 +393,7 @@ class SoftRouter {
     const index_t S = num_slots();
     const auto n_slots = static_cast<std::size_t>(S);
     const GroupBounds groups(ctx, T_, "SoftRouter::route");
-    out.reshape(T_, num_experts_, options_.slots_per_expert, groups);
+    out.reshape(T_, num_experts_, options_.slots_per_expert, groups, config_fingerprint());
     if (T_ == 0) return;
 
     const index_t d = d_model();
@@ -450,6 +461,7 @@ class SoftRouter {
     detail::check_dim(where, "dphi.rows()", dphi.rows(), "d_model", d);
     detail::check_dim(where, "dphi.cols()", dphi.cols(), "num_slots", S);
     detail::check_disjoint(where, "dx", dx, "x", x);
+    detail::check_router_config(where, "routing", routing.router_config(), config_fingerprint());
     if (T_ == 0) return T(0);
     const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();  // [T, S]
     const ConstMatrixMap<T> dD(grad_dispatch, T_, S), dC(grad_combine, T_, S);              // [T, S]

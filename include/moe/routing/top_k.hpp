@@ -83,7 +83,7 @@ struct TopKOptions {
   // descending score until their cumulative score reaches top_p, at most k of them.
   double top_p = 0.0;
 
-  // Capacity (Switch, GShard): ≤ 0 means dropless; otherwise C = ceil(cf · Tg · k / E) per group
+  // Capacity (Switch, GShard): 0 means dropless (negative throws); otherwise C = ceil(cf · Tg · k / E) per group
   // (with top_p, k is the most a token may choose, so the room is that of every token choosing k).
   double capacity_factor = 0.0;
   index_t fixed_capacity = 0;  // > 0: this many slots per expert and group, whatever capacity_factor says
@@ -119,6 +119,17 @@ class TopKRouter {
   index_t d_model() const noexcept { return weight_.cols(); }
   index_t k() const noexcept { return options_.k; }
   const TopKOptions& options() const noexcept { return options_; }
+  // Every option, k, the expert count and the width (not the weights or the selection bias):
+  // backward refuses a RouterOutput this fingerprint did not stamp.
+  std::uint64_t config_fingerprint() const noexcept {
+    const TopKOptions& o = options_;
+    return detail::Fingerprint()
+        .add(1).add(num_experts()).add(d_model()).add(o.k).add(o.score).add(o.softmax_placement).add(o.normalize)
+        .add(o.scale).add(o.expert_groups).add(o.selected_groups).add(o.group_score_top).add(o.group_mask).add(o.top_p)
+        .add(o.capacity_factor).add(o.fixed_capacity).add(o.capacity_priority).add(o.overflow)
+        .add(o.renormalize_after_drop).add(o.jitter).add(o.jitter_seed).add(o.check_finite)
+        .value();
+  }
   ConstMatrixMap<T> weight() const noexcept { return weight_.map(); }
 
   // Selection-only bias b [E]: experts are chosen by score + b, weighted by score alone.
@@ -143,7 +154,7 @@ class TopKRouter {
     const index_t T_ = x.rows();
     const index_t E = num_experts();
     const GroupBounds groups(ctx, T_, "TopKRouter::route");
-    out.reshape(T_, E);
+    out.reshape(T_, E, config_fingerprint());
     MatrixMap<T> logits = out.mutable_logits();
     out.input_jittered = T_ > 0 && ctx.training && options_.jitter > 0;
     if (T_ > 0) {
@@ -182,6 +193,7 @@ class TopKRouter {
     detail::check_dim("TopKRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
     detail::check_disjoint("TopKRouter::backward", "dx", dx, "x", x);
+    detail::check_router_config("TopKRouter::backward", "out", out.router_config(), config_fingerprint());
     Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
     const index_t R = candidate_stride();
     const index_t* ranked = out.candidate_expert.data();
@@ -245,12 +257,29 @@ class TopKRouter {
         const bool from_logits = normalized && on_logits && std::isinf(D);
         if (from_logits) logit_shares(logits_row, row, R, in_denominator, shares.data());
         auto share = [&](index_t j) { return from_logits && in_denominator(j) ? shares[j] : raw[j] / D; };
-        T weighted(0);
-        for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], share(j)) : T(0);
-        for (index_t j = 0; j < R; ++j) {
+        bool wide = false;  // a share beyond T's range whose scaled weight fits (decide_and_build's wide_weight)
+        for (index_t j = 0; j < R; ++j) wide = wide || (in_group(j) && g_weight[j] != T(0) && !std::isfinite(share(j)));
+        if (!wide) {
+          T weighted(0);
+          for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], share(j)) : T(0);
+          for (index_t j = 0; j < R; ++j) {
+            const T r = share(j);
+            if (in_group(j)) g_log_raw[j] += scale * times(g_weight[j], r);
+            if (normalized && in_denominator(j)) g_log_raw[j] -= scale * r * weighted;
+          }
+          return;
+        }
+        // The same sums over scale · r_j, the forward's weights, taken in the log domain where r_j
+        // overflows (inf · scale gave NaN gradients beside finite weights).
+        auto scaled_share = [&](index_t j) {
           const T r = share(j);
-          if (in_group(j)) g_log_raw[j] += scale * times(g_weight[j], r);
-          if (normalized && in_denominator(j)) g_log_raw[j] -= scale * r * weighted;
+          return std::isfinite(r) ? scale * r : wide_weight(logits_row, row, j, raw[j], D);
+        };
+        T weighted(0);
+        for (index_t j = 0; j < R; ++j) weighted += in_group(j) ? times(g_weight[j], scaled_share(j)) : T(0);
+        for (index_t j = 0; j < R; ++j) {
+          if (in_group(j)) g_log_raw[j] += times(g_weight[j], scaled_share(j));
+          if (normalized && in_denominator(j)) g_log_raw[j] -= share(j) * weighted;
         }
       };
       const index_t chosen_count = num_chosen[t];
@@ -437,7 +466,8 @@ class TopKRouter {
       index_t* row = ranked + t * R;
       simd::top_k(arch, values, static_cast<std::size_t>(E), static_cast<std::size_t>(R), row, scratch, indices);
 
-      // Masked (excluded) experts are never rerouting targets.
+      // Experts masked by GroupMask::exclude (-inf) are never rerouting targets; GroupMask::zero's
+      // are candidates like any other (they may be chosen too), so reroute can leave the groups.
       index_t eligible = R;
       while (eligible > k && values[row[eligible - 1]] == -std::numeric_limits<T>::infinity()) --eligible;
       num_ranked[t] = eligible;
