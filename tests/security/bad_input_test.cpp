@@ -103,6 +103,13 @@ TEST_CASE("Weight::view: negative shape", "[errors][core]") {
 TEST_CASE("Weight::view: null data for a non-empty weight", "[errors][core]") {
   REQUIRE_REJECTS_ARG(moe::Weight<float>::view(nullptr, 2, 3), moe::invalid_argument, Contains("data is null") && Contains("2x3"));
   REQUIRE_NOTHROW(moe::Weight<float>::view(nullptr, 0, 3));
+  // A shape whose element count overflows (rows · cols wrapped to a small or negative number,
+  // which let a null 2^32 x 2^32 weight through).
+  const index_t huge = index_t(1) << 32;
+  REQUIRE_REJECTS_ARG(moe::Weight<float>::view(nullptr, huge, huge), moe::invalid_argument,
+                      Contains("4294967296x4294967296 elements exceed the address space"));
+  const float data[4] = {};
+  REQUIRE_REJECTS_ARG(moe::Weight<float>::view(data, huge, huge), moe::invalid_argument, Contains("exceed the address space"));
 }
 
 TEST_CASE("RouteContext::with_groups: no boundaries", "[errors][groups]") {

@@ -2,6 +2,7 @@
 // A weight matrix that either views caller memory (zero copy, the usual case: a checkpoint
 // already loaded into the caller's buffers) or owns its storage. Copies of an owning Weight own
 // a copy; copies of a view view the same memory.
+#include <limits>
 #include <utility>
 
 #include "error.hpp"
@@ -17,7 +18,10 @@ class Weight {
   // Views `rows x cols` row-major elements at `data`; the caller keeps them alive.
   static Weight view(const T* data, index_t rows, index_t cols) {
     if (rows < 0 || cols < 0) detail::throw_invalid("Weight::view: negative shape (rows = ", rows, ", cols = ", cols, ")");
-    if (data == nullptr && rows * cols > 0) detail::throw_invalid("Weight::view: data is null for a ", rows, "x", cols, " weight");
+    if (cols > 0 && rows > std::numeric_limits<index_t>::max() / static_cast<index_t>(sizeof(T)) / cols) {
+      detail::throw_invalid("Weight::view: ", rows, "x", cols, " elements exceed the address space");
+    }
+    if (data == nullptr && rows > 0 && cols > 0) detail::throw_invalid("Weight::view: data is null for a ", rows, "x", cols, " weight");
     Weight w;
     w.data_ = data;
     w.rows_ = rows;
