@@ -208,9 +208,9 @@ inline Groups groups(FuzzedDataProvider& fdp, index_t T) {
     case 2: g.boundaries = {0, T + 1}; break;
     default: g.boundaries = {0}; break;
   }
-  // {1, T} with T = 1 is a valid partition after all; {0} (no groups) never is.
+  // {1, T} with T = 1 is a valid partition after all; {0} (no groups) only of an empty batch.
   const auto& b = g.boundaries;
-  bool ok = b.size() >= 2 && b.front() == 0 && b.back() == T;
+  bool ok = (b.size() >= 2 && b.front() == 0 && b.back() == T) || (b.size() == 1 && b[0] == 0 && T == 0);
   for (std::size_t i = 1; i < b.size(); ++i) ok = ok && b[i - 1] <= b[i];
   g.invalid = !ok;
   return g;

@@ -80,7 +80,9 @@ struct TopKOptions {
   GroupMask group_mask = GroupMask::exclude;
 
   // Dynamic top-p ("Harder tasks need more experts"): when > 0, a token takes experts in
-  // descending score until their cumulative score reaches top_p, at most k of them.
+  // descending score until their cumulative score reaches top_p, at most k of them: the paper's
+  // smallest set with Σ ≥ top_p. (Its released code masks cumsum > p, so where a partial sum
+  // equals p exactly it takes one expert more.)
   double top_p = 0.0;
 
   // Capacity (Switch, GShard): 0 means dropless (negative throws); otherwise C = ceil(cf · Tg · k / E) per group
