@@ -30,9 +30,10 @@ class RouterOutput {
   // rerouted choices the plan no longer holds them, this view still does. A view of router
   // scratch, valid until the next route into this output. With a selection bias or group-limited
   // selection these are the biased, group-limited choices; Megatron-Core and DeepSeek-V3's
-  // sequence-wise loss count a plain top-k of the unbiased scores instead. Throws moe::invalid_argument when the
-  // last route recorded none: dynamic top-p (a varying number of choices per token),
-  // ExpertChoiceRouter and HashRouter (never dropped: count their plan), or no route yet.
+  // sequence-wise loss count a plain top-k of the unbiased scores instead. Throws
+  // moe::invalid_argument when the last route recorded none: dynamic top-p (a varying number of
+  // choices per token), ExpertChoiceRouter and HashRouter (never dropped: count their plan), or
+  // no route yet.
   using ConstIndexMap = Eigen::Map<const Matrix<index_t>, 0, Eigen::OuterStride<>>;
   ConstIndexMap top_k_ids() const {
     if (top_k_ < 1) {

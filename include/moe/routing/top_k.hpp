@@ -85,8 +85,9 @@ struct TopKOptions {
   // equals p exactly it takes one expert more.)
   double top_p = 0.0;
 
-  // Capacity (Switch, GShard): 0 means dropless (negative throws); otherwise C = ceil(cf · Tg · k / E) per group
-  // (with top_p, k is the most a token may choose, so the room is that of every token choosing k).
+  // Capacity (Switch, GShard): 0 means dropless (negative throws); otherwise C = ceil(cf · Tg · k
+  // / E) per group (with top_p, k is the most a token may choose, so the room is that of every
+  // token choosing k).
   double capacity_factor = 0.0;
   index_t fixed_capacity = 0;  // > 0: this many slots per expert and group, whatever capacity_factor says
   CapacityPriority capacity_priority = CapacityPriority::position;
