@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -477,4 +478,111 @@ TEST_CASE("is_expert_v accepts moe's experts and rejects a type that breaks one 
   STATIC_REQUIRE_FALSE(moe::is_expert_v<IntegerScalar>);
   // The zero-computation experts take the layer's third constructor argument, not the Expert slot.
   STATIC_REQUIRE_FALSE(moe::is_expert_v<moe::ZeroComputeExpert<float>>);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+namespace {
+
+// Checks an expert's backward, both forms: dx and every weight gradient against central
+// differences of L = Σ dy ⊙ expert(x) (in double); the workspace form writing over garbage
+// gradients against the plain form on zeroed ones, and adding to given ones (the same bits both
+// ways); and the plain form adding to what `grad` held. `weights` are the matrices the expert views.
+template <class T, class Expert>
+void check_backward(const Expert& expert, std::vector<moe::Matrix<T>*> weights, index_t m, std::mt19937& rng) {
+  CAPTURE(m);
+  const index_t d = expert.d_model();
+  moe::Matrix<T> x = random_matrix<T>(m, d, 1.0, rng);
+  const moe::Matrix<T> dy = random_matrix<T>(m, d, 1.0, rng);
+  auto loss = [&] {  // Σ dy ⊙ y, in double
+    moe::Matrix<T> y(m, d);
+    std::vector<T> scratch(sz(expert.scratch_size(m)));
+    expert.forward(Arch{}, x.data(), m, y.data(), scratch.data());
+    return (y.template cast<double>().array() * dy.template cast<double>().array()).sum();
+  };
+  std::vector<T> saved(sz(expert.saved_size(m))), scratch(sz(expert.scratch_size(m)));
+  moe::Matrix<T> y(m, d);
+  expert.forward_saving(Arch{}, x.data(), m, y.data(), saved.data(), scratch.data());
+
+  // The plain form on zeroed gradients.
+  typename Expert::Gradient plain = expert.zero_gradient();
+  moe::Matrix<T> dx(m, d);
+  expert.backward(x.data(), m, dy.data(), saved.data(), dx.data(), plain);
+
+  // The workspace form over NaN gradients gives the same bits; from `plain`, twice them.
+  typename Expert::Gradient over = expert.zero_gradient();
+  over.for_each([](auto& g) { g.setConstant(std::numeric_limits<T>::quiet_NaN()); });
+  std::vector<T> backward_scratch(sz(expert.backward_scratch_size(m)));
+  moe::Matrix<T> dx2(m, d);
+  expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), over, Arch{}, backward_scratch.data(), false);
+  CHECK(dx2 == dx);
+  typename Expert::Gradient twice = plain, plain_twice = plain;
+  expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), twice, Arch{}, backward_scratch.data(), true);
+  expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), plain_twice);
+  std::vector<const moe::Matrix<T>*> p, o, t, pt;
+  plain.for_each([&](const auto& g) { p.push_back(&g); });
+  over.for_each([&](const auto& g) { o.push_back(&g); });
+  twice.for_each([&](const auto& g) { t.push_back(&g); });
+  plain_twice.for_each([&](const auto& g) { pt.push_back(&g); });
+  REQUIRE(p.size() == weights.size());
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    CAPTURE(i);
+    CHECK(*o[i] == *p[i]);
+    CHECK(*t[i] == *pt[i]);
+    if (m > 0) CHECK(*t[i] != *p[i]);  // (it did add)
+  }
+  if (!std::is_same<T, double>::value) return;
+
+  // Central differences (double): a sample of each weight's entries and of x's.
+  const double h = 1e-6;
+  auto near = [](double got, double want) { return std::abs(got - want) <= 1e-6 * std::max(1.0, std::abs(want)); };
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    moe::Matrix<T>& w = *weights[i];
+    for (int sample = 0; sample < 8; ++sample) {
+      const index_t at = pick(rng) % w.size();
+      const T keep = w.data()[at];
+      w.data()[at] = keep + T(h);
+      const double up = loss();
+      w.data()[at] = keep - T(h);
+      const double down = loss();
+      w.data()[at] = keep;
+      CAPTURE(i, at);
+      CHECK(near(static_cast<double>(p[i]->data()[at]), (up - down) / (2 * h)));
+    }
+  }
+  for (int sample = 0; m > 0 && sample < 8; ++sample) {
+    const index_t at = pick(rng) % x.size();
+    const T keep = x.data()[at];
+    x.data()[at] = keep + T(h);
+    const double up = loss();
+    x.data()[at] = keep - T(h);
+    const double down = loss();
+    x.data()[at] = keep;
+    CAPTURE(at);
+    CHECK(near(static_cast<double>(dx.data()[at]), (up - down) / (2 * h)));
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Expert backward matches central differences; its workspace form writes over or adds",
+                   "[experts][backward]", float, double) {
+  using T = TestType;
+  const index_t m = GENERATE(as<index_t>{}, 0, 1, 5, 13);
+  const Shape s = GENERATE(from_range(shapes<T>()));
+  CAPTURE(s.d, s.ff);
+  std::mt19937 rng(static_cast<std::uint32_t>(3000 * m + 10 * s.d + s.ff));
+  const double in_scale = 1.0 / std::sqrt(static_cast<double>(s.d)), out_scale = 1.0 / std::sqrt(static_cast<double>(s.ff));
+  {
+    moe::Matrix<T> w_in = random_matrix<T>(s.ff, s.d, in_scale, rng), w_out = random_matrix<T>(s.d, s.ff, out_scale, rng);
+    INFO("FeedForward, GELU");
+    check_backward<T>(moe::FeedForward<T, moe::GELU>(view_of(w_in), view_of(w_out)), {&w_in, &w_out}, m, rng);
+  }
+  {
+    moe::Matrix<T> w_gate = random_matrix<T>(s.ff, s.d, in_scale, rng), w_up = random_matrix<T>(s.ff, s.d, in_scale, rng),
+                   w_down = random_matrix<T>(s.d, s.ff, out_scale, rng);
+    INFO("SwiGLU");
+    check_backward<T>(moe::SwiGLU<T>(view_of(w_gate), view_of(w_up), view_of(w_down)), {&w_gate, &w_up, &w_down}, m, rng);
+  }
 }

@@ -1224,3 +1224,53 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   }
   CHECK(y.guards_intact());
 }
+
+TEMPLATE_TEST_CASE("simd::matmul_tn computes xᵀ · w and xᵀ · w + y with matmul_nn's bits", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  constexpr std::size_t L = kLanes<T>;
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
+  // m rows of y (x's columns): within one register block, several, and a ragged last block; k
+  // (x's and w's rows) as for matmul_nn, 300 spanning two depth chunks and the deep (not shallow) path.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13);
+  const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
+  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, panel + L + 1);
+  const bool accumulate = GENERATE(false, true);
+  CAPTURE(m, k, n, accumulate);
+  auto rng = make_rng(1000 * m + k, n, 7 + accumulate);
+
+  Guarded<T> x = input<T>(k * m, 0);  // [k, m]
+  fill_uniform(x.data(), k * m, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(k * n, 0);  // [k, n]
+  fill_uniform(w.data(), k * n, -1.0, 1.0, rng);
+  std::vector<T> y0(m * n, T(0));
+  if (accumulate) fill_uniform(y0.data(), m * n, -1.0, 1.0, rng);
+  else std::fill(y0.begin(), y0.end(), Guarded<T>::sentinel());  // written over
+  Guarded<T> y = output<T>(m * n, 0);
+  std::copy(y0.begin(), y0.end(), y.data());
+  moe::simd::matmul_tn(Arch{}, x.data(), k, m, w.data(), n, y.data(), accumulate);
+
+  // The same sums through matmul_nn on x transposed: one chain per element in the same order.
+  std::vector<T> xt(m * k);
+  for (std::size_t i = 0; i < k; ++i)
+    for (std::size_t j = 0; j < m; ++j) xt[j * k + i] = x[i * m + j];
+  std::vector<T> y_nn(y0);
+  moe::simd::matmul_nn(Arch{}, xt.data(), m, k, w.data(), n, y_nn.data(), accumulate);
+
+  for (std::size_t j = 0; j < m; ++j) {
+    CAPTURE(j);
+    for (std::size_t c = 0; c < n; ++c) {
+      CAPTURE(c);
+      double ref = accumulate ? dbl(y0[j * n + c]) : 0.0;
+      double abs_sum = std::abs(ref);
+      for (std::size_t i = 0; i < k; ++i) {
+        const double t = dbl(x[i * m + j]) * dbl(w[i * n + c]);
+        ref += t;
+        abs_sum += std::abs(t);
+      }
+      CHECK(std::abs(dbl(y[j * n + c]) - ref) <= dot_bound<T>(k, abs_sum));
+      CHECK(y[j * n + c] == y_nn[j * n + c]);
+    }
+  }
+  CHECK(y.guards_intact());
+}

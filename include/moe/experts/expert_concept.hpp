@@ -13,7 +13,13 @@
 //   template <class Arch> void forward(Arch, const T* x, index_t m, T* y, T* scratch) const;
 //   template <class Arch> void forward_saving(Arch, const T* x, index_t m, T* y, T* saved, T* scratch) const;
 //   template <class Arch> void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx,
-//                                       Gradient& grad, Arch) const;
+//                                       Gradient& grad, Arch) const;     adds to grad
+// and optionally backward's workspace form, which the layers then call instead, with scratch from
+// their workspace (no allocation) and `accumulate` false on backward(), true on backward_accumulate():
+//   index_t backward_scratch_size(index_t m) const;
+//   template <class Arch> void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx,
+//                                       Gradient& grad, Arch, T* scratch, bool accumulate) const;
+//                                       writes grad over (every element, m > 0) unless accumulate
 #include <type_traits>
 #include <utility>
 
@@ -66,6 +72,16 @@ using backward_of = decltype(std::declval<const E&>().backward(
     std::declval<in_ptr<E>>(), index_t{}, std::declval<in_ptr<E>>(), std::declval<in_ptr<E>>(), std::declval<out_ptr<E>>(),
     std::declval<expert_gradient<E>&>(), simd::default_arch{}));
 
+// backward's workspace form (optional): scratch of backward_scratch_size(m) elements, and the
+// gradients written over unless `accumulate`.
+template <class E>
+using backward_with_scratch_of =
+    decltype(returns_index<decltype(std::declval<const E&>().backward_scratch_size(index_t{}))>(),
+             std::declval<const E&>().backward(std::declval<in_ptr<E>>(), index_t{}, std::declval<in_ptr<E>>(),
+                                               std::declval<in_ptr<E>>(), std::declval<out_ptr<E>>(),
+                                               std::declval<expert_gradient<E>&>(), simd::default_arch{},
+                                               std::declval<out_ptr<E>>(), bool{}));
+
 template <class E> using floating_scalar = std::enable_if_t<std::is_floating_point<expert_scalar<E>>::value>;
 
 // static_assert(check_expert<E>()) in a layer: a message per missing member (a member's check is
@@ -94,6 +110,26 @@ constexpr bool check_expert() {
                 "moe: an expert type needs `template <class Arch> void backward(const T* x, index_t m, const T* dy, "
                 "const T* saved, T* dx, Gradient& grad, Arch) const`");
   return true;
+}
+
+// Scratch elements expert_backward needs: backward_scratch_size(m) for the workspace form, else 0.
+template <class E>
+index_t backward_scratch_size(const E& expert, index_t m) {
+  if constexpr (detected_v<backward_with_scratch_of, E>) return expert.backward_scratch_size(m);
+  else return 0;
+}
+
+// One expert's backward for the layers: the workspace form where E has one, else the plain form
+// on gradients zeroed here first (unless `accumulate`). scratch holds backward_scratch_size(m).
+template <class E, class Arch, class T>
+void expert_backward(const E& expert, const T* x, index_t m, const T* dy, const T* saved, T* dx,
+                     typename E::Gradient& grad, Arch arch, T* scratch, bool accumulate) {
+  if constexpr (detected_v<backward_with_scratch_of, E>) {
+    expert.backward(x, m, dy, saved, dx, grad, arch, scratch, accumulate);
+  } else {
+    if (!accumulate) grad.for_each([](auto& w) { w.setZero(); });
+    expert.backward(x, m, dy, saved, dx, grad, arch);
+  }
 }
 
 }  // namespace detail

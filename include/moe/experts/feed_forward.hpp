@@ -8,6 +8,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "../core/workspace.hpp"
 #include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
@@ -76,20 +77,33 @@ class FeedForward {
     simd::matmul_nt(arch, scratch, rows, ff, w_out_.data(), d, y, d);
   }
 
-  // Given dy [m, d] and what forward_saving kept: dx [m, d], and weight gradients added to `grad`.
-  // dx goes through simd::matmul_nn, so a token's row of dx does not depend on the other tokens.
+  // Scratch elements backward() needs for `tokens` rows.
+  index_t backward_scratch_size(index_t tokens) const noexcept { return tokens * d_ff(); }
+
+  // Given dy [m, d] and what forward_saving kept: dx [m, d], and the weight gradients, added to
+  // `grad` when `accumulate` and written over it otherwise (m > 0). `scratch` holds
+  // backward_scratch_size(m). Every product is a chain of FMAs in a fixed order (simd::matmul_nn,
+  // matmul_tn): a token's row of dx does not depend on the other tokens, and no bit depends on the threads.
+  template <class Arch>
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch, T* scratch,
+                bool accumulate) const {
+    const auto rows = static_cast<std::size_t>(m), d = static_cast<std::size_t>(d_model()),
+               ff = static_cast<std::size_t>(d_ff());
+    T* hidden = scratch;  // [m, d_ff] act(pre), then ∂L/∂pre
+    std::copy(saved, saved + rows * ff, hidden);
+    for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);           // dy · w_out
+    for (std::size_t i = 0; i < rows * ff; ++i) hidden[i] *= ActivationDerivative<Activation>::apply(saved[i]);
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate);    // [d_ff, d] d_preᵀ · x
+    simd::matmul_nn(arch, hidden, rows, ff, w_in_.data(), d, dx, false);
+  }
+
+  // backward() on scratch of its own, adding to `grad`.
   template <class Arch = simd::default_arch>
   void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch = {}) const {
-    const index_t d = d_model(), ff = d_ff();
-    const auto rows = static_cast<std::size_t>(m), ud = static_cast<std::size_t>(d), uff = static_cast<std::size_t>(ff);
-    const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), pre(saved, m, ff);
-    const Matrix<T> hidden = pre.unaryExpr([](T v) { return Activation::apply(v); });  // [m, ff]
-    grad.w_out.noalias() += dY.transpose() * hidden;
-    Matrix<T> d_pre(m, ff);  // [m, ff] (dy · w_out) ⊙ act'(pre)
-    simd::matmul_nn(arch, dy, rows, ud, w_out_.data(), uff, d_pre.data(), false);
-    d_pre.array() *= pre.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }).array();
-    grad.w_in.noalias() += d_pre.transpose() * X;
-    simd::matmul_nn(arch, d_pre.data(), rows, uff, w_in_.data(), ud, dx, false);
+    Buffer<T> scratch;
+    backward(x, m, dy, saved, dx, grad, arch, scratch.ensure(backward_scratch_size(m)), true);
   }
 
  private:

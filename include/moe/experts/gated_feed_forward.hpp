@@ -9,6 +9,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "../core/workspace.hpp"
 #include "activation_derivatives.hpp"
 #include "activations.hpp"
 #include "../simd/matmul.hpp"
@@ -88,26 +89,42 @@ class GatedFeedForward {
     simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
   }
 
+  // Scratch elements backward() needs for `tokens` rows.
+  index_t backward_scratch_size(index_t tokens) const noexcept { return 2 * tokens * d_ff(); }
+
   // Given dy [m, d] (the gradient of this expert's output rows) and what forward_saving kept:
-  // dx [m, d] = ∂/∂x, and the weight gradients are added to `grad`.
-  // dx goes through simd::matmul_nn, so a token's row of dx does not depend on the other tokens.
+  // dx [m, d] = ∂/∂x, and the weight gradients, added to `grad` when `accumulate` and written over
+  // it otherwise (m > 0). `scratch` holds backward_scratch_size(m). Every product is a chain of
+  // FMAs in a fixed order (simd::matmul_nn, matmul_tn): a token's row of dx does not depend on
+  // the other tokens, and no bit depends on the threads.
+  template <class Arch>
+  void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch, T* scratch,
+                bool accumulate) const {
+    const auto rows = static_cast<std::size_t>(m), d = static_cast<std::size_t>(d_model()),
+               ff = static_cast<std::size_t>(d_ff());
+    const T* gate = saved;             // [m, d_ff] pre-activations
+    const T* up = saved + rows * ff;   // [m, d_ff]
+    T* hidden = scratch;               // [m, d_ff] act(gate) ⊙ up, then ∂L/∂gate
+    T* d_hidden = scratch + rows * ff; // [m, d_ff] dy · w_down, then ∂L/∂up
+    simd::gated_hidden_rows<Activation>(arch, gate, up, rows, ff, hidden);
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_nn(arch, dy, rows, d, w_down_.data(), ff, d_hidden, false);
+    for (std::size_t i = 0; i < rows * ff; ++i) {
+      const T g = gate[i], dh = d_hidden[i];
+      hidden[i] = dh * up[i] * ActivationDerivative<Activation>::apply(g);
+      d_hidden[i] = dh * Activation::apply(g);
+    }
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate);    // [d_ff, d] d_gateᵀ · x
+    simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate);    // [d_ff, d] d_upᵀ · x
+    simd::matmul_nn(arch, hidden, rows, ff, w_gate_.data(), d, dx, false);
+    simd::matmul_nn(arch, d_hidden, rows, ff, w_up_.data(), d, dx, true);
+  }
+
+  // backward() on scratch of its own, adding to `grad`.
   template <class Arch = simd::default_arch>
   void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx, Gradient& grad, Arch arch = {}) const {
-    const index_t d = d_model(), ff = d_ff();
-    const auto rows = static_cast<std::size_t>(m), ud = static_cast<std::size_t>(d), uff = static_cast<std::size_t>(ff);
-    const ConstMatrixMap<T> X(x, m, d), dY(dy, m, d), G(saved, m, ff), U(saved + m * ff, m, ff);
-    const Matrix<T> act = G.unaryExpr([](T v) { return Activation::apply(v); });                    // [m, ff]
-    const Matrix<T> hidden = act.cwiseProduct(U);                                                    // [m, ff]
-    grad.w_down.noalias() += dY.transpose() * hidden;                                               // [d, ff]
-    Matrix<T> d_hidden(m, ff);                                                                       // [m, ff] dy · w_down
-    simd::matmul_nn(arch, dy, rows, ud, w_down_.data(), uff, d_hidden.data(), false);
-    const Matrix<T> d_gate =
-        d_hidden.cwiseProduct(U).cwiseProduct(G.unaryExpr([](T v) { return ActivationDerivative<Activation>::apply(v); }));
-    const Matrix<T> d_up = d_hidden.cwiseProduct(act);                                               // [m, ff]
-    grad.w_gate.noalias() += d_gate.transpose() * X;
-    grad.w_up.noalias() += d_up.transpose() * X;
-    simd::matmul_nn(arch, d_gate.data(), rows, uff, w_gate_.data(), ud, dx, false);
-    simd::matmul_nn(arch, d_up.data(), rows, uff, w_up_.data(), ud, dx, true);
+    Buffer<T> scratch;
+    backward(x, m, dy, saved, dx, grad, arch, scratch.ensure(backward_scratch_size(m)), true);
   }
 
  private:

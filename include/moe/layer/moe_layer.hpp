@@ -230,8 +230,12 @@ class MoELayer {
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
     const T* expert_out = ws.expert_out.data();
-    Matrix<T> d_out(A, d), d_in(A, d);  // [A, d] gradients of expert outputs and inputs
-    Vector<T> grad_weight(A);           // [A] ∂L/∂(routing weight)
+    // In the workspace, which a warm backward reuses: [A, d] gradients of the expert outputs and
+    // inputs, the shared experts' rows (SharedGrads), and [A] ∂L/∂(routing weight) last.
+    const index_t T_ = x.rows(), S = static_cast<index_t>(shared_.size()), shared_rows = S > 0 ? (2 + S) * T_ : 0;
+    T* const grad_rows = ws.backward_rows.ensure((2 * A + shared_rows) * d + A);
+    MatrixMap<T> d_out(grad_rows, A, d), d_in(grad_rows + A * d, A, d);
+    T* const grad_weight = grad_rows + (2 * A + shared_rows) * d;
     // Row by row, the same code for every row whichever thread takes it: the bits do not depend on the threads.
     parallel_for(A, A * d > 65536, [&](index_t a) {
       const index_t t = plan.token[a];
@@ -239,13 +243,14 @@ class MoELayer {
       d_out.row(a) = plan.weight[a] * dy.row(t);
     });
     SharedGrads shared;
-    if (!shared_.empty()) {
-      const index_t T_ = x.rows();
+    if (S > 0) {
       const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // sigmoid(x · w_gateᵀ) or 1, from forward_train
+      T* x_copy = grad_rows + 2 * A * d;
+      shared.d_out = x_copy + T_ * d;
+      shared.dx = shared.d_out + T_ * d;
       shared.x_rows = x.data();
-      if (x.outerStride() != d) shared.x_copy = x, shared.x_rows = shared.x_copy.data();
-      shared.d_out = gate.asDiagonal() * dy;
-      shared.dx.resize(static_cast<index_t>(shared_.size()) * T_, d);
+      if (x.outerStride() != d) MatrixMap<T>(x_copy, T_, d) = x, shared.x_rows = x_copy;
+      MatrixMap<T>(shared.d_out, T_, d).noalias() = gate.asDiagonal() * dy;
     }
     experts_backward(arch, ws, d_out.data(), d_in.data(), shared, grads, accumulate);
     // dx row t = Σ of its assignments' input gradients, in rank order: combine's work, so split as
@@ -262,22 +267,23 @@ class MoELayer {
   // The shared experts' part of backward: their common inputs, and each one's dx, added to the
   // layer's dx in order once every expert is done.
   struct SharedGrads {
-    const T* x_rows = nullptr;  // [T, d] x with rows d apart: x itself, or x_copy
-    Matrix<T> x_copy;
-    Matrix<T> d_out;   // [T, d] gate ⊙ dy: every shared expert's output gradient
-    Matrix<T> dx;      // [S·T, d] shared expert s's input gradient in rows [s·T, (s + 1)·T)
+    const T* x_rows = nullptr;  // [T, d] x with rows d apart: x itself, or a copy in the workspace
+    T* d_out = nullptr;         // [T, d] gate ⊙ dy: every shared expert's output gradient
+    T* dx = nullptr;            // [S·T, d] shared expert s's input gradient in rows [s·T, (s + 1)·T)
   };
 
   // Every expert's backward: d_in [A, d] from d_out [A, d] and the saved activations, each shared
   // expert's dx into `shared`, and the routed and shared experts' weight gradients (unless
-  // `accumulate`, zeroed here first, with or without tokens: at few tokens zeroing them is much of
-  // the work; with `accumulate`, experts without tokens are skipped). With several
+  // `accumulate`, written over by experts with the workspace form and zeroed first for the others
+  // and for experts without tokens, whose zeroing at few tokens is much of the work; with
+  // `accumulate`, experts without tokens are skipped). Each thread's scratch is its part of
+  // ws.backward_scratch. With several
   // threads (MOE_USE_OPENMP) whole experts go to the threads, most work first, each thread taking
   // the next as it frees up; an expert's products then run on its one thread, as they do on one
   // thread, so the bits do not depend on the thread count (tests/layer/threads_test.cpp).
   // backward_bench on 2 threads: see README.
   template <class Arch>
-  void experts_backward(Arch arch, const TrainingWorkspace<T>& ws, const T* d_out, T* d_in, SharedGrads& shared,
+  void experts_backward(Arch arch, TrainingWorkspace<T>& ws, const T* d_out, T* d_in, SharedGrads& shared,
                         Gradients& grads, bool accumulate) const {
     const Routing<T>& plan = ws.routing.plan;
     const index_t d = d_model(), T_ = plan.num_tokens, num_ffn = static_cast<index_t>(experts_.size());
@@ -304,21 +310,30 @@ class MoELayer {
       return job < num_ffn ? plan.tokens_of(job) * experts_[job].d_ff() : index_t(0);
     };
     std::sort(jobs.begin(), jobs.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
+    // Each thread's scratch, sized for the largest job.
+    index_t scratch_needed = 0;
+    for (index_t e = 0; e < num_ffn; ++e)
+      scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(experts_[e], plan.tokens_of(e)));
+    for (const Expert& expert : shared_) scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, T_));
+    const bool nested = in_parallel();  // then one thread runs every job
+    T* scratch = ws.backward_scratch.ensure(scratch_needed * (nested ? 1 : max_threads()));
     detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), [&](std::ptrdiff_t i) {
       const index_t e = jobs[std::size_t(i)];
+      T* own_scratch = scratch + scratch_needed * (nested ? 0 : thread_index());
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);
-        if (!accumulate) grads.shared[s].for_each([](auto& w) { w.setZero(); });
-        shared_[s].backward(shared.x_rows, T_, shared.d_out.data(), saved_at[std::size_t(num_ffn) + s],
-                            shared.dx.data() + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch);
+        detail::expert_backward(shared_[s], shared.x_rows, T_, shared.d_out, saved_at[std::size_t(num_ffn) + s],
+                                shared.dx + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch, own_scratch, accumulate);
         return;
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {
-        if (!accumulate) grads.experts[e].for_each([](auto& w) { w.setZero(); });
-        if (m == 0) return;
-        experts_[e].backward(dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)], d_in + first * d,
-                             grads.experts[e], arch);
+        if (m == 0) {  // (only when !accumulate)
+          grads.experts[e].for_each([](auto& w) { w.setZero(); });
+          return;
+        }
+        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)],
+                                d_in + first * d, grads.experts[e], arch, own_scratch, accumulate);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out + first * d, d_in + first * d,
                                                          grads.zero_compute[std::size_t(e - num_ffn)]);
@@ -330,7 +345,7 @@ class MoELayer {
   // router's and the shared experts' parts.
   template <class Arch>
   void combine_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
-                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const Vector<T>& grad_weight,
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const T* grad_weight,
                         const SharedGrads& shared, Arch arch) const {
     const index_t T_ = x.rows();
     const Routing<T>& plan = ws.routing.plan;
@@ -343,7 +358,7 @@ class MoELayer {
         dx.row(t) += plan.dropped_weight[i] * dy.row(t);
       }
     }
-    router_.backward(x, ws.routing, grad_weight.data(), grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
+    router_.backward(x, ws.routing, grad_weight, grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
                      grads.router, arch);
     if (!shared_.empty()) add_shared_backward(dy, dx, grads, ws, shared);
   }
@@ -515,7 +530,7 @@ class MoELayer {
     for (std::size_t s = 0; s < shared_.size(); ++s) {
       const auto row = static_cast<index_t>(s) * T_;
       const ConstMatrixMap<T> out(ws.shared_outputs.data() + row * d, T_, d);
-      dx += shared.dx.middleRows(row, T_);
+      dx += ConstMatrixMap<T>(shared.dx + row * d, T_, d);
       if (gated) d_gate += dy.cwiseProduct(out).rowwise().sum();
     }
     if (gated) {

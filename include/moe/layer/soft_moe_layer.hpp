@@ -65,6 +65,7 @@ template <class T>
 struct SoftTrainingWorkspace : SoftWorkspace<T> {
   Buffer<T> saved;  // expert pre-activations, in the expert-major slot order
   TrainingLayout layout;  // how forward_train laid these out (backward checks it against its layer)
+  Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
 };
 
 template <class Expert>
@@ -230,16 +231,23 @@ class SoftMoELayer {
       }
     });
     // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
-    // each zeroing its gradient first (unless `accumulate`).
+    // each on its thread's part of the workspace's scratch.
     std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
     const T* saved = ws.saved.data();
-    for (index_t e = 0; e < num_experts(); ++e) saved_at[std::size_t(e)] = saved, saved += experts_[std::size_t(e)].saved_size(m);
+    index_t scratch_needed = 0;
+    for (index_t e = 0; e < num_experts(); ++e) {
+      const Expert& expert = experts_[std::size_t(e)];
+      saved_at[std::size_t(e)] = saved, saved += expert.saved_size(m);
+      scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, m));
+    }
+    const bool nested = in_parallel();  // then one thread runs every expert
+    T* scratch = ws.backward_scratch.ensure(scratch_needed * (nested ? 1 : max_threads()));
     detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
-      if (!accumulate) grads.experts[e].for_each([](auto& w) { w.setZero(); });
-      experts_[e].backward(slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e], d_slots.data() + first * d,
-                           grads.experts[e], arch);
+      detail::expert_backward(experts_[e], slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e],
+                              d_slots.data() + first * d, grads.experts[e], arch,
+                              scratch + scratch_needed * (nested ? 0 : thread_index()), accumulate);
     });
     // Dispatch X̃_g = D_gᵀ · x_g.
     detail::with_serial_eigen([&] {

@@ -37,6 +37,8 @@ struct TrainingWorkspace : Workspace<T> {
   Buffer<T> shared_saved;    // [S] × shared-expert pre-activations for all tokens
   Buffer<T> shared_outputs;  // [S, T, d] shared-expert outputs (for the gate's gradient)
   TrainingLayout layout;     // how forward_train laid these out (backward checks it against its layer)
+  Buffer<T> backward_rows;     // backward's gradients of the expert inputs and outputs and routing weights
+  Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
 };
 
 MOE_NAMESPACE_END

@@ -24,6 +24,7 @@ namespace simd {
 
 inline constexpr std::size_t kNNTokenBlock = 6;    // token rows per register block
 inline constexpr std::size_t kNNDepthChunk = 128;  // rows of w per depth chunk
+inline constexpr std::size_t kNNShallowBytes = 262144;  // w of at most this size, and one depth chunk: row blocks outside
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
@@ -36,7 +37,7 @@ constexpr std::size_t nn_panel_vectors() noexcept {
 
 // y[j, 0 : NV·L) for j < MB over depth [i0, i1): the sums start from 0 when `from_zero`, else
 // from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the block's column).
-template <std::size_t MB, std::size_t NV, class Arch, class T>
+template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
 void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1, T* y,
               std::size_t ldy, bool from_zero) noexcept {
   using B = batch<T, Arch>;
@@ -48,7 +49,7 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
     B wv[NV];
     MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
-      const B xv(x[j * ldx + i]);
+      const B xv(x[XT ? i * ldx + j : j * ldx + i]);
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = simd::fma(xv, wv[v], acc[j][v]);
     }
   }
@@ -58,34 +59,35 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
 
 // The columns [c0, c0 + width) of the MB token rows, width < NV·L: whole vectors, then single
 // columns (std::fma: the same rounding as a lane's).
-template <std::size_t MB, class Arch, class T>
+template <std::size_t MB, bool XT, class Arch, class T>
 void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1,
                T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
   constexpr std::size_t L = batch<T, Arch>::size;
   std::size_t c = 0;
-  for (; c + L <= width; c += L) nn_block<MB, 1>(arch, x, ldx, w + c, ldw, i0, i1, y + c, ldy, from_zero);
+  for (; c + L <= width; c += L) nn_block<MB, 1, XT>(arch, x, ldx, w + c, ldw, i0, i1, y + c, ldy, from_zero);
   for (; c < width; ++c) {
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
       T sum = from_zero ? T(0) : y[j * ldy + c];
-      for (std::size_t i = i0; i < i1; ++i) sum = std::fma(x[j * ldx + i], w[i * ldw + c], sum);
+      for (std::size_t i = i0; i < i1; ++i) sum = std::fma(x[XT ? i * ldx + j : j * ldx + i], w[i * ldw + c], sum);
       y[j * ldy + c] = sum;
     }
   }
 }
 
-template <std::size_t MB, class Arch, class T>
+template <std::size_t MB, bool XT, class Arch, class T>
 void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1, T* y,
              std::size_t ldy, bool from_zero, std::size_t width) noexcept {
   constexpr std::size_t NV = nn_panel_vectors<Arch>();
-  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero);
-  else nn_narrow<MB>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero, width);
+  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV, XT>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero);
+  else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero, width);
 }
 
-// y [m, n] (+)= x [m, k] · w [k, n]; x rows ldx apart, y rows ldy apart, w contiguous. With
-// `accumulate` the sums start from y, else from 0.
-template <class Arch, class T>
-void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
-                       T* y, std::size_t ldy, bool accumulate) noexcept {
+// y [m, n] (+)= a [m, k] · w [k, n], where a = x (x [m, k], rows ldx apart) or, with XT, a = xᵀ
+// (x [k, m], rows ldx apart); y rows ldy apart, w contiguous. With `accumulate` the sums start
+// from y, else from 0.
+template <bool XT, class Arch, class T>
+void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
+                   T* y, std::size_t ldy, bool accumulate) noexcept {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
@@ -93,34 +95,62 @@ void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
     return;
   }
   const std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
-  const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-  for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t) {
-    const std::size_t c0 = static_cast<std::size_t>(p) * panel, width = std::min(panel, n - c0);
-    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) {
-      const std::size_t i1 = std::min(k, i0 + kNNDepthChunk);
-      const bool from_zero = i0 == 0 && !accumulate;
-      for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
-        const T* xb = x + j * ldx;
-        T* yb = y + j * ldy + c0;
-        switch (std::min(kNNTokenBlock, m - j)) {
-          case 6: nn_rows<6>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-          case 5: nn_rows<5>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-          case 4: nn_rows<4>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-          case 3: nn_rows<3>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-          case 2: nn_rows<2>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-          default: nn_rows<1>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-        }
-      }
+  // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1).
+  auto block = [&](std::size_t j, std::size_t c0, std::size_t i0, std::size_t i1) {
+    const std::size_t width = std::min(panel, n - c0);
+    const bool from_zero = i0 == 0 && !accumulate;
+    const T* xb = XT ? x + j : x + j * ldx;
+    T* yb = y + j * ldy + c0;
+    switch (std::min(kNNTokenBlock, m - j)) {
+      case 6: nn_rows<6, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      case 5: nn_rows<5, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      case 4: nn_rows<4, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      case 3: nn_rows<3, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      case 2: nn_rows<2, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      default: nn_rows<1, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
     }
+  };
+  static_assert(kNNTokenBlock == 6, "one case per token block size");
+  const bool parallel = m * n * k > 32768;
+  if (k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes) {
+    // A shallow product (a weight's gradient from a few tokens): w stays in cache whole and y is
+    // the stream, so y goes row block by row block, each row written in address order.
+    const auto row_blocks = static_cast<std::ptrdiff_t>((m + kNNTokenBlock - 1) / kNNTokenBlock);
+    for_each_ahead(row_blocks, parallel, [&](std::ptrdiff_t r, std::ptrdiff_t) {
+      for (std::size_t c0 = 0; c0 < n; c0 += panel) block(static_cast<std::size_t>(r) * kNNTokenBlock, c0, 0, k);
+    });
+    return;
+  }
+  const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
+  for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
+    const std::size_t c0 = static_cast<std::size_t>(p) * panel;
+    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
+      for (std::size_t j = 0; j < m; j += kNNTokenBlock) block(j, c0, i0, std::min(k, i0 + kNNDepthChunk));
   });
 }
-static_assert(kNNTokenBlock == 6, "matmul_nn_strided has one case per token block size");
+
+// y [m, n] (+)= x [m, k] · w [k, n]; x rows ldx apart, y rows ldy apart, w contiguous. With
+// `accumulate` the sums start from y, else from 0.
+template <class Arch, class T>
+void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
+                       T* y, std::size_t ldy, bool accumulate) noexcept {
+  matmul_nn_any<false>(arch, x, ldx, m, k, w, n, y, ldy, accumulate);
+}
 
 // y [m, n] (+)= x [m, k] · w [k, n] with contiguous rows.
 template <class Arch, class T>
 void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, std::size_t n, T* y,
                bool accumulate) noexcept {
   matmul_nn_strided(arch, x, k, m, k, w, n, y, n, accumulate);
+}
+
+// y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n], contiguous rows: a weight's gradient, such as
+// ∂L/∂W_down [d, d_ff] = dyᵀ [d, tokens] · hidden [tokens, d_ff], where the sum runs over tokens.
+// Each element is one chain over the k rows in order, so the bits do not depend on the threads.
+template <class Arch, class T>
+void matmul_tn(Arch arch, const T* x, std::size_t k, std::size_t m, const T* w, std::size_t n, T* y,
+               bool accumulate) noexcept {
+  matmul_nn_any<true>(arch, x, m, m, k, w, n, y, n, accumulate);
 }
 
 }  // namespace simd
