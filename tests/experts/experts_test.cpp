@@ -534,33 +534,29 @@ void check_backward(const Expert& expert, std::vector<moe::Matrix<T>*> weights, 
   if (!std::is_same<T, double>::value) return;
 
   // Central differences (double): a sample of each weight's entries and of x's.
-  const double h = 1e-6;
+  auto slope = [&](T& entry) {
+    const double h = 1e-6;
+    const T keep = entry;
+    entry = keep + T(h);
+    const double up = loss();
+    entry = keep - T(h);
+    const double down = loss();
+    entry = keep;
+    return (up - down) / (2 * h);
+  };
   auto near = [](double got, double want) { return std::abs(got - want) <= 1e-6 * std::max(1.0, std::abs(want)); };
   std::uniform_int_distribution<int> pick(0, 1 << 20);
   for (std::size_t i = 0; i < weights.size(); ++i) {
-    moe::Matrix<T>& w = *weights[i];
     for (int sample = 0; sample < 8; ++sample) {
-      const index_t at = pick(rng) % w.size();
-      const T keep = w.data()[at];
-      w.data()[at] = keep + T(h);
-      const double up = loss();
-      w.data()[at] = keep - T(h);
-      const double down = loss();
-      w.data()[at] = keep;
+      const index_t at = pick(rng) % weights[i]->size();
       CAPTURE(i, at);
-      CHECK(near(static_cast<double>(p[i]->data()[at]), (up - down) / (2 * h)));
+      CHECK(near(static_cast<double>(p[i]->data()[at]), slope(weights[i]->data()[at])));
     }
   }
   for (int sample = 0; m > 0 && sample < 8; ++sample) {
     const index_t at = pick(rng) % x.size();
-    const T keep = x.data()[at];
-    x.data()[at] = keep + T(h);
-    const double up = loss();
-    x.data()[at] = keep - T(h);
-    const double down = loss();
-    x.data()[at] = keep;
     CAPTURE(at);
-    CHECK(near(static_cast<double>(dx.data()[at]), (up - down) / (2 * h)));
+    CHECK(near(static_cast<double>(dx.data()[at]), slope(x.data()[at])));
   }
 }
 

@@ -217,7 +217,14 @@ TEST_CASE("A warm backward takes the experts' temporaries from the workspace", "
     std::size_t bytes;
     long eigen;
   };
-  auto warm_count = [&](auto&& step) {
+  // One training step's allocations, once `layer` and `ws` are warm.
+  auto warm_count = [&](const auto& layer, auto& ws) {
+    auto grads = layer.make_gradients();
+    auto step = [&] {
+      layer.forward_train(x, y, ws);
+      layer.backward(x, dy, dx, grads, ws);
+      layer.backward_accumulate(x, dy, dx, grads, ws);
+    };
     step();
     const std::size_t bytes = g_bytes.load();
     const long eigen = g_eigen_allocations.load();
@@ -234,12 +241,7 @@ TEST_CASE("A warm backward takes the experts' temporaries from the workspace", "
     moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff));
     layer.set_shared_experts(make_experts(1, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
     moe::TrainingWorkspace<float> ws;
-    auto grads = layer.make_gradients();
-    return warm_count([&] {
-      layer.forward_train(x, y, ws);
-      layer.backward(x, dy, dx, grads, ws);
-      layer.backward_accumulate(x, dy, dx, grads, ws);
-    });
+    return warm_count(layer, ws);
   };
   auto soft = [&](index_t E) {
     moe::SoftOptions o;
@@ -247,12 +249,7 @@ TEST_CASE("A warm backward takes the experts' temporaries from the workspace", "
     const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
                                                       make_experts(E, d, ff));
     moe::SoftTrainingWorkspace<float> ws;
-    auto grads = layer.make_gradients();
-    return warm_count([&] {
-      layer.forward_train(x, y, ws);
-      layer.backward(x, dy, dx, grads, ws);
-      layer.backward_accumulate(x, dy, dx, grads, ws);
-    });
+    return warm_count(layer, ws);
   };
   SECTION("top-k with a gated shared expert") {
     const Count two = top_k(2), eight = top_k(8);

@@ -200,7 +200,7 @@ class SoftMoELayer {
     return l;
   }
 
-  // `accumulate`: add to `grads` (backward_accumulate) rather than to the zeroed ones (backward).
+  // `accumulate`: add to `grads` (backward_accumulate) rather than overwrite them (backward).
   template <class Arch>
   void backward_checked(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
                         SoftTrainingWorkspace<T>& ws, Arch arch, bool accumulate) const {
