@@ -286,3 +286,63 @@ TEST_CASE("backward_accumulate adds each batch's gradients; from zero it gives b
                       Catch::Contains("MoELayer::backward_accumulate") && Catch::Contains("workspace tokens = -1"));
   CHECK(all_entries(acc) == before);
 }
+
+namespace {
+// A FeedForward whose workspace form does nothing without tokens, as the contract allows (it
+// writes the gradients over only for m > 0).
+struct EarlyReturnExpert {
+  using Scalar = float;
+  using Inner = moe::FeedForward<float, moe::GELU>;
+  using Gradient = Inner::Gradient;
+  Inner f;
+  index_t d_model() const { return f.d_model(); }
+  index_t d_ff() const { return f.d_ff(); }
+  index_t scratch_size(index_t m) const { return f.scratch_size(m); }
+  index_t saved_size(index_t m) const { return f.saved_size(m); }
+  index_t backward_scratch_size(index_t m) const { return f.backward_scratch_size(m); }
+  Gradient zero_gradient() const { return f.zero_gradient(); }
+  template <class A>
+  void forward(A a, const float* x, index_t m, float* y, float* s) const { f.forward(a, x, m, y, s); }
+  template <class A>
+  void forward_saving(A a, const float* x, index_t m, float* y, float* saved, float* s) const {
+    f.forward_saving(a, x, m, y, saved, s);
+  }
+  template <class A = moe::simd::default_arch>
+  void backward(const float* x, index_t m, const float* dy, const float* saved, float* dx, Gradient& g, A a = {}) const {
+    f.backward(x, m, dy, saved, dx, g, a);
+  }
+  template <class A>
+  void backward(const float* x, index_t m, const float* dy, const float* saved, float* dx, Gradient& g, A a, float* s,
+                bool accumulate) const {
+    if (m > 0) f.backward(x, m, dy, saved, dx, g, a, s, accumulate);
+  }
+};
+}  // namespace
+
+TEST_CASE("backward on an empty batch zeroes every gradient, whatever the experts do without tokens", "[backward]") {
+  const index_t d = 8, ff = 4, E = 2;
+  const moe::Matrix<float> w_in = random_matrix<float>(ff, d, 1), w_out = random_matrix<float>(d, ff, 2);
+  auto expert = [&] {
+    return EarlyReturnExpert{{moe::ConstMatrixMap<float>(w_in.data(), ff, d), moe::ConstMatrixMap<float>(w_out.data(), d, ff)}};
+  };
+  moe::TopKOptions o;
+  o.k = 1;
+  moe::MoELayer<moe::TopKRouter<float>, EarlyReturnExpert> layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 3), o),
+                                                                 {expert(), expert()});
+  layer.set_shared_experts({expert()});
+  moe::TrainingWorkspace<float> ws;
+  moe::Matrix<float> x(0, d), y(0, d), dx(0, d), dy(0, d);
+  auto grads = layer.make_gradients();
+  auto fill = [](auto& g) { g.for_each([](auto& w) { w.setConstant(5.0f); }); };
+  fill(grads.experts[0]), fill(grads.experts[1]), fill(grads.shared[0]);  // the last step's values
+  layer.forward_train(x, y, ws);
+  layer.backward(x, dy, dx, grads, ws);
+  auto zero = [](const auto& g) {
+    bool all = true;
+    g.for_each([&](const auto& w) { all = all && w.isZero(0); });
+    return all;
+  };
+  CHECK(zero(grads.experts[0]));
+  CHECK(zero(grads.experts[1]));
+  CHECK(zero(grads.shared[0]));
+}

@@ -121,10 +121,14 @@ index_t backward_scratch_size(const E& expert, index_t m) {
 
 // One expert's backward for the layers: the workspace form where E has one, else the plain form
 // on gradients zeroed here first (unless `accumulate`). scratch holds backward_scratch_size(m).
+// With no tokens (a shared expert on an empty batch) the gradients are zeroed here: the workspace
+// form promises to write them over only for m > 0.
 template <class E, class Arch, class T>
 void expert_backward(const E& expert, const T* x, index_t m, const T* dy, const T* saved, T* dx,
                      typename E::Gradient& grad, Arch arch, T* scratch, bool accumulate) {
-  if constexpr (detected_v<backward_with_scratch_of, E>) {
+  if (m == 0 && !accumulate) {
+    grad.for_each([](auto& w) { w.setZero(); });
+  } else if constexpr (detected_v<backward_with_scratch_of, E>) {
     expert.backward(x, m, dy, saved, dx, grad, arch, scratch, accumulate);
   } else {
     if (!accumulate) grad.for_each([](auto& w) { w.setZero(); });

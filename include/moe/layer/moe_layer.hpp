@@ -327,11 +327,7 @@ class MoELayer {
         return;
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
-      if (e < num_ffn) {
-        if (m == 0) {  // (only when !accumulate)
-          grads.experts[e].for_each([](auto& w) { w.setZero(); });
-          return;
-        }
+      if (e < num_ffn) {  // (m == 0 only when !accumulate: zeroed)
         detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)],
                                 d_in + first * d, grads.experts[e], arch, own_scratch, accumulate);
       } else {
