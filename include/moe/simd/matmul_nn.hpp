@@ -8,9 +8,14 @@
 // README, "Guarantees"). Eigen's GEMM does not promise this: with AVX-512 its rounding of a row changed
 // with the row's place in the block, and dx changed under a permutation of the batch.
 //
+// matmul_tn, y (+)= xᵀ · w, is the same with x read transposed: the weight gradients, summed over
+// the tokens.
+//
 // Blocking: columns in panels of nn_panel_vectors() vectors (threads take whole panels); the depth
 // in chunks of kNNDepthChunk rows of w, so a panel's chunk stays in cache while every token block
-// meets it. Between chunks the running sums wait in y: the chain goes on with the same bits.
+// meets it. Between chunks the running sums wait in y: the chain goes on with the same bits. A
+// shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and then y is the stream:
+// threads take row blocks, each running over every panel.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -24,7 +29,7 @@ namespace simd {
 
 inline constexpr std::size_t kNNTokenBlock = 6;    // token rows per register block
 inline constexpr std::size_t kNNDepthChunk = 128;  // rows of w per depth chunk
-inline constexpr std::size_t kNNShallowBytes = 262144;  // w of at most this size, and one depth chunk: row blocks outside
+inline constexpr std::size_t kNNShallowBytes = 262144;  // a shallow w: row blocks outside, panels inside
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
