@@ -1,6 +1,6 @@
-// A warm forward performs no heap allocation, and a warm backward none that grows with the batch's
-// width: this executable replaces the global operator new with one that counts, so it cannot share
-// a binary with the other tests.
+// A warm forward performs no heap allocation, and a warm backward takes the experts' temporaries
+// from its workspace: this executable replaces the global operator new with one that counts, so it
+// cannot share a binary with the other tests.
 // Eigen's own heap allocations (aligned_malloc) bypass operator new: Eigen reports each one
 // through eigen_assert when EIGEN_RUNTIME_NO_MALLOC is defined and malloc is disallowed, so this
 // executable counts those instead of asserting (any other failed Eigen assertion aborts).
@@ -60,8 +60,8 @@ using moe_test::random_matrix;
 using moe::index_t;
 
 namespace {
-// Heap allocations so far, operator new's and Eigen's; Eigen's are counted only while
-// `counting_eigen` (Eigen allocates freely elsewhere, as in the set-up).
+// Heap allocations so far, operator new's and Eigen's; Eigen's are counted only while a
+// CountingEigen lives (Eigen allocates freely elsewhere, as in the set-up).
 long allocations_now() { return g_allocations.load() + g_eigen_allocations.load(); }
 struct CountingEigen {
   CountingEigen() { Eigen::internal::set_is_malloc_allowed(false); }
