@@ -9,6 +9,7 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "memory.hpp"
+#include "threads.hpp"
 #include "types.hpp"
 
 MOE_NAMESPACE_BEGIN
@@ -31,6 +32,23 @@ class Buffer {
   // 64-byte aligned, and from 2 MiB on on 2 MiB pages (HugePageAllocator): dispatch writes a
   // large batch's rows scattered over the buffer, one TLB miss per row on 4 KiB pages.
   std::vector<T, HugePageAllocator<T>> data_;
+};
+
+// `each` elements of `buffer` per thread, for a loop that gives jobs to the threads
+// (detail::for_each_with_serial_eigen): one part per OpenMP thread, or a single part when called
+// inside a parallel region already, where that loop runs on the calling thread.
+template <class T>
+class PerThreadScratch {
+ public:
+  PerThreadScratch(Buffer<T>& buffer, index_t each)
+      : nested_(in_parallel()), each_(each), base_(buffer.ensure(each * (nested_ ? 1 : max_threads()))) {}
+  // The calling thread's part.
+  T* own() const noexcept { return base_ + each_ * (nested_ ? 0 : thread_index()); }
+
+ private:
+  bool nested_;
+  index_t each_;
+  T* base_;
 };
 
 // Resizes a std::vector without releasing memory; allocation happens only when it grows past

@@ -315,11 +315,10 @@ class MoELayer {
     for (index_t e = 0; e < num_ffn; ++e)
       scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(experts_[e], plan.tokens_of(e)));
     for (const Expert& expert : shared_) scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, T_));
-    const bool nested = in_parallel();  // then one thread runs every job
-    T* scratch = ws.backward_scratch.ensure(scratch_needed * (nested ? 1 : max_threads()));
+    const PerThreadScratch<T> scratch(ws.backward_scratch, scratch_needed);
     detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), [&](std::ptrdiff_t i) {
       const index_t e = jobs[std::size_t(i)];
-      T* own_scratch = scratch + scratch_needed * (nested ? 0 : thread_index());
+      T* own_scratch = scratch.own();
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);
         detail::expert_backward(shared_[s], shared.x_rows, T_, shared.d_out, saved_at[std::size_t(num_ffn) + s],

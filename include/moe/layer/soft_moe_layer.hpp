@@ -240,14 +240,12 @@ class SoftMoELayer {
       saved_at[std::size_t(e)] = saved, saved += expert.saved_size(m);
       scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, m));
     }
-    const bool nested = in_parallel();  // then one thread runs every expert
-    T* scratch = ws.backward_scratch.ensure(scratch_needed * (nested ? 1 : max_threads()));
+    const PerThreadScratch<T> scratch(ws.backward_scratch, scratch_needed);
     detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
       detail::expert_backward(experts_[e], slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e],
-                              d_slots.data() + first * d, grads.experts[e], arch,
-                              scratch + scratch_needed * (nested ? 0 : thread_index()), accumulate);
+                              d_slots.data() + first * d, grads.experts[e], arch, scratch.own(), accumulate);
     });
     // Dispatch X̃_g = D_gᵀ · x_g.
     detail::with_serial_eigen([&] {
