@@ -783,30 +783,39 @@ std::vector<std::size_t> matmul_n_values() {
   return {1, 3, L + 1, 19};
 }
 
-// Double dot products of row j of x [m, k] (rows ldx apart) with row r of w [n, k], and the
-// sums of |terms|.
+// Double sums start(j, c) + Σ_{i < k} a(j, i) · b(i, c) for j < m, c < n, and the sums of
+// |start| and |terms|, in that order.
 struct DotReference {
   std::vector<double> dot;      // [m, n]
   std::vector<double> abs_sum;  // [m, n]
 };
 
-template <class T>
-DotReference dot_reference(const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n) {
+template <class Start, class A, class B>
+DotReference products_reference(std::size_t m, std::size_t k, std::size_t n, Start start, A a, B b) {
   DotReference r{std::vector<double>(m * n), std::vector<double>(m * n)};
   for (std::size_t j = 0; j < m; ++j) {
     for (std::size_t c = 0; c < n; ++c) {
-      double s = 0;
-      double a = 0;
+      double s = start(j, c);
+      double abs_sum = std::abs(s);
       for (std::size_t i = 0; i < k; ++i) {
-        const double t = dbl(w[c * k + i]) * dbl(x[j * ldx + i]);
+        const double t = a(j, i) * b(i, c);
         s += t;
-        a += std::abs(t);
+        abs_sum += std::abs(t);
       }
       r.dot[j * n + c] = s;
-      r.abs_sum[j * n + c] = a;
+      r.abs_sum[j * n + c] = abs_sum;
     }
   }
   return r;
+}
+
+// Dot products of row j of x [m, k] (rows ldx apart) with row c of w [n, k].
+template <class T>
+DotReference dot_reference(const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n) {
+  return products_reference(
+      m, k, n, [](std::size_t, std::size_t) { return 0.0; },
+      [&](std::size_t j, std::size_t i) { return dbl(x[j * ldx + i]); },
+      [&](std::size_t i, std::size_t c) { return dbl(w[c * k + i]); });
 }
 
 // A dot product of length k summed in any order with (fused) multiply-adds: every term passes
@@ -1200,18 +1209,16 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   std::copy(y0.begin(), y0.end(), y.data());
   moe::simd::matmul_nn_strided(Arch{}, x.data(), ldx, m, k, w.data(), n, y.data(), ldy, accumulate);
 
+  const DotReference ref = products_reference(
+      m, k, n, [&](std::size_t j, std::size_t c) { return accumulate ? dbl(y0[j * ldy + c]) : 0.0; },
+      [&](std::size_t j, std::size_t i) { return dbl(x[j * ldx + i]); },
+      [&](std::size_t i, std::size_t c) { return dbl(w[i * n + c]); });
   for (std::size_t j = 0; j < m; ++j) {
     CAPTURE(j);
     for (std::size_t c = 0; c < n; ++c) {
       CAPTURE(c);
-      double ref = accumulate ? dbl(y0[j * ldy + c]) : 0.0;
-      double abs_sum = std::abs(ref);
-      for (std::size_t i = 0; i < k; ++i) {
-        const double t = dbl(x[j * ldx + i]) * dbl(w[i * n + c]);
-        ref += t;
-        abs_sum += std::abs(t);
-      }
-      CHECK(std::abs(dbl(y[j * ldy + c]) - ref) <= dot_bound<T>(k, abs_sum));
+      const std::size_t e = j * n + c;
+      CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
     }
     for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
 
@@ -1257,20 +1264,14 @@ TEMPLATE_TEST_CASE("simd::matmul_tn computes xᵀ · w and xᵀ · w + y with ma
   std::vector<T> y_nn(y0);
   moe::simd::matmul_nn(Arch{}, xt.data(), m, k, w.data(), n, y_nn.data(), accumulate);
 
-  for (std::size_t j = 0; j < m; ++j) {
-    CAPTURE(j);
-    for (std::size_t c = 0; c < n; ++c) {
-      CAPTURE(c);
-      double ref = accumulate ? dbl(y0[j * n + c]) : 0.0;
-      double abs_sum = std::abs(ref);
-      for (std::size_t i = 0; i < k; ++i) {
-        const double t = dbl(x[i * m + j]) * dbl(w[i * n + c]);
-        ref += t;
-        abs_sum += std::abs(t);
-      }
-      CHECK(std::abs(dbl(y[j * n + c]) - ref) <= dot_bound<T>(k, abs_sum));
-      CHECK(y[j * n + c] == y_nn[j * n + c]);
-    }
+  const DotReference ref = products_reference(
+      m, k, n, [&](std::size_t j, std::size_t c) { return accumulate ? dbl(y0[j * n + c]) : 0.0; },
+      [&](std::size_t j, std::size_t i) { return dbl(x[i * m + j]); },
+      [&](std::size_t i, std::size_t c) { return dbl(w[i * n + c]); });
+  for (std::size_t e = 0; e < m * n; ++e) {
+    CAPTURE(e / n, e % n);
+    CHECK(std::abs(dbl(y[e]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
+    CHECK(y[e] == y_nn[e]);
   }
   CHECK(y.guards_intact());
 }
