@@ -79,7 +79,7 @@ void run(FuzzedDataProvider& fdp) {
   }
   MOE_FUZZ_CHECK(valid);
 
-  const std::vector<index_t> bounds = g.boundaries.size() < 2 ? std::vector<index_t>{0, T_} : g.boundaries;
+  const std::vector<index_t> bounds = g.bounds(T_);
   const moe::Routing<T>& plan = out.plan;
   check_plan(plan, T_, E);
   // A token chooses nothing, so it loses nothing to capacity: the router's lists stay empty.

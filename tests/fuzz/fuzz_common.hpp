@@ -187,6 +187,11 @@ inline index_t index_in(FuzzedDataProvider& fdp, index_t lo, index_t hi) {
 struct Groups {
   std::vector<index_t> boundaries;  // empty: no groups
   bool invalid = false;
+  // The group boundaries the routing holds for a batch of T tokens: no groups, or {0} of an empty
+  // batch, is the single group {0, T}.
+  std::vector<index_t> bounds(index_t T) const {
+    return boundaries.size() < 2 ? std::vector<index_t>{0, T} : boundaries;
+  }
 };
 
 inline Groups groups(FuzzedDataProvider& fdp, index_t T) {

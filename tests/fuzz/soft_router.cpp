@@ -186,7 +186,7 @@ void run(FuzzedDataProvider& fdp) {
     return;
   }
   MOE_FUZZ_CHECK(route_valid);
-  const std::vector<index_t> bounds = g.boundaries.size() < 2 ? std::vector<index_t>{0, T_} : g.boundaries;
+  const std::vector<index_t> bounds = g.bounds(T_);
   if (moderate) MOE_FUZZ_CHECK(all_finite(r.logits()));
   check_routing(*router, x, bounds, r, o.check_finite);
 

@@ -409,7 +409,7 @@ void run(FuzzedDataProvider& fdp) {
       bool named_infinite = false;
       for (const Choice<T>& c : choices_of(out.plan, token)) named_infinite = named_infinite || (c.expert == expert && std::isinf(c.weight));
       MOE_FUZZ_CHECK(named_infinite);
-      const std::vector<index_t> bounds = g.boundaries.size() < 2 ? std::vector<index_t>{0, T_} : g.boundaries;
+      const std::vector<index_t> bounds = g.bounds(T_);
       const std::vector<char> beyond = check_against_reference(unchecked, bias, out, bounds, T_, E);
       if (moderate) MOE_FUZZ_CHECK(!beyond.empty());
       if (!beyond.empty()) MOE_FUZZ_CHECK(beyond[sz(token)]);
@@ -425,7 +425,7 @@ void run(FuzzedDataProvider& fdp) {
   const bool logits_finite = all_finite(out.logits());
   if (o.check_finite) MOE_FUZZ_CHECK(logits_finite);
   if (moderate) MOE_FUZZ_CHECK(logits_finite);
-  std::vector<index_t> bounds = g.boundaries.size() < 2 ? std::vector<index_t>{0, T_} : g.boundaries;
+  std::vector<index_t> bounds = g.bounds(T_);
 
   if (logits_finite) {
     for (index_t t = 0; t < T_; ++t) {
