@@ -219,6 +219,50 @@ double activation_bound(moe::GELUTanh, double x, double ref) {
   return 8 * eps<T>() * (std::abs(ref) + std::abs(x)) + tiny<T>();
 }
 
+// act'(x) in double, from the derivatives of the formulas above (check_derivative compares them
+// with central differences of reference()). Beyond |x| = 1e5 every derivative is 0 below and 1
+// above, written out because tanh GELU's formula would multiply 1 − tanh² = 0 by an infinite x².
+double derivative_reference(moe::ReLU, double x) { return x > 0 ? 1.0 : 0.0; }
+double derivative_reference(moe::GELU, double x) {
+  return 0.5 * std::erfc(-x / std::sqrt(2.0)) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * 3.14159265358979323846);
+}
+double derivative_reference(moe::GELUTanh, double x) {
+  if (std::abs(x) > 1e5) return x > 0 ? 1.0 : 0.0;
+  const double c = std::sqrt(2.0 / 3.14159265358979323846), a = 0.044715;
+  const double th = std::tanh(c * (x + a * x * x * x));
+  return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * a * x * x);
+}
+double derivative_reference(moe::SiLU, double x) {
+  const double s = 1 / (1 + std::exp(-x));
+  return s + x * s * (1 - s);
+}
+
+// |ActivationDerivative<Act>::apply(x) - derivative_reference| for x in T (the derivatives lie in
+// [-0.1, 1.13], so the bounds are absolute):
+//  - ReLU is exact;
+//  - GELU: Φ's erf, whose double batch form is off by up to ~70 ulp (see activation_bound), half
+//    of it in Φ; x φ(x) adds a few eps, as x² and exp's relative errors meet x³ φ(x) ≤ 0.23:
+//    32 eps (measured over x ∈ [-10, 10] in steps of 5e-5: 18 eps, double batch, x = 3.11);
+//  - tanh GELU and SiLU: 1 − tanh² and 1 − σ have absolute errors of an eps or two, multiplied
+//    by 0.5·c·|x|·(1 + 3a x²) (4.8 at |x| = 4, where float's tanh is not yet 1) and by |x|:
+//    4·eps·(1 + x²) and 4·eps·(1 + |x|) (measured: at most 1.0 of eps·(1 + x²), eps·(1 + |x|)).
+template <class T>
+double derivative_bound(moe::ReLU, double) {
+  return 0;
+}
+template <class T>
+double derivative_bound(moe::GELU, double) {
+  return 32 * eps<T>();
+}
+template <class T>
+double derivative_bound(moe::GELUTanh, double x) {
+  return 4 * eps<T>() * (1 + x * x);
+}
+template <class T>
+double derivative_bound(moe::SiLU, double x) {
+  return 4 * eps<T>() * (1 + std::abs(x));
+}
+
 // Largest |act'(x)| over all x (ReLU 1, SiLU 1.0998, GELU 1.1289, tanh GELU 1.1289), rounded up:
 // how far an error in an activation's argument can move its value.
 constexpr double kActivationLipschitz = 1.2;
@@ -1145,6 +1189,7 @@ void check_derivative() {
     const double central = (reference(Act{}, x + h) - reference(Act{}, x - h)) / (2 * h);
     // Central difference: O(h²·|f'''|) ≈ 1e-12, plus rounding 2·eps·|f|/h ≈ 1e-9.
     CHECK(std::abs(moe::ActivationDerivative<Act>::apply(x) - central) <= 1e-8);
+    CHECK(std::abs(derivative_reference(Act{}, x) - central) <= 1e-8);
   }
   for (const double v : {1e10, 6e19, 1e30, 4e154, 1e300}) {
     CAPTURE(v);
@@ -1162,6 +1207,125 @@ TEST_CASE("Activation derivatives match central differences and stay finite at h
   check_derivative<moe::GELU>();
   check_derivative<moe::GELUTanh>();
   check_derivative<moe::SiLU>();
+}
+
+namespace {
+
+// ActivationDerivative's scalar and batch forms against derivative_reference, over
+// activation_arguments (huge ones included), and on NaN and ±inf, where the two forms must agree
+// so that a value's fate does not depend on its column.
+template <class Act, class T>
+void check_derivative_scalar_and_batch() {
+  INFO("activation " << Act::name);
+  using B = moe::simd::batch<T, Arch>;
+  using Derivative = moe::ActivationDerivative<Act>;
+  constexpr std::size_t L = kLanes<T>;
+  std::vector<T> x = activation_arguments<T>();
+  while (x.size() % L != 0) x.push_back(T(0.5));
+  alignas(64) T lanes_out[L];
+  for (std::size_t i = 0; i < x.size(); i += L) {
+    Derivative::apply(B::load_unaligned(x.data() + i)).store_aligned(lanes_out);
+    for (std::size_t l = 0; l < L; ++l) {
+      const T v = x[i + l];
+      CAPTURE(v);
+      const double ref = derivative_reference(Act{}, dbl(v));
+      const T scalar = Derivative::apply(v);
+      CHECK(std::abs(dbl(scalar) - ref) <= derivative_bound<T>(Act{}, dbl(v)));
+      CHECK(std::abs(dbl(lanes_out[l]) - ref) <= derivative_bound<T>(Act{}, dbl(v)));
+    }
+  }
+  const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+  alignas(64) T half_out[L];
+  Derivative::apply(B(T(0.5))).store_aligned(half_out);
+  for (const T v : {nan, inf, -inf}) {
+    CAPTURE(v);
+    alignas(64) T lanes_in[L];
+    for (std::size_t l = 0; l < L; ++l) lanes_in[l] = l % 2 == 0 ? v : T(0.5);
+    Derivative::apply(B::load_aligned(lanes_in)).store_aligned(lanes_out);
+    const T scalar = Derivative::apply(v);
+    for (std::size_t l = 0; l < L; l += 2) {
+      CAPTURE(l, scalar, lanes_out[l]);
+      CHECK(std::isnan(lanes_out[l]) == std::isnan(scalar));
+      if (!std::isnan(scalar)) CHECK(lanes_out[l] == scalar);
+    }
+    for (std::size_t l = 1; l < L; l += 2) CHECK(lanes_out[l] == half_out[l]);  // neighbours untouched
+  }
+}
+
+// d ⊙ act'(pre) for one row, against the double formula: act' within derivative_bound, times an
+// exact d, then one rounded multiply.
+template <class Act, class T>
+void check_activation_backward(std::size_t n, std::size_t offset) {
+  INFO("activation " << Act::name);
+  auto rng = make_rng(n, offset, 70);
+  Guarded<T> pre = input<T>(n, offset);
+  fill_uniform(pre.data(), n, -6.0, 6.0, rng);
+  Guarded<T> d = output<T>(n, 1 - offset);  // the other alignment
+  fill_uniform(d.data(), n, -2.0, 2.0, rng);
+  const std::vector<double> before = to_doubles(d.data(), n);
+  moe::simd::activation_backward<Act>(Arch{}, pre.data(), d.data(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i, pre[i], before[i]);
+    const double ref = before[i] * derivative_reference(Act{}, dbl(pre[i]));
+    const double bound = std::abs(before[i]) * derivative_bound<T>(Act{}, dbl(pre[i])) + eps<T>() * std::abs(ref) + tiny<T>();
+    CHECK(std::abs(dbl(d[i]) - ref) <= bound);
+  }
+  CHECK(d.guards_intact());
+}
+
+// For hidden = act(gate) ⊙ up: d_gate = dh ⊙ up ⊙ act'(gate) (two rounded multiplies after act')
+// and d_up = dh ⊙ act(gate) written over dh (act within activation_bound, one multiply).
+template <class Act, class T>
+void check_gated_activation_backward(std::size_t n, std::size_t offset) {
+  INFO("activation " << Act::name);
+  auto rng = make_rng(n, offset, 80);
+  Guarded<T> gate = input<T>(n, offset), up = input<T>(n, 1 - offset);
+  fill_uniform(gate.data(), n, -6.0, 6.0, rng);
+  fill_uniform(up.data(), n, -2.0, 2.0, rng);
+  Guarded<T> dh = output<T>(n, offset), d_gate = output<T>(n, 1 - offset);
+  fill_uniform(dh.data(), n, -2.0, 2.0, rng);
+  const std::vector<double> grad = to_doubles(dh.data(), n);
+  moe::simd::gated_activation_backward<Act>(Arch{}, gate.data(), up.data(), dh.data(), d_gate.data(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double g = dbl(gate[i]), u = dbl(up[i]);
+    CAPTURE(i, g, u, grad[i]);
+    const double gate_ref = grad[i] * u * derivative_reference(Act{}, g);
+    const double gate_bound =
+        std::abs(grad[i] * u) * derivative_bound<T>(Act{}, g) + 2 * eps<T>() * std::abs(gate_ref) + tiny<T>();
+    CHECK(std::abs(dbl(d_gate[i]) - gate_ref) <= gate_bound);
+    const double act = reference(Act{}, g), up_ref = grad[i] * act;
+    const double up_bound = std::abs(grad[i]) * activation_bound<T>(Act{}, g, act) + eps<T>() * std::abs(up_ref) + tiny<T>();
+    CHECK(std::abs(dbl(dh[i]) - up_ref) <= up_bound);
+  }
+  CHECK(dh.guards_intact());
+  CHECK(d_gate.guards_intact());
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Activation derivatives: scalar and batch forms match the double formulas and agree on NaN and ±inf",
+                   "[simd][activations]", float, double) {
+  using T = TestType;
+  check_derivative_scalar_and_batch<moe::ReLU, T>();
+  check_derivative_scalar_and_batch<moe::GELU, T>();
+  check_derivative_scalar_and_batch<moe::GELUTanh, T>();
+  check_derivative_scalar_and_batch<moe::SiLU, T>();
+}
+
+TEMPLATE_TEST_CASE("simd::activation_backward and simd::gated_activation_backward match the double formulas",
+                   "[simd][activations]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  check_activation_backward<moe::ReLU, T>(n, offset);
+  check_activation_backward<moe::GELU, T>(n, offset);
+  check_activation_backward<moe::GELUTanh, T>(n, offset);
+  check_activation_backward<moe::SiLU, T>(n, offset);
+  check_gated_activation_backward<moe::ReLU, T>(n, offset);
+  check_gated_activation_backward<moe::GELU, T>(n, offset);
+  check_gated_activation_backward<moe::GELUTanh, T>(n, offset);
+  check_gated_activation_backward<moe::SiLU, T>(n, offset);
 }
 
 TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double formulas", "[simd][activations]", float,

@@ -1,29 +1,47 @@
 #pragma once
-// Derivatives of the activations in activations.hpp, for the backward pass (scalar, any T).
+// Derivatives of the activations in activations.hpp, for the backward pass: each usable on a
+// scalar and on an xsimd batch with the same formula, and the row kernels backward runs them in.
 #include <cmath>
+#include <cstddef>
 
 #include "activations.hpp"
 
 MOE_NAMESPACE_BEGIN
 
+namespace detail {
+
+// c ? a : b for a scalar, lane by lane for a batch (both sides are evaluated).
+template <class T>
+T choose(bool c, T a, T b) noexcept {
+  return c ? a : b;
+}
+template <class T, class Arch>
+xsimd::batch<T, Arch> choose(const xsimd::batch_bool<T, Arch>& c, const xsimd::batch<T, Arch>& a,
+                             const xsimd::batch<T, Arch>& b) noexcept {
+  return xsimd::select(c, a, b);
+}
+
+}  // namespace detail
+
 template <class Activation>
 struct ActivationDerivative;  // specialized for each activation below
 
+// 1 above 0, else 0 (NaN gives 0).
 template <>
 struct ActivationDerivative<ReLU> {
-  template <class T>
-  static T apply(T x) noexcept {
-    return x > T(0) ? T(1) : T(0);
+  template <class V>
+  static V apply(const V& x) noexcept {
+    return detail::choose(x > V(0), V(1), V(0));
   }
 };
 
 // d/dx [x Φ(x)] = Φ(x) + x φ(x).
 template <>
 struct ActivationDerivative<GELU> {
-  template <class T>
-  static T apply(T x) noexcept {
-    const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
-    const T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
+  template <class V>
+  static V apply(const V& x) noexcept {
+    const V cdf = V(0.5) * (V(1) + detail::erf_of(x * detail::constant<V>(0.70710678118654752440)));
+    const V pdf = detail::exp_of(V(-0.5) * x * x) * detail::constant<V>(0.39894228040143267794);
     return cdf + x * pdf;
   }
 };
@@ -31,24 +49,63 @@ struct ActivationDerivative<GELU> {
 // d/dx [0.5 x (1 + tanh(u))], u = c (x + a x³).
 template <>
 struct ActivationDerivative<GELUTanh> {
-  template <class T>
-  static T apply(T x) noexcept {
-    const T c = T(0.79788456080286535588), a = T(0.044715);
-    const T th = std::tanh(c * (x + a * x * x * x));
-    const T sech2 = T(1) - th * th;  // 0 once tanh saturates, where x · x may overflow: 0 · inf
-    if (sech2 == T(0)) return T(0.5) * (T(1) + th);
-    return T(0.5) * (T(1) + th) + T(0.5) * x * sech2 * c * (T(1) + T(3) * a * x * x);
+  template <class V>
+  static V apply(const V& x) noexcept {
+    const V c = detail::constant<V>(0.79788456080286535588), a = detail::constant<V>(0.044715);
+    const V th = detail::tanh_of(c * (x + a * x * x * x));
+    const V sech2 = V(1) - th * th;
+    const V saturated = V(0.5) * (V(1) + th);
+    // 0 once tanh saturates, where x · x may overflow: 0 · inf.
+    return detail::choose(sech2 == V(0), saturated, saturated + V(0.5) * x * sech2 * c * (V(1) + V(3) * a * x * x));
   }
 };
 
 // d/dx [x σ(x)] = σ(x) (1 + x (1 − σ(x))).
 template <>
 struct ActivationDerivative<SiLU> {
-  template <class T>
-  static T apply(T x) noexcept {
-    const T s = T(1) / (T(1) + std::exp(-x));
-    return s * (T(1) + x * (T(1) - s));
+  template <class V>
+  static V apply(const V& x) noexcept {
+    const V s = V(1) / (V(1) + detail::exp_of(V(-x)));
+    return s * (V(1) + x * (V(1) - s));
   }
 };
+
+namespace simd {
+
+// The gradient through act for one row: d[0, n) = d ⊙ act'(pre), `pre` the pre-activations.
+// Lane and tail positions depend only on n, so a row's bits do not depend on the other rows.
+template <class Activation, class Arch, class T>
+void activation_backward(Arch, const T* pre, T* d, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  using Derivative = ActivationDerivative<Activation>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    (B::load_unaligned(d + i) * Derivative::apply(B::load_unaligned(pre + i))).store_unaligned(d + i);
+  }
+  for (; i < n; ++i) d[i] *= Derivative::apply(pre[i]);
+}
+
+// The gradient through hidden = act(gate) ⊙ up for one row: given dh = ∂L/∂hidden,
+// d_gate = dh ⊙ up ⊙ act'(gate), and d_up = dh ⊙ act(gate) written over dh.
+template <class Activation, class Arch, class T>
+void gated_activation_backward(Arch, const T* gate, const T* up, T* dh, T* d_gate, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  using Derivative = ActivationDerivative<Activation>;
+  constexpr std::size_t L = B::size;
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) {
+    const B g = B::load_unaligned(gate + i), grad = B::load_unaligned(dh + i);
+    (grad * B::load_unaligned(up + i) * Derivative::apply(g)).store_unaligned(d_gate + i);
+    (grad * Activation::apply(g)).store_unaligned(dh + i);
+  }
+  for (; i < n; ++i) {
+    const T g = gate[i], grad = dh[i];
+    d_gate[i] = grad * up[i] * Derivative::apply(g);
+    dh[i] = grad * Activation::apply(g);
+  }
+}
+
+}  // namespace simd
 
 MOE_NAMESPACE_END

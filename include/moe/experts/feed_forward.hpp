@@ -94,7 +94,7 @@ class FeedForward {
     for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
     simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
     simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);           // dy · w_out
-    for (std::size_t i = 0; i < rows * ff; ++i) hidden[i] *= ActivationDerivative<Activation>::apply(saved[i]);
+    for (std::size_t j = 0; j < rows; ++j) simd::activation_backward<Activation>(arch, saved + j * ff, hidden + j * ff, ff);
     simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate);    // [d_ff, d] d_preᵀ · x
     simd::matmul_nn(arch, hidden, rows, ff, w_in_.data(), d, dx, false);
   }

@@ -109,10 +109,8 @@ class GatedFeedForward {
     simd::gated_hidden_rows<Activation>(arch, gate, up, rows, ff, hidden);
     simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
     simd::matmul_nn(arch, dy, rows, d, w_down_.data(), ff, d_hidden, false);
-    for (std::size_t i = 0; i < rows * ff; ++i) {
-      const T g = gate[i], dh = d_hidden[i];
-      hidden[i] = dh * up[i] * ActivationDerivative<Activation>::apply(g);
-      d_hidden[i] = dh * Activation::apply(g);
+    for (std::size_t j = 0; j < rows; ++j) {
+      simd::gated_activation_backward<Activation>(arch, gate + j * ff, up + j * ff, d_hidden + j * ff, hidden + j * ff, ff);
     }
     simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate);    // [d_ff, d] d_gateᵀ · x
     simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate);    // [d_ff, d] d_upᵀ · x
