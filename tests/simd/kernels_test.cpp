@@ -1351,7 +1351,8 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9);
+  // m = 9 and 13: two and three row blocks, which the threads share when w is one panel wide.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9, 13);
   // k = 300 spans two depth chunks; n covers single columns, whole vectors, a partial panel and
   // more than one panel.
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
@@ -1361,22 +1362,22 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   CAPTURE(m, k, n, accumulate, offset);
   auto rng = make_rng(1000 * m + k, n, 2 * offset + accumulate);
 
-  const std::size_t ldx = k + 2, ldy = n + 3;
+  const std::size_t ldx = k + 2, ldw = n + 1, ldy = n + 3;
   Guarded<T> x = input<T>(m * ldx, offset);  // [m, ldx]
   fill_uniform(x.data(), m * ldx, -1.0, 1.0, rng);
-  Guarded<T> w = input<T>(k * n, offset);  // [k, n]
-  fill_uniform(w.data(), k * n, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(k * ldw, offset);  // [k, ldw]
+  fill_uniform(w.data(), k * ldw, -1.0, 1.0, rng);
   std::vector<T> y0(m * ldy, Guarded<T>::sentinel());  // the starting y (its padding stays)
   if (accumulate)
     for (std::size_t j = 0; j < m; ++j) fill_uniform(y0.data() + j * ldy, n, -1.0, 1.0, rng);
   Guarded<T> y = output<T>(m * ldy, offset);
   std::copy(y0.begin(), y0.end(), y.data());
-  moe::simd::matmul_nn_strided(Arch{}, x.data(), ldx, m, k, w.data(), n, y.data(), ldy, accumulate);
+  moe::simd::matmul_nn_strided(Arch{}, x.data(), ldx, m, k, w.data(), ldw, n, y.data(), ldy, accumulate);
 
   const DotReference ref = products_reference(
       m, k, n, [&](std::size_t j, std::size_t c) { return accumulate ? dbl(y0[j * ldy + c]) : 0.0; },
       [&](std::size_t j, std::size_t i) { return dbl(x[j * ldx + i]); },
-      [&](std::size_t i, std::size_t c) { return dbl(w[i * n + c]); });
+      [&](std::size_t i, std::size_t c) { return dbl(w[i * ldw + c]); });
   for (std::size_t j = 0; j < m; ++j) {
     CAPTURE(j);
     for (std::size_t c = 0; c < n; ++c) {
@@ -1389,14 +1390,14 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
     Guarded<T> alone = output<T>(n, offset);
     std::copy(y0.begin() + static_cast<std::ptrdiff_t>(j * ldy), y0.begin() + static_cast<std::ptrdiff_t>(j * ldy + n),
               alone.data());
-    moe::simd::matmul_nn(Arch{}, x.data() + j * ldx, 1, k, w.data(), n, alone.data(), accumulate);
+    moe::simd::matmul_nn_strided(Arch{}, x.data() + j * ldx, ldx, 1, k, w.data(), ldw, n, alone.data(), n, accumulate);
     for (std::size_t c = 0; c < n; ++c) CHECK(alone[c] == y[j * ldy + c]);
     CHECK(alone.guards_intact());
   }
   CHECK(y.guards_intact());
 }
 
-TEMPLATE_TEST_CASE("simd::matmul_tn computes xᵀ · w and xᵀ · w + y with matmul_nn's bits", "[simd][matmul]", float,
+TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w + y with matmul_nn's bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
@@ -1410,32 +1411,51 @@ TEMPLATE_TEST_CASE("simd::matmul_tn computes xᵀ · w and xᵀ · w + y with ma
   CAPTURE(m, k, n, accumulate);
   auto rng = make_rng(1000 * m + k, n, 7 + accumulate);
 
-  Guarded<T> x = input<T>(k * m, 0);  // [k, m]
-  fill_uniform(x.data(), k * m, -1.0, 1.0, rng);
-  Guarded<T> w = input<T>(k * n, 0);  // [k, n]
-  fill_uniform(w.data(), k * n, -1.0, 1.0, rng);
+  // x, w and y rows with padding (matmul_tn_strided); the contiguous matmul_tn must give the same bits.
+  const std::size_t ldx = m + 2, ldw = n + 1, ldy = n + 3;
+  Guarded<T> x = input<T>(k * ldx, 0);  // [k, ldx]
+  fill_uniform(x.data(), k * ldx, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(k * ldw, 0);  // [k, ldw]
+  fill_uniform(w.data(), k * ldw, -1.0, 1.0, rng);
   std::vector<T> y0(m * n, T(0));
   if (accumulate) fill_uniform(y0.data(), m * n, -1.0, 1.0, rng);
   else std::fill(y0.begin(), y0.end(), Guarded<T>::sentinel());  // written over
-  Guarded<T> y = output<T>(m * n, 0);
-  std::copy(y0.begin(), y0.end(), y.data());
-  moe::simd::matmul_tn(Arch{}, x.data(), k, m, w.data(), n, y.data(), accumulate);
+  Guarded<T> y = output<T>(m * ldy, 0);
+  for (std::size_t j = 0; j < m; ++j) {
+    std::copy(y0.begin() + static_cast<std::ptrdiff_t>(j * n), y0.begin() + static_cast<std::ptrdiff_t>((j + 1) * n),
+              y.data() + j * ldy);
+    std::fill(y.data() + j * ldy + n, y.data() + (j + 1) * ldy, Guarded<T>::sentinel());
+  }
+  moe::simd::matmul_tn_strided(Arch{}, x.data(), ldx, k, m, w.data(), ldw, n, y.data(), ldy, accumulate);
+
+  std::vector<T> x_packed(k * m), w_packed(k * n), y_packed(y0);
+  for (std::size_t i = 0; i < k; ++i) {
+    std::copy(x.data() + i * ldx, x.data() + i * ldx + m, x_packed.begin() + static_cast<std::ptrdiff_t>(i * m));
+    std::copy(w.data() + i * ldw, w.data() + i * ldw + n, w_packed.begin() + static_cast<std::ptrdiff_t>(i * n));
+  }
+  moe::simd::matmul_tn(Arch{}, x_packed.data(), k, m, w_packed.data(), n, y_packed.data(), accumulate);
 
   // The same sums through matmul_nn on x transposed: one chain per element in the same order.
   std::vector<T> xt(m * k);
   for (std::size_t i = 0; i < k; ++i)
-    for (std::size_t j = 0; j < m; ++j) xt[j * k + i] = x[i * m + j];
+    for (std::size_t j = 0; j < m; ++j) xt[j * k + i] = x[i * ldx + j];
   std::vector<T> y_nn(y0);
-  moe::simd::matmul_nn(Arch{}, xt.data(), m, k, w.data(), n, y_nn.data(), accumulate);
+  moe::simd::matmul_nn(Arch{}, xt.data(), m, k, w_packed.data(), n, y_nn.data(), accumulate);
 
   const DotReference ref = products_reference(
       m, k, n, [&](std::size_t j, std::size_t c) { return accumulate ? dbl(y0[j * n + c]) : 0.0; },
-      [&](std::size_t j, std::size_t i) { return dbl(x[i * m + j]); },
-      [&](std::size_t i, std::size_t c) { return dbl(w[i * n + c]); });
-  for (std::size_t e = 0; e < m * n; ++e) {
-    CAPTURE(e / n, e % n);
-    CHECK(std::abs(dbl(y[e]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
-    CHECK(y[e] == y_nn[e]);
+      [&](std::size_t j, std::size_t i) { return dbl(x[i * ldx + j]); },
+      [&](std::size_t i, std::size_t c) { return dbl(w[i * ldw + c]); });
+  for (std::size_t j = 0; j < m; ++j) {
+    CAPTURE(j);
+    for (std::size_t c = 0; c < n; ++c) {
+      CAPTURE(c);
+      const std::size_t e = j * n + c;
+      CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
+      CHECK(y[j * ldy + c] == y_nn[e]);
+      CHECK(y[j * ldy + c] == y_packed[e]);
+    }
+    for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
   }
   CHECK(y.guards_intact());
 }

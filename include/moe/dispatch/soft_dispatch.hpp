@@ -7,9 +7,9 @@
 // The slot buffers are [G·S, d] in the expert-major order of SoftRouting::slot_row, so each
 // expert's rows are contiguous. Both are overloads of dispatch/combine on the routing type.
 //
-// Both products run on detail::soft_mix (routing/soft.hpp): each element summed in a fixed order
-// (over the group's tokens for dispatch, over its slots for combine), with no heap allocation and
-// the same bits on any thread count, so a group's slot inputs and outputs depend on nothing but
+// Both products run on simd::matmul_tn and matmul_nn: each element one chain of FMAs in a fixed
+// order (over the group's tokens for dispatch, over its slots for combine), with no heap allocation
+// and the same bits on any thread count, so a group's slot inputs and outputs depend on nothing but
 // its own rows. With several groups a group's S slot rows are not contiguous in the expert-major
 // buffer, so they pass through `scratch` ([S, d]); with one group they are, and nothing is copied.
 #include <cstddef>
@@ -17,6 +17,7 @@
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "../routing/soft.hpp"
+#include "../simd/matmul_nn.hpp"
 #include "../simd/rows.hpp"
 
 MOE_NAMESPACE_BEGIN
@@ -39,10 +40,10 @@ void dispatch(Arch arch, const SoftRouting<T>& routing, const T* x, index_t ldx,
   for (index_t g = 0; g < G; ++g) {
     const index_t first = routing.group_begin(g);
     const index_t n = routing.group_size(g);
-    // Slot j = Σ_t D[t, j] · x row t over the group's tokens: weights down column j of D_g.
-    detail::soft_mix(arch, static_cast<std::size_t>(S), dispatch_w.data() + first * S, 1, static_cast<std::size_t>(S),
-                     x + first * ldx, static_cast<std::size_t>(ldx), static_cast<std::size_t>(n), static_cast<std::size_t>(d),
-                     group_slots, static_cast<std::size_t>(d));
+    // Slot j = Σ_t D[t, j] · x row t over the group's tokens (none: 0).
+    simd::matmul_tn_strided(arch, dispatch_w.data() + first * S, static_cast<std::size_t>(S), static_cast<std::size_t>(n),
+                            static_cast<std::size_t>(S), x + first * ldx, static_cast<std::size_t>(ldx),
+                            static_cast<std::size_t>(d), group_slots, static_cast<std::size_t>(d), false);
     if (G == 1) break;
     for (index_t e = 0; e < routing.num_experts(); ++e) {
       simd::copy_row(arch, group_slots + e * s * d, slots + routing.slot_row(e, g, 0) * d, static_cast<std::size_t>(s * d));
@@ -70,10 +71,10 @@ void combine(Arch arch, const SoftRouting<T>& routing, const T* slot_out, index_
       }
       group_out = gathered;
     }
-    // y row t = Σ_j C[t, j] · Ỹ_g row j: weights along row t of C.
-    detail::soft_mix(arch, static_cast<std::size_t>(n), combine_w.data() + first * S, static_cast<std::size_t>(S), 1, group_out,
-                     static_cast<std::size_t>(d), static_cast<std::size_t>(S), static_cast<std::size_t>(d), y + first * ldy,
-                     static_cast<std::size_t>(ldy));
+    // y row t = Σ_j C[t, j] · Ỹ_g row j.
+    simd::matmul_nn_strided(arch, combine_w.data() + first * S, static_cast<std::size_t>(S), static_cast<std::size_t>(n),
+                            static_cast<std::size_t>(S), group_out, static_cast<std::size_t>(d), static_cast<std::size_t>(d),
+                            y + first * ldy, static_cast<std::size_t>(ldy), false);
   }
 }
 

@@ -40,6 +40,9 @@
 #include "../experts/expert_concept.hpp"
 #include "../routing/context.hpp"
 #include "../routing/soft.hpp"
+#include "../simd/matmul.hpp"
+#include "../simd/matmul_nn.hpp"
+#include "../simd/rows.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -65,6 +68,7 @@ template <class T>
 struct SoftTrainingWorkspace : SoftWorkspace<T> {
   Buffer<T> saved;  // expert pre-activations, in the expert-major slot order
   TrainingLayout layout;  // how forward_train laid these out (backward checks it against its layer)
+  Buffer<T> backward_rows;     // backward's slot gradients, ∂L/∂D and ∂L/∂C, and one group's slots
   Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
 };
 
@@ -208,28 +212,40 @@ class SoftMoELayer {
     const SoftRouting<T>& routing = ws.routing;
     const index_t S = routing.num_slots(), s = routing.slots_per_expert(), rows = routing.slot_rows();
     const index_t m = routing.rows_per_expert();
-    const ConstMatrixMap<T> slots(ws.slots.data(), rows, d), slot_out(ws.slot_out.data(), rows, d);  // [G·S, d]
-    const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();             // [T, S]
-    Matrix<T> d_slot_out(rows, d), d_slots(rows, d);  // [G·S, d] ∂L/∂Ỹ, ∂L/∂X̃ in the slot-buffer order
-    Matrix<T> dD(T_, S), dC(T_, S);                   // [T, S]
-    Matrix<T> group_rows(S, d), group_grad(S, d);     // [S, d] one group's slots in slot order
+    const T* slots = ws.slots.data();        // [G·S, d] expert inputs, in the slot-buffer order
+    const T* slot_out = ws.slot_out.data();  // [G·S, d] expert outputs
+    const T* D = routing.dispatch_weights().data();  // [T, S]
+    const T* C = routing.combine_weights().data();   // [T, S]
+    // In the workspace: ∂L/∂Ỹ and ∂L/∂X̃ [G·S, d] in the slot-buffer order, ∂L/∂D and ∂L/∂C [T, S],
+    // and one group's slot rows and their gradient [S, d] in slot order.
+    T* const d_slot_out = ws.backward_rows.ensure(2 * rows * d + 2 * T_ * S + 2 * S * d);
+    T* const d_slots = d_slot_out + rows * d;
+    T* const dD = d_slots + rows * d;
+    T* const dC = dD + T_ * S;
+    T* const group_rows = dC + T_ * S;
+    T* const group_grad = group_rows + S * d;
+    const auto ud = static_cast<std::size_t>(d), uS = static_cast<std::size_t>(S);
+    const auto ldx = static_cast<std::size_t>(x.outerStride()), ldy = static_cast<std::size_t>(dy.outerStride());
+    // Group g's slot rows, in slot order, between `buffer` (slot-buffer order) and `group` ([S, d]).
     auto slot_row = [&](index_t g, index_t j) { return routing.slot_row(j / s, g, j % s); };
+    auto gather = [&](index_t g, const T* buffer, T* group) {
+      for (index_t j = 0; j < S; ++j) simd::copy_row(arch, buffer + slot_row(g, j) * d, group + j * d, ud);
+    };
+    auto scatter = [&](index_t g, const T* group, T* buffer) {
+      for (index_t j = 0; j < S; ++j) simd::copy_row(arch, group + j * d, buffer + slot_row(g, j) * d, ud);
+    };
 
-    // Eigen's products on one thread (here and in each expert), so the gradients' bits do not depend
-    // on the thread count. Combine y_g = C_g · Ỹ_g.
-    detail::with_serial_eigen([&] {
-      for (index_t g = 0; g < routing.num_groups(); ++g) {
-        const index_t first = routing.group_begin(g), n = routing.group_size(g);
-        for (index_t j = 0; j < S; ++j) group_rows.row(j) = slot_out.row(slot_row(g, j));
-        if (n > 0) {
-          dC.middleRows(first, n).noalias() = dy.middleRows(first, n) * group_rows.transpose();
-          group_grad.noalias() = C.middleRows(first, n).transpose() * dy.middleRows(first, n);
-        } else {
-          group_grad.setZero();
-        }
-        for (index_t j = 0; j < S; ++j) d_slot_out.row(slot_row(g, j)) = group_grad.row(j);
-      }
-    });
+    // Combine y_g = C_g · Ỹ_g: dC_g = dy_g · Ỹ_gᵀ and dỸ_g = C_gᵀ · dy_g (0 for an empty group).
+    // Every product is simd's, one chain of FMAs per element in a fixed order, so no bit depends
+    // on the thread count or on the other groups.
+    for (index_t g = 0; g < routing.num_groups(); ++g) {
+      const index_t first = routing.group_begin(g), n = routing.group_size(g);
+      const auto un = static_cast<std::size_t>(n);
+      gather(g, slot_out, group_rows);
+      simd::matmul_nt_strided(arch, dy.data() + first * ldy, ldy, un, ud, group_rows, uS, dC + first * S, uS);
+      simd::matmul_tn_strided(arch, C + first * S, uS, un, uS, dy.data() + first * ldy, ldy, ud, group_grad, ud, false);
+      scatter(g, group_grad, d_slot_out);
+    }
     // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
     // each on its thread's part of the workspace's scratch.
     std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
@@ -244,21 +260,21 @@ class SoftMoELayer {
     detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
-      detail::expert_backward(experts_[e], slots.data() + first * d, m, d_slot_out.data() + first * d, saved_at[e],
-                              d_slots.data() + first * d, grads.experts[e], arch, scratch.own(), accumulate);
+      detail::expert_backward(experts_[e], slots + first * d, m, d_slot_out + first * d, saved_at[e], d_slots + first * d,
+                              grads.experts[e], arch, scratch.own(), accumulate);
     });
-    // Dispatch X̃_g = D_gᵀ · x_g.
-    detail::with_serial_eigen([&] {
-      dx.setZero();
-      for (index_t g = 0; g < routing.num_groups(); ++g) {
-        const index_t first = routing.group_begin(g), n = routing.group_size(g);
-        if (n == 0) continue;
-        for (index_t j = 0; j < S; ++j) group_grad.row(j) = d_slots.row(slot_row(g, j));
-        dD.middleRows(first, n).noalias() = x.middleRows(first, n) * group_grad.transpose();
-        dx.middleRows(first, n).noalias() += D.middleRows(first, n) * group_grad;
-      }
-      grads.scale += router_.backward(x, routing, dD.data(), dC.data(), dx, grads.phi);
-    });
+    // Dispatch X̃_g = D_gᵀ · x_g: dD_g = x_g · dX̃_gᵀ and dx_g = D_g · dX̃_g (the groups cover every
+    // token once, so dx is written whole).
+    for (index_t g = 0; g < routing.num_groups(); ++g) {
+      const index_t first = routing.group_begin(g), n = routing.group_size(g);
+      if (n == 0) continue;
+      const auto un = static_cast<std::size_t>(n);
+      gather(g, d_slots, group_grad);
+      simd::matmul_nt_strided(arch, x.data() + first * ldx, ldx, un, ud, group_grad, uS, dD + first * S, uS);
+      simd::matmul_nn_strided(arch, D + first * S, uS, un, uS, group_grad, ud, ud, dx.data() + first * dx.outerStride(),
+                              static_cast<std::size_t>(dx.outerStride()), false);
+    }
+    grads.scale += router_.backward(x, routing, dD, dC, dx, grads.phi, arch);
   }
 
   template <class Arch>

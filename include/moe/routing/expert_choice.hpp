@@ -153,9 +153,11 @@ class ExpertChoiceRouter {
       for (index_t e = 0; e < E; ++e) dl[e] -= p[e] * s;
     }
     if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
-    dweight.noalias() += dlogits.transpose() * x;
-    simd::matmul_nn_strided(arch, dlogits.data(), static_cast<std::size_t>(E), static_cast<std::size_t>(T_),
-                            static_cast<std::size_t>(E), weight().data(), static_cast<std::size_t>(d_model()), dx.data(),
+    const auto rows = static_cast<std::size_t>(T_), experts = static_cast<std::size_t>(E);
+    const auto d = static_cast<std::size_t>(d_model());
+    simd::matmul_tn_strided(arch, dlogits.data(), experts, rows, experts, x.data(), static_cast<std::size_t>(x.outerStride()), d,
+                            dweight.data(), static_cast<std::size_t>(dweight.outerStride()), true);
+    simd::matmul_nn_strided(arch, dlogits.data(), experts, rows, experts, weight().data(), d, d, dx.data(),
                             static_cast<std::size_t>(dx.outerStride()), true);
   }
 

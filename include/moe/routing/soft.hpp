@@ -27,7 +27,7 @@
 // (SoftRouting::slot_row), so expert e's s·G rows are contiguous and the expert runs once on all
 // of them. Without groups (G = 1) this is the plain [S, d] layout.
 //
-// Bits: the logits are sums in a fixed order (detail::soft_mix), D is computed within each group
+// Bits: the logits are sums in a fixed order (simd::matmul_nn), D is computed within each group
 // and C within each token, all by kernels that treat an element the same way wherever it sits, so
 // a group's routing does not change in any bit whatever the other groups hold.
 #include <algorithm>
@@ -45,6 +45,7 @@
 #include "../core/weight.hpp"
 #include "../core/workspace.hpp"
 #include "../simd/arch.hpp"
+#include "../simd/matmul_nn.hpp"
 #include "../simd/rows.hpp"
 #include "../simd/softmax.hpp"
 #include "context.hpp"
@@ -169,76 +170,6 @@ class SoftRouting {
 };
 
 namespace detail {
-
-// The dense products of Soft MoE — logits x·Φ, slot inputs Dᵀ·x, outputs C·Ỹ — all have the form
-//   out row q = Σ_c w(q, c) · src row c
-// with src rows contiguous. soft_mix computes it with every element summed in c order, one FMA per
-// term, from zero: the same bits whatever the number of output rows, wherever a row sits in a
-// block, wherever the element sits in a row (SIMD lanes and the scalar tail both round an FMA
-// once) and whichever thread runs it. So a group's products never depend on the rest of the batch.
-// No packing, no heap: Eigen's GEMM would be faster on large products, but its blocking (and so
-// its rounding) changes with the row count and thread count, its vectorized peeling with
-// addresses, and it takes its packing buffers from the heap for large products.
-
-// MB output rows: out[q·ldo + i] = Σ_c w[q·wq + c·wc] · src[c·lds + i], i < n.
-template <std::size_t MB, class Arch, class T>
-void soft_mix_block(Arch, const T* w, std::size_t wq, std::size_t wc, const T* src, std::size_t lds, std::size_t count,
-                    std::size_t n, T* out, std::size_t ldo) noexcept {
-  using B = simd::batch<T, Arch>;
-  constexpr std::size_t L = B::size;
-  constexpr std::size_t kChunks = MB == 1 ? 4 : 2;  // SIMD chunks per pass: MB · kChunks accumulators
-  std::size_t i = 0;
-  for (; i + kChunks * L <= n; i += kChunks * L) {
-    B acc[MB][kChunks];
-    for (std::size_t q = 0; q < MB; ++q)
-      for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = B(T(0));
-    for (std::size_t c = 0; c < count; ++c) {
-      B v[kChunks];
-      for (std::size_t k = 0; k < kChunks; ++k) v[k] = B::load_unaligned(src + c * lds + i + k * L);
-      for (std::size_t q = 0; q < MB; ++q) {
-        const B wv(w[q * wq + c * wc]);
-        for (std::size_t k = 0; k < kChunks; ++k) acc[q][k] = simd::fma(wv, v[k], acc[q][k]);
-      }
-    }
-    for (std::size_t q = 0; q < MB; ++q)
-      for (std::size_t k = 0; k < kChunks; ++k) acc[q][k].store_unaligned(out + q * ldo + i + k * L);
-  }
-  for (; i + L <= n; i += L) {
-    B acc[MB];
-    for (std::size_t q = 0; q < MB; ++q) acc[q] = B(T(0));
-    for (std::size_t c = 0; c < count; ++c) {
-      const B v = B::load_unaligned(src + c * lds + i);
-      for (std::size_t q = 0; q < MB; ++q) acc[q] = simd::fma(B(w[q * wq + c * wc]), v, acc[q]);
-    }
-    for (std::size_t q = 0; q < MB; ++q) acc[q].store_unaligned(out + q * ldo + i);
-  }
-  for (; i < n; ++i) {
-    for (std::size_t q = 0; q < MB; ++q) {
-      T acc(0);
-      for (std::size_t c = 0; c < count; ++c) acc = std::fma(w[q * wq + c * wc], src[c * lds + i], acc);
-      out[q * ldo + i] = acc;
-    }
-  }
-}
-
-// m output rows of n elements: out row q = Σ_{c < count} w[q·wq + c·wc] · src row c (rows `lds`
-// apart); out rows `ldo` apart. Rows in blocks of 4, split over OpenMP threads when enabled.
-template <class Arch, class T>
-void soft_mix(Arch arch, std::size_t m, const T* w, std::size_t wq, std::size_t wc, const T* src, std::size_t lds,
-              std::size_t count, std::size_t n, T* out, std::size_t ldo) noexcept {
-  const auto blocks = static_cast<std::ptrdiff_t>((m + 3) / 4);
-  parallel_for(blocks, blocks > 1 && m * n * count > 65536, [&](std::ptrdiff_t b) {
-    const std::size_t q = static_cast<std::size_t>(b) * 4;
-    const T* wb = w + q * wq;
-    T* ob = out + q * ldo;
-    switch (m - q < 4 ? m - q : 4) {
-      case 4: soft_mix_block<4>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
-      case 3: soft_mix_block<3>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
-      case 2: soft_mix_block<2>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
-      default: soft_mix_block<1>(arch, wb, wq, wc, src, lds, count, n, ob, ldo); break;
-    }
-  });
-}
 
 // Column-wise kernels on one row of n elements; each column is treated the same way whichever
 // row it is in, so a column's result depends only on its own values and n.
@@ -403,9 +334,10 @@ class SoftRouter {
     MatrixMap<T> dispatch_w = out.mutable_dispatch_weights();
     MatrixMap<T> combine_w = out.mutable_combine_weights();
 
-    // L[t] = Σ_i x[t, i] · Φ row i: each logit summed in i order, whatever else is in the batch.
-    detail::soft_mix(arch, static_cast<std::size_t>(T_), x.data(), static_cast<std::size_t>(x.outerStride()), 1, phi().data(),
-                     n_slots, static_cast<std::size_t>(d), n_slots, logits.data(), n_slots);
+    // L[t] = Σ_i x[t, i] · Φ row i: each logit one chain of FMAs in i order (simd::matmul_nn),
+    // whatever else is in the batch and whichever thread computes it.
+    simd::matmul_nn_strided(arch, x.data(), static_cast<std::size_t>(x.outerStride()), static_cast<std::size_t>(T_),
+                            static_cast<std::size_t>(d), phi().data(), n_slots, n_slots, logits.data(), n_slots, false);
     if (options_.normalized) {
       T* column_scale = out.column_scale.ensure(S);
       compute_column_scale(arch, column_scale);
@@ -449,8 +381,9 @@ class SoftRouter {
   //                dP = dL ⊙ r cᵀ,  dr_t = Σ_j dL·P·c,  dc_j = Σ_t dL·P·r,  ∂L/∂scale = Σ_j dc_j q_j,
   //                ∂r_t/∂x[t,i] = −x[t,i] r_t³,  ∂q_j/∂Φ[i,j] = −Φ[i,j] q_j³
   //   dx += dP · Φᵀ,  dΦ += xᵀ · dP
+  template <class Arch = simd::default_arch>
   T backward(const ConstMatrixRef<T>& x, const SoftRouting<T>& routing, const T* grad_dispatch, const T* grad_combine,
-             MatrixRef<T> dx, MatrixRef<T> dphi) const {
+             MatrixRef<T> dx, MatrixRef<T> dphi, Arch arch = {}) const {
     const index_t T_ = x.rows(), d = d_model(), S = num_slots();
     const char* where = "SoftRouter::backward";
     detail::check_dim(where, "x.cols()", x.cols(), "d_model", d);
@@ -478,8 +411,10 @@ class SoftRouter {
       dlogits.middleRows(first, n) += D.middleRows(first, n).cwiseProduct(dD.middleRows(first, n) - column_dot.replicate(n, 1));
     }
     const ConstMatrixMap<T> phi_map = phi();  // [d, S]
-    Matrix<T> product(T_, S);                 // [T, S] P = x·Φ
-    product.noalias() = x * phi_map;
+    const auto rows = static_cast<std::size_t>(T_), width = static_cast<std::size_t>(d), slots = static_cast<std::size_t>(S);
+    const auto ldx = static_cast<std::size_t>(x.outerStride());
+    Matrix<T> product(T_, S);  // [T, S] P = x·Φ, with route's bits
+    simd::matmul_nn_strided(arch, x.data(), ldx, rows, width, phi_map.data(), slots, slots, product.data(), slots, false);
     const auto scale = static_cast<T>(options_.scale);
     T dscale(0);
     Matrix<T> dproduct(T_, S);  // [T, S]
@@ -507,8 +442,13 @@ class SoftRouter {
       dx += x_factor.asDiagonal() * (r.asDiagonal() * x);
       dphi += (phi_map * q.asDiagonal()) * phi_factor.asDiagonal();
     }
-    dx.noalias() += dproduct * phi_map.transpose();
-    dphi.noalias() += x.transpose() * dproduct;
+    // dx += dP · Φᵀ and dΦ += xᵀ · dP through simd's products: one chain of FMAs per element in a
+    // fixed order, so no bit depends on the thread count.
+    const Matrix<T> phi_t = phi_map.transpose();  // [S, d]
+    simd::matmul_nn_strided(arch, dproduct.data(), slots, rows, slots, phi_t.data(), width, width, dx.data(),
+                            static_cast<std::size_t>(dx.outerStride()), true);
+    simd::matmul_tn_strided(arch, x.data(), ldx, rows, width, dproduct.data(), slots, slots, dphi.data(),
+                            static_cast<std::size_t>(dphi.outerStride()), true);
     return dscale;
   }
 

@@ -314,19 +314,22 @@ class TopKRouter {
     }
     if (extra_dlogits != nullptr) dlogits += ConstMatrixMap<T>(extra_dlogits, T_, E);
     // logits = x̃ · Wᵀ with x̃ = x ⊙ noise (noise = 1 without jitter).
-    // dx through simd::matmul_nn: a token's row of dx does not depend on the other tokens.
+    // dx through simd::matmul_nn: a token's row of dx does not depend on the other tokens;
+    // dweight through simd::matmul_tn: one chain over the tokens in order, on any thread count.
     const auto rows = static_cast<std::size_t>(T_), experts = static_cast<std::size_t>(E);
     const auto d = static_cast<std::size_t>(d_model());
+    const auto ld_dweight = static_cast<std::size_t>(dweight.outerStride());
     if (out.input_jittered) {
-      const ConstMatrixMap<T> noisy(out.input_scratch.data(), T_, d_model());
-      dweight.noalias() += dlogits.transpose() * noisy;
+      simd::matmul_tn_strided(arch, dlogits.data(), experts, rows, experts, out.input_scratch.data(), d, d, dweight.data(),
+                              ld_dweight, true);  // dlogitsᵀ · x̃
       const ConstMatrixMap<T> noise(out.input_noise.data(), T_, d_model());
       Matrix<T> d_noisy(T_, d_model());  // [T, d] ∂L/∂x̃
       simd::matmul_nn(arch, dlogits.data(), rows, experts, weight().data(), d, d_noisy.data(), false);
       dx += d_noisy.cwiseProduct(noise);
     } else {
-      dweight.noalias() += dlogits.transpose() * x;
-      simd::matmul_nn_strided(arch, dlogits.data(), experts, rows, experts, weight().data(), d, dx.data(),
+      simd::matmul_tn_strided(arch, dlogits.data(), experts, rows, experts, x.data(), static_cast<std::size_t>(x.outerStride()),
+                              d, dweight.data(), ld_dweight, true);
+      simd::matmul_nn_strided(arch, dlogits.data(), experts, rows, experts, weight().data(), d, d, dx.data(),
                               static_cast<std::size_t>(dx.outerStride()), true);
     }
   }

@@ -15,7 +15,8 @@
 // in chunks of kNNDepthChunk rows of w, so a panel's chunk stays in cache while every token block
 // meets it. Between chunks the running sums wait in y: the chain goes on with the same bits. A
 // shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and then y is the stream:
-// threads take row blocks, each running over every panel.
+// threads take row blocks, each running over every panel. So do they when w is one panel wide
+// (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -88,11 +89,11 @@ void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw
 }
 
 // y [m, n] (+)= a [m, k] · w [k, n], where a = x (x [m, k], rows ldx apart) or, with XT, a = xᵀ
-// (x [k, m], rows ldx apart); y rows ldy apart, w contiguous. With `accumulate` the sums start
+// (x [k, m], rows ldx apart); w rows ldw apart, y rows ldy apart. With `accumulate` the sums start
 // from y, else from 0.
 template <bool XT, class Arch, class T>
-void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
-                   T* y, std::size_t ldy, bool accumulate) noexcept {
+void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
+                   std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
@@ -107,26 +108,30 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     const T* xb = XT ? x + j : x + j * ldx;
     T* yb = y + j * ldy + c0;
     switch (std::min(kNNTokenBlock, m - j)) {
-      case 6: nn_rows<6, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-      case 5: nn_rows<5, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-      case 4: nn_rows<4, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-      case 3: nn_rows<3, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-      case 2: nn_rows<2, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
-      default: nn_rows<1, XT>(arch, xb, ldx, w + c0, n, i0, i1, yb, ldy, from_zero, width); break;
+      case 6: nn_rows<6, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
+      case 5: nn_rows<5, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
+      case 4: nn_rows<4, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
+      case 3: nn_rows<3, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
+      case 2: nn_rows<2, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
+      default: nn_rows<1, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, yb, ldy, from_zero, width); break;
     }
   };
   static_assert(kNNTokenBlock == 6, "one case per token block size");
   const bool parallel = m * n * k > 32768;
-  if (k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes) {
-    // A shallow product (a weight's gradient from a few tokens): w stays in cache whole and y is
-    // the stream, so y goes row block by row block, each row written in address order.
+  const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
+  const bool shallow = k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes;
+  if (shallow || panels == 1) {
+    // Row blocks outside: a shallow w (a weight's gradient from a few tokens) stays in cache whole
+    // and y is the stream, each row written in address order; a one-panel w gives the threads
+    // row blocks to share, where it has a single panel.
     const auto row_blocks = static_cast<std::ptrdiff_t>((m + kNNTokenBlock - 1) / kNNTokenBlock);
     for_each_ahead(row_blocks, parallel, [&](std::ptrdiff_t r, std::ptrdiff_t) {
-      for (std::size_t c0 = 0; c0 < n; c0 += panel) block(static_cast<std::size_t>(r) * kNNTokenBlock, c0, 0, k);
+      const std::size_t j = static_cast<std::size_t>(r) * kNNTokenBlock;
+      for (std::size_t c0 = 0; c0 < n; c0 += panel)
+        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) block(j, c0, i0, std::min(k, i0 + kNNDepthChunk));
     });
     return;
   }
-  const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
     const std::size_t c0 = static_cast<std::size_t>(p) * panel;
     for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
@@ -134,19 +139,26 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   });
 }
 
-// y [m, n] (+)= x [m, k] · w [k, n]; x rows ldx apart, y rows ldy apart, w contiguous. With
-// `accumulate` the sums start from y, else from 0.
+// y [m, n] (+)= x [m, k] · w [k, n]; x, w and y rows ldx, ldw and ldy apart. With `accumulate`
+// the sums start from y, else from 0.
 template <class Arch, class T>
-void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
-                       T* y, std::size_t ldy, bool accumulate) noexcept {
-  matmul_nn_any<false>(arch, x, ldx, m, k, w, n, y, ldy, accumulate);
+void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
+                       std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
+  matmul_nn_any<false>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate);
 }
 
 // y [m, n] (+)= x [m, k] · w [k, n] with contiguous rows.
 template <class Arch, class T>
 void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, std::size_t n, T* y,
                bool accumulate) noexcept {
-  matmul_nn_strided(arch, x, k, m, k, w, n, y, n, accumulate);
+  matmul_nn_strided(arch, x, k, m, k, w, n, n, y, n, accumulate);
+}
+
+// y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n]; x, w and y rows ldx, ldw and ldy apart.
+template <class Arch, class T>
+void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, std::size_t m, const T* w, std::size_t ldw,
+                       std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
+  matmul_nn_any<true>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate);
 }
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n], contiguous rows: a weight's gradient, such as
@@ -155,7 +167,7 @@ void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 template <class Arch, class T>
 void matmul_tn(Arch arch, const T* x, std::size_t k, std::size_t m, const T* w, std::size_t n, T* y,
                bool accumulate) noexcept {
-  matmul_nn_any<true>(arch, x, m, m, k, w, n, y, n, accumulate);
+  matmul_tn_strided(arch, x, m, k, m, w, n, n, y, n, accumulate);
 }
 
 }  // namespace simd
