@@ -107,9 +107,11 @@ void parallel_for_balanced(std::ptrdiff_t n, bool parallel, CostBefore&& cost_be
 
 // body(i, next) for i in [0, n), where `next` is the item this thread runs after i (n if none),
 // so that body can fetch its data ahead. Split over the OpenMP threads when open_region(parallel):
-// each thread claims its next item before it starts the current one (a dynamic schedule, one item
-// ahead: a thread slowed by another process on its core does not hold up the rest); else a plain
-// loop.
+// thread t starts on item t, and each thread claims its next item before it starts the current
+// one (a dynamic schedule, one item ahead: a thread slowed by another process on its core does not
+// hold up the rest); else a plain loop. (Had the first items been claimed too, the first thread to
+// wake could take two of two items, the second finding none: a product of two panels then ran on
+// one thread.)
 template <class Body>
 void for_each_ahead(std::ptrdiff_t n, bool parallel, Body&& body) {
 #if defined(MOE_USE_OPENMP)
@@ -117,9 +119,10 @@ void for_each_ahead(std::ptrdiff_t n, bool parallel, Body&& body) {
     std::atomic<std::ptrdiff_t> claimed{0};
 #pragma omp parallel
     {
-      std::ptrdiff_t i = claimed.fetch_add(1, std::memory_order_relaxed);
+      const std::ptrdiff_t team = omp_get_num_threads();
+      std::ptrdiff_t i = omp_get_thread_num();
       while (i < n) {
-        const std::ptrdiff_t next = claimed.fetch_add(1, std::memory_order_relaxed);
+        const std::ptrdiff_t next = team + claimed.fetch_add(1, std::memory_order_relaxed);
         body(i, std::min(next, n));
         i = next;
       }
