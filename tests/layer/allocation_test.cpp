@@ -204,7 +204,8 @@ TEST_CASE("Warm forwards allocate nothing with capacity, groups, shared experts 
 
 TEST_CASE("A warm backward takes the experts' temporaries from the workspace", "[layer][allocation]") {
   // What a warm backward still allocates: the routers' per-token vectors and a few Eigen
-  // temporaries of the router, shared-gate and Soft MoE slot gradients, the same number however
+  // temporaries of the router and shared-gate gradients (Soft MoE's: its router's [T, S] ones and
+  // a copy of Φᵀ), the same number however
   // many experts there are. The experts' rows and hidden-width temporaries ([A, d] twice, [m, d_ff]
   // per expert, through operator new when the workspace grows, through Eigen before) come from
   // the workspace: the operator new bytes stay below one [T, d] matrix and the Eigen allocations
