@@ -1152,6 +1152,26 @@ void check_special_values() {
   CHECK(Act::apply(inf) == inf);  // x · (something that tends to 1) for every activation here
 }
 
+// simd::fma rounds once, as std::fma does, on every architecture with FMA. xsimd 8.1's AVX-512
+// fma is a plain x * y + z, fused only where the compiler contracts it (g++ -std=gnu++17, which
+// this suite uses; not -std=c++17, where 35 of these lanes rounded twice in float).
+TEMPLATE_TEST_CASE("simd::fma rounds once, lane for lane as std::fma", "[simd]", float, double) {
+  using T = TestType;
+  using B = moe::simd::batch<T, Arch>;
+  constexpr std::size_t L = kLanes<T>;
+  auto rng = make_rng(L, 90);
+  std::vector<T> x(64 * L), y(64 * L), z(64 * L);
+  fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
+  fill_uniform(y.data(), y.size(), -1.0, 1.0, rng);
+  fill_uniform(z.data(), z.size(), -1.0, 1.0, rng);
+  alignas(64) T out[L];
+  for (std::size_t i = 0; i < x.size(); i += L) {
+    moe::simd::fma(B::load_unaligned(x.data() + i), B::load_unaligned(y.data() + i), B::load_unaligned(z.data() + i))
+        .store_aligned(out);
+    for (std::size_t l = 0; l < L; ++l) CHECK(out[l] == std::fma(x[i + l], y[i + l], z[i + l]));
+  }
+}
+
 TEST_CASE("simd::has_fma tells the architecture tags that multiply and add with one rounding", "[simd]") {
   // simd::fma refuses (static_assert) a tag without FMA in a translation unit that targets FMA.
   STATIC_REQUIRE(moe::simd::has_fma<xsimd::fma3<xsimd::avx2>>());

@@ -61,7 +61,19 @@ batch<T, Arch> fma(const batch<T, Arch>& x, const batch<T, Arch>& y, const batch
   static_assert(has_fma<Arch>() || !target_has_fma(),
                 "moe: this translation unit targets FMA, so pass an architecture tag with FMA (simd::default_arch, "
                 "xsimd::fma3<xsimd::avx2>, xsimd::avx512f...): with a tag without it, results would depend on the batch size");
+#if XSIMD_WITH_AVX512F
+  // xsimd 8.1 has no AVX-512 fma: its generic x * y + z is fused only where the compiler contracts
+  // it (g++'s gnu++17, not -std=c++17), so call the instruction.
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
+    return batch<T, Arch>(_mm512_fmadd_ps(x, y, z));
+  } else if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, double>::value) {
+    return batch<T, Arch>(_mm512_fmadd_pd(x, y, z));
+  } else {
+    return xsimd::fma(x, y, z);
+  }
+#else
   return xsimd::fma(x, y, z);
+#endif
 }
 
 template <class T, class Arch>
