@@ -21,11 +21,9 @@
 
 #include <moe/moe.hpp>
 
-#include <chrono>
-#include <cmath>
+#include "bench_support.hpp"
+
 #include <cstddef>
-#include <cstdint>
-#include <string>
 #include <vector>
 
 namespace {
@@ -49,31 +47,21 @@ struct Weights {
   Mat dy;                              // [kMaxTokens, d] upstream gradient
 };
 
-// nn.Linear init U(-1/sqrt(in), 1/sqrt(in)) from a fixed-seed LCG, as in layer_bench.
+// nn.Linear init U(-1/sqrt(in), 1/sqrt(in)) from a fixed seed, as in layer_bench.
 const Weights& weights() {
   static const Weights w = [] {
-    std::uint64_t state = 2024;
-    auto uniform = [&state] {  // [-1, 1)
-      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-      return static_cast<float>(state >> 40) / 8388608.0f - 1.0f;
-    };
-    auto linear = [&uniform](index_t out, index_t in) {
-      std::vector<float> v(static_cast<std::size_t>(out * in));
-      const float bound = 1.0f / std::sqrt(static_cast<float>(in));
-      for (float& e : v) e = bound * uniform();
-      return v;
-    };
+    moe_bench::Lcg rng(2024);
     Weights out;
-    out.gate = linear(kE, kD);
+    out.gate = moe_bench::linear_weight(rng, kE, kD);
     for (index_t e = 0; e < kE; ++e) {
-      out.w1.push_back(linear(kFF, kD));
-      out.w3.push_back(linear(kFF, kD));
-      out.w2.push_back(linear(kD, kFF));
+      out.w1.push_back(moe_bench::linear_weight(rng, kFF, kD));
+      out.w3.push_back(moe_bench::linear_weight(rng, kFF, kD));
+      out.w2.push_back(moe_bench::linear_weight(rng, kD, kFF));
     }
     out.x.resize(kMaxTokens, kD);
-    for (index_t i = 0; i < out.x.size(); ++i) out.x.data()[i] = uniform();
+    rng.fill(out.x.data(), static_cast<std::size_t>(out.x.size()), 1.0f);
     out.dy.resize(kMaxTokens, kD);
-    for (index_t i = 0; i < out.dy.size(); ++i) out.dy.data()[i] = uniform();
+    rng.fill(out.dy.data(), static_cast<std::size_t>(out.dy.size()), 1.0f);
     return out;
   }();
   return w;
@@ -89,10 +77,6 @@ const Layer& layer() {
     return Layer(moe::TopKRouter<float>(ConstMap(w.gate.data(), kE, kD), moe::presets::mixtral(2)), std::move(experts));
   }();
   return l;
-}
-
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 void BM_TrainStep(benchmark::State& state) {
@@ -111,28 +95,24 @@ void BM_TrainStep(benchmark::State& state) {
 
   double forward = 0, forward_train = 0, backward = 0, accumulate = 0;
   for (auto _ : state) {
-    const double t0 = seconds();
-    layer().forward(x, y, ws);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-    const double t1 = seconds();
-    layer().forward_train(x, ctx, y, train);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-    const double t2 = seconds();
-    layer().backward(x, dy, dx, grads, train);
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
-    const double t3 = seconds();
-    layer().backward_accumulate(x, dy, dx, grads, train);
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
-    const double t4 = seconds();
-    forward += t1 - t0;
-    forward_train += t2 - t1;
-    backward += t3 - t2;
-    accumulate += t4 - t3;
-    state.SetIterationTime(t3 - t2);
+    forward += moe_bench::wall_seconds([&] {
+      layer().forward(x, y, ws);
+      benchmark::DoNotOptimize(y.data());
+    });
+    forward_train += moe_bench::wall_seconds([&] {
+      layer().forward_train(x, ctx, y, train);
+      benchmark::DoNotOptimize(y.data());
+    });
+    const double step = moe_bench::wall_seconds([&] {
+      layer().backward(x, dy, dx, grads, train);
+      benchmark::DoNotOptimize(dx.data());
+    });
+    backward += step;
+    accumulate += moe_bench::wall_seconds([&] {
+      layer().backward_accumulate(x, dy, dx, grads, train);
+      benchmark::DoNotOptimize(dx.data());
+    });
+    state.SetIterationTime(step);
   }
   const auto n = static_cast<double>(state.iterations());
   state.counters["forward_ms"] = 1e3 * forward / n;

@@ -18,10 +18,10 @@
 
 #include <moe/moe.hpp>
 
+#include "bench_support.hpp"
+
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
-#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -56,26 +56,16 @@ struct Weights {
 };
 
 Weights make_weights() {
-  std::uint64_t state = 2024;
-  auto uniform = [&state] {  // [-1, 1)
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<float>(state >> 40) / 8388608.0f - 1.0f;
-  };
-  auto linear = [&uniform](index_t out, index_t in) {
-    std::vector<float> w(static_cast<std::size_t>(out * in));
-    const float bound = 1.0f / std::sqrt(static_cast<float>(in));
-    for (float& v : w) v = bound * uniform();
-    return w;
-  };
+  moe_bench::Lcg rng(2024);
   Weights w;
-  w.gate = linear(kE, kD);
+  w.gate = moe_bench::linear_weight(rng, kE, kD);
   for (index_t e = 0; e < kE; ++e) {
-    w.w1.push_back(linear(kFF, kD));
-    w.w3.push_back(linear(kFF, kD));
-    w.w2.push_back(linear(kD, kFF));
+    w.w1.push_back(moe_bench::linear_weight(rng, kFF, kD));
+    w.w3.push_back(moe_bench::linear_weight(rng, kFF, kD));
+    w.w2.push_back(moe_bench::linear_weight(rng, kD, kFF));
   }
   w.x.resize(kMaxTokens, kD);
-  for (index_t i = 0; i < w.x.size(); ++i) w.x.data()[i] = uniform();
+  rng.fill(w.x.data(), static_cast<std::size_t>(w.x.size()), 1.0f);
   return w;
 }
 

@@ -13,7 +13,8 @@
 
 #include <moe/moe.hpp>
 
-#include <chrono>
+#include "bench_support.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -24,7 +25,6 @@ namespace {
 using moe::index_t;
 using Mat = moe::Matrix<float>;
 using Arch = moe::simd::default_arch;
-using Clock = std::chrono::steady_clock;
 
 constexpr index_t kD = 512, kFF = 1024, kE = 8;
 
@@ -50,13 +50,6 @@ moe::SwiGLU<float> expert(std::uint32_t seed) {
   return moe::SwiGLU<float>(uniform(kFF, kD, seed, 0.05f), uniform(kFF, kD, seed + 1, 0.05f), uniform(kD, kFF, seed + 2, 0.05f));
 }
 
-template <class F>
-double seconds(F&& f) {
-  const auto start = Clock::now();
-  f();
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
 void report(benchmark::State& state, double normal, double slow) {
   const auto n = static_cast<double>(state.iterations());
   state.counters["normal_us"] = 1e6 * normal / n;
@@ -72,9 +65,9 @@ void BM_DenormalExpert(benchmark::State& state) {
   std::vector<float> scratch(static_cast<std::size_t>(e.scratch_size(m)));
   double normal = 0, slow = 0;
   for (auto _ : state) {
-    normal += seconds([&] { e.forward(Arch{}, x_normal.data(), m, y.data(), scratch.data()); });
+    normal += moe_bench::wall_seconds([&] { e.forward(Arch{}, x_normal.data(), m, y.data(), scratch.data()); });
     benchmark::DoNotOptimize(y.data());
-    slow += seconds([&] { e.forward(Arch{}, x_denormal.data(), m, y.data(), scratch.data()); });
+    slow += moe_bench::wall_seconds([&] { e.forward(Arch{}, x_denormal.data(), m, y.data(), scratch.data()); });
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -93,9 +86,9 @@ void BM_DenormalLayer(benchmark::State& state) {
   layer.forward(x_normal, y, ws);  // warm the workspace
   double normal = 0, slow = 0;
   for (auto _ : state) {
-    normal += seconds([&] { layer.forward(x_normal, y, ws); });
+    normal += moe_bench::wall_seconds([&] { layer.forward(x_normal, y, ws); });
     benchmark::DoNotOptimize(y.data());
-    slow += seconds([&] { layer.forward(x_denormal, y, ws); });
+    slow += moe_bench::wall_seconds([&] { layer.forward(x_denormal, y, ws); });
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }

@@ -28,6 +28,8 @@
 
 #include <moe/moe.hpp>
 
+#include "bench_support.hpp"
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -54,21 +56,17 @@ struct Data {
 
 const Data& data() {
   static const Data d = [] {
-    std::uint64_t state = 4096;
-    auto uniform = [&state] {  // [-1, 1)
-      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-      return static_cast<float>(state >> 40) / 8388608.0f - 1.0f;
-    };
+    moe_bench::Lcg rng(4096);
     const float bound = 1.0f / std::sqrt(static_cast<float>(kD));
     Data out;
     out.x.resize(kMaxTokens, kD);
-    for (index_t i = 0; i < out.x.size(); ++i) out.x.data()[i] = uniform();
+    rng.fill(out.x.data(), static_cast<std::size_t>(out.x.size()), 1.0f);
     out.gate.resize(kMaxExperts, kD);
-    for (index_t i = 0; i < out.gate.size(); ++i) out.gate.data()[i] = bound * uniform();
+    rng.fill(out.gate.data(), static_cast<std::size_t>(out.gate.size()), bound);
     out.phi.resize(kD, kMaxExperts);
-    for (index_t i = 0; i < out.phi.size(); ++i) out.phi.data()[i] = bound * uniform();
+    rng.fill(out.phi.data(), static_cast<std::size_t>(out.phi.size()), bound);
     out.bias.resize(kMaxExperts);
-    for (index_t e = 0; e < kMaxExperts; ++e) out.bias[e] = 0.01f * uniform();
+    rng.fill(out.bias.data(), static_cast<std::size_t>(kMaxExperts), 0.01f);
     for (index_t t = 0; t < kMaxTokens; ++t) out.ids.push_back(t);
     return out;
   }();

@@ -39,14 +39,14 @@
 
 #include <moe/moe.hpp>
 
+#include "bench_support.hpp"
+
 #if defined(MOE_USE_OPENMP)
 #include <omp.h>
 #endif
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -64,7 +64,6 @@ using moe::index_t;
 using Mat = moe::Matrix<float>;
 using ConstMap = moe::ConstMatrixMap<float>;
 using Arch = moe::simd::default_arch;
-using Clock = std::chrono::steady_clock;
 
 constexpr index_t kMaxTokens = 2048;
 const int kTokenCounts[] = {1, 16, 128, 512, 2048};
@@ -119,9 +118,7 @@ std::map<int, Limits> g_limits;
 double best_seconds(int reps, const std::function<void()>& f) {
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    best = std::min(best, moe_bench::wall_seconds(f));
   }
   return best;
 }
@@ -224,12 +221,9 @@ void evict(const std::vector<const Buffer*>& buffers) {
 
 // --- models ---------------------------------------------------------------------------------------
 
-Buffer random_weights(std::size_t count, float bound, std::uint64_t& state) {
+Buffer random_weights(std::size_t count, float bound, moe_bench::Lcg& rng) {
   Buffer w(count);
-  for (float& v : w) {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    v = bound * (static_cast<float>(state >> 40) / 8388608.0f - 1.0f);
-  }
+  rng.fill(w.data(), count, bound);
   return w;
 }
 
@@ -244,17 +238,17 @@ struct Model {
   std::unique_ptr<Layer> layer;
 
   explicit Model(const Shape& s) : shape(s) {
-    std::uint64_t state = 2024;
+    moe_bench::Lcg rng(2024);
     const float in_bound = 1.0f / std::sqrt(static_cast<float>(s.d)), out_bound = 1.0f / std::sqrt(static_cast<float>(s.ff));
-    gate = random_weights(static_cast<std::size_t>(s.E * s.d), in_bound, state);
+    gate = random_weights(static_cast<std::size_t>(s.E * s.d), in_bound, rng);
     std::vector<Expert> experts;
     for (index_t e = 0; e < s.E; ++e) {
-      for (index_t m = 0; m + 1 < s.matrices(); ++m) mats.push_back(random_weights(static_cast<std::size_t>(s.ff * s.d), in_bound, state));
-      mats.push_back(random_weights(static_cast<std::size_t>(s.d * s.ff), out_bound, state));
+      for (index_t m = 0; m + 1 < s.matrices(); ++m) mats.push_back(random_weights(static_cast<std::size_t>(s.ff * s.d), in_bound, rng));
+      mats.push_back(random_weights(static_cast<std::size_t>(s.d * s.ff), out_bound, rng));
       experts.push_back(make_expert(e));
     }
     x = Mat(kMaxTokens, s.d);
-    const Buffer xs = random_weights(static_cast<std::size_t>(x.size()), 1.0f, state);
+    const Buffer xs = random_weights(static_cast<std::size_t>(x.size()), 1.0f, rng);
     std::copy(xs.begin(), xs.end(), x.data());
     moe::TopKOptions options;
     options.k = s.k;

@@ -21,10 +21,10 @@
 
 #include <moe/moe.hpp>
 
-#include <chrono>
+#include "bench_support.hpp"
+
 #include <cmath>
 #include <cstddef>
-#include <cstdint>
 #include <vector>
 
 namespace {
@@ -50,30 +50,22 @@ struct Weights {
   Mat dy;                                 // [kMaxTokens, d]
 };
 
-// nn.Linear init U(-1/sqrt(in), 1/sqrt(in)) from a fixed-seed LCG (as layer_bench).
+// nn.Linear init U(-1/sqrt(in), 1/sqrt(in)) from a fixed seed (as layer_bench).
 const Weights& weights() {
   static const Weights w = [] {
-    std::uint64_t state = 77;
-    auto uniform = [&state] {  // [-1, 1)
-      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-      return static_cast<float>(state >> 40) / 8388608.0f - 1.0f;
-    };
-    auto fill = [&uniform](float* v, index_t n, float bound) {
-      for (index_t i = 0; i < n; ++i) v[i] = bound * uniform();
+    moe_bench::Lcg rng(77);
+    auto fill = [&rng](Mat& m, index_t rows, index_t cols, float bound) {
+      m.resize(rows, cols);
+      rng.fill(m.data(), static_cast<std::size_t>(m.size()), bound);
     };
     Weights out;
-    out.phi.resize(kD, kS);
-    fill(out.phi.data(), out.phi.size(), 1.0f / std::sqrt(static_cast<float>(kD)));
+    fill(out.phi, kD, kS, 1.0f / std::sqrt(static_cast<float>(kD)));
     for (index_t e = 0; e < kE; ++e) {
-      out.w_in.emplace_back(static_cast<std::size_t>(kFF * kD));
-      fill(out.w_in.back().data(), kFF * kD, 1.0f / std::sqrt(static_cast<float>(kD)));
-      out.w_out.emplace_back(static_cast<std::size_t>(kD * kFF));
-      fill(out.w_out.back().data(), kD * kFF, 1.0f / std::sqrt(static_cast<float>(kFF)));
+      out.w_in.push_back(moe_bench::linear_weight(rng, kFF, kD));
+      out.w_out.push_back(moe_bench::linear_weight(rng, kD, kFF));
     }
-    out.x.resize(kMaxTokens, kD);
-    fill(out.x.data(), out.x.size(), 1.0f);
-    out.dy.resize(kMaxTokens, kD);
-    fill(out.dy.data(), out.dy.size(), 1.0f);
+    fill(out.x, kMaxTokens, kD, 1.0f);
+    fill(out.dy, kMaxTokens, kD, 1.0f);
     return out;
   }();
   return w;
@@ -116,10 +108,6 @@ void naive_forward(const moe::ConstMatrixRef<float>& x, Mat& y) {
   y.noalias() = C * slot_out;
 }
 
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 void BM_SoftLayer(benchmark::State& state) {
   const index_t T = state.range(0);
   const moe::ConstMatrixRef<float> x = weights().x.topRows(T);    // [T, d], a view
@@ -146,27 +134,14 @@ void BM_SoftLayer(benchmark::State& state) {
 
   double forward = 0, naive = 0, mixing = 0, backward = 0;
   for (auto _ : state) {
-    const double t0 = seconds();
-    layer().forward(x, y, ws);
-    benchmark::ClobberMemory();
-    const double t1 = seconds();
-    naive_forward(x, y_naive);
-    benchmark::ClobberMemory();
-    const double t2 = seconds();
-    route_dispatch_combine();
-    benchmark::ClobberMemory();
-    const double t3 = seconds();
+    const double step = moe_bench::wall_seconds([&] { layer().forward(x, y, ws); });
+    forward += step;
+    naive += moe_bench::wall_seconds([&] { naive_forward(x, y_naive); });
+    mixing += moe_bench::wall_seconds(route_dispatch_combine);
     layer().forward_train(x, y, train);
     benchmark::ClobberMemory();
-    const double t4 = seconds();
-    layer().backward(x, dy, dx, grads, train);
-    benchmark::ClobberMemory();
-    const double t5 = seconds();
-    forward += t1 - t0;
-    naive += t2 - t1;
-    mixing += t3 - t2;
-    backward += t5 - t4;
-    state.SetIterationTime(t1 - t0);
+    backward += moe_bench::wall_seconds([&] { layer().backward(x, dy, dx, grads, train); });
+    state.SetIterationTime(step);
   }
   const auto n = static_cast<double>(state.iterations());
   state.counters["forward_ms"] = 1e3 * forward / n;
