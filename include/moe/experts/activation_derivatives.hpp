@@ -8,21 +8,6 @@
 
 MOE_NAMESPACE_BEGIN
 
-namespace detail {
-
-// c ? a : b for a scalar, lane by lane for a batch (both sides are evaluated).
-template <class T>
-T choose(bool c, T a, T b) noexcept {
-  return c ? a : b;
-}
-template <class T, class Arch>
-xsimd::batch<T, Arch> choose(const xsimd::batch_bool<T, Arch>& c, const xsimd::batch<T, Arch>& a,
-                             const xsimd::batch<T, Arch>& b) noexcept {
-  return xsimd::select(c, a, b);
-}
-
-}  // namespace detail
-
 template <class Activation>
 struct ActivationDerivative;  // specialized for each activation below
 

@@ -38,20 +38,26 @@ xsimd::batch<T, Arch> exp_of(const xsimd::batch<T, Arch>& x) noexcept {
   return simd::exp_batch(x);
 }
 
+// c ? a : b for a scalar, lane by lane for a batch (both sides are evaluated).
+template <class T>
+T choose(bool c, T a, T b) noexcept {
+  return c ? a : b;
+}
+template <class T, class Arch>
+xsimd::batch<T, Arch> choose(const xsimd::batch_bool<T, Arch>& c, const xsimd::batch<T, Arch>& a,
+                             const xsimd::batch<T, Arch>& b) noexcept {
+  return xsimd::select(c, a, b);
+}
+
 }  // namespace detail
 
 // max(x, 0), NaN kept: x < 0 ? 0 : x, written out because std::max(x, 0) and the SIMD max
 // instructions (which return their second operand when either is NaN) disagree on NaN.
 struct ReLU {
   static constexpr const char* name = "relu";
-  template <class T>
-  static T apply(T x) noexcept {
-    return x < T(0) ? T(0) : x;
-  }
-  template <class T, class Arch>
-  static xsimd::batch<T, Arch> apply(const xsimd::batch<T, Arch>& x) noexcept {
-    using B = xsimd::batch<T, Arch>;
-    return xsimd::select(x < B(T(0)), B(T(0)), x);
+  template <class V>
+  static V apply(const V& x) noexcept {
+    return detail::choose(x < V(0), V(0), x);
   }
 };
 
