@@ -346,3 +346,53 @@ TEST_CASE("backward on an empty batch zeroes every gradient, whatever the expert
   CHECK(zero(grads.experts[1]));
   CHECK(zero(grads.shared[0]));
 }
+
+namespace {
+// A router type of one's own that follows TopKRouter's contract but whose backward has no scratch
+// parameter (as moe's routers had before they took the workspace's): the layer still calls it.
+struct RouterWithoutScratch {
+  using Scalar = double;
+  moe::TopKRouter<double> inner;
+  index_t num_experts() const noexcept { return inner.num_experts(); }
+  index_t d_model() const noexcept { return inner.d_model(); }
+  std::uint64_t config_fingerprint() const noexcept { return inner.config_fingerprint(); }
+  template <class Arch>
+  void route(const moe::ConstMatrixRef<double>& x, const moe::RouteContext& ctx, moe::RouterOutput<double>& out, Arch arch) const {
+    inner.route(x, ctx, out, arch);
+  }
+  template <class Arch>
+  void backward(const moe::ConstMatrixRef<double>& x, const moe::RouterOutput<double>& out, const double* grad_weight,
+                const double* grad_lost, const double* extra_dlogits, moe::MatrixRef<double> dx, moe::MatrixRef<double> dweight,
+                Arch arch) const {
+    inner.backward(x, out, grad_weight, grad_lost, extra_dlogits, dx, dweight, arch);
+  }
+};
+}  // namespace
+
+TEST_CASE("A router type whose backward takes no scratch trains as moe's own", "[backward]") {
+  const index_t d = 7, ff = 5, E = 4, T = 9;
+  const moe::Matrix<double> gate = random_matrix<double>(E, d, 3), x = random_matrix<double>(T, d, 4),
+                            dy = random_matrix<double>(T, d, 5);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < E; ++e) {
+    const auto s = 10 + 3 * static_cast<std::uint32_t>(e);
+    experts.emplace_back(random_matrix<double>(ff, d, s), random_matrix<double>(ff, d, s + 1), random_matrix<double>(d, ff, s + 2));
+  }
+  moe::TopKOptions o;
+  o.k = 2;
+  o.normalize = true;
+  const moe::MoELayer ours(moe::TopKRouter<double>(gate, o), experts);
+  const moe::MoELayer<RouterWithoutScratch, moe::SwiGLU<double>> theirs(RouterWithoutScratch{moe::TopKRouter<double>(gate, o)}, experts);
+  moe::TrainingWorkspace<double> ws_ours, ws_theirs;
+  moe::Matrix<double> y(T, d), dx_ours(T, d), dx_theirs(T, d);
+  auto grads_ours = ours.make_gradients();
+  auto grads_theirs = theirs.make_gradients();
+  ours.forward_train(x, y, ws_ours);
+  ours.backward(x, dy, dx_ours, grads_ours, ws_ours);
+  theirs.forward_train(x, y, ws_theirs);
+  theirs.backward(x, dy, dx_theirs, grads_theirs, ws_theirs);
+  REQUIRE(grads_ours.router.norm() > 0);
+  CHECK(dx_theirs == dx_ours);
+  CHECK(grads_theirs.router == grads_ours.router);
+  for (std::size_t e = 0; e < experts.size(); ++e) CHECK(grads_theirs.experts[e].w_down == grads_ours.experts[e].w_down);
+}

@@ -1,8 +1,11 @@
 // TopKRouter against a plain double reference, plan invariants, ties and errors.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <set>
+#include <vector>
 
 #include "../support/reference.hpp"
 
@@ -341,4 +344,74 @@ TEST_CASE("An empty batch routes to an empty plan", "[routing][top_k]") {
   check_plan_invariants(out.plan);
   REQUIRE_THROWS_WITH(capped.route(random_matrix<float>(2, 3, 2), moe::RouteContext::with_groups({0}), out),
                       Catch::Contains("num_groups must be at least 1 for a non-empty batch (num_groups = 0, tokens = 2)"));
+}
+
+TEST_CASE("Router backward with a reused scratch gives the bits of one without", "[routing][backward]") {
+  // The layers pass their workspace's buffer; a caller without one gets backward's own. A buffer
+  // left full of NaN by earlier use must not leak into the gradients.
+  const index_t T = 37, d = 12, E = 6;
+  const moe::Matrix<float> x = random_matrix<float>(T, d, 3);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(T));
+  for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(t * 7);
+  moe::RouteContext ctx;
+  ctx.token_ids = ids.data();
+  ctx.training = true;
+  moe::Buffer<float> scratch;
+  float* dirty = scratch.ensure(4096);
+  std::fill(dirty, dirty + 4096, std::numeric_limits<float>::quiet_NaN());
+  const moe::simd::default_arch arch;
+  auto check_same_bits = [&](const auto& router, const moe::RouterOutput<float>& out) {
+    std::vector<float> grad_weight(out.plan.weight.size());
+    for (std::size_t a = 0; a < grad_weight.size(); ++a) grad_weight[a] = 0.25f * float(a % 5) - 0.5f;
+    moe::Matrix<float> dx = moe::Matrix<float>::Zero(T, d), dw = moe::Matrix<float>::Zero(E, d);
+    moe::Matrix<float> dx_scratch = dx, dw_scratch = dw;
+    router.backward(x, out, grad_weight.data(), nullptr, nullptr, dx, dw);
+    router.backward(x, out, grad_weight.data(), nullptr, nullptr, dx_scratch, dw_scratch, arch, &scratch);
+    REQUIRE(dx.norm() > 0);
+    REQUIRE(dw.norm() > 0);
+    CHECK(dx_scratch == dx);
+    CHECK(dw_scratch == dw);
+  };
+  SECTION("top-k with capacity and training jitter") {
+    moe::TopKOptions o;
+    o.k = 2;
+    o.normalize = true;
+    o.capacity_factor = 1.0;
+    o.jitter = 0.05;
+    const moe::TopKRouter<float> router(random_matrix<float>(E, d, 4), o);
+    moe::RouterOutput<float> out;
+    router.route(x, ctx, out);
+    REQUIRE(out.input_jittered);
+    check_same_bits(router, out);
+  }
+  SECTION("expert choice") {
+    moe::ExpertChoiceOptions o;
+    o.capacity_factor = 2.0;
+    const moe::ExpertChoiceRouter<float> router(random_matrix<float>(E, d, 5), o);
+    moe::RouterOutput<float> out;
+    router.route(x, ctx, out);
+    check_same_bits(router, out);
+  }
+  for (const bool normalized : {false, true}) {
+    DYNAMIC_SECTION("Soft, normalized = " << normalized) {
+      moe::SoftOptions o;
+      o.slots_per_expert = 2;
+      o.normalized = normalized;
+      o.scale = 1.5;
+      const index_t S = 2 * E;
+      const moe::SoftRouter<float> router(random_matrix<float>(d, S, 6), E, o);
+      moe::SoftRouting<float> routing;
+      router.route(x, routing);
+      const moe::Matrix<float> dD = random_matrix<float>(T, S, 7), dC = random_matrix<float>(T, S, 8);
+      moe::Matrix<float> dx = moe::Matrix<float>::Zero(T, d), dphi = moe::Matrix<float>::Zero(d, S);
+      moe::Matrix<float> dx_scratch = dx, dphi_scratch = dphi;
+      const float dscale = router.backward(x, routing, dD.data(), dC.data(), dx, dphi);
+      const float dscale_scratch = router.backward(x, routing, dD.data(), dC.data(), dx_scratch, dphi_scratch, arch, &scratch);
+      REQUIRE(dx.norm() > 0);
+      REQUIRE(dphi.norm() > 0);
+      CHECK(dx_scratch == dx);
+      CHECK(dphi_scratch == dphi);
+      CHECK(dscale_scratch == dscale);
+    }
+  }
 }

@@ -763,10 +763,17 @@ TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors]
   REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.experts.size() = 3") && Contains("experts = 4"), dx);
   bad = layer.make_gradients();
   bad.experts[1].w_down.resize(kD, kFF + 1);
-  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.experts[1] has the wrong shape"), dx);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument,
+                  Contains("grads.experts[1] has the wrong shape") && Contains("grads.experts[1] = [6x8, 6x8, 8x7]") &&
+                      Contains("expert weights = [6x8, 6x8, 8x6]"),
+                  dx);
   bad = layer.make_gradients();
   bad.shared.clear();
   REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.shared.size() = 0"), dx);
+  bad = layer.make_gradients();
+  bad.shared[0].w_gate.resize(1, 1);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument,
+                  Contains("grads.shared[0] = [1x1, 6x8, 8x6]") && Contains("expert weights = [6x8, 6x8, 8x6]"), dx);
   bad = layer.make_gradients();
   bad.shared_gate.resize(0, 0);
   REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.shared_gate.size() = 0") && Contains("= 8"), dx);

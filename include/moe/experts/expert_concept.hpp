@@ -20,9 +20,12 @@
 //   template <class Arch> void backward(const T* x, index_t m, const T* dy, const T* saved, T* dx,
 //                                       Gradient& grad, Arch, T* scratch, bool accumulate) const;
 //                                       writes grad over (every element, m > 0) unless accumulate
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
+#include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../simd/arch.hpp"
 
@@ -134,6 +137,46 @@ void expert_backward(const E& expert, const T* x, index_t m, const T* dy, const 
     if (!accumulate) grad.for_each([](auto& w) { w.setZero(); });
     expert.backward(x, m, dy, saved, dx, grad, arch);
   }
+}
+
+// The (rows, cols) of each matrix of a gradient, in order: what the layers check a caller's
+// gradients against, taken once from each expert's zero gradient.
+template <class G>
+std::vector<index_t> gradient_shapes(const G& g) {
+  std::vector<index_t> out;
+  g.for_each([&out](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
+  return out;
+}
+
+// Whether g's matrices have the shapes gradient_shapes listed (without allocating: backward
+// checks every expert's gradient on every call).
+template <class G>
+bool has_gradient_shapes(const G& g, const std::vector<index_t>& shapes) noexcept {
+  std::size_t i = 0;
+  bool same = true;
+  g.for_each([&](const auto& m) {
+    same = same && i + 2 <= shapes.size() && shapes[i] == m.rows() && shapes[i + 1] == m.cols();
+    i += 2;
+  });
+  return same && i == shapes.size();
+}
+
+// "[rows x cols, ...]" for error messages.
+inline std::string shapes_text(const std::vector<index_t>& shapes) {
+  std::string out = "[";
+  for (std::size_t i = 0; i + 1 < shapes.size(); i += 2) {
+    out += (i == 0 ? "" : ", ") + std::to_string(shapes[i]) + "x" + std::to_string(shapes[i + 1]);
+  }
+  return out + "]";
+}
+
+// Throws unless `g`, the caller's gradient of `what`[index], has the shapes `want`.
+template <class G>
+void check_gradient_shapes(const char* where, const char* what, std::size_t index, const G& g,
+                           const std::vector<index_t>& want) {
+  if (has_gradient_shapes(g, want)) return;
+  throw_invalid(where, ": ", what, "[", index, "] has the wrong shape (", what, "[", index, "] = ",
+                shapes_text(gradient_shapes(g)), ", expert weights = ", shapes_text(want), "); use make_gradients()");
 }
 
 }  // namespace detail

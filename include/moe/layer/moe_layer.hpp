@@ -84,8 +84,8 @@ class MoELayer {
     for (std::size_t e = 0; e < experts_.size(); ++e) check_width("expert ", e, experts_[e].d_model());
     for (std::size_t e = 0; e < zero_compute_.size(); ++e) check_width("zero_compute expert ", e, zero_compute_[e].d_model());
     // The gradient shapes backward() checks, taken once here (one expert's zero gradient at a time).
-    for (const Expert& e : experts_) expert_shapes_.push_back(shapes_of(e.zero_gradient()));
-    for (const auto& z : zero_compute_) zero_compute_shapes_.push_back(shapes_of(z.zero_gradient()));
+    for (const Expert& e : experts_) expert_shapes_.push_back(detail::gradient_shapes(e.zero_gradient()));
+    for (const auto& z : zero_compute_) zero_compute_shapes_.push_back(detail::gradient_shapes(z.zero_gradient()));
   }
 
   // Always-on experts added to every token, each scaled by sigmoid(x · gateᵀ) when `gate` [1, d]
@@ -99,7 +99,7 @@ class MoELayer {
     shared_ = std::move(shared);
     shared_gate_ = std::move(gate);
     shared_shapes_.clear();
-    for (const Expert& e : shared_) shared_shapes_.push_back(shapes_of(e.zero_gradient()));
+    for (const Expert& e : shared_) shared_shapes_.push_back(detail::gradient_shapes(e.zero_gradient()));
   }
   void set_dropped_tokens(DroppedTokens policy) noexcept { dropped_tokens_ = policy; }
   // The selection-only bias of the layer's own copy of its router (TopKRouter::set_selection_bias):
@@ -231,11 +231,13 @@ class MoELayer {
     const index_t A = plan.num_assignments();
     const T* expert_out = ws.expert_out.data();
     // In the workspace, which a warm backward reuses: [A, d] gradients of the expert outputs and
-    // inputs, the shared experts' rows (SharedGrads), and [A] ∂L/∂(routing weight) last.
+    // inputs, the shared experts' rows (SharedGrads), [A] ∂L/∂(routing weight), and [2, T] for
+    // combine_backward.
     const index_t T_ = x.rows(), S = static_cast<index_t>(shared_.size()), shared_rows = S > 0 ? (2 + S) * T_ : 0;
-    T* const grad_rows = ws.backward_rows.ensure((2 * A + shared_rows) * d + A);
+    T* const grad_rows = ws.backward_rows.ensure((2 * A + shared_rows) * d + A + 2 * T_);
     MatrixMap<T> d_out(grad_rows, A, d), d_in(grad_rows + A * d, A, d);
     T* const grad_weight = grad_rows + (2 * A + shared_rows) * d;
+    T* const token_grads = grad_weight + A;
     // Row by row, the same code for every row whichever thread takes it: the bits do not depend on the threads.
     parallel_for(A, A * d > 65536, [&](index_t a) {
       const index_t t = plan.token[a];
@@ -261,7 +263,7 @@ class MoELayer {
       for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) dx.row(t) += d_in.row(plan.assignment[j]);
     });
     // The rest with Eigen's products on one thread, so the gradients' bits do not depend on the thread count.
-    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, grad_weight, shared, arch); });
+    detail::with_serial_eigen([&] { combine_backward(x, dy, dx, grads, ws, extra_dlogits, grad_weight, token_grads, shared, arch); });
   }
 
   // The shared experts' part of backward: their common inputs, and each one's dx, added to the
@@ -290,20 +292,27 @@ class MoELayer {
     const auto num_shared = static_cast<index_t>(shared_.size());
     const T* dispatched = ws.dispatched.data();
     // Jobs: routed expert e as e (every FFN expert, the zero-computation ones with tokens), shared
-    // expert s as -1 - s. Each one's saved activations as forward_train laid them out.
-    std::vector<index_t> jobs;
-    std::vector<const T*> saved_at(static_cast<std::size_t>(num_ffn + num_shared));  // routed, then shared
-    const T* saved = ws.saved.data();
+    // expert s as -1 - s. Each one's saved activations as forward_train laid them out: routed
+    // expert e's at ws.saved + saved_at[e], shared expert s's at ws.shared_saved + saved_at[F + s]
+    // with F FFN experts (both lists in the workspace, so that a warm backward allocates nothing).
+    std::vector<index_t>& jobs = ws.backward_jobs;
+    std::vector<index_t>& saved_at = ws.backward_saved_at;
+    jobs.clear();
+    jobs.reserve(static_cast<std::size_t>(num_experts() + num_shared));
+    saved_at.resize(static_cast<std::size_t>(num_ffn + num_shared));
+    index_t offset = 0;
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
-      if (e < num_ffn) saved_at[std::size_t(e)] = saved, saved += experts_[e].saved_size(m);
+      if (e < num_ffn) saved_at[std::size_t(e)] = offset, offset += experts_[e].saved_size(m);
       if (m > 0 || (e < num_ffn && !accumulate)) jobs.push_back(e);
     }
-    saved = ws.shared_saved.data();
+    offset = 0;
     for (index_t s = 0; s < num_shared; ++s) {
-      saved_at[std::size_t(num_ffn + s)] = saved, saved += shared_[std::size_t(s)].saved_size(T_);
+      saved_at[std::size_t(num_ffn + s)] = offset, offset += shared_[std::size_t(s)].saved_size(T_);
       jobs.push_back(-1 - s);
     }
+    const T* const saved = ws.saved.data();
+    const T* const shared_saved = ws.shared_saved.data();
     // Work ~ tokens × d_ff (the weight gradients' GEMMs); zero-computation experts last.
     auto work = [&](index_t job) {
       if (job < 0) return T_ * shared_[std::size_t(-1 - job)].d_ff();
@@ -321,13 +330,13 @@ class MoELayer {
       T* own_scratch = scratch.own();
       if (e < 0) {
         const auto s = static_cast<std::size_t>(-1 - e);
-        detail::expert_backward(shared_[s], shared.x_rows, T_, shared.d_out, saved_at[std::size_t(num_ffn) + s],
+        detail::expert_backward(shared_[s], shared.x_rows, T_, shared.d_out, shared_saved + saved_at[std::size_t(num_ffn) + s],
                                 shared.dx + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch, own_scratch, accumulate);
         return;
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {  // (m == 0 only when !accumulate: zeroed)
-        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved_at[std::size_t(e)],
+        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved + saved_at[std::size_t(e)],
                                 d_in + first * d, grads.experts[e], arch, own_scratch, accumulate);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out + first * d, d_in + first * d,
@@ -336,26 +345,37 @@ class MoELayer {
     });
   }
 
+  // Whether R::backward takes the workspace's scratch after the arch, as moe's routers do.
+  template <class R>
+  using backward_with_scratch_of = decltype(std::declval<const R&>().backward(
+      std::declval<const ConstMatrixRef<T>&>(), std::declval<const RouterOutput<T>&>(), std::declval<const T*>(),
+      std::declval<const T*>(), std::declval<const T*>(), std::declval<MatrixRef<T>>(), std::declval<MatrixRef<T>>(),
+      std::declval<simd::default_arch>(), std::declval<Buffer<T>*>()));
+
   // backward's last part: adds to dx (the experts' input gradients) the dropped tokens', the
-  // router's and the shared experts' parts.
+  // router's and the shared experts' parts. token_grads: [2, T] scratch.
   template <class Arch>
   void combine_backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
-                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const T* grad_weight,
+                        TrainingWorkspace<T>& ws, const T* extra_dlogits, const T* grad_weight, T* token_grads,
                         const SharedGrads& shared, Arch arch) const {
     const index_t T_ = x.rows();
     const Routing<T>& plan = ws.routing.plan;
-    Vector<T> grad_lost;  // [T] ∂L/∂(lost weight), pass-through only
+    T* grad_lost = nullptr;  // [T] ∂L/∂(lost weight), pass-through only
     if (dropped_tokens_ == DroppedTokens::pass_through) {
-      grad_lost = Vector<T>::Zero(T_);
+      grad_lost = token_grads;
+      std::fill(grad_lost, grad_lost + T_, T(0));
       for (std::size_t i = 0; i < plan.dropped.size(); ++i) {
         const index_t t = plan.dropped[i];
         grad_lost[t] = dy.row(t).dot(x.row(t));
         dx.row(t) += plan.dropped_weight[i] * dy.row(t);
       }
     }
-    router_.backward(x, ws.routing, grad_weight, grad_lost.size() > 0 ? grad_lost.data() : nullptr, extra_dlogits, dx,
-                     grads.router, arch);
-    if (!shared_.empty()) add_shared_backward(dy, dx, grads, ws, shared);
+    if constexpr (detail::detected_v<backward_with_scratch_of, Router>) {
+      router_.backward(x, ws.routing, grad_weight, grad_lost, extra_dlogits, dx, grads.router, arch, &ws.router_scratch);
+    } else {  // a router type of your own without the scratch parameter
+      router_.backward(x, ws.routing, grad_weight, grad_lost, extra_dlogits, dx, grads.router, arch);
+    }
+    if (!shared_.empty()) add_shared_backward(arch, dy, dx, grads, ws, shared, token_grads + T_);
   }
 
   template <class Arch>
@@ -515,23 +535,28 @@ class MoELayer {
   }
 
   // Shared experts: y += g ⊙ S(x), g = sigmoid(x · w_gateᵀ) or 1. Adds each shared expert's dx
-  // (experts_backward computed them) to dx in order, and the gate's gradients.
-  void add_shared_backward(const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads, const TrainingWorkspace<T>& ws,
-                           const SharedGrads& shared) const {
+  // (experts_backward computed them) to dx in order, and the gate's gradients. d_gate: [T] scratch.
+  template <class Arch>
+  void add_shared_backward(Arch arch, const ConstMatrixRef<T>& dy, MatrixRef<T>& dx, Gradients& grads,
+                           const TrainingWorkspace<T>& ws, const SharedGrads& shared, T* d_gate) const {
     const index_t T_ = dy.rows(), d = d_model();
+    const auto width = static_cast<std::size_t>(d);
     const bool gated = shared_gate_.rows() == 1;
-    const Eigen::Map<const Vector<T>> gate(ws.shared_gate.data(), T_);  // [T]
-    Vector<T> d_gate = Vector<T>::Zero(T_);
+    const T* gate = ws.shared_gate.data();  // [T]
+    Eigen::Map<Vector<T>> d_gate_map(d_gate, T_);
+    d_gate_map.setZero();
     for (std::size_t s = 0; s < shared_.size(); ++s) {
       const auto row = static_cast<index_t>(s) * T_;
       const ConstMatrixMap<T> out(ws.shared_outputs.data() + row * d, T_, d);
       dx += ConstMatrixMap<T>(shared.dx + row * d, T_, d);
-      if (gated) d_gate += dy.cwiseProduct(out).rowwise().sum();
+      if (gated) d_gate_map += dy.cwiseProduct(out).rowwise().sum();
     }
-    if (gated) {
-      const Vector<T> dz = d_gate.cwiseProduct(gate).cwiseProduct((Vector<T>::Ones(T_) - gate));  // [T]
-      grads.shared_gate.noalias() += dz.transpose() * ConstMatrixMap<T>(shared.x_rows, T_, d);
-      dx.noalias() += dz * shared_gate_.map();
+    if (!gated) return;
+    // z = x · w_gateᵀ: ∂L/∂z = ∂L/∂g · g (1 − g); ∂L/∂w_gate += Σ_t ∂L/∂z_t x_t, dx_t += ∂L/∂z_t w_gate.
+    for (index_t t = 0; t < T_; ++t) {
+      const T dz = d_gate[t] * gate[t] * (T(1) - gate[t]);
+      simd::axpy(arch, dz, shared.x_rows + t * d, grads.shared_gate.data(), width);
+      simd::axpy(arch, dz, shared_gate_.data(), dx.data() + t * dx.outerStride(), width);
     }
   }
 
@@ -542,18 +567,10 @@ class MoELayer {
     detail::check_dim(where, "grads.zero_compute.size()", g.zero_compute.size(), "zero_compute experts", zero_compute_.size());
     detail::check_dim(where, "grads.shared.size()", g.shared.size(), "shared experts", shared_.size());
     detail::check_dim(where, "grads.shared_gate.size()", g.shared_gate.size(), "shared gate size", shared_gate_.rows() * shared_gate_.cols());
-    for (std::size_t e = 0; e < experts_.size(); ++e)
-      if (shapes_of(g.experts[e]) != expert_shapes_[e]) detail::throw_invalid(where, ": grads.experts[", e, "] has the wrong shape; use make_gradients()");
-    for (std::size_t s = 0; s < shared_.size(); ++s)
-      if (shapes_of(g.shared[s]) != shared_shapes_[s]) detail::throw_invalid(where, ": grads.shared[", s, "] has the wrong shape; use make_gradients()");
+    for (std::size_t e = 0; e < experts_.size(); ++e) detail::check_gradient_shapes(where, "grads.experts", e, g.experts[e], expert_shapes_[e]);
+    for (std::size_t s = 0; s < shared_.size(); ++s) detail::check_gradient_shapes(where, "grads.shared", s, g.shared[s], shared_shapes_[s]);
     for (std::size_t z = 0; z < zero_compute_.size(); ++z)
-      if (shapes_of(g.zero_compute[z]) != zero_compute_shapes_[z]) detail::throw_invalid(where, ": grads.zero_compute[", z, "] has the wrong shape; use make_gradients()");
-  }
-  template <class G>
-  static std::vector<index_t> shapes_of(const G& g) {
-    std::vector<index_t> out;
-    g.for_each([&](const auto& m) { out.push_back(m.rows()), out.push_back(m.cols()); });
-    return out;
+      detail::check_gradient_shapes(where, "grads.zero_compute", z, g.zero_compute[z], zero_compute_shapes_[z]);
   }
   // (The routed FFN and shared experts' gradients, most of the memory, are zeroed by
   // experts_backward, on its threads.)

@@ -27,7 +27,6 @@
 // the shapes backward checks). forward() is const and thread-safe given one SoftWorkspace per
 // thread.
 #include <algorithm>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -70,6 +69,7 @@ struct SoftTrainingWorkspace : SoftWorkspace<T> {
   TrainingLayout layout;  // how forward_train laid these out (backward checks it against its layer)
   Buffer<T> backward_rows;     // backward's slot gradients, ∂L/∂D and ∂L/∂C, and one group's slots
   Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
+  Buffer<T> router_scratch;    // the router's backward temporaries
 };
 
 template <class Expert>
@@ -92,7 +92,7 @@ class SoftMoELayer {
     }
     // The gradient shapes backward() checks, taken once here (one expert's zero gradient at a
     // time), so that backward does not build a second set of gradients to compare against.
-    for (const Expert& expert : experts_) gradient_shapes_.push_back(shapes_of(expert.zero_gradient()));
+    for (const Expert& expert : experts_) gradient_shapes_.push_back(detail::gradient_shapes(expert.zero_gradient()));
   }
 
   index_t d_model() const noexcept { return router_.d_model(); }
@@ -248,19 +248,15 @@ class SoftMoELayer {
     }
     // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
     // each on its thread's part of the workspace's scratch.
-    std::vector<const T*> saved_at(static_cast<std::size_t>(num_experts()));
-    const T* saved = ws.saved.data();
     index_t scratch_needed = 0;
-    for (index_t e = 0; e < num_experts(); ++e) {
-      const Expert& expert = experts_[std::size_t(e)];
-      saved_at[std::size_t(e)] = saved, saved += expert.saved_size(m);
-      scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, m));
-    }
+    for (const Expert& expert : experts_) scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, m));
     const PerThreadScratch<T> scratch(ws.backward_scratch, scratch_needed);
     detail::for_each_with_serial_eigen(num_experts(), [&](std::ptrdiff_t i) {
       const auto e = static_cast<std::size_t>(i);
       const index_t first = routing.expert_first_row(index_t(i));
-      detail::expert_backward(experts_[e], slots + first * d, m, d_slot_out + first * d, saved_at[e], d_slots + first * d,
+      const T* saved = ws.saved.data();  // expert e's part: after those of the experts before it
+      for (std::size_t before = 0; before < e; ++before) saved += experts_[before].saved_size(m);
+      detail::expert_backward(experts_[e], slots + first * d, m, d_slot_out + first * d, saved, d_slots + first * d,
                               grads.experts[e], arch, scratch.own(), accumulate);
     });
     // Dispatch X̃_g = D_gᵀ · x_g: dD_g = x_g · dX̃_gᵀ and dx_g = D_g · dX̃_g (the groups cover every
@@ -274,7 +270,7 @@ class SoftMoELayer {
       simd::matmul_nn_strided(arch, D + first * S, uS, un, uS, group_grad, ud, ud, dx.data() + first * dx.outerStride(),
                               static_cast<std::size_t>(dx.outerStride()), false);
     }
-    grads.scale += router_.backward(x, routing, dD, dC, dx, grads.phi, arch);
+    grads.scale += router_.backward(x, routing, dD, dC, dx, grads.phi, arch, &ws.router_scratch);
   }
 
   template <class Arch>
@@ -322,26 +318,12 @@ class SoftMoELayer {
     detail::check_dim(where, "grads.phi.rows()", g.phi.rows(), "d_model", d_model());
     detail::check_dim(where, "grads.phi.cols()", g.phi.cols(), "num_slots", router_.num_slots());
     detail::check_dim(where, "grads.experts.size()", g.experts.size(), "experts", experts_.size());
-    for (std::size_t e = 0; e < experts_.size(); ++e) {
-      const std::string have = shapes_of(g.experts[e]), &want = gradient_shapes_[e];
-      if (have != want) {
-        detail::throw_invalid(where, ": grads.experts[", e, "] must have the shapes of the expert's weights (grads.experts[", e,
-                              "] = ", have, ", expert weights = ", want, "); use make_gradients()");
-      }
-    }
-  }
-  // "[rows x cols, ...]" of every matrix of an expert gradient.
-  static std::string shapes_of(const ExpertGradient& g) {
-    std::string out;
-    g.for_each([&out](const auto& w) {
-      out += (out.empty() ? "[" : ", ") + std::to_string(w.rows()) + "x" + std::to_string(w.cols());
-    });
-    return out + "]";
+    for (std::size_t e = 0; e < experts_.size(); ++e) detail::check_gradient_shapes(where, "grads.experts", e, g.experts[e], gradient_shapes_[e]);
   }
 
   SoftRouter<T> router_;
   std::vector<Expert> experts_;
-  std::vector<std::string> gradient_shapes_;  // per expert, "[rows x cols, ...]" of its weight gradient
+  std::vector<std::vector<index_t>> gradient_shapes_;  // per expert, the (rows, cols) of each matrix of its gradient
 };
 
 MOE_NAMESPACE_END

@@ -5,6 +5,8 @@
 //
 // (It lives in layer/ rather than core/ because it holds a RouterOutput, and core/ sits above
 // routing/ in the dependency order.)
+#include <vector>
+
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "../routing/router_output.hpp"
@@ -39,6 +41,9 @@ struct TrainingWorkspace : Workspace<T> {
   TrainingLayout layout;     // how forward_train laid these out (backward checks it against its layer)
   Buffer<T> backward_rows;     // backward's gradients of the expert inputs and outputs and routing weights
   Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
+  Buffer<T> router_scratch;    // the router's backward temporaries
+  std::vector<index_t> backward_jobs;      // backward's order of the experts
+  std::vector<index_t> backward_saved_at;  // where each expert's saved activations start
 };
 
 MOE_NAMESPACE_END

@@ -37,6 +37,7 @@
 #include "../core/fingerprint.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "../core/workspace.hpp"
 #include "../simd/matmul.hpp"
 #include "../simd/matmul_nn.hpp"
 #include "../simd/softmax.hpp"
@@ -120,10 +121,12 @@ class ExpertChoiceRouter {
   // dweight [E, d] and ∂L/∂x to dx [T, d]. weight = S[t, e] = softmax(logits[t])[e], so
   // ∂L/∂logits[t] = S[t] ⊙ (g[t] − Σ_e S[t, e] g[t, e]) with g[t, e] the gradient of the
   // assignment (t, e), 0 where expert e did not take t. The selection is piecewise constant and
-  // has no gradient. Nothing is dropped, so grad_lost is ignored.
+  // has no gradient. Nothing is dropped, so grad_lost is ignored. The [T, E] logit gradients go in
+  // `scratch` when given (grown as needed and reused: a warm call allocates nothing).
   template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
-                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {}) const {
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {},
+                Buffer<T>* scratch = nullptr) const {
     (void)grad_lost;
     const index_t T_ = x.rows();
     const index_t E = num_experts();
@@ -139,7 +142,9 @@ class ExpertChoiceRouter {
     detail::check_disjoint("ExpertChoiceRouter::backward", "dx", dx, "x", x);
     detail::check_router_config("ExpertChoiceRouter::backward", "out", out.router_config(), config_fingerprint());
     const Routing<T>& plan = out.plan;
-    Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
+    Buffer<T> own;
+    MatrixMap<T> dlogits((scratch != nullptr ? *scratch : own).ensure(T_ * E), T_, E);  // [T, E]
+    dlogits.setZero();
     for (index_t t = 0; t < T_; ++t) {
       T* dl = dlogits.data() + t * E;
       const T* p = out.scores().data() + t * E;

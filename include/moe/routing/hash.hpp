@@ -197,10 +197,10 @@ class HashRouter {
 
   // Backward (the TopKRouter contract, for MoELayer::backward): the routing depends on token ids
   // only, never on x, and the router has no parameters, so it adds nothing to dx or dweight
-  // [E, d] (kept at zero by the layer). The shapes are still checked.
+  // [E, d] (kept at zero by the layer), and needs no scratch. The shapes are still checked.
   template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
-                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch = {}) const {
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch = {}, Buffer<T>* = nullptr) const {
     (void)grad_weight;
     (void)grad_lost;
     (void)extra_dlogits;

@@ -381,9 +381,11 @@ class SoftRouter {
   //                dP = dL ⊙ r cᵀ,  dr_t = Σ_j dL·P·c,  dc_j = Σ_t dL·P·r,  ∂L/∂scale = Σ_j dc_j q_j,
   //                ∂r_t/∂x[t,i] = −x[t,i] r_t³,  ∂q_j/∂Φ[i,j] = −Φ[i,j] q_j³
   //   dx += dP · Φᵀ,  dΦ += xᵀ · dP
+  // Temporaries (three [T, S] matrices and Φᵀ) go in `scratch` when given, grown as needed and
+  // reused, so that a warm call allocates nothing; without one, backward allocates its own.
   template <class Arch = simd::default_arch>
   T backward(const ConstMatrixRef<T>& x, const SoftRouting<T>& routing, const T* grad_dispatch, const T* grad_combine,
-             MatrixRef<T> dx, MatrixRef<T> dphi, Arch arch = {}) const {
+             MatrixRef<T> dx, MatrixRef<T> dphi, Arch arch = {}, Buffer<T>* scratch = nullptr) const {
     const index_t T_ = x.rows(), d = d_model(), S = num_slots();
     const char* where = "SoftRouter::backward";
     detail::check_dim(where, "x.cols()", x.cols(), "d_model", d);
@@ -396,55 +398,72 @@ class SoftRouter {
     detail::check_disjoint(where, "dx", dx, "x", x);
     detail::check_router_config(where, "routing", routing.router_config(), config_fingerprint());
     if (T_ == 0) return T(0);
+    Buffer<T> own;
+    T* const temporaries = (scratch != nullptr ? *scratch : own).ensure(3 * T_ * S + S * d + 3 * S + 2 * T_);
+    MatrixMap<T> dlogits(temporaries, T_, S);                 // [T, S] dL
+    MatrixMap<T> product(temporaries + T_ * S, T_, S);        // [T, S] P = x·Φ, with route's bits
+    MatrixMap<T> dproduct(temporaries + 2 * T_ * S, T_, S);   // [T, S] dP
+    MatrixMap<T> phi_t(temporaries + 3 * T_ * S, S, d);       // [S, d] Φᵀ
+    T* const column_dot = temporaries + 3 * T_ * S + S * d;   // [S]
+    T* const q = column_dot + S;                              // [S] (normalized)
+    T* const dc = q + S;                                      // [S] (normalized)
+    T* const r = dc + S;                                      // [T] (normalized)
+    T* const dr = r + T_;                                     // [T] (normalized)
     const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();  // [T, S]
     const ConstMatrixMap<T> dD(grad_dispatch, T_, S), dC(grad_combine, T_, S);              // [T, S]
-    Matrix<T> dlogits(T_, S);                                                                // [T, S]
     // Combine: softmax over the slots of each row.
-    const Vector<T> row_dot = C.cwiseProduct(dC).rowwise().sum();  // [T]
-    dlogits = C.cwiseProduct(dC - row_dot.replicate(1, S));
+    for (index_t t = 0; t < T_; ++t) {
+      const T row_dot = C.row(t).dot(dC.row(t));
+      for (index_t j = 0; j < S; ++j) dlogits(t, j) = C(t, j) * (dC(t, j) - row_dot);
+    }
     // Dispatch: softmax over the tokens of each group, per column.
     for (index_t g = 0; g < routing.num_groups(); ++g) {
-      const index_t first = routing.group_begin(g), n = routing.group_size(g);
-      if (n == 0) continue;
-      const Eigen::Matrix<T, 1, Eigen::Dynamic> column_dot =
-          D.middleRows(first, n).cwiseProduct(dD.middleRows(first, n)).colwise().sum();  // [S]
-      dlogits.middleRows(first, n) += D.middleRows(first, n).cwiseProduct(dD.middleRows(first, n) - column_dot.replicate(n, 1));
+      const index_t first = routing.group_begin(g), last = first + routing.group_size(g);
+      std::fill(column_dot, column_dot + S, T(0));
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < S; ++j) column_dot[j] += D(t, j) * dD(t, j);
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < S; ++j) dlogits(t, j) += D(t, j) * (dD(t, j) - column_dot[j]);
     }
     const ConstMatrixMap<T> phi_map = phi();  // [d, S]
     const auto rows = static_cast<std::size_t>(T_), width = static_cast<std::size_t>(d), slots = static_cast<std::size_t>(S);
     const auto ldx = static_cast<std::size_t>(x.outerStride());
-    Matrix<T> product(T_, S);  // [T, S] P = x·Φ, with route's bits
     simd::matmul_nn_strided(arch, x.data(), ldx, rows, width, phi_map.data(), slots, slots, product.data(), slots, false);
     const auto scale = static_cast<T>(options_.scale);
     T dscale(0);
-    Matrix<T> dproduct(T_, S);  // [T, S]
     if (!options_.normalized) {
       dscale = dlogits.cwiseProduct(product).sum();
       dproduct = scale * dlogits;
     } else {
-      Vector<T> r(T_), q(S);  // [T], [S]
+      // r and q with route's bits (its sums of squares, in its order).
       for (index_t t = 0; t < T_; ++t) {
-        r[t] = detail::soft_inverse_norm(x.row(t).squaredNorm(), x.data() + t * x.outerStride(), static_cast<std::size_t>(d), 1);
+        const T* x_row = x.data() + t * x.outerStride();
+        r[t] = detail::soft_inverse_norm(detail::soft_sum_squares(arch, x_row, width), x_row, width, 1);
       }
-      for (index_t j = 0; j < S; ++j) {
-        q[j] = detail::soft_inverse_norm(phi_map.col(j).squaredNorm(), phi_map.data() + j, static_cast<std::size_t>(d),
-                                         static_cast<std::size_t>(S));
+      compute_column_inverse_norms(arch, q);
+      // With g = dL ⊙ P: dr = scale · g·q, dc = gᵀ·r.
+      std::fill(dc, dc + S, T(0));
+      for (index_t t = 0; t < T_; ++t) {
+        T dr_t(0);
+        for (index_t j = 0; j < S; ++j) {
+          const T g = dlogits(t, j) * product(t, j);
+          dr_t += g * q[j];
+          dc[j] += g * r[t];
+          dproduct(t, j) = r[t] * dlogits(t, j) * (scale * q[j]);
+        }
+        dr[t] = dr_t * scale;
       }
-      const Matrix<T> g = dlogits.cwiseProduct(product);  // [T, S] dL ⊙ P
-      const Vector<T> dr = g * q * scale;                 // [T]
-      const Vector<T> dc = g.transpose() * r;             // [S]
-      dscale = dc.dot(q);
-      dproduct = r.asDiagonal() * dlogits * (scale * q).asDiagonal();
+      for (index_t j = 0; j < S; ++j) dscale += dc[j] * q[j];
       // The r_t³ and q_j³ terms, as (dr·r)·r times the normalized rows (columns): r³ alone
       // underflows where the norms are large (r ~ 1e-20 in float) while these products do not.
-      const Vector<T> x_factor = -dr.cwiseProduct(r).cwiseProduct(r);               // [T]
-      const Vector<T> phi_factor = -(scale * dc).cwiseProduct(q).cwiseProduct(q);   // [S]
-      dx += x_factor.asDiagonal() * (r.asDiagonal() * x);
-      dphi += (phi_map * q.asDiagonal()) * phi_factor.asDiagonal();
+      for (index_t t = 0; t < T_; ++t) dx.row(t) += (-dr[t] * r[t] * r[t]) * (r[t] * x.row(t));
+      for (index_t j = 0; j < S; ++j) dc[j] = -(scale * dc[j]) * q[j] * q[j];  // now ∂L/∂Φ[:, j]'s factor
+      for (index_t i = 0; i < d; ++i)
+        for (index_t j = 0; j < S; ++j) dphi(i, j) += (phi_map(i, j) * q[j]) * dc[j];
     }
     // dx += dP · Φᵀ and dΦ += xᵀ · dP through simd's products: one chain of FMAs per element in a
     // fixed order, so no bit depends on the thread count.
-    const Matrix<T> phi_t = phi_map.transpose();  // [S, d]
+    phi_t = phi_map.transpose();
     simd::matmul_nn_strided(arch, dproduct.data(), slots, rows, slots, phi_t.data(), width, width, dx.data(),
                             static_cast<std::size_t>(dx.outerStride()), true);
     simd::matmul_tn_strided(arch, x.data(), ldx, rows, width, dproduct.data(), slots, slots, dphi.data(),
@@ -453,20 +472,26 @@ class SoftRouter {
   }
 
  private:
-  // column_scale[j] = scale · rsqrt(Σ_i Φ[i,j]² + eps).
+  // q[j] = rsqrt(Σ_i Φ[i,j]² + eps), the sums taken row by row of Φ (contiguous).
   template <class Arch>
-  void compute_column_scale(Arch arch, T* column_scale) const {
+  void compute_column_inverse_norms(Arch arch, T* q) const {
     const index_t S = num_slots();
     const ConstMatrixMap<T> phi_map = phi();
-    for (index_t j = 0; j < S; ++j) column_scale[j] = T(0);
+    for (index_t j = 0; j < S; ++j) q[j] = T(0);
     for (index_t i = 0; i < d_model(); ++i) {
-      detail::soft_column_sum_squares(arch, phi_map.data() + i * S, column_scale, static_cast<std::size_t>(S));
+      detail::soft_column_sum_squares(arch, phi_map.data() + i * S, q, static_cast<std::size_t>(S));
     }
-    const auto scale = static_cast<T>(options_.scale);
     for (index_t j = 0; j < S; ++j) {
-      column_scale[j] = scale * detail::soft_inverse_norm(column_scale[j], phi_map.data() + j, static_cast<std::size_t>(d_model()),
-                                                          static_cast<std::size_t>(S));
+      q[j] = detail::soft_inverse_norm(q[j], phi_map.data() + j, static_cast<std::size_t>(d_model()), static_cast<std::size_t>(S));
     }
+  }
+
+  // column_scale[j] = scale · q[j].
+  template <class Arch>
+  void compute_column_scale(Arch arch, T* column_scale) const {
+    compute_column_inverse_norms(arch, column_scale);
+    const auto scale = static_cast<T>(options_.scale);
+    for (index_t j = 0; j < num_slots(); ++j) column_scale[j] *= scale;
   }
 
   // Throws on the first non-finite logit, leaving `out` empty (SoftRouting::clear).

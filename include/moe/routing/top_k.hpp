@@ -29,6 +29,7 @@
 #include "../core/random.hpp"
 #include "../core/types.hpp"
 #include "../core/weight.hpp"
+#include "../core/workspace.hpp"
 #include "../simd/matmul.hpp"
 #include "../simd/matmul_nn.hpp"
 #include "../simd/softmax.hpp"
@@ -182,9 +183,12 @@ class TopKRouter {
   //   extra_dlogits [T, E] ∂L/∂logits from auxiliary losses, or null;
   // adds ∂L/∂W to dweight [E, d] and ∂L/∂x to dx [T, d]. Selection (top-k, bias, groups,
   // capacity) is piecewise constant and has no gradient, as in every reference implementation.
+  // Temporaries ([T, E] logit gradients, and [T, d] with jitter) go in `scratch`, grown as needed
+  // and reused, so that a warm call allocates nothing; without one, backward allocates its own.
   template <class Arch = simd::default_arch>
   void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out, const T* grad_weight, const T* grad_lost,
-                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {}) const {
+                const T* extra_dlogits, MatrixRef<T> dx, MatrixRef<T> dweight, Arch arch = {},
+                Buffer<T>* scratch = nullptr) const {
     const index_t T_ = x.rows(), E = num_experts();
     detail::check_dim("TopKRouter::backward", "out.num_tokens()", out.num_tokens(), "x.rows()", T_);
     // (An empty plan beside T_ logits: the route that filled `out` threw.)
@@ -197,8 +201,14 @@ class TopKRouter {
     detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
     detail::check_disjoint("TopKRouter::backward", "dx", dx, "x", x);
     detail::check_router_config("TopKRouter::backward", "out", out.router_config(), config_fingerprint());
-    Matrix<T> dlogits = Matrix<T>::Zero(T_, E);  // [T, E]
     const index_t R = candidate_stride();
+    Buffer<T> own;
+    T* const temporaries = (scratch != nullptr ? *scratch : own).ensure(T_ * E + 3 * R + (out.input_jittered ? T_ * d_model() : 0));
+    MatrixMap<T> dlogits(temporaries, T_, E);  // [T, E]
+    dlogits.setZero();
+    T* const g_weight = temporaries + T_ * E;  // [R] per candidate: ∂L/∂(final weight)
+    T* const g_log_raw = g_weight + R;         // [R] ∂L/∂raw · raw
+    T* const shares = g_log_raw + R;           // [R] raw / D from the logits (logit_shares)
     const index_t* ranked = out.candidate_expert.data();
     const T* raw_all = out.candidate_raw.data();
     const std::uint8_t* kept_all = out.candidate_kept.data();
@@ -209,8 +219,6 @@ class TopKRouter {
     const T eps = options_.score == ScoreFunction::sigmoid ? T(1e-20) : T(0);
     const T scale = static_cast<T>(options_.scale);
     const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
-    std::vector<T> g_weight(static_cast<std::size_t>(R)), g_log_raw(static_cast<std::size_t>(R)),
-        shares(static_cast<std::size_t>(R));
     for (index_t t = 0; t < T_; ++t) {
       const T* raw = raw_all + t * R;
       const std::uint8_t* kept = kept_all + t * R;
@@ -244,7 +252,7 @@ class TopKRouter {
       // to 0 and the gradient turned inf/NaN while every weight was moderate.) A zero g_j (a
       // candidate neither kept nor lost) contributes nothing.
       auto times = [](T g, T r) { return g == T(0) ? T(0) : g * r; };
-      std::fill(g_log_raw.begin(), g_log_raw.end(), T(0));
+      std::fill(g_log_raw, g_log_raw + R, T(0));
       // One group of weights raw_j / D, for j in_group, with D = eps + Σ_{in_denominator} raw when
       // normalized (a zero sum counts as un-normalized, as decide_and_build), else D = 1.
       auto add_group = [&](auto in_group, auto in_denominator, bool normalized) {
@@ -258,7 +266,7 @@ class TopKRouter {
         // Σ raw overflowed (renormalized over a rerouted choice far above the chosen logits, as
         // decide_and_build): r_j = raw_j / D from the logits.
         const bool from_logits = normalized && on_logits && std::isinf(D);
-        if (from_logits) logit_shares(logits_row, row, R, in_denominator, shares.data());
+        if (from_logits) logit_shares(logits_row, row, R, in_denominator, shares);
         auto share = [&](index_t j) { return from_logits && in_denominator(j) ? shares[j] : raw[j] / D; };
         bool wide = false;  // a share beyond T's range whose scaled weight fits (decide_and_build's wide_weight)
         for (index_t j = 0; j < R; ++j) wide = wide || (in_group(j) && g_weight[j] != T(0) && !std::isfinite(share(j)));
@@ -323,7 +331,7 @@ class TopKRouter {
       simd::matmul_tn_strided(arch, dlogits.data(), experts, rows, experts, out.input_scratch.data(), d, d, dweight.data(),
                               ld_dweight, true);  // dlogitsᵀ · x̃
       const ConstMatrixMap<T> noise(out.input_noise.data(), T_, d_model());
-      Matrix<T> d_noisy(T_, d_model());  // [T, d] ∂L/∂x̃
+      MatrixMap<T> d_noisy(shares + R, T_, d_model());  // [T, d] ∂L/∂x̃
       simd::matmul_nn(arch, dlogits.data(), rows, experts, weight().data(), d, d_noisy.data(), false);
       dx += d_noisy.cwiseProduct(noise);
     } else {
