@@ -148,69 +148,11 @@ long warm_allocations(Forward forward) {
 
 }  // namespace
 
-TEST_CASE("Warm forwards allocate nothing with capacity, groups, shared experts and every router",
-          "[layer][allocation]") {
-  const index_t d = 24, ff = 40, E = 6;
-  const moe::Matrix<float> big = random_matrix<float>(300, d, 5), small = random_matrix<float>(7, d, 6);
-  moe::Matrix<float> y_big(300, d), y_small(7, d);
-  const std::vector<index_t> big_groups = {0, 100, 250, 300}, small_groups = {0, 3, 7}, no_groups = {0, 0};
-  std::vector<std::int64_t> ids(300);
-  for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(t * 37 % 500);
-  auto context = [&](int which) {
-    moe::RouteContext ctx = moe::RouteContext::with_groups(which == 0 ? big_groups : small_groups);
-    ctx.token_ids = ids.data();
-    return ctx;
-  };
-  auto run = [&](const auto& layer, auto& ws) {
-    return warm_allocations([&](int which) {
-      if (which == 0) layer.forward(big, context(0), y_big, ws);
-      else layer.forward(small, context(1), y_small, ws);
-    });
-  };
-
-  SECTION("top-k with capacity (reroute), routing groups and a gated shared expert") {
-    moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
-    o.capacity_factor = 1.0;
-    o.overflow = moe::OverflowPolicy::reroute;
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff));
-    layer.set_shared_experts(make_experts(1, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
-    moe::Workspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
-  }
-  SECTION("Switch: top-1 capacity, dropped tokens passed through") {
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 98), moe::presets::switch_transformers(0.5)),
-                        make_experts(E, d, ff));
-    layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
-    moe::Workspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
-  }
-  SECTION("expert choice") {
-    moe::ExpertChoiceOptions o;
-    o.capacity_factor = 2.0;
-    moe::MoELayer layer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff));
-    moe::Workspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
-  }
-  SECTION("hash routing") {
-    moe::MoELayer layer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff));
-    moe::Workspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
-  }
-  SECTION("Soft MoE") {
-    moe::SoftOptions o;
-    o.slots_per_expert = 2;
-    o.normalized = true;
-    const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
-                                                      make_experts(E, d, ff));
-    moe::SoftWorkspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
-  }
-}
-
-TEST_CASE("A warm training step allocates nothing", "[layer][allocation]") {
-  // forward_train, backward and backward_accumulate on a large and a small batch, once to warm
-  // the workspace, then three more rounds counted: the experts' rows and scratch, the routers'
-  // temporaries and the shared gate's all come from the workspace.
+TEST_CASE("Warm forwards and training steps allocate nothing with every router", "[layer][allocation]") {
+  // Each layer on a large and a small batch, with routing groups and token ids: forward alone, and
+  // a training step (forward_train, backward, backward_accumulate, then the same on an empty
+  // batch), each warmed once and then counted over three more rounds. In training the experts'
+  // rows and scratch, the routers' temporaries and the shared gate's all come from the workspace.
   const index_t d = 24, ff = 40, E = 6;
   const moe::Matrix<float> big = random_matrix<float>(300, d, 5), small = random_matrix<float>(7, d, 6);
   const moe::Matrix<float> dy_big = random_matrix<float>(300, d, 8), dy_small = random_matrix<float>(7, d, 9);
@@ -218,30 +160,43 @@ TEST_CASE("A warm training step allocates nothing", "[layer][allocation]") {
   const std::vector<index_t> big_groups = {0, 100, 250, 300}, small_groups = {0, 3, 7}, no_groups = {0, 0};
   std::vector<std::int64_t> ids(300);
   for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(t * 37 % 500);
-  auto context = [&](const std::vector<index_t>& groups) {  // (a view of `groups`)
+  auto context = [&](const std::vector<index_t>& groups, bool training) {  // (a view of `groups`)
     moe::RouteContext ctx = moe::RouteContext::with_groups(groups);
     ctx.token_ids = ids.data();
-    ctx.training = true;
+    ctx.training = training;
     return ctx;
   };
-  const moe::RouteContext big_ctx = context(big_groups), small_ctx = context(small_groups), empty_ctx = context(no_groups);
-  auto run = [&](const auto& layer, auto& ws) {
+  const moe::RouteContext big_ctx = context(big_groups, false), small_ctx = context(small_groups, false);
+  const moe::RouteContext big_train = context(big_groups, true), small_train = context(small_groups, true),
+                          empty_train = context(no_groups, true);
+  // The allocations of warm forwards, then of warm training steps, of `layer`.
+  auto check = [&](const auto& layer, auto& ws, auto& train) {
+    CHECK(warm_allocations([&](int which) {
+            if (which == 0) layer.forward(big, big_ctx, y_big, ws);
+            else layer.forward(small, small_ctx, y_small, ws);
+          }) == 0);
     auto grads = layer.make_gradients();
     auto step = [&](const moe::ConstMatrixRef<float>& x, const moe::RouteContext& ctx, const moe::ConstMatrixRef<float>& dy,
                     moe::MatrixRef<float> y, moe::MatrixRef<float> dx) {
-      layer.forward_train(x, ctx, y, ws);
-      layer.backward(x, dy, dx, grads, ws);
-      layer.backward_accumulate(x, dy, dx, grads, ws);
+      layer.forward_train(x, ctx, y, train);
+      layer.backward(x, dy, dx, grads, train);
+      layer.backward_accumulate(x, dy, dx, grads, train);
     };
-    return warm_allocations([&](int which) {
-      if (which == 0) {
-        step(big, big_ctx, dy_big, y_big, dx_big);
-      } else {
-        step(small, small_ctx, dy_small, y_small, dx_small);
-        step(big.topRows(0), empty_ctx, dy_big.topRows(0), y_big.topRows(0), dx_big.topRows(0));  // empty batch
-      }
-    });
+    CHECK(warm_allocations([&](int which) {
+            if (which == 0) {
+              step(big, big_train, dy_big, y_big, dx_big);
+            } else {
+              step(small, small_train, dy_small, y_small, dx_small);
+              step(big.topRows(0), empty_train, dy_big.topRows(0), y_big.topRows(0), dx_big.topRows(0));  // empty batch
+            }
+          }) == 0);
   };
+  auto check_layer = [&](const auto& layer) {
+    moe::Workspace<float> ws;
+    moe::TrainingWorkspace<float> train;
+    check(layer, ws, train);
+  };
+
   SECTION("top-k with capacity (reroute), training jitter and a gated shared expert") {
     moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
     o.capacity_factor = 1.0;
@@ -249,27 +204,21 @@ TEST_CASE("A warm training step allocates nothing", "[layer][allocation]") {
     o.jitter = 0.01;
     moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff));
     layer.set_shared_experts(make_experts(2, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
-    moe::TrainingWorkspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
+    check_layer(layer);
   }
   SECTION("Switch: top-1 capacity, dropped tokens passed through") {
     moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 98), moe::presets::switch_transformers(0.5)),
                         make_experts(E, d, ff));
     layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
-    moe::TrainingWorkspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
+    check_layer(layer);
   }
   SECTION("expert choice") {
     moe::ExpertChoiceOptions o;
     o.capacity_factor = 2.0;
-    moe::MoELayer layer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff));
-    moe::TrainingWorkspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
+    check_layer(moe::MoELayer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff)));
   }
   SECTION("hash routing") {
-    moe::MoELayer layer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff));
-    moe::TrainingWorkspace<float> ws;
-    REQUIRE(run(layer, ws) == 0);
+    check_layer(moe::MoELayer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff)));
   }
   for (const bool normalized : {false, true}) {
     DYNAMIC_SECTION("Soft MoE, normalized = " << normalized) {
@@ -278,8 +227,9 @@ TEST_CASE("A warm training step allocates nothing", "[layer][allocation]") {
       o.normalized = normalized;
       const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
                                                         make_experts(E, d, ff));
-      moe::SoftTrainingWorkspace<float> ws;
-      REQUIRE(run(layer, ws) == 0);
+      moe::SoftWorkspace<float> ws;
+      moe::SoftTrainingWorkspace<float> train;
+      check(layer, ws, train);
     }
   }
   SECTION("the counters count a cold training workspace") {
@@ -287,7 +237,7 @@ TEST_CASE("A warm training step allocates nothing", "[layer][allocation]") {
     auto grads = layer.make_gradients();
     moe::TrainingWorkspace<float> ws;
     const long before = allocations_now();
-    layer.forward_train(small, small_ctx, y_small, ws);
+    layer.forward_train(small, small_train, y_small, ws);
     layer.backward(small, dy_small, dx_small, grads, ws);
     REQUIRE(allocations_now() > before);
   }
