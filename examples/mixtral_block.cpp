@@ -99,9 +99,12 @@ int main() {
         hidden(static_cast<std::size_t>(d_ff));
     for (moe::index_t e = 0; e < num_experts; ++e)
       for (moe::index_t i = 0; i < d; ++i) logit[std::size_t(e)] += double(gate[std::size_t(e * d + i)]) * double(x(t, i));
-    std::vector<std::size_t> order(logit.size());
-    for (std::size_t e = 0; e < order.size(); ++e) order[e] = e;
-    std::partial_sort(order.begin(), order.begin() + 2, order.end(), [&](std::size_t a, std::size_t b) { return logit[a] > logit[b]; });
+    std::size_t order[2] = {0, 1};  // the two largest logits, largest first
+    if (logit[1] > logit[0]) order[0] = 1, order[1] = 0;
+    for (std::size_t e = 2; e < logit.size(); ++e) {
+      if (logit[e] > logit[order[0]]) order[1] = order[0], order[0] = e;
+      else if (logit[e] > logit[order[1]]) order[1] = e;
+    }
     const double first_weight = 1.0 / (1.0 + std::exp(logit[order[1]] - logit[order[0]]));
     for (int rank = 0; rank < 2; ++rank) {
       const std::size_t e = order[std::size_t(rank)];
