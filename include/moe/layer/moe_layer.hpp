@@ -294,22 +294,20 @@ class MoELayer {
     // Jobs: routed expert e as e (every FFN expert, the zero-computation ones with tokens), shared
     // expert s as -1 - s. Each one's saved activations as forward_train laid them out: routed
     // expert e's at ws.saved + saved_at[e], shared expert s's at ws.shared_saved + saved_at[F + s]
-    // with F FFN experts (both lists in the workspace, so that a warm backward allocates nothing).
-    std::vector<index_t>& jobs = ws.backward_jobs;
-    std::vector<index_t>& saved_at = ws.backward_saved_at;
-    jobs.clear();
-    jobs.reserve(static_cast<std::size_t>(num_experts() + num_shared));
-    saved_at.resize(static_cast<std::size_t>(num_ffn + num_shared));
-    index_t offset = 0;
+    // with F FFN experts. Both lists live in the forward's schedule buffer (free once the forward
+    // is done), so that a warm backward allocates nothing.
+    index_t* const saved_at = ws.expert_schedule.ensure(num_ffn + num_experts() + 2 * num_shared);
+    index_t* const jobs = saved_at + num_ffn + num_shared;  // [at most E + S]
+    index_t num_jobs = 0, offset = 0;
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
-      if (e < num_ffn) saved_at[std::size_t(e)] = offset, offset += experts_[e].saved_size(m);
-      if (m > 0 || (e < num_ffn && !accumulate)) jobs.push_back(e);
+      if (e < num_ffn) saved_at[e] = offset, offset += experts_[e].saved_size(m);
+      if (m > 0 || (e < num_ffn && !accumulate)) jobs[num_jobs++] = e;
     }
     offset = 0;
     for (index_t s = 0; s < num_shared; ++s) {
-      saved_at[std::size_t(num_ffn + s)] = offset, offset += shared_[std::size_t(s)].saved_size(T_);
-      jobs.push_back(-1 - s);
+      saved_at[num_ffn + s] = offset, offset += shared_[std::size_t(s)].saved_size(T_);
+      jobs[num_jobs++] = -1 - s;
     }
     const T* const saved = ws.saved.data();
     const T* const shared_saved = ws.shared_saved.data();
@@ -318,25 +316,25 @@ class MoELayer {
       if (job < 0) return T_ * shared_[std::size_t(-1 - job)].d_ff();
       return job < num_ffn ? plan.tokens_of(job) * experts_[job].d_ff() : index_t(0);
     };
-    std::sort(jobs.begin(), jobs.end(), [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
+    std::sort(jobs, jobs + num_jobs, [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
     // Each thread's scratch, sized for the largest job.
     index_t scratch_needed = 0;
     for (index_t e = 0; e < num_ffn; ++e)
       scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(experts_[e], plan.tokens_of(e)));
     for (const Expert& expert : shared_) scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, T_));
     const PerThreadScratch<T> scratch(ws.backward_scratch, scratch_needed);
-    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(jobs.size()), [&](std::ptrdiff_t i) {
-      const index_t e = jobs[std::size_t(i)];
+    detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(num_jobs), [&](std::ptrdiff_t i) {
+      const index_t e = jobs[i];
       T* own_scratch = scratch.own();
       if (e < 0) {
-        const auto s = static_cast<std::size_t>(-1 - e);
-        detail::expert_backward(shared_[s], shared.x_rows, T_, shared.d_out, shared_saved + saved_at[std::size_t(num_ffn) + s],
-                                shared.dx + static_cast<index_t>(s) * T_ * d, grads.shared[s], arch, own_scratch, accumulate);
+        const index_t s = -1 - e;
+        detail::expert_backward(shared_[std::size_t(s)], shared.x_rows, T_, shared.d_out, shared_saved + saved_at[num_ffn + s],
+                                shared.dx + s * T_ * d, grads.shared[std::size_t(s)], arch, own_scratch, accumulate);
         return;
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {  // (m == 0 only when !accumulate: zeroed)
-        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved + saved_at[std::size_t(e)],
+        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved + saved_at[e],
                                 d_in + first * d, grads.experts[e], arch, own_scratch, accumulate);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out + first * d, d_in + first * d,

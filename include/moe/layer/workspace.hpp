@@ -5,8 +5,6 @@
 //
 // (It lives in layer/ rather than core/ because it holds a RouterOutput, and core/ sits above
 // routing/ in the dependency order.)
-#include <vector>
-
 #include "../core/types.hpp"
 #include "../core/workspace.hpp"
 #include "../routing/router_output.hpp"
@@ -23,7 +21,7 @@ struct Workspace {
   Buffer<T> shared_in;      // [T, d] contiguous copy of the input for the shared experts
   Buffer<T> shared_out;     // [T, d] one shared expert's output
   Buffer<T> shared_gate;    // [T] sigmoid gate of the shared experts
-  Buffer<index_t> expert_schedule;  // the experts' order and places for the threads (MoELayer::run_experts)
+  Buffer<index_t> expert_schedule;  // the experts' order and places (run_experts; then experts_backward)
   // Tokens of the forward_train whose state this holds; -1 when none. Every forward resets it, so
   // a plain forward on a TrainingWorkspace cannot leave backward a stale pairing.
   index_t training_tokens = -1;
@@ -42,8 +40,6 @@ struct TrainingWorkspace : Workspace<T> {
   Buffer<T> backward_rows;     // backward's gradients of the expert inputs and outputs and routing weights
   Buffer<T> backward_scratch;  // backward's expert scratch, one part per thread
   Buffer<T> router_scratch;    // the router's backward temporaries
-  std::vector<index_t> backward_jobs;      // backward's order of the experts
-  std::vector<index_t> backward_saved_at;  // where each expert's saved activations start
 };
 
 MOE_NAMESPACE_END
