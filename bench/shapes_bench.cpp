@@ -14,7 +14,8 @@
 //
 //   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; at T ≤ 16 the model's weights
 //                            are flushed from the caches before each iteration (a real model's
-//                            other layers evict them)
+//                            other layers evict them) and the threads woken (they have just run
+//                            those layers; MOE_BENCH_SLEEPING_THREADS=1 lets them sleep)
 //   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree)
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
@@ -360,8 +361,27 @@ std::string row_name(const Shape& s, index_t T) { return std::string(s.name) + "
 // summary: which BM_Expert rows a layer row is made of.
 std::map<std::string, std::vector<index_t>> g_row_tokens;
 
+// The flush idles the OpenMP workers for milliseconds, and a libgomp worker idle that long sleeps
+// on a futex: the next region's second thread then starts ~45 µs late (measured: 0.8 µs after 1 ms
+// idle, 45 µs after 7 ms; S3 at T = 1 on 2 threads took 0.354 ms so, 0.28–0.30 with
+// OMP_WAIT_POLICY=active). In a model the layer before this one has just run on the same threads,
+// so the workers are woken here, untimed, by an empty region; MOE_BENCH_SLEEPING_THREADS=1 leaves
+// them asleep (the README's tables before session 30).
+bool wake_threads_wanted() {
+  const char* v = std::getenv("MOE_BENCH_SLEEPING_THREADS");
+  return v == nullptr || std::strcmp(v, "1") != 0;
+}
+const bool g_wake_threads = wake_threads_wanted();
+void wake_threads() {
+#if defined(MOE_USE_OPENMP)
+  if (!g_wake_threads || omp_get_max_threads() < 2) return;
+#pragma omp parallel
+  benchmark::DoNotOptimize(omp_get_thread_num());
+#endif
+}
+
 // The timed loop of BM_Layer and BM_Naive: forward() writes y; up to 16 tokens (memory bound)
-// start every iteration with the weights flushed from the caches, untimed.
+// start every iteration with the weights flushed from the caches and the threads woken, untimed.
 template <class Forward>
 void run_iterations(benchmark::State& state, index_t T, const std::vector<const Buffer*>& weights, Forward forward) {
   const bool cold = T <= 16;
@@ -369,6 +389,7 @@ void run_iterations(benchmark::State& state, index_t T, const std::vector<const 
     if (cold) {
       state.PauseTiming();
       evict(weights);
+      wake_threads();
       state.ResumeTiming();
     }
     forward();
@@ -597,6 +618,8 @@ void print_summary(const Collector& c) {
   std::printf("\nSummary (medians; roofline = bound / layer time; share = (route+dispatch+combine) / layer)\n");
   std::printf("  weights on %s pages (%s); anonymous huge pages in use now: %s\n", g_huge_pages ? "2 MiB" : "4 KiB",
               g_huge_pages ? "MOE_BENCH_HUGE_PAGES=0 for 4 KiB" : "MOE_BENCH_HUGE_PAGES=0", anon_huge_pages().c_str());
+  std::printf("  T <= 16: weights flushed, threads %s before each iteration\n",
+              g_wake_threads ? "woken (MOE_BENCH_SLEEPING_THREADS=1 to let them sleep)" : "left asleep (MOE_BENCH_SLEEPING_THREADS=1)");
   for (const auto& l : g_limits) {
     std::printf("  %d thread(s), best of the run: read %.1f GB/s, sgemm %.1f GFLOP/s (%s)\n", l.first, l.second.read_gbs,
                 l.second.sgemm_gfs, l.second.sgemm_source);
