@@ -363,7 +363,7 @@ std::map<std::string, std::vector<index_t>> g_row_tokens;
 
 // The flush idles the OpenMP workers for milliseconds, and a libgomp worker idle that long sleeps
 // on a futex: the next region's second thread then starts ~45 µs late (measured: 0.8 µs after 1 ms
-// idle, 45 µs after 7 ms; S3 at T = 1 on 2 threads took 0.354 ms so, 0.28–0.30 with
+// idle, 45 µs after 7 ms; S3 at T = 1 on 2 threads took 0.354 ms with them asleep, 0.28–0.30 with
 // OMP_WAIT_POLICY=active). In a model the layer before this one has just run on the same threads,
 // so the workers are woken here, untimed, by an empty region; MOE_BENCH_SLEEPING_THREADS=1 leaves
 // them asleep (the README's tables before session 30).
