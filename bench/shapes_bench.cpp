@@ -91,11 +91,12 @@ int g_max_threads = 1;
 // advises users to load theirs: moe::HugePageAllocator) unless MOE_BENCH_HUGE_PAGES=0, which turns
 // transparent huge pages off for the whole process (the allocator's advice then does nothing) so
 // that everything sits on 4 KiB pages. Both sides of every ratio use the same kind of page.
-bool huge_pages_wanted() {
-  const char* v = std::getenv("MOE_BENCH_HUGE_PAGES");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+// Whether environment variable `name` is set to exactly `value`.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
-const bool g_huge_pages = huge_pages_wanted();
+const bool g_huge_pages = !env_is("MOE_BENCH_HUGE_PAGES", "0");
 
 // Called before anything is allocated.
 void apply_page_choice() {
@@ -367,11 +368,7 @@ std::map<std::string, std::vector<index_t>> g_row_tokens;
 // OMP_WAIT_POLICY=active). In a model the layer before this one has just run on the same threads,
 // so the workers are woken here, untimed, by an empty region; MOE_BENCH_SLEEPING_THREADS=1 leaves
 // them asleep (the README's tables before session 30).
-bool wake_threads_wanted() {
-  const char* v = std::getenv("MOE_BENCH_SLEEPING_THREADS");
-  return v == nullptr || std::strcmp(v, "1") != 0;
-}
-const bool g_wake_threads = wake_threads_wanted();
+const bool g_wake_threads = !env_is("MOE_BENCH_SLEEPING_THREADS", "1");
 void wake_threads() {
 #if defined(MOE_USE_OPENMP)
   if (!g_wake_threads || omp_get_max_threads() < 2) return;
