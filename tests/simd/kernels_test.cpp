@@ -950,9 +950,10 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
   using T = TestType;
-  // m covers every token block size (1–14) and the ways batches are cut into blocks: one block up
-  // to 8 tokens, one packed block of 9–14 where their x fits (these rows are short), near-equal
-  // blocks of at most 6 below 64 (15 → 5 + 5 + 5), blocks of 5 from 64 on (70).
+  // m covers every token block size (1–14) and the ways batches are cut into blocks: streamed up
+  // to 6 tokens (one-, two-, four- and eight-row blocks), one packed block of 7–14 where their x
+  // fits (these rows are short), near-equal blocks of at most 6 below 64 (15 → 5 + 5 + 5), blocks
+  // of 5 from 64 on (70).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
@@ -984,9 +985,9 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   // and 14 tokens are one packed block, chunked more finely (kPackedChunkBytes); 15 are three blocks
   // of 5, whose later ones fetch the next panel. Rows of 711 elements are not chunked: in float 11
   // tokens fit one packed block (11 · 2844 bytes ≤ kPackedXBytes) and 12 do not (6 + 6). Rows of
-  // 1027 floats (4108 bytes) are cut into packed chunks for 9–14 tokens (chunks_rows), the last
-  // chunk shorter than a vector.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 5, 9, 11, 12, 14, 15);
+  // 1027 floats (4108 bytes) are cut into packed chunks for 8–14 tokens (chunks_rows), the last
+  // chunk shorter than a vector; 7 tokens take them whole (28756 bytes).
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 14, 15);
   const std::size_t k =
       GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3, 711, 1027);
   const std::size_t n = 19;
@@ -1000,6 +1001,41 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   Guarded<T> w_up = input<T>(n * k, 1);
   fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
   check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 1);
+}
+
+TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
+                   "[simd][matmul]", float, double) {
+  using T = TestType;
+  // Streamed batches of 3–4 tokens take wider register blocks when a token row is off a 64-byte
+  // boundary (stream_product); every element must still be summed in the one order. The same
+  // values sit at the start of a 64-byte aligned buffer and one element further on.
+  constexpr std::size_t per_line = 64 / sizeof(T);
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 6);
+  const std::size_t k = GENERATE(as<std::size_t>{}, 3 * per_line, 3 * per_line - 3);  // (the second with a tail)
+  const std::size_t ldx = 3 * per_line, n = 19, ldy = n;
+  CAPTURE(m, k);
+  auto rng = make_rng(m, k, 7);
+  std::vector<T, moe::HugePageAllocator<T>> on_line((m + 1) * ldx), off_line((m + 1) * ldx);
+  REQUIRE(reinterpret_cast<std::uintptr_t>(on_line.data()) % 64 == 0);
+  fill_uniform(on_line.data(), m * ldx, -1.0, 1.0, rng);
+  std::copy(on_line.begin(), on_line.begin() + static_cast<std::ptrdiff_t>(m * ldx), off_line.begin() + 1);
+  const T* x_on = on_line.data();
+  const T* x_off = off_line.data() + 1;
+  std::vector<T> w(n * k), w_up(n * k);
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
+
+  std::vector<T> y_on(m * ldy), y_off(m * ldy, T(1));
+  moe::simd::matmul_nt_strided(Arch{}, x_on, ldx, m, k, w.data(), n, y_on.data(), ldy);
+  moe::simd::matmul_nt_strided(Arch{}, x_off, ldx, m, k, w.data(), n, y_off.data(), ldy);
+  CHECK(y_on == y_off);
+  const DotReference ref = dot_reference(x_on, ldx, m, k, w.data(), n);
+  for (std::size_t e = 0; e < m * n; ++e) CHECK(std::abs(dbl(y_on[e]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
+  if (k == ldx) {  // gated_matmul_nt takes contiguous rows
+    moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x_on, m, k, w.data(), w_up.data(), n, y_on.data(), ldy);
+    moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x_off, m, k, w.data(), w_up.data(), n, y_off.data(), ldy);
+    CHECK(y_on == y_off);
+  }
 }
 
 TEMPLATE_TEST_CASE("simd::gated_matmul_nt computes act(x · w_gateᵀ) ⊙ (x · w_upᵀ)", "[simd][matmul]", float,

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 
 #include "../core/config.hpp"
@@ -53,8 +54,11 @@ constexpr std::size_t max_token_block() noexcept {
 // of S1 and S2 (4 KiB rows, in 2 KiB chunks: chunks_rows) 0.83–0.97. Unpacked, S3's down projection
 // on 12 tokens ran 1.09–1.46× (the row pointers spilled), and packed whole 4 KiB rows of 12–14
 // tokens 1.2–1.4× (x overflowing L1). Nor did 15–63 tokens gain from blocks of up to 14 (0.97–1.24).
-// More in bench/README.md, "Session 16".
-inline constexpr std::size_t kMinPackedBlock = 9;
+// More in bench/README.md, "Session 16". Packed from 7 tokens on since session 31 (7–8 were an
+// unpacked 8 × 2 block): one expert's FFN, weights cold, one thread or two, 0.90–0.97 of the
+// unpacked time on S1 and S3, 0.91–1.06 on S2; with x rows off 64-byte boundaries, which the copy
+// aligns, 0.59–0.92 (S2 on one thread 1.00–1.08).
+inline constexpr std::size_t kMinPackedBlock = 7;
 inline constexpr std::size_t kPackedXBytes = 32 * 1024;
 inline constexpr std::size_t kPackedChunkBytes = 2048;
 // Whether a register block of mb tokens is packed (with 16 registers one_block never forms one).
@@ -65,8 +69,8 @@ constexpr bool packed_block(std::size_t mb) noexcept { return mb >= kMinPackedBl
 // 8 accumulators where possible to cover the FMA latency (4 cycles, 2 per cycle). With 16
 // registers 5 × 2 measured fastest for many tokens (twice 4 × 2); with 32, 5 × 4 and 6 × 4 (the
 // sgemm rate +11% over 5 × 2), 3 × 4 (3 × 6 left two rows of an 8-row panel to a slow one-row
-// tail: 3 tokens on 14 KiB rows streamed 0.94 → 0.60 ms per 14.7 MB) and 8 × 2 for 7–8 tokens.
-// 1 × 8 for one token (memory bound).
+// tail: 3 tokens on 14 KiB rows streamed 0.94 → 0.60 ms per 14.7 MB) and 7–8 × 2 for 7–8 tokens
+// (packed). 1 × 8 for one token (memory bound).
 template <class Arch>
 constexpr std::size_t block_rows(std::size_t mb, std::size_t unit) noexcept {
   if (vector_registers<Arch>() >= 32) return mb >= 7 ? 2 : mb >= 3 ? 4 : 8;
@@ -310,11 +314,11 @@ bool one_block(std::size_t m, std::size_t k) noexcept {
 
 // The size of the token block starting at token j of m, on rows of k elements. With 32 registers:
 // up to 8 tokens are one block (one pass over the weights, the best use of their stream from
-// memory), and up to 14 packed where one_block says so; other batches below 64 are cut into
-// ceil(m / 6) blocks of near-equal size (16 → 6 + 5 + 5): every block after the first computes from
-// L2, where 4–6 × 4 blocks run 25–30% faster than 8 × 2 (measured with a warm L2 panel: 150–165
-// against 115–130 GFLOP/s). Larger batches, and 16 registers, take 5 at a time (5 × 4 and 5 × 2
-// compute fastest from L2).
+// memory; packed from kMinPackedBlock), and up to 14 where one_block says so; other batches below
+// 64 are cut into ceil(m / 6) blocks of near-equal size (16 → 6 + 5 + 5): every block after the
+// first computes from L2, where 4–6 × 4 blocks run 25–30% faster than 8 × 2 (measured with a warm
+// L2 panel: 150–165 against 115–130 GFLOP/s). Larger batches, and 16 registers, take 5 at a time
+// (5 × 4 and 5 × 2 compute fastest from L2).
 template <class Arch, class T>
 std::size_t token_block(std::size_t j, std::size_t m, std::size_t k) noexcept {
   constexpr std::size_t most = max_token_block<Arch>();
@@ -380,11 +384,20 @@ inline constexpr std::size_t kMaxStreamTokens = 6;
 // take 8 rows (eight row streams keep the hardware prefetcher busy; no software prefetch), 3–4
 // tokens one row (the weights then stream in address order, the next row prefetched: one expert's
 // FFN, 2 threads, 3–4 tokens, 8–22% faster than 2-row blocks), 5–6 tokens 2 rows (one row: slower),
-// not block_rows' 4.
+// not block_rows' 4. That holds for x rows on 64-byte boundaries. Off them, each x load spans two
+// cache lines, and one-row blocks, which load every x vector once per weight vector, ran 3–4 tokens
+// 1.3–1.9× as long as 8-row (3 tokens) and 4-row (4 tokens) blocks, which share each x load among
+// their rows (bench/README.md, "Session 31"); stream_product takes those then. (The layer's
+// dispatched rows are aligned when d · sizeof(T) is a multiple of 64.)
 template <class Arch>
 constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
   if (vector_registers<Arch>() >= 32) return mb <= 2 ? 8 : mb <= 4 ? 1 : 2;
   return block_rows<Arch>(mb, 1);
+}
+template <class Arch>
+constexpr std::size_t unaligned_stream_block_rows(std::size_t mb) noexcept {
+  if (vector_registers<Arch>() >= 32 && (mb == 3 || mb == 4)) return mb == 3 ? 8 : 4;
+  return stream_block_rows<Arch>(mb);
 }
 
 // add_tail for out[j * ldo + q] (x rows ldx apart, weight rows k apart). Out of line: rows are
@@ -433,11 +446,10 @@ void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k,
   }
 }
 
-// out [MB, n] (rows ldo apart) = x [MB, k] (rows ldx apart) · w [n, k]ᵀ, streamed.
-template <std::size_t MB, class Arch, class T>
+// out [MB, n] (rows ldo apart) = x [MB, k] (rows ldx apart) · w [n, k]ᵀ, streamed in blocks of NB rows.
+template <std::size_t MB, std::size_t NB, class Arch, class T>
 void stream_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t n, T* out,
                  std::size_t ldo) noexcept {
-  constexpr std::size_t NB = stream_block_rows<Arch>(MB);
   const std::size_t whole = n - n % NB;
   stream_blocks<MB, NB>(arch, x, ldx, w, k, 0, whole, out, ldo);
   if (whole < n) stream_blocks<MB, 1>(arch, x, ldx, w, k, whole, n, out, ldo);
@@ -458,20 +470,26 @@ bool streams(std::size_t m, std::size_t k) noexcept {
   return m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && row_bytes <= kChunkAboveBytes;
 }
 
-// stream_rows for the m tokens of a batch that streams().
+// stream_rows for the m tokens of a batch that streams(), in blocks of stream_block_rows(m) rows, or
+// unaligned_stream_block_rows(m) where an x row is off a 64-byte boundary.
 template <class Arch, class T>
 void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const T* w, std::size_t k, std::size_t n,
                     T* out, std::size_t ldo) noexcept {
   static_assert(kMaxStreamTokens == 6, "stream_product has one case per token count");
+  const bool aligned = reinterpret_cast<std::uintptr_t>(x) % 64 == 0 && ldx * sizeof(T) % 64 == 0;
   if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
-    if (m == 6) return stream_rows<6>(arch, x, ldx, w, k, n, out, ldo);
+    if (m == 6) return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo);
   }
   switch (m) {
-    case 5: return stream_rows<5>(arch, x, ldx, w, k, n, out, ldo);
-    case 4: return stream_rows<4>(arch, x, ldx, w, k, n, out, ldo);
-    case 3: return stream_rows<3>(arch, x, ldx, w, k, n, out, ldo);
-    case 2: return stream_rows<2>(arch, x, ldx, w, k, n, out, ldo);
-    default: return stream_rows<1>(arch, x, ldx, w, k, n, out, ldo);
+    case 5: return stream_rows<5, stream_block_rows<Arch>(5)>(arch, x, ldx, w, k, n, out, ldo);
+    case 4:
+      if (aligned) return stream_rows<4, stream_block_rows<Arch>(4)>(arch, x, ldx, w, k, n, out, ldo);
+      return stream_rows<4, unaligned_stream_block_rows<Arch>(4)>(arch, x, ldx, w, k, n, out, ldo);
+    case 3:
+      if (aligned) return stream_rows<3, stream_block_rows<Arch>(3)>(arch, x, ldx, w, k, n, out, ldo);
+      return stream_rows<3, unaligned_stream_block_rows<Arch>(3)>(arch, x, ldx, w, k, n, out, ldo);
+    case 2: return stream_rows<2, stream_block_rows<Arch>(2)>(arch, x, ldx, w, k, n, out, ldo);
+    default: return stream_rows<1, stream_block_rows<Arch>(1)>(arch, x, ldx, w, k, n, out, ldo);
   }
 }
 
