@@ -1032,6 +1032,8 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on to
   const DotReference ref = dot_reference(x_on, ldx, m, k, w.data(), n);
   for (std::size_t e = 0; e < m * n; ++e) CHECK(std::abs(dbl(y_on[e]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
   if (k == ldx) {  // gated_matmul_nt takes contiguous rows
+    std::fill(y_on.begin(), y_on.end(), T(0));
+    std::fill(y_off.begin(), y_off.end(), T(1));
     moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x_on, m, k, w.data(), w_up.data(), n, y_on.data(), ldy);
     moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x_off, m, k, w.data(), w_up.data(), n, y_off.data(), ldy);
     CHECK(y_on == y_off);
