@@ -476,7 +476,8 @@ template <class Arch, class T>
 void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const T* w, std::size_t k, std::size_t n,
                     T* out, std::size_t ldo) noexcept {
   static_assert(kMaxStreamTokens == 6, "stream_product has one case per token count");
-  const bool aligned = reinterpret_cast<std::uintptr_t>(x) % 64 == 0 && ldx * sizeof(T) % 64 == 0;
+  constexpr std::size_t kLine = PanelPrefetch::kLineBytes;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(x) % kLine == 0 && ldx * sizeof(T) % kLine == 0;
   if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
     if (m == 6) return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo);
   }
