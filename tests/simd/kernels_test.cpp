@@ -1068,6 +1068,15 @@ TEMPLATE_TEST_CASE("simd::gated_matmul_nt computes act(x · w_gateᵀ) ⊙ (x ·
 
 namespace {
 
+// Calls f(Act{}) for each of the library's activations; f takes the type from its argument.
+template <class F>
+void for_each_activation(F&& f) {
+  f(moe::ReLU{});
+  f(moe::GELU{});
+  f(moe::GELUTanh{});
+  f(moe::SiLU{});
+}
+
 // Arguments for the activation tests: a grid over [-10, 10], values near 0, and the saturated
 // ends ±1e4 (no NaN, no overflow).
 template <class T>
@@ -1156,10 +1165,7 @@ void check_gated_activate(std::size_t n, std::size_t offset) {
 TEMPLATE_TEST_CASE("Activations: scalar and batch forms match the double formulas", "[simd][activations]", float,
                    double) {
   using T = TestType;
-  check_activation_scalar_and_batch<moe::ReLU, T>();
-  check_activation_scalar_and_batch<moe::GELU, T>();
-  check_activation_scalar_and_batch<moe::GELUTanh, T>();
-  check_activation_scalar_and_batch<moe::SiLU, T>();
+  for_each_activation([&](auto act) { check_activation_scalar_and_batch<decltype(act), T>(); });
 }
 
 // NaN and ±inf through an activation's scalar and batch forms: NaN stays NaN (ReLU's SIMD max
@@ -1223,10 +1229,7 @@ TEST_CASE("simd::has_fma tells the architecture tags that multiply and add with 
 TEMPLATE_TEST_CASE("Activations: NaN stays NaN and ±inf give the same result in scalar and batch form",
                    "[simd][activations]", float, double) {
   using T = TestType;
-  check_special_values<moe::ReLU, T>();
-  check_special_values<moe::GELU, T>();
-  check_special_values<moe::GELUTanh, T>();
-  check_special_values<moe::SiLU, T>();
+  for_each_activation([&](auto act) { check_special_values<decltype(act), T>(); });
   CHECK(moe::ReLU::apply(-std::numeric_limits<T>::infinity()) == T(0));
   // A NaN column of a layer's hidden values stays NaN whichever lane it lands in.
   const std::size_t n = 2 * kLanes<T> + 3;
@@ -1364,10 +1367,7 @@ void check_gated_activation_backward(std::size_t n, std::size_t offset) {
 TEMPLATE_TEST_CASE("Activation derivatives: scalar and batch forms match the double formulas and agree on NaN and ±inf",
                    "[simd][activations]", float, double) {
   using T = TestType;
-  check_derivative_scalar_and_batch<moe::ReLU, T>();
-  check_derivative_scalar_and_batch<moe::GELU, T>();
-  check_derivative_scalar_and_batch<moe::GELUTanh, T>();
-  check_derivative_scalar_and_batch<moe::SiLU, T>();
+  for_each_activation([&](auto act) { check_derivative_scalar_and_batch<decltype(act), T>(); });
 }
 
 TEMPLATE_TEST_CASE("simd::activation_backward and simd::gated_activation_backward match the double formulas",
@@ -1376,14 +1376,10 @@ TEMPLATE_TEST_CASE("simd::activation_backward and simd::gated_activation_backwar
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
   CAPTURE(n, offset);
-  check_activation_backward<moe::ReLU, T>(n, offset);
-  check_activation_backward<moe::GELU, T>(n, offset);
-  check_activation_backward<moe::GELUTanh, T>(n, offset);
-  check_activation_backward<moe::SiLU, T>(n, offset);
-  check_gated_activation_backward<moe::ReLU, T>(n, offset);
-  check_gated_activation_backward<moe::GELU, T>(n, offset);
-  check_gated_activation_backward<moe::GELUTanh, T>(n, offset);
-  check_gated_activation_backward<moe::SiLU, T>(n, offset);
+  for_each_activation([&](auto act) {
+    check_activation_backward<decltype(act), T>(n, offset);
+    check_gated_activation_backward<decltype(act), T>(n, offset);
+  });
 }
 
 TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double formulas", "[simd][activations]", float,
@@ -1392,14 +1388,10 @@ TEMPLATE_TEST_CASE("simd::activate and simd::gated_activate match the double for
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
   CAPTURE(n, offset);
-  check_activate<moe::ReLU, T>(n, offset);
-  check_activate<moe::GELU, T>(n, offset);
-  check_activate<moe::GELUTanh, T>(n, offset);
-  check_activate<moe::SiLU, T>(n, offset);
-  check_gated_activate<moe::ReLU, T>(n, offset);
-  check_gated_activate<moe::GELU, T>(n, offset);
-  check_gated_activate<moe::GELUTanh, T>(n, offset);
-  check_gated_activate<moe::SiLU, T>(n, offset);
+  for_each_activation([&](auto act) {
+    check_activate<decltype(act), T>(n, offset);
+    check_gated_activate<decltype(act), T>(n, offset);
+  });
 }
 
 // ---- matmul_nn.hpp -------------------------------------------------------------------------------
