@@ -20,19 +20,8 @@ using moe::index_t;
 template <class T>
 using Mat = moe::Matrix<T>;
 
-// An element of a std::vector by a signed index (plan indices are index_t).
-template <class V>
-auto at(V& v, index_t i) -> decltype(v[0]) {
-  return v[static_cast<std::size_t>(i)];
-}
-
-template <class T>
-Mat<T> random_matrix(std::mt19937& rng, index_t rows, index_t cols, double scale = 1.0) {
-  std::normal_distribution<double> normal(0.0, scale);
-  Mat<T> m(rows, cols);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
-  return m;
-}
+using moe_test::at;
+using moe_test::normal_matrix;
 
 // Multiples of 1/4 in [-2, 2]: products and short sums of them are exact in float, so equal
 // rows give bit-equal logits however they are summed.
@@ -157,7 +146,7 @@ template <class T>
 std::vector<moe::SwiGLU<T>> random_experts(std::mt19937& rng, index_t E, index_t d, index_t ff) {
   std::vector<moe::SwiGLU<T>> experts;
   for (index_t e = 0; e < E; ++e) {
-    experts.emplace_back(random_matrix<T>(rng, ff, d, 0.5), random_matrix<T>(rng, ff, d, 0.5), random_matrix<T>(rng, d, ff, 0.5));
+    experts.emplace_back(normal_matrix<T>(rng, ff, d, 0.5), normal_matrix<T>(rng, ff, d, 0.5), normal_matrix<T>(rng, d, ff, 0.5));
   }
   return experts;
 }
@@ -182,8 +171,8 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter selects the top c tokens per expert and g
         if (groups == 0) bounds.back() = std::uniform_int_distribution<index_t>(0, 40)(rng);
         const index_t T_ = bounds.back();
         INFO("E = " << E << ", d = " << d << ", cf = " << cf << ", T = " << T_ << ", groups = " << groups);
-        const Mat<T> w = random_matrix<T>(rng, E, d, 0.7);
-        const Mat<T> x = random_matrix<T>(rng, T_, d);
+        const Mat<T> w = normal_matrix<T>(rng, E, d, 0.7);
+        const Mat<T> x = normal_matrix<T>(rng, T_, d);
         const moe::ExpertChoiceRouter<T> router(moe::ConstMatrixMap<T>(w.data(), E, d), {cf});
         if (groups == 0) {
           router.route(x, out);
@@ -237,8 +226,8 @@ TEST_CASE("ExpertChoiceRouter breaks ties by the lower token index", "[routing][
     const index_t E = 3;
     const index_t d = 5;
     std::mt19937 rng(7);
-    const Mat<T> w = random_matrix<T>(rng, E, d);
-    const Mat<T> row = random_matrix<T>(rng, 1, d);
+    const Mat<T> w = normal_matrix<T>(rng, E, d);
+    const Mat<T> row = normal_matrix<T>(rng, 1, d);
     const std::vector<index_t> bounds{0, 4, 4, 11};
     const Mat<T> x = row.replicate(bounds.back(), 1);
     const double cf = 1.5;
@@ -317,7 +306,7 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
   moe::RouterOutput<T> out;
 
   SECTION("T = 0, with and without groups") {
-    const Mat<T> w = random_matrix<T>(rng, 4, 6);
+    const Mat<T> w = normal_matrix<T>(rng, 4, 6);
     const moe::ExpertChoiceRouter<T> router(w, {2.0});
     const Mat<T> x(0, 6);
     router.route(x, out);
@@ -331,9 +320,9 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
 
   SECTION("E = 1: the one expert takes the first c tokens of each group with weight 1") {
     const index_t d = 9;
-    const Mat<T> w = random_matrix<T>(rng, 1, d);
+    const Mat<T> w = normal_matrix<T>(rng, 1, d);
     const std::vector<index_t> bounds{0, 5, 6, 6, 13};
-    const Mat<T> x = random_matrix<T>(rng, bounds.back(), d);
+    const Mat<T> x = normal_matrix<T>(rng, bounds.back(), d);
     for (const double cf : {0.5, 1.0, 4.0}) {
       const moe::ExpertChoiceRouter<T> router(w, {cf});
       router.route(x, context_for(bounds), out);
@@ -353,8 +342,8 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
   SECTION("a large capacity factor caps c at the group size: every token gets every expert") {
     const index_t E = 5;
     const index_t d = 8;
-    const Mat<T> w = random_matrix<T>(rng, E, d);
-    const Mat<T> x = random_matrix<T>(rng, 7, d);
+    const Mat<T> w = normal_matrix<T>(rng, E, d);
+    const Mat<T> x = normal_matrix<T>(rng, 7, d);
     const moe::ExpertChoiceRouter<T> router(w, {1e300});
     router.route(x, out);
     check_plan(out.plan, 7, E);
@@ -365,7 +354,7 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
   }
 
   SECTION("capacity rounds up, and exact quotients are not rounded up") {
-    const Mat<T> w = random_matrix<T>(rng, 4, 3);
+    const Mat<T> w = normal_matrix<T>(rng, 4, 3);
     const moe::ExpertChoiceRouter<T> one(w, {1.0});
     REQUIRE(one.capacity(8) == 2);
     REQUIRE(one.capacity(9) == 3);
@@ -378,8 +367,8 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
   SECTION("a view and an owning router route alike; x may be a row block of a wider matrix") {
     const index_t E = 3;
     const index_t d = 10;
-    const Mat<T> w = random_matrix<T>(rng, E, d);
-    const Mat<T> wide = random_matrix<T>(rng, 9, d + 3);
+    const Mat<T> w = normal_matrix<T>(rng, E, d);
+    const Mat<T> wide = normal_matrix<T>(rng, 9, d + 3);
     const Mat<T> x = wide.leftCols(d);
     const moe::ExpertChoiceRouter<T> view(moe::ConstMatrixMap<T>(w.data(), E, d), {1.0});
     const moe::ExpertChoiceRouter<T> owner(Mat<T>(w), {1.0});
@@ -395,7 +384,7 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter edge shapes", "[routing][expert_choice]",
 TEST_CASE("ExpertChoiceRouter errors name the parameter and the values", "[routing][expert_choice]") {
   using T = float;
   std::mt19937 rng(5);
-  const Mat<T> w = random_matrix<T>(rng, 4, 6);
+  const Mat<T> w = normal_matrix<T>(rng, 4, 6);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
   REQUIRE_THROWS_AS(moe::ExpertChoiceRouter<T>(w, {0.0}), moe::invalid_argument);
@@ -409,16 +398,16 @@ TEST_CASE("ExpertChoiceRouter errors name the parameter and the values", "[routi
 
   const moe::ExpertChoiceRouter<T> router(w, {1.0});
   moe::RouterOutput<T> out;
-  const Mat<T> narrow = random_matrix<T>(rng, 3, 5);
+  const Mat<T> narrow = normal_matrix<T>(rng, 3, 5);
   REQUIRE_THROWS_AS(router.route(narrow, out), moe::invalid_argument);
   REQUIRE_THROWS_WITH(router.route(narrow, out), Catch::Contains("x.cols() = 5") && Catch::Contains("d_model = 6"));
 
-  Mat<T> x = random_matrix<T>(rng, 4, 6);
+  Mat<T> x = normal_matrix<T>(rng, 4, 6);
   x(2, 3) = std::numeric_limits<T>::infinity();
   REQUIRE_THROWS_AS(router.route(x, out), moe::numeric_error);
   REQUIRE_THROWS_WITH(router.route(x, out), Catch::Contains("token = 2") && Catch::Contains("not finite"));
 
-  const Mat<T> ok = random_matrix<T>(rng, 4, 6);
+  const Mat<T> ok = normal_matrix<T>(rng, 4, 6);
   const std::vector<index_t> short_bounds{0, 3};
   REQUIRE_THROWS_AS(router.route(ok, context_for(short_bounds), out), moe::invalid_argument);
   REQUIRE_THROWS_WITH(router.route(ok, context_for(short_bounds), out),
@@ -437,12 +426,12 @@ TEST_CASE("ExpertChoiceRouter isolates routing groups bit for bit", "[routing][e
   // cf = 1.5: selection decides; cf = 4 = E: every token takes every expert, so every score
   // of the target is a combine weight.
   const double cf = GENERATE(1.5, 4.0);
-  const Mat<T> w = random_matrix<T>(rng, E, d);
+  const Mat<T> w = normal_matrix<T>(rng, E, d);
   const moe::ExpertChoiceRouter<T> router(w, {cf});
   const moe::MoELayer<moe::ExpertChoiceRouter<T>, moe::SwiGLU<T>> layer(router, random_experts<T>(rng, E, d, ff));
 
   // The target group has duplicated rows (ties inside it) and is 7 tokens long.
-  Mat<T> target = random_matrix<T>(rng, 7, d);
+  Mat<T> target = normal_matrix<T>(rng, 7, d);
   target.row(4) = target.row(1);
   target.row(6) = target.row(1);
 
@@ -492,7 +481,7 @@ TEST_CASE("ExpertChoiceRouter isolates routing groups bit for bit", "[routing][e
     bounds.push_back(first + 7);
     for (const index_t s : sizes_after) bounds.push_back(bounds.back() + s);
     const index_t T_ = bounds.back();
-    Mat<T> x = random_matrix<T>(rng, T_, d, 2.0);
+    Mat<T> x = normal_matrix<T>(rng, T_, d, 2.0);
     for (index_t t = 0; t < T_; ++t) {
       if (std::uniform_int_distribution<int>(0, 2)(rng) == 0) x.row(t) = target.row(t % 7);
     }
@@ -525,8 +514,8 @@ TEMPLATE_TEST_CASE("MoELayer with ExpertChoiceRouter matches a per-token double 
   for (const Shape& s : shapes) {
     const index_t T_ = s.bounds.back();
     INFO("E = " << s.E << ", d = " << s.d << ", T = " << T_ << ", cf = " << s.cf);
-    const Mat<T> w = random_matrix<T>(rng, s.E, s.d, 0.5);
-    const Mat<T> x = random_matrix<T>(rng, T_, s.d);
+    const Mat<T> w = normal_matrix<T>(rng, s.E, s.d, 0.5);
+    const Mat<T> x = normal_matrix<T>(rng, T_, s.d);
     const moe::ExpertChoiceRouter<T> router(w, {s.cf});
     const moe::MoELayer<moe::ExpertChoiceRouter<T>, moe::SwiGLU<T>> layer(router, random_experts<T>(rng, s.E, s.d, s.ff));
     moe::Workspace<T> ws;
@@ -557,11 +546,11 @@ TEST_CASE("MoELayer backward through ExpertChoiceRouter matches central differen
   const index_t ff = 5;
   const std::vector<index_t> bounds{0, 5, 5, 9};
   const index_t T_ = bounds.back();
-  Mat<T> w = random_matrix<T>(rng, E, d, 0.5);  // the router views it, so perturbing w perturbs the layer
-  const Mat<T> x = random_matrix<T>(rng, T_, d);
+  Mat<T> w = normal_matrix<T>(rng, E, d, 0.5);  // the router views it, so perturbing w perturbs the layer
+  const Mat<T> x = normal_matrix<T>(rng, T_, d);
   const moe::ExpertChoiceRouter<T> router(moe::ConstMatrixMap<T>(w.data(), E, d), {1.0});
   const moe::MoELayer<moe::ExpertChoiceRouter<T>, moe::SwiGLU<T>> layer(router, random_experts<T>(rng, E, d, ff));
-  const Mat<T> r = random_matrix<T>(rng, T_, d);  // L = Σ r ⊙ y, so dy = r
+  const Mat<T> r = normal_matrix<T>(rng, T_, d);  // L = Σ r ⊙ y, so dy = r
 
   moe::TrainingWorkspace<T> tws;
   Mat<T> y(T_, d);
@@ -612,7 +601,7 @@ TEST_CASE("MoELayer backward through ExpertChoiceRouter matches central differen
   REQUIRE(checked >= (T_ + E) * d * 3 / 4);
 
   SECTION("extra logit gradients join as dW += Gᵀ x, dx += G W") {
-    const Mat<T> g = random_matrix<T>(rng, T_, E);
+    const Mat<T> g = normal_matrix<T>(rng, T_, E);
     const std::vector<T> zero(tws.routing.plan.weight.size(), T(0));
     Mat<T> dx2 = Mat<T>::Zero(T_, d);
     Mat<T> dw2 = Mat<T>::Zero(E, d);

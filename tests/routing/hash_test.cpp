@@ -20,19 +20,8 @@ using moe::index_t;
 template <class T>
 using Mat = moe::Matrix<T>;
 
-// An element of a std::vector by a signed index (plan indices are index_t).
-template <class V>
-auto at(V& v, index_t i) -> decltype(v[0]) {
-  return v[static_cast<std::size_t>(i)];
-}
-
-template <class T>
-Mat<T> random_matrix(std::mt19937& rng, index_t rows, index_t cols, double scale = 1.0) {
-  std::normal_distribution<double> normal(0.0, scale);
-  Mat<T> m(rows, cols);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
-  return m;
-}
+using moe_test::at;
+using moe_test::normal_matrix;
 
 // SplitMix64 (Steele, Lea, Flood 2014): state += golden gamma, then the output mix.
 std::uint64_t ref_splitmix64(std::uint64_t state) {
@@ -351,12 +340,12 @@ TEMPLATE_TEST_CASE("MoELayer with HashRouter matches a per-token double referenc
     INFO("E = " << s.E << ", k = " << s.k << ", d = " << s.d << ", T = " << s.T);
     std::vector<moe::SwiGLU<T>> experts;
     for (index_t e = 0; e < s.E; ++e) {
-      experts.emplace_back(random_matrix<T>(rng, s.ff, s.d, 0.5), random_matrix<T>(rng, s.ff, s.d, 0.5),
-                           random_matrix<T>(rng, s.d, s.ff, 0.5));
+      experts.emplace_back(normal_matrix<T>(rng, s.ff, s.d, 0.5), normal_matrix<T>(rng, s.ff, s.d, 0.5),
+                           normal_matrix<T>(rng, s.d, s.ff, 0.5));
     }
     const moe::HashRouter<T> router(s.E, s.d, {s.k, 3});
     const moe::MoELayer<moe::HashRouter<T>, moe::SwiGLU<T>> layer(router, experts);
-    const Mat<T> x = random_matrix<T>(rng, s.T, s.d);
+    const Mat<T> x = normal_matrix<T>(rng, s.T, s.d);
     const auto ids = random_ids(id_rng, s.T);
     moe::Workspace<T> ws;
     Mat<T> y(s.T, s.d);
@@ -383,11 +372,11 @@ TEST_CASE("MoELayer backward through HashRouter matches central differences", "[
   const index_t T_ = 7;
   std::vector<moe::SwiGLU<T>> experts;
   for (index_t e = 0; e < E; ++e) {
-    experts.emplace_back(random_matrix<T>(rng, ff, d, 0.5), random_matrix<T>(rng, ff, d, 0.5), random_matrix<T>(rng, d, ff, 0.5));
+    experts.emplace_back(normal_matrix<T>(rng, ff, d, 0.5), normal_matrix<T>(rng, ff, d, 0.5), normal_matrix<T>(rng, d, ff, 0.5));
   }
   const moe::MoELayer<moe::HashRouter<T>, moe::SwiGLU<T>> layer(moe::HashRouter<T>(E, d, {2, 11}), experts);
-  const Mat<T> x = random_matrix<T>(rng, T_, d);
-  const Mat<T> r = random_matrix<T>(rng, T_, d);  // L = Σ r ⊙ y
+  const Mat<T> x = normal_matrix<T>(rng, T_, d);
+  const Mat<T> r = normal_matrix<T>(rng, T_, d);  // L = Σ r ⊙ y
   const auto ids = random_ids(id_rng, T_);
   moe::TrainingWorkspace<T> tws;
   Mat<T> y(T_, d);

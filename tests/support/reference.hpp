@@ -25,6 +25,21 @@ moe::Matrix<T> random_matrix(index_t rows, index_t cols, std::uint32_t seed, dou
   return m;
 }
 
+// Deterministic normal random matrix, N(0, scale²), drawn from the caller's generator.
+template <class T>
+moe::Matrix<T> normal_matrix(std::mt19937& rng, index_t rows, index_t cols, double scale = 1.0) {
+  std::normal_distribution<double> normal(0.0, scale);
+  moe::Matrix<T> m(rows, cols);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
+  return m;
+}
+
+// An element of a std::vector by a signed index (plan indices are index_t).
+template <class V>
+auto at(V& v, index_t i) -> decltype(v[0]) {
+  return v[static_cast<std::size_t>(i)];
+}
+
 template <class M>
 Mat to_double(const M& m) {
   Mat out(static_cast<std::size_t>(m.rows()), std::vector<double>(static_cast<std::size_t>(m.cols())));
