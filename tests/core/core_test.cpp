@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <fstream>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../support/reference.hpp"
@@ -39,6 +40,12 @@ bool aligned_to(const void* p, std::size_t alignment) { return reinterpret_cast<
 
 }  // namespace
 
+// Without MOE_USE_OPENMP moe lives in moe::v0; the OpenMP build's namespace is checked in
+// tests/layer/threads_test.cpp.
+TEST_CASE("A build of moe without OpenMP has the plain ABI namespace", "[core]") {
+  STATIC_REQUIRE(std::is_same<moe::Buffer<float>, moe::v0::Buffer<float>>::value);
+}
+
 TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their contents", "[core][memory]") {
   constexpr std::size_t kHuge = moe::kHugePageBytes;
   // One element short of, exactly at, and past a huge page; a small block.
@@ -59,6 +66,16 @@ TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their c
   CHECK_FALSE(for_doubles != moe::HugePageAllocator<float>{});
   // A size whose byte count overflows is refused before any arithmetic wraps.
   CHECK_THROWS_AS(moe::HugePageAllocator<float>{}.allocate(static_cast<std::size_t>(-1) / 2), std::bad_array_new_length);
+  // A type aligned beyond 64 bytes gets its own alignment in small blocks.
+  struct alignas(4096) Page {
+    char bytes[4096];
+  };
+  moe::HugePageAllocator<Page> pages;
+  for (const std::size_t count : {std::size_t(1), std::size_t(3), std::size_t(100)}) {
+    Page* p = pages.allocate(count);
+    CHECK(aligned_to(p, alignof(Page)));
+    pages.deallocate(p, count);
+  }
 }
 
 TEST_CASE("advise_huge_pages advises only whole huge pages and never changes the data", "[core][memory]") {
@@ -106,6 +123,9 @@ TEST_CASE("Routing groups must partition the batch", "[core][groups]") {
   REQUIRE(empty.count() == 1);
   REQUIRE(empty.size(0) == 0);
   REQUIRE_THROWS_WITH(bounds({0}, 3), Catch::Contains("num_groups = 0") && Catch::Contains("tokens = 3"));
+  // No group starting elsewhere than 0 is named as such, over no tokens as over some.
+  REQUIRE_THROWS_WITH(bounds({5}, 0), Catch::Contains("group_begin[0] = 5"));
+  REQUIRE_THROWS_WITH(bounds({5}, 3), Catch::Contains("group_begin[0] = 5"));
   REQUIRE_THROWS_AS(moe::RouteContext::with_groups({}), moe::invalid_argument);
 }
 

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../support/reference.hpp"
@@ -39,6 +40,12 @@ bool same_gradients(const Grads& a, const Grads& b) {
   return same;
 }
 }  // namespace
+
+// Built with OpenMP, moe lives in its own inline namespace: linked beside a part of the program
+// built without (moe::v0), each keeps its own max_threads and thread_index (core/config.hpp).
+TEST_CASE("An OpenMP build of moe has its own ABI namespace", "[threads]") {
+  STATIC_REQUIRE(std::is_same<moe::Buffer<float>, moe::v0_openmp::Buffer<float>>::value);
+}
 
 TEST_CASE("Forward and backward bits do not depend on the thread count", "[threads][determinism]") {
   REQUIRE(moe::max_threads() >= 1);

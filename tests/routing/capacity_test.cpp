@@ -54,6 +54,22 @@ TEST_CASE("expert_capacity rounds as Megatron-Core's get_capacity", "[routing][c
   CHECK(moe::expert_capacity(1.1, 45, 4, 6) == 33);
   CHECK(moe::expert_capacity(1.25, 10, 2, 4) == 7);  // 5 · 1.25 = 6.25
   CHECK(moe::expert_capacity(1.0, 0, 2, 4) == 0);
+  // The smallest positive factor still leaves room for one; a factor past index_t saturates.
+  CHECK(moe::expert_capacity(std::numeric_limits<double>::denorm_min(), 10, 2, 4) == 1);
+  CHECK(moe::expert_capacity(1e300, 10, 2, 4) == std::numeric_limits<index_t>::max());
+}
+
+TEST_CASE("expert_capacity refuses a factor that is not finite and > 0, and counts out of range", "[routing][capacity]") {
+  using Catch::Contains;
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (const double cf : {0.0, -1.0, -1e300, nan, inf}) {
+    CAPTURE(cf);
+    CHECK_THROWS_AS(moe::expert_capacity(cf, 10, 2, 4), moe::invalid_argument);
+  }
+  CHECK_THROWS_WITH(moe::expert_capacity(-1.5, 10, 2, 4), Contains("capacity_factor = -1.5"));
+  CHECK_THROWS_WITH(moe::expert_capacity(1.0, -3, 2, 4), Contains("tokens = -3"));
+  CHECK_THROWS_WITH(moe::expert_capacity(1.0, 10, 0, 4), Contains("k = 0"));
+  CHECK_THROWS_WITH(moe::expert_capacity(1.0, 10, 2, 0), Contains("num_experts = 0"));
 }
 
 TEST_CASE("Capacity drops by position: per expert the earliest tokens win", "[routing][capacity]") {

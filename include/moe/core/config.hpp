@@ -1,11 +1,23 @@
 #pragma once
 // ABI namespace and the overridable throw hook.
 //
-// Everything lives in `moe::v0` (an inline namespace), so two incompatible versions linked into
-// one program fail to link instead of misbehaving.
+// Everything lives in an inline namespace, so two incompatible versions linked into one program
+// fail to link instead of misbehaving: `moe::v0`, or `moe::v0_openmp` under MOE_USE_OPENMP, whose
+// inline functions differ (max_threads, thread_index: core/threads.hpp). Parts of one program
+// built with and without OpenMP then each keep their own, where the linker would otherwise pick
+// one for both (and threads could share one thread's scratch).
+#if defined(MOE_USE_OPENMP)
+#if !defined(_OPENMP)
+#error "MOE_USE_OPENMP needs OpenMP: compile with -fopenmp, or link the moe::openmp CMake target"
+#endif
+#define MOE_NAMESPACE_BEGIN \
+  namespace moe {           \
+  inline namespace v0_openmp {
+#else
 #define MOE_NAMESPACE_BEGIN \
   namespace moe {           \
   inline namespace v0 {
+#endif
 #define MOE_NAMESPACE_END \
   }                       \
   }

@@ -44,7 +44,8 @@ inline bool advise_huge_pages(const void* data, std::size_t bytes) noexcept {
 
 // A standard allocator for weight buffers: blocks of 2 MiB or more are 2 MiB aligned, rounded up
 // to whole huge pages and advised (advise_huge_pages) before anything touches them; smaller blocks
-// are 64-byte aligned. For example std::vector<float, moe::HugePageAllocator<float>>.
+// are 64-byte aligned, or alignof(T) where that is more. For example
+// std::vector<float, moe::HugePageAllocator<float>>.
 template <class T>
 struct HugePageAllocator {
   using value_type = T;
@@ -58,14 +59,14 @@ struct HugePageAllocator {
     const std::size_t bytes = n * sizeof(T);
     if (bytes < kHugePageBytes) return static_cast<T*>(::operator new(bytes, std::align_val_t(kSmallAlignment)));
     const std::size_t whole_pages = rounded(bytes);
-    void* p = ::operator new(whole_pages, std::align_val_t(kHugePageBytes));
+    void* p = ::operator new(whole_pages, std::align_val_t(kLargeAlignment));
     advise_huge_pages(p, whole_pages);
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t n) noexcept {
     const std::size_t bytes = n * sizeof(T);
     if (bytes < kHugePageBytes) ::operator delete(p, std::align_val_t(kSmallAlignment));
-    else ::operator delete(p, std::align_val_t(kHugePageBytes));
+    else ::operator delete(p, std::align_val_t(kLargeAlignment));
   }
 
   template <class U>
@@ -78,7 +79,8 @@ struct HugePageAllocator {
   }
 
  private:
-  static constexpr std::size_t kSmallAlignment = 64;
+  static constexpr std::size_t kSmallAlignment = alignof(T) > 64 ? alignof(T) : 64;
+  static constexpr std::size_t kLargeAlignment = alignof(T) > kHugePageBytes ? alignof(T) : kHugePageBytes;
   static std::size_t rounded(std::size_t bytes) noexcept { return (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes; }
 };
 

@@ -32,8 +32,14 @@ enum class OverflowPolicy { drop, reroute };
 // Megatron-Core's get_capacity computes it in double, ceil((tokens · k / E) · capacity_factor): other
 // orders of the same product round differently (cf 1.1, 45 tokens, k 4, E 6: 33 this way, 34 as
 // ceil(cf · tokens · k / E)). A value past the range of index_t (a huge capacity_factor)
-// saturates to its maximum: no expert ever fills.
+// saturates to its maximum: no expert ever fills. Needs a finite capacity_factor > 0 (a dropless
+// router does not call this), tokens >= 0, k >= 1 and num_experts >= 1; otherwise moe::invalid_argument.
 inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k, index_t num_experts) {
+  if (!(capacity_factor > 0) || !std::isfinite(capacity_factor) || tokens < 0 || k < 1 || num_experts < 1) {
+    detail::throw_invalid("expert_capacity: needs a finite capacity_factor > 0, tokens >= 0, k >= 1 and num_experts >= 1 "
+                          "(capacity_factor = ", capacity_factor, ", tokens = ", tokens, ", k = ", k, ", num_experts = ",
+                          num_experts, ")");
+  }
   const double capacity =
       std::ceil(static_cast<double>(tokens) * static_cast<double>(k) / static_cast<double>(num_experts) * capacity_factor);
   // 2^63 exactly; every double below it converts to index_t without overflow.
@@ -41,6 +47,8 @@ inline index_t expert_capacity(double capacity_factor, index_t tokens, index_t k
   if (!(capacity < kLimit)) return std::numeric_limits<index_t>::max();
   return static_cast<index_t>(capacity);
 }
+
+namespace detail {
 
 // Each token's candidates in rank order: the first num_chosen[t] are its choices; the rest (up to
 // num_ranked[t]) are where a rerouted choice may go. Arrays are [T, stride] and [T].
@@ -110,5 +118,7 @@ inline index_t rerouted_choices(const std::uint8_t* kept, index_t num_chosen, in
   for (index_t j = num_chosen; j < stride; ++j) moved += kept[j] != 0;
   return moved;
 }
+
+}  // namespace detail
 
 MOE_NAMESPACE_END

@@ -53,11 +53,12 @@ class GroupBounds {
     }
     begin_ = ctx.group_begin;
     count_ = ctx.num_groups;
+    // (With num_groups >= 0 the boundaries hold num_groups + 1 elements, so group_begin[0] exists.)
+    if (count_ >= 0 && begin_[0] != 0) detail::throw_invalid(where, ": group_begin[0] must be 0 (group_begin[0] = ", begin_[0], ")");
     if (count_ < 1) {
       detail::throw_invalid(where, ": num_groups must be at least 1 for a non-empty batch (num_groups = ", count_, ", tokens = ",
                             num_tokens, ")");
     }
-    if (begin_[0] != 0) detail::throw_invalid(where, ": group_begin[0] must be 0 (group_begin[0] = ", begin_[0], ")");
     for (index_t g = 0; g < count_; ++g) {
       if (begin_[g + 1] < begin_[g]) {
         detail::throw_invalid(where, ": group boundaries must not decrease (group_begin[", g, "] = ", begin_[g],

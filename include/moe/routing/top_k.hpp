@@ -227,7 +227,7 @@ class TopKRouter {
       // ∂L/∂(final weight) of every candidate: kept ones from their assignment, lost ones share
       // the token's lost-weight gradient (those reroute moved are not lost: decide_and_build).
       index_t q = plan.token_begin[t];
-      index_t moved = rerouted_choices(kept, num_chosen[t], R);
+      index_t moved = detail::rerouted_choices(kept, num_chosen[t], R);
       for (index_t j = 0; j < R; ++j) {
         if (kept[j]) {
           g_weight[j] = grad_weight[plan.assignment[q++]];
@@ -520,7 +520,7 @@ class TopKRouter {
   // Applies capacity, computes final weights, records drops and reroutes, builds the plan.
   void decide_and_build(RouterOutput<T>& out, const GroupBounds& groups, index_t T_, index_t E) const {
     const index_t k = options_.k, R = candidate_stride();
-    TokenCandidates<T> c;
+    detail::TokenCandidates<T> c;
     c.stride = R;
     c.expert = out.candidate_expert.ensure(T_ * R);
     c.raw = out.candidate_raw.ensure(T_ * R);
@@ -529,7 +529,7 @@ class TopKRouter {
     std::uint8_t* kept = out.candidate_kept.ensure(T_ * R);
     const bool capped = this->capped();
     if (capped) {
-      apply_capacity(options_.capacity_factor, options_.fixed_capacity, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
+      detail::apply_capacity(options_.capacity_factor, options_.fixed_capacity, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
                      out.expert_load.ensure(E), out.candidate_order.ensure(T_ * R));
     } else {
       for (index_t t = 0; t < T_; ++t)
@@ -575,7 +575,7 @@ class TopKRouter {
           logit_shares(out.logits().data() + t * E, c.expert + t * R, R, [keep](index_t j) { return keep[j] != 0; }, shares);
       }
       // A lost choice that reroute moved elsewhere is not lost: only the others count.
-      index_t moved = rerouted_choices(keep, c.num_chosen[t], R);
+      index_t moved = detail::rerouted_choices(keep, c.num_chosen[t], R);
       const bool was_rerouted = moved > 0;
       for (index_t j = 0; j < R; ++j) {
         if (keep[j]) {
