@@ -6,11 +6,8 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(moe_project_options INTERFACE
     -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wnon-virtual-dtor -Wold-style-cast -Wcast-align
     -Wnull-dereference -Wdouble-promotion)
-  # clang's -Wconversion also implies -Wsign-conversion, which g++'s does not: keep one warning set
-  # on both compilers (index_t is signed by design, like Eigen's Index).
-  if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
-    target_compile_options(moe_project_options INTERFACE -Wno-sign-conversion)
-  endif()
+  # (clang's -Wconversion also implies -Wsign-conversion, g++'s does not: the clang builds keep the
+  # headers clean for users who compile with clang's -Wconversion.)
   if(MOE_WERROR)
     target_compile_options(moe_project_options INTERFACE -Werror)
   endif()

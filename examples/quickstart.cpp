@@ -16,10 +16,12 @@ int main() {
   };
   std::vector<float> gate(num_experts * d);
   fill(gate, 0.1f);
-  std::vector<std::vector<float>> w_gate(num_experts), w_up(num_experts), w_down(num_experts);
+  const auto matrix_size = static_cast<std::size_t>(d_ff * d);
+  std::vector<std::vector<float>> w_gate, w_up, w_down;
   for (moe::index_t e = 0; e < num_experts; ++e) {
-    w_gate[e].resize(d_ff * d), w_up[e].resize(d_ff * d), w_down[e].resize(d * d_ff);
-    fill(w_gate[e], 1.0f + static_cast<float>(e)), fill(w_up[e], 2.0f + static_cast<float>(e)), fill(w_down[e], 3.0f + static_cast<float>(e));
+    const float phase = static_cast<float>(e);
+    w_gate.emplace_back(matrix_size), w_up.emplace_back(matrix_size), w_down.emplace_back(matrix_size);
+    fill(w_gate.back(), 1.0f + phase), fill(w_up.back(), 2.0f + phase), fill(w_down.back(), 3.0f + phase);
   }
 
   // Router: softmax over experts, top-2, weights renormalized (Mixtral). Views `gate`, no copy.
@@ -30,7 +32,7 @@ int main() {
 
   // Experts: SwiGLU views on w_gate [d_ff, d], w_up [d_ff, d], w_down [d, d_ff].
   std::vector<moe::SwiGLU<float>> experts;
-  for (moe::index_t e = 0; e < num_experts; ++e) {
+  for (std::size_t e = 0; e < w_gate.size(); ++e) {
     experts.emplace_back(moe::ConstMatrixMap<float>(w_gate[e].data(), d_ff, d),
                          moe::ConstMatrixMap<float>(w_up[e].data(), d_ff, d),
                          moe::ConstMatrixMap<float>(w_down[e].data(), d, d_ff));

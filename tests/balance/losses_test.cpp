@@ -6,6 +6,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <string>
 
 #include "../support/reference.hpp"
 
@@ -249,6 +250,23 @@ TEST_CASE("load_balancing_loss matches Megatron-Core and Hugging Face Mixtral", 
   Dm g32(Tn, E);
   REQUIRE(moe::load_balancing_loss(z, ids32, g32, o) == value);
   REQUIRE(g32 == grad);
+}
+
+TEST_CASE("Sigmoid scores keep the 1e-20 of their normalization where every sigmoid is tiny", "[balance][losses]") {
+  // Logits near -50: each token's sigmoid scores sum to ~1e-21, below the 1e-20 guard, so the
+  // normalized scores sum to far less than 1 (Megatron-Core's compute_routing_scores_for_aux_loss).
+  const index_t E = 4, k = 2, Tn = 5;
+  const moe::AuxLossOptions o = moe::AuxLossOptions::megatron(0.3, moe::ScoreFunction::sigmoid);
+  const Dm z = (random_matrix<double>(Tn, E, 21, 2.0).array() - 50.0).matrix();
+  const Ids ids = top_k_ids(z, k, o.score);
+  for (const auto& row : ref_score_matrix(to_double(z), o.score)) {
+    double sum = 0;
+    for (const double p : row) sum += p;
+    REQUIRE(sum < 0.5);  // the case this test is about
+  }
+  Dm grad(Tn, E);
+  REQUIRE(moe::load_balancing_loss(z, ids, grad, o) == Approx(ref_batch(z, ids, o)).epsilon(1e-12));
+  check_gradient([&](const Dm& zz, Dm& g) { return moe::load_balancing_loss(zz, ids, g, o); }, z);
 }
 
 TEST_CASE("Uniform load gives alpha (per_choice) and alpha*k (per_token) for any scores", "[balance][losses]") {
@@ -662,9 +680,17 @@ TEST_CASE("BiasBalancer follows b += u * sign(mean load - load)", "[balance][bia
   REQUIRE_THROWS_WITH(moe::BiasBalancer<double>(4, std::nan("")), Catch::Contains("update_rate = nan"));
   REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, 2, 3}), Catch::Contains("load.size() = 3") && Catch::Contains("num_experts = 4"));
   REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, -2, 3, 4}), Catch::Contains("load[1] = -2"));
+  constexpr index_t kMax = std::numeric_limits<index_t>::max();
+  REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, kMax, 0, 0}),
+                      Catch::Contains("overflows") && Catch::Contains("load[1] = " + std::to_string(kMax)) &&
+                          Catch::Contains("sum before it = 1"));
+  // A refused update, like a refused bias, leaves the bias as it was.
+  const moe::Vector<double> before_errors = balancer.bias();
   REQUIRE_THROWS_WITH(balancer.set_bias(moe::Vector<double>::Zero(3)), Catch::Contains("bias.size() = 3"));
   restored[2] = std::numeric_limits<double>::infinity();
   REQUIRE_THROWS_WITH(balancer.set_bias(restored), Catch::Contains("bias[2]"));
+  REQUIRE_THROWS(balancer.update(std::vector<index_t>{5, 1, -1, 0}));  // a bad load after good ones
+  REQUIRE(balancer.bias() == before_errors);
   moe::TopKRouter<double> other(random_matrix<double>(5, 5, 63), opt);
   REQUIRE_THROWS_WITH(balancer.apply(other), Catch::Contains("router.num_experts() = 5") && Catch::Contains("num_experts = 4"));
   moe::BiasBalancer<double> five(5, 0.1);

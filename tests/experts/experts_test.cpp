@@ -582,3 +582,58 @@ TEMPLATE_TEST_CASE("Expert backward matches central differences; its workspace f
     check_backward<T>(moe::SwiGLU<T>(view_of(w_gate), view_of(w_up), view_of(w_down)), {&w_gate, &w_up, &w_down}, m, rng);
   }
 }
+
+// Every zero-computation kind: dx and the value / mix gradients against central differences of
+// L = Σ dy ⊙ E(x) (in double), with d not a multiple of the lane count and m = 0; backward adds to
+// the gradients it is given.
+TEST_CASE("ZeroComputeExpert backward matches central differences for every kind", "[experts][zero_compute]") {
+  using Expert = moe::ZeroComputeExpert<double>;
+  const index_t d = GENERATE(index_t(3), kLanes<double> + 1), m = GENERATE(index_t(0), index_t(1), index_t(4));
+  const int kind = GENERATE(0, 1, 2, 3);  // zero, copy, constant, MoE++'s mixed constant
+  CAPTURE(d, m, kind);
+  std::mt19937 rng(static_cast<std::uint32_t>(100 * d + 10 * m + kind));
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  auto random = [&](index_t rows, index_t cols) { return moe::Matrix<double>(moe::Matrix<double>::NullaryExpr(rows, cols, [&] { return u(rng); })); };
+  const moe::Matrix<double> x = random(m, d), dy = random(m, d), mix = random(2, d);
+  const moe::Vector<double> value = random(d, 1);
+  auto make = [&](const moe::Vector<double>& v, const moe::Matrix<double>& mx) {
+    switch (kind) {
+      case 0: return Expert::zero(d);
+      case 1: return Expert::copy(d);
+      case 2: return Expert::constant(v);
+      default: return Expert::constant(v, mx);
+    }
+  };
+  auto loss = [&](const moe::Matrix<double>& xs, const moe::Vector<double>& v, const moe::Matrix<double>& mx) {
+    moe::Matrix<double> y(m, d);
+    make(v, mx).forward(Arch{}, xs.data(), m, y.data());
+    return dy.cwiseProduct(y).sum();
+  };
+  const Expert expert = make(value, mix);
+  Expert::Gradient grad = expert.zero_gradient();
+  const moe::Vector<double> value_before = grad.value.size() > 0 ? moe::Vector<double>(random(d, 1)) : moe::Vector<double>();
+  const moe::Matrix<double> mix_before = grad.mix.size() > 0 ? random(2, d) : moe::Matrix<double>();
+  if (grad.value.size() > 0) grad.value = value_before;  // backward adds to what it is given
+  if (grad.mix.size() > 0) grad.mix = mix_before;
+  moe::Matrix<double> dx = moe::Matrix<double>::Constant(m, d, 7.0);  // written whole
+  expert.backward(x.data(), m, dy.data(), dx.data(), grad);
+
+  const double h = 1e-6, tol = 1e-7;
+  for (index_t i = 0; i < x.size(); ++i) {
+    moe::Matrix<double> up = x, down = x;
+    up.data()[i] += h, down.data()[i] -= h;
+    CHECK(std::abs(dx.data()[i] - (loss(up, value, mix) - loss(down, value, mix)) / (2 * h)) < tol);
+  }
+  REQUIRE(grad.value.size() == (kind >= 2 ? d : 0));
+  for (index_t i = 0; i < grad.value.size(); ++i) {
+    moe::Vector<double> up = value, down = value;
+    up[i] += h, down[i] -= h;
+    CHECK(std::abs(grad.value[i] - value_before[i] - (loss(x, up, mix) - loss(x, down, mix)) / (2 * h)) < tol);
+  }
+  REQUIRE(grad.mix.size() == (kind == 3 ? 2 * d : 0));
+  for (index_t i = 0; i < grad.mix.size(); ++i) {
+    moe::Matrix<double> up = mix, down = mix;
+    up.data()[i] += h, down.data()[i] -= h;
+    CHECK(std::abs(grad.mix.data()[i] - mix_before.data()[i] - (loss(x, value, up) - loss(x, value, down)) / (2 * h)) < tol);
+  }
+}

@@ -237,17 +237,40 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
   moe::Routing<double> plan;
   moe::build_routing(4, 4, begin.data(), experts.data(), weights.data(), plan);
   plan.dropped = {1};
+  plan.rerouted = {0, 3};
   moe::Matrix<double> scores(4, 4);  // two uniform rows (entropy log 4), two one-hot rows (0)
   scores << 0.25, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 1.0, 0.0;
   const moe::RoutingStats s = moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 4, 4));
   REQUIRE(s.load == std::vector<index_t>{4, 1, 1, 0});
   REQUIRE(s.assignments == 6);
   REQUIRE(s.dropped_tokens == 1);
+  REQUIRE(s.rerouted_tokens == 2);
   REQUIRE(s.imbalance == Approx(4.0 / 1.5));
   REQUIRE(s.load_entropy == Approx(-(4.0 / 6) * std::log(4.0 / 6) - 2 * (1.0 / 6) * std::log(1.0 / 6)));
   REQUIRE(s.mean_score_entropy == Approx(std::log(4.0) / 2));
   const moe::Routing<double> empty;
   REQUIRE(moe::routing_stats(empty).imbalance == 0);
+  // Fewer tokens than experts: the score entropy is a mean over the tokens (2), not the experts (4).
+  const std::vector<index_t> two_begin = {0, 1, 2}, two_experts = {1, 3};
+  moe::Routing<double> two;
+  moe::build_routing(2, 4, two_begin.data(), two_experts.data(), weights.data(), two);
+  moe::Matrix<double> two_scores(2, 4);
+  two_scores << 0.25, 0.25, 0.25, 0.25, 0.5, 0.5, 0.0, 0.0;
+  double entropy_sum = 0;
+  for (index_t t = 0; t < 2; ++t)
+    for (index_t e = 0; e < 4; ++e)
+      if (two_scores(t, e) > 0) entropy_sum -= two_scores(t, e) * std::log(two_scores(t, e));
+  REQUIRE(moe::routing_stats(two, moe::ConstMatrixMap<double>(two_scores.data(), 2, 4)).mean_score_entropy ==
+          Approx(entropy_sum / 2));
+  // An empty batch over 3 experts: every load 0, nothing to measure.
+  moe::Routing<double> no_tokens;
+  no_tokens.clear(3);
+  const moe::RoutingStats none = moe::routing_stats(no_tokens, moe::ConstMatrixMap<double>(nullptr, 0, 3));
+  REQUIRE(none.load == std::vector<index_t>{0, 0, 0});
+  REQUIRE(none.assignments == 0);
+  REQUIRE(none.imbalance == 0);
+  REQUIRE(none.load_entropy == 0);
+  REQUIRE(none.mean_score_entropy == 0);
   // Scores of another shape than the plan's [tokens, experts] are refused.
   REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 2, 4)),
                       Catch::Contains("routing_stats") && Catch::Contains("scores.rows() = 2") && Catch::Contains("plan.num_tokens = 4"));

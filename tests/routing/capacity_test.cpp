@@ -698,6 +698,55 @@ TEST_CASE("Dynamic top-p takes experts until the cumulative probability reaches 
   }
 }
 
+TEST_CASE("Dynamic top-p stops where the cumulative probability reaches p exactly", "[routing][top_p]") {
+  // A zero gate gives every expert probability exactly 1/8, so the partial sums 1/8, 2/8, ... are
+  // exact and hit p = m/8 on the nose: the smallest set with Σ >= p has m experts, the lowest
+  // indices (ties), each weighted 1/8.
+  const index_t E = 8, d = 3;
+  const index_t m = GENERATE(1, 2, 5);
+  const double p = double(m) / double(E);
+  CAPTURE(m, p);
+  moe::TopKOptions o;
+  o.k = E;
+  o.top_p = p;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(moe::Matrix<double>::Zero(E, d), o).route(random_matrix<double>(4, d, 65), out);
+  const auto got = by_token(out.plan);
+  for (const auto& token : got) {
+    REQUIRE(index_t(token.size()) == m);
+    for (std::size_t j = 0; j < token.size(); ++j) {
+      CHECK(token[j].expert == index_t(j));
+      CHECK(token[j].weight == 1.0 / double(E));
+    }
+  }
+}
+
+TEST_CASE("Rerouting under group-limited routing stays within the token's kept groups", "[routing][capacity][groups]") {
+  // Two groups {0, 1} and {2, 3}, one kept, k = 1, one slot per expert: three tokens that all
+  // rank 0 > 1 > 2 > 3 keep group {0, 1}. Token 0 takes expert 0, token 1 is rerouted to expert 1,
+  // and token 2 finds its group full: dropped, though experts 2 and 3 (excluded) have room.
+  moe::TopKOptions o;
+  o.k = 1;
+  o.expert_groups = 2;
+  o.selected_groups = 1;
+  o.group_score_top = 1;
+  o.group_mask = moe::GroupMask::exclude;
+  o.fixed_capacity = 1;
+  o.overflow = moe::OverflowPolicy::reroute;
+  moe::Matrix<double> x(3, 4);
+  for (index_t t = 0; t < 3; ++t) x.row(t) << 5.0, 4.0, 0.0, -1.0;
+  moe::RouterOutput<double> out;
+  moe::TopKRouter<double>(moe::Matrix<double>::Identity(4, 4), o).route(x, out);
+  const auto got = by_token(out.plan);
+  REQUIRE(got[0].size() == 1);
+  CHECK(got[0][0].expert == 0);
+  REQUIRE(got[1].size() == 1);
+  CHECK(got[1][0].expert == 1);
+  CHECK(got[2].empty());
+  CHECK(out.plan.rerouted == std::vector<index_t>{1});
+  CHECK(out.plan.dropped == std::vector<index_t>{2});
+}
+
 TEST_CASE("Training jitter is keyed by token id, not by batch position", "[routing][jitter]") {
   const index_t E = 5, d = 7, Tn = 9;
   const moe::Matrix<double> W = random_matrix<double>(E, d, 71, 1.0), x = random_matrix<double>(Tn, d, 72);

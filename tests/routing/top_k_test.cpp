@@ -145,6 +145,35 @@ TEMPLATE_TEST_CASE("TopKRouter matches the reference for every option", "[routin
   check_router_against_reference<TestType>(Tn, d, E, o, with_bias, std::uint32_t(E * 1000 + k * 10 + Tn));
 }
 
+TEMPLATE_TEST_CASE("Normalized sigmoid weights keep the 1e-20 of their denominator where the scores are tiny",
+                   "[routing][top_k]", float, double) {
+  // Logits near -50 give sigmoid scores near 1e-22, below the denominator's 1e-20 (DeepSeek-V3,
+  // Megatron-Core): the weights are then far from summing to 1, and the reference shows how far.
+  using T = TestType;
+  moe::TopKOptions o;
+  o.k = 2;
+  o.score = moe::ScoreFunction::sigmoid;
+  o.normalize = true;
+  o.scale = 2.5;
+  moe::Matrix<T> x(2, 4);
+  x << T(-50), T(-51), T(-60), T(-70), T(-52), T(-55), T(-49), T(-80);
+  moe::RouterOutput<T> out;
+  moe::TopKRouter<T>(moe::Matrix<T>::Identity(4, 4), o).route(x, out);
+  for (index_t t = 0; t < 2; ++t) {
+    std::vector<double> logits(4);
+    for (index_t e = 0; e < 4; ++e) logits[std::size_t(e)] = double(out.logits()(t, e));
+    const RefChoice ref = reference_top_k(logits, o, {});
+    CAPTURE(t);
+    REQUIRE(out.plan.experts_of(t) == 2);
+    for (index_t j = 0; j < 2; ++j) {
+      const index_t a = out.plan.assignment[out.plan.token_begin[t] + j];
+      CHECK(out.plan.expert_of_assignment(a) == ref.experts[std::size_t(j)]);
+      CHECK(double(out.plan.weight[a]) == Approx(ref.weights[std::size_t(j)]).epsilon(1e-5));
+    }
+    CHECK(ref.weights[0] + ref.weights[1] < 0.5 * o.scale);  // the case this test is about
+  }
+}
+
 TEST_CASE("TopKRouter breaks ties toward the lower expert index", "[routing][top_k]") {
   // Experts 1, 2 and 4 share one weight row, so their logits are equal for every token.
   const index_t E = 5, d = 6;

@@ -1,8 +1,8 @@
 #pragma once
 // Routing statistics, cheap enough to leave on: per-expert load, drops, load imbalance and
 // entropies of one batch's routing.
+#include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "../core/error.hpp"
 #include "../core/types.hpp"
@@ -11,7 +11,7 @@
 MOE_NAMESPACE_BEGIN
 
 struct RoutingStats {
-  std::vector<index_t> load;       // [E] assignments per expert
+  PlanArray<index_t> load;         // [E] assignments per expert
   index_t assignments = 0;         // Σ load
   index_t dropped_tokens = 0;      // tokens that lost a choice to capacity
   index_t rerouted_tokens = 0;     // tokens with a choice moved to another expert
@@ -33,7 +33,7 @@ RoutingStats routing_stats(const Routing<T>& plan, const ConstMatrixMap<T>& scor
   s.load.resize(static_cast<std::size_t>(E));
   index_t max_load = 0;
   for (index_t e = 0; e < E; ++e) {
-    s.load[static_cast<std::size_t>(e)] = plan.tokens_of(e);
+    s.load[e] = plan.tokens_of(e);
     max_load = std::max(max_load, plan.tokens_of(e));
   }
   s.assignments = plan.num_assignments();

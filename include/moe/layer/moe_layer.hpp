@@ -195,6 +195,9 @@ class MoELayer {
   }
 
  private:
+  // FFN expert e (the router's experts [0, experts_.size())), by the plan's signed index.
+  const Expert& ffn_expert(index_t e) const noexcept { return experts_[static_cast<std::size_t>(e)]; }
+
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const TrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
@@ -217,7 +220,7 @@ class MoELayer {
     l.saved = 0;
     l.shared_saved = 0;
     if (plan.num_experts != num_experts()) l.saved = -1;  // (a plan for other experts: no per-expert sizes to add)
-    else for (index_t e = 0; e < static_cast<index_t>(experts_.size()); ++e) l.saved += experts_[e].saved_size(plan.tokens_of(e));
+    else for (index_t e = 0; e < static_cast<index_t>(experts_.size()); ++e) l.saved += ffn_expert(e).saved_size(plan.tokens_of(e));
     for (const Expert& s : shared_) l.shared_saved += s.saved_size(plan.num_tokens);
     return l;
   }
@@ -301,7 +304,7 @@ class MoELayer {
     index_t num_jobs = 0, offset = 0;
     for (index_t e = 0; e < num_experts(); ++e) {
       const index_t m = plan.tokens_of(e);
-      if (e < num_ffn) saved_at[e] = offset, offset += experts_[e].saved_size(m);
+      if (e < num_ffn) saved_at[e] = offset, offset += ffn_expert(e).saved_size(m);
       if (m > 0 || (e < num_ffn && !accumulate)) jobs[num_jobs++] = e;
     }
     offset = 0;
@@ -314,13 +317,13 @@ class MoELayer {
     // Work ~ tokens × d_ff (the weight gradients' GEMMs); zero-computation experts last.
     auto work = [&](index_t job) {
       if (job < 0) return T_ * shared_[std::size_t(-1 - job)].d_ff();
-      return job < num_ffn ? plan.tokens_of(job) * experts_[job].d_ff() : index_t(0);
+      return job < num_ffn ? plan.tokens_of(job) * ffn_expert(job).d_ff() : index_t(0);
     };
     std::sort(jobs, jobs + num_jobs, [&](index_t a, index_t b) { return work(a) != work(b) ? work(a) > work(b) : a < b; });
     // Each thread's scratch, sized for the largest job.
     index_t scratch_needed = 0;
     for (index_t e = 0; e < num_ffn; ++e)
-      scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(experts_[e], plan.tokens_of(e)));
+      scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(ffn_expert(e), plan.tokens_of(e)));
     for (const Expert& expert : shared_) scratch_needed = std::max(scratch_needed, detail::backward_scratch_size(expert, T_));
     const PerThreadScratch<T> scratch(ws.backward_scratch, scratch_needed);
     detail::for_each_with_serial_eigen(static_cast<std::ptrdiff_t>(num_jobs), [&](std::ptrdiff_t i) {
@@ -334,8 +337,8 @@ class MoELayer {
       }
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (e < num_ffn) {  // (m == 0 only when !accumulate: zeroed)
-        detail::expert_backward(experts_[e], dispatched + first * d, m, d_out + first * d, saved + saved_at[e],
-                                d_in + first * d, grads.experts[e], arch, own_scratch, accumulate);
+        detail::expert_backward(ffn_expert(e), dispatched + first * d, m, d_out + first * d, saved + saved_at[e],
+                                d_in + first * d, grads.experts[std::size_t(e)], arch, own_scratch, accumulate);
       } else {
         zero_compute_[std::size_t(e - num_ffn)].backward(dispatched + first * d, m, d_out + first * d, d_in + first * d,
                                                          grads.zero_compute[std::size_t(e - num_ffn)]);
@@ -432,14 +435,14 @@ class MoELayer {
     index_t* costs = order + num_ffn;
     index_t* loads = costs + num_ffn;  // [threads]
     index_t active = 0, saved_needed = 0, scratch_needed = 0;
-    auto cost = [&](index_t e) { return detail::expert_cost(experts_[e].d_ff(), plan.tokens_of(e)); };
+    auto cost = [&](index_t e) { return detail::expert_cost(ffn_expert(e).d_ff(), plan.tokens_of(e)); };
     for (index_t e = 0; e < num_ffn; ++e) {
       const index_t m = plan.tokens_of(e);
       saved_at[e] = saved_needed;
-      if (train != nullptr) saved_needed += experts_[e].saved_size(m);
+      if (train != nullptr) saved_needed += ffn_expert(e).saved_size(m);
       if (m == 0) continue;
       order[active++] = e;
-      scratch_needed = std::max(scratch_needed, experts_[e].scratch_size(m));
+      scratch_needed = std::max(scratch_needed, ffn_expert(e).scratch_size(m));
     }
     std::sort(order, order + active, [&](index_t a, index_t b) { return cost(a) != cost(b) ? cost(a) > cost(b) : a < b; });
     for (index_t i = 0; i < active; ++i) costs[i] = cost(order[i]);
@@ -450,9 +453,9 @@ class MoELayer {
     auto run_one = [&](index_t e, T* own_scratch) {
       const index_t m = plan.tokens_of(e), first = plan.expert_begin[e];
       if (train != nullptr) {
-        experts_[e].forward_saving(arch, dispatched + first * d, m, expert_out + first * d, saved + saved_at[e], own_scratch);
+        ffn_expert(e).forward_saving(arch, dispatched + first * d, m, expert_out + first * d, saved + saved_at[e], own_scratch);
       } else {
-        experts_[e].forward(arch, dispatched + first * d, m, expert_out + first * d, own_scratch);
+        ffn_expert(e).forward(arch, dispatched + first * d, m, expert_out + first * d, own_scratch);
       }
     };
     if (!by_expert) {

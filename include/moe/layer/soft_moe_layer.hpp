@@ -242,8 +242,9 @@ class SoftMoELayer {
       const index_t first = routing.group_begin(g), n = routing.group_size(g);
       const auto un = static_cast<std::size_t>(n);
       gather(g, slot_out, group_rows);
-      simd::matmul_nt_strided(arch, dy.data() + first * ldy, ldy, un, ud, group_rows, uS, dC + first * S, uS);
-      simd::matmul_tn_strided(arch, C + first * S, uS, un, uS, dy.data() + first * ldy, ldy, ud, group_grad, ud, false);
+      const T* dy_g = dy.data() + first * dy.outerStride();
+      simd::matmul_nt_strided(arch, dy_g, ldy, un, ud, group_rows, uS, dC + first * S, uS);
+      simd::matmul_tn_strided(arch, C + first * S, uS, un, uS, dy_g, ldy, ud, group_grad, ud, false);
       scatter(g, group_grad, d_slot_out);
     }
     // The experts, each on its s·G contiguous rows; whole experts to the threads (as in MoELayer),
@@ -266,7 +267,7 @@ class SoftMoELayer {
       if (n == 0) continue;
       const auto un = static_cast<std::size_t>(n);
       gather(g, d_slots, group_grad);
-      simd::matmul_nt_strided(arch, x.data() + first * ldx, ldx, un, ud, group_grad, uS, dD + first * S, uS);
+      simd::matmul_nt_strided(arch, x.data() + first * x.outerStride(), ldx, un, ud, group_grad, uS, dD + first * S, uS);
       simd::matmul_nn_strided(arch, D + first * S, uS, un, uS, group_grad, ud, ud, dx.data() + first * dx.outerStride(),
                               static_cast<std::size_t>(dx.outerStride()), false);
     }

@@ -9,6 +9,7 @@
 //    so combine sums each token's contributions in a fixed order without atomics.
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -17,19 +18,37 @@
 
 MOE_NAMESPACE_BEGIN
 
+// The plan's arrays: a std::vector that takes any integer index, so that moe's signed index_t (the
+// type of every count and index in a plan, as Eigen's Index is signed) indexes it without a cast
+// or clang's -Wsign-conversion warning, in moe and in your loops over a plan. Everything else is
+// std::vector's; it binds to const std::vector<U>&.
+template <class U>
+class PlanArray : public std::vector<U> {
+ public:
+  using std::vector<U>::vector;
+  template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
+  U& operator[](I i) noexcept {
+    return std::vector<U>::operator[](static_cast<std::size_t>(i));
+  }
+  template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
+  const U& operator[](I i) const noexcept {
+    return std::vector<U>::operator[](static_cast<std::size_t>(i));
+  }
+};
+
 template <class T>
 struct Routing {
   index_t num_tokens = 0;
   index_t num_experts = 0;
-  std::vector<index_t> expert_begin;  // [E + 1]
-  std::vector<index_t> token;         // [A] token of each assignment, grouped by expert
-  std::vector<T> weight;              // [A] combine weight of each assignment, grouped by expert
-  std::vector<index_t> token_begin;   // [T + 1]
-  std::vector<index_t> assignment;    // [A] per token, in rank order: index into token/weight
-  std::vector<index_t> dropped;       // tokens left with fewer experts than they chose (capacity), ascending
-  std::vector<T> dropped_weight;      // [dropped] total weight of the choices each of them lost (not those rerouted)
-  std::vector<index_t> rerouted;      // tokens with a choice moved to a next-best expert, ascending
-  std::vector<index_t> fill_cursor;   // [E] scratch for build_routing, kept to avoid reallocation
+  PlanArray<index_t> expert_begin;    // [E + 1]
+  PlanArray<index_t> token;           // [A] token of each assignment, grouped by expert
+  PlanArray<T> weight;                // [A] combine weight of each assignment, grouped by expert
+  PlanArray<index_t> token_begin;     // [T + 1]
+  PlanArray<index_t> assignment;      // [A] per token, in rank order: index into token/weight
+  PlanArray<index_t> dropped;         // tokens left with fewer experts than they chose (capacity), ascending
+  PlanArray<T> dropped_weight;        // [dropped] total weight of the choices each of them lost (not those rerouted)
+  PlanArray<index_t> rerouted;        // tokens with a choice moved to a next-best expert, ascending
+  PlanArray<index_t> fill_cursor;     // [E] scratch for build_routing, kept to avoid reallocation
 
   index_t num_assignments() const noexcept { return static_cast<index_t>(token.size()); }
   index_t tokens_of(index_t expert) const noexcept { return expert_begin[expert + 1] - expert_begin[expert]; }
