@@ -529,8 +529,8 @@ class TopKRouter {
     std::uint8_t* kept = out.candidate_kept.ensure(T_ * R);
     const bool capped = this->capped();
     if (capped) {
-      detail::apply_capacity(options_.capacity_factor, options_.fixed_capacity, options_.capacity_priority, options_.overflow, k, E, groups, c, kept,
-                     out.expert_load.ensure(E), out.candidate_order.ensure(T_ * R));
+      detail::apply_capacity(options_.capacity_factor, options_.fixed_capacity, options_.capacity_priority, options_.overflow, k,
+                             E, groups, c, kept, out.expert_load.ensure(E), out.candidate_order.ensure(T_ * R));
     } else {
       for (index_t t = 0; t < T_; ++t)
         for (index_t j = 0; j < R; ++j) kept[t * R + j] = j < c.num_chosen[t] ? 1 : 0;
