@@ -678,14 +678,14 @@ TEST_CASE("BiasBalancer follows b += u * sign(mean load - load)", "[balance][bia
   REQUIRE_THROWS_WITH(moe::BiasBalancer<double>(4, 0.0), Catch::Contains("update_rate = 0"));
   REQUIRE_THROWS_WITH(moe::BiasBalancer<double>(4, -1.0), Catch::Contains("update_rate = -1"));
   REQUIRE_THROWS_WITH(moe::BiasBalancer<double>(4, std::nan("")), Catch::Contains("update_rate = nan"));
+  // A refused update, like a refused bias, leaves the bias as it was (checked after the errors).
+  const moe::Vector<double> before_errors = balancer.bias();
   REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, 2, 3}), Catch::Contains("load.size() = 3") && Catch::Contains("num_experts = 4"));
   REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, -2, 3, 4}), Catch::Contains("load[1] = -2"));
   constexpr index_t kMax = std::numeric_limits<index_t>::max();
   REQUIRE_THROWS_WITH(balancer.update(std::vector<index_t>{1, kMax, 0, 0}),
                       Catch::Contains("overflows") && Catch::Contains("load[1] = " + std::to_string(kMax)) &&
                           Catch::Contains("sum before it = 1"));
-  // A refused update, like a refused bias, leaves the bias as it was.
-  const moe::Vector<double> before_errors = balancer.bias();
   REQUIRE_THROWS_WITH(balancer.set_bias(moe::Vector<double>::Zero(3)), Catch::Contains("bias.size() = 3"));
   restored[2] = std::numeric_limits<double>::infinity();
   REQUIRE_THROWS_WITH(balancer.set_bias(restored), Catch::Contains("bias[2]"));

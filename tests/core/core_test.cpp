@@ -123,7 +123,7 @@ TEST_CASE("Routing groups must partition the batch", "[core][groups]") {
   REQUIRE(empty.count() == 1);
   REQUIRE(empty.size(0) == 0);
   REQUIRE_THROWS_WITH(bounds({0}, 3), Catch::Contains("num_groups = 0") && Catch::Contains("tokens = 3"));
-  // No group starting elsewhere than 0 is named as such, over no tokens as over some.
+  // Boundaries that do not start at 0 are named as such, over an empty batch as over tokens.
   REQUIRE_THROWS_WITH(bounds({5}, 0), Catch::Contains("group_begin[0] = 5"));
   REQUIRE_THROWS_WITH(bounds({5}, 3), Catch::Contains("group_begin[0] = 5"));
   REQUIRE_THROWS_AS(moe::RouteContext::with_groups({}), moe::invalid_argument);

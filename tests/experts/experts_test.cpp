@@ -593,7 +593,9 @@ TEST_CASE("ZeroComputeExpert backward matches central differences for every kind
   CAPTURE(d, m, kind);
   std::mt19937 rng(static_cast<std::uint32_t>(100 * d + 10 * m + kind));
   std::uniform_real_distribution<double> u(-1.0, 1.0);
-  auto random = [&](index_t rows, index_t cols) { return moe::Matrix<double>(moe::Matrix<double>::NullaryExpr(rows, cols, [&] { return u(rng); })); };
+  auto random = [&](index_t rows, index_t cols) {
+    return moe::Matrix<double>(moe::Matrix<double>::NullaryExpr(rows, cols, [&] { return u(rng); }));
+  };
   const moe::Matrix<double> x = random(m, d), dy = random(m, d), mix = random(2, d);
   const moe::Vector<double> value = random(d, 1);
   auto make = [&](const moe::Vector<double>& v, const moe::Matrix<double>& mx) {
