@@ -7,8 +7,8 @@
 //   1. runs a batch of three images and checks that image 1's output has the same bits as image 1
 //      run alone;
 //   2. checks image 2's output against the paper's formulas written out in double loops;
-//   3. trains Φ, the scale and the experts for a few SGD steps towards a fixed target map with
-//      forward_train / backward, updating the weights in place, and checks that the loss falls.
+//   3. trains Φ, the scale and the experts for a few SGD steps towards a teacher block's outputs
+//      with forward_train / backward, updating the weights in place, and checks that the loss falls.
 // It checks its own results, so it doubles as a test.
 // Build: link moe::moe (CMake) or add include/ plus Eigen and xsimd to the include path.
 #include <moe/moe.hpp>
@@ -145,7 +145,8 @@ int main() {
   // and each expert's ∂L/∂fc1 and ∂L/∂fc2.
   std::vector<moe::FeedForward<float, moe::GELU>> teacher_experts;
   for (index_t e = 0; e < num_experts; ++e) {
-    teacher_experts.emplace_back(random(d_ff, d, 1.0f / std::sqrt(float(d))), random(d, d_ff, 1.0f / std::sqrt(float(d_ff))));
+    teacher_experts.emplace_back(random(d_ff, d, 1.0f / std::sqrt(float(d))),
+                                 random(d, d_ff, 1.0f / std::sqrt(float(d_ff))));
   }
   const moe::SoftMoELayer teacher(moe::SoftRouter<float>(random(d, num_slots, 1.0f), num_experts, options),
                                   std::move(teacher_experts));
@@ -170,9 +171,11 @@ int main() {
       w_in[std::size_t(e)] -= learning_rate * grads.experts[std::size_t(e)].w_in;
       w_out[std::size_t(e)] -= learning_rate * grads.experts[std::size_t(e)].w_out;
     }
-    layer.set_scale(layer.router().options().scale - double(learning_rate * grads.scale));  // the scale lives in the router
+    // The scale is a number in the router, set between steps.
+    layer.set_scale(layer.router().options().scale - double(learning_rate * grads.scale));
   }
   const bool learned = loss < 0.1 * first_loss;
-  std::printf("loss %.5f -> %.5f, scale %.3f%s\n", first_loss, loss, layer.router().options().scale, learned ? "" : "  NOT LEARNING");
+  std::printf("loss %.5f -> %.5f, scale %.3f%s\n", first_loss, loss, layer.router().options().scale,
+              learned ? "" : "  NOT LEARNING");
   return isolated && matches && learned ? 0 : 1;
 }
