@@ -92,8 +92,10 @@ class ZeroComputeExpert {
     return g;
   }
 
-  // Given dy [m, d]: dx [m, d], and the value/mix gradients added to `grad`.
+  // Given dy [m, d]: dx [m, d], and the value/mix gradients added to `grad`. m = 0 (null pointers
+  // allowed) adds nothing: Eigen's column sums over a null map would offset a null pointer.
   void backward(const T* x, index_t m, const T* dy, T* dx, Gradient& grad) const {
+    if (m == 0) return;
     const ConstMatrixMap<T> X(x, m, d_), dY(dy, m, d_);
     MatrixMap<T> dX(dx, m, d_);
     switch (kind_) {
