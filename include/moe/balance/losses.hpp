@@ -184,8 +184,8 @@ inline void count_choices(const ConstMatrixRef<index_t>& ids, index_t begin, ind
 template <class T>
 void count_choices(const Routing<T>& plan, index_t begin, index_t end, index_t* counts) {
   for (index_t t = begin; t < end; ++t) {
-    for (index_t j = plan.token_begin[static_cast<std::size_t>(t)]; j < plan.token_begin[static_cast<std::size_t>(t + 1)]; ++j) {
-      ++counts[plan.expert_of_assignment(plan.assignment[static_cast<std::size_t>(j)])];
+    for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) {
+      ++counts[plan.expert_of_assignment(plan.assignment[j])];
     }
   }
 }

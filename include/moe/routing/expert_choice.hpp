@@ -149,9 +149,9 @@ class ExpertChoiceRouter {
       T* dl = dlogits.data() + t * E;
       const T* p = out.scores().data() + t * E;
       T s(0);
-      for (index_t j = plan.token_begin[static_cast<std::size_t>(t)]; j < plan.token_begin[static_cast<std::size_t>(t + 1)]; ++j) {
-        const index_t a = plan.assignment[static_cast<std::size_t>(j)];
-        const T gp = grad_weight[a] * plan.weight[static_cast<std::size_t>(a)];
+      for (index_t j = plan.token_begin[t]; j < plan.token_begin[t + 1]; ++j) {
+        const index_t a = plan.assignment[j];
+        const T gp = grad_weight[a] * plan.weight[a];
         dl[plan.expert_of_assignment(a)] += gp;
         s += gp;
       }
