@@ -13,6 +13,7 @@
 #include <moe/moe.hpp>
 
 #include "../support/reference.hpp"
+#include "../support/router_gradient.hpp"
 
 namespace {
 
@@ -623,5 +624,18 @@ TEST_CASE("MoELayer backward through ExpertChoiceRouter matches central differen
     Mat<T> wrong(E + 1, d);
     REQUIRE_THROWS_WITH(router.backward(x, tws.routing, zero.data(), nullptr, nullptr, dx2, wrong),
                         Catch::Contains("dweight.rows() = 4") && Catch::Contains("num_experts = 3"));
+  }
+}
+
+TEST_CASE("ExpertChoiceRouter backward matches central differences", "[routing][expert_choice][gradient]") {
+  const index_t E = 4;
+  moe_test::RouterGradientCheck check(E);
+  for (const double capacity_factor : {0.5, 1.0, 3.0}) {  // experts of 2, 3 and 7 of the 9 tokens
+    for (const auto loss : {moe_test::RouterLoss::with_lost_weight, moe_test::RouterLoss::with_logits}) {
+      CAPTURE(capacity_factor, int(loss));
+      Mat<double> w = check.W0;
+      const moe::ExpertChoiceRouter<double> router(moe::ConstMatrixMap<double>(w.data(), w.rows(), w.cols()), {capacity_factor});
+      CHECK(check.run(router, w, loss).plan.num_assignments() == E * index_t(std::ceil(capacity_factor * 9 / E)));
+    }
   }
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../support/reference.hpp"
+#include "../support/router_gradient.hpp"
 
 using namespace moe_test;
 
@@ -441,6 +442,55 @@ TEST_CASE("Router backward with a reused scratch gives the bits of one without",
       CHECK(dx_scratch == dx);
       CHECK(dphi_scratch == dphi);
       CHECK(dscale_scratch == dscale);
+    }
+  }
+}
+
+// The router's own backward (the layer tests reach it only through the whole layer), for each
+// score, normalization, selection, capacity and jitter option, with the lost-weight term and
+// with the logit term.
+TEST_CASE("TopKRouter backward matches central differences for every option", "[routing][top_k][backward]") {
+  constexpr index_t E = 8;
+  struct Case {
+    const char* name;
+    moe::TopKOptions o;
+  };
+  std::vector<Case> cases;
+  auto add = [&](const char* name, auto&& set) {
+    moe::TopKOptions o;
+    o.k = 2;
+    set(o);
+    cases.push_back({name, o});
+  };
+  add("softmax", [](moe::TopKOptions&) {});
+  add("softmax, normalized, scaled", [](moe::TopKOptions& o) { o.normalize = true; o.scale = 2.5; });
+  add("softmax after top-k", [](moe::TopKOptions& o) { o.softmax_placement = moe::SoftmaxPlacement::after_top_k; o.k = 3; });
+  add("sigmoid", [](moe::TopKOptions& o) { o.score = moe::ScoreFunction::sigmoid; o.k = 3; });
+  add("sigmoid, normalized, grouped", [](moe::TopKOptions& o) {
+    o.score = moe::ScoreFunction::sigmoid; o.normalize = true; o.scale = 2.5; o.expert_groups = 4; o.selected_groups = 2;
+  });
+  add("top-p", [](moe::TopKOptions& o) { o.k = 4; o.top_p = 0.45; });
+  add("every expert, normalized", [](moe::TopKOptions& o) { o.k = E; o.normalize = true; });
+  add("capacity, dropping", [](moe::TopKOptions& o) { o.capacity_factor = 0.75; });
+  add("capacity by score, renormalized", [](moe::TopKOptions& o) {
+    o.capacity_factor = 0.75; o.capacity_priority = moe::CapacityPriority::score; o.normalize = true;
+    o.renormalize_after_drop = true;
+  });
+  add("capacity, rerouting", [](moe::TopKOptions& o) { o.capacity_factor = 0.75; o.overflow = moe::OverflowPolicy::reroute; });
+  add("jitter", [](moe::TopKOptions& o) { o.jitter = 0.2; o.jitter_seed = 11; o.normalize = true; });
+
+  RouterGradientCheck check(E);
+  for (const Case& c : cases) {
+    for (const RouterLoss loss : {RouterLoss::with_lost_weight, RouterLoss::with_logits}) {
+      CAPTURE(c.name, int(loss));
+      moe::Matrix<double> W = check.W0;
+      const moe::TopKRouter<double> router(moe::ConstMatrixMap<double>(W.data(), W.rows(), W.cols()), c.o);  // views W
+      const moe::RouterOutput<double>& out = check.run(router, W, loss);
+      const moe::Routing<double>& plan = out.plan;
+      CHECK(out.input_jittered == (c.o.jitter > 0));
+      if (c.o.capacity_factor > 0) CHECK(!plan.dropped.empty());  // the cases test what they name
+      if (c.o.overflow == moe::OverflowPolicy::reroute) CHECK(!plan.rerouted.empty());
+      if (c.o.top_p > 0) CHECK(plan.num_assignments() < plan.num_tokens * c.o.k);
     }
   }
 }
