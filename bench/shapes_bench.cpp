@@ -20,6 +20,8 @@
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
 //                            the same bytes, in GB/s (bytes read + written)
+//   BM_MemcpyRows/S/T        the rows the combine reads, in its order, each copied by memcpy:
+//                            what the scattered rows alone cost
 //   BM_Expert/S/m/threads    one expert's forward on m tokens, its weights cold (each call takes
 //                            the next of the shape's experts, whose weights together far exceed
 //                            the L3): the summary's second table gives its roofline per m, which
@@ -465,8 +467,10 @@ void BM_Overhead(benchmark::State& state, Shape s) {
   }
 }
 
-// Dispatch, combine and memcpy of the same bytes; GB/s counts bytes read + written.
-enum class Move { dispatch, combine, memcpy };
+// Dispatch, combine and memcpy of the same bytes; GB/s counts bytes read + written. memcpy_rows
+// copies the combine's source rows in the combine's order (token by token), one memcpy per row,
+// to consecutive rows: the combine's access pattern without its arithmetic.
+enum class Move { dispatch, combine, memcpy, memcpy_rows };
 template <class M>
 void BM_Move(benchmark::State& state, Shape s, Move what) {
   const index_t T = state.range(0);
@@ -485,6 +489,12 @@ void BM_Move(benchmark::State& state, Shape s, Move what) {
       case Move::dispatch: moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data()); break;
       case Move::combine: moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride()); break;
       case Move::memcpy: std::memcpy(dst.data(), ws.expert_out.data(), A * d * sizeof(float)); break;
+      case Move::memcpy_rows:
+        for (std::size_t j = 0; j < A; ++j) {
+          const auto row = static_cast<std::size_t>(plan.assignment[j]);
+          std::memcpy(dst.data() + j * d, ws.expert_out.data() + row * d, d * sizeof(float));
+        }
+        break;
     }
     benchmark::ClobberMemory();
   }
@@ -623,8 +633,10 @@ void print_summary(const Collector& c) {
   }
   std::printf("  read now, sgemm now: the read bandwidth (GB/s) and sgemm rate (GFLOP/s) measured just before the row's\n"
               "  own timing\n");
-  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
-              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "read now", "sgemm now");
+  std::printf("  disp/cpy, comb/cpy: dispatch's and combine's bandwidth over memcpy's; comb/rows: over the memcpy of\n"
+              "  the combine's rows in its order\n");
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
+              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows", "read now", "sgemm now");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
@@ -637,6 +649,7 @@ void print_summary(const Collector& c) {
         const auto* disp = c.find("BM_Dispatch/" + row);
         const auto* comb = c.find("BM_Combine/" + row);
         const auto* copy = c.find("BM_Memcpy/" + row);
+        const auto* copy_rows = c.find("BM_MemcpyRows/" + row);
         auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, bool time, double scale = 1.0) {
           if (a == nullptr || b == nullptr) return std::string("-");
           char buf[32];
@@ -644,11 +657,12 @@ void print_summary(const Collector& c) {
           else std::snprintf(buf, sizeof buf, "%.2f", a->counters.at("GB/s") / b->counters.at("GB/s"));
           return std::string(buf);
         };
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms,
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms,
                     roofline(*layer, g_limits.at(threads)),
                     ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
                     threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
+                    threads == 1 ? ratio(comb, copy_rows, false).c_str() : "-",
                     layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
       }
     }
@@ -674,6 +688,7 @@ void register_shape(const Shape& s) {
   benchmark::RegisterBenchmark(("BM_Dispatch/" + n).c_str(), BM_Move<M>, s, Move::dispatch)->Apply(moves);
   benchmark::RegisterBenchmark(("BM_Combine/" + n).c_str(), BM_Move<M>, s, Move::combine)->Apply(moves);
   benchmark::RegisterBenchmark(("BM_Memcpy/" + n).c_str(), BM_Move<M>, s, Move::memcpy)->Apply(moves);
+  benchmark::RegisterBenchmark(("BM_MemcpyRows/" + n).c_str(), BM_Move<M>, s, Move::memcpy_rows)->Apply(moves);
   auto expert_args = [](benchmark::internal::Benchmark* b) {
     for (const int m : kExpertTokens)
       for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({m, threads});
