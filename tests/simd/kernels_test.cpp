@@ -16,10 +16,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -1214,6 +1216,66 @@ TEMPLATE_TEST_CASE("simd::fma rounds once, lane for lane as std::fma", "[simd]",
         .store_aligned(out);
     for (std::size_t l = 0; l < L; ++l) CHECK(out[l] == std::fma(x[i + l], y[i + l], z[i + l]));
   }
+}
+
+namespace {
+
+// reduce_add_each<N> on accumulators of mixed magnitudes (each sum rounds several times, so a lane
+// added in another order would show), with NaNs, infinities and signed zeros in some of them: each
+// sum's bits equal reduce_add's, and nothing past out[N) is written. (A NaN sum need only be NaN:
+// compilers treat addition as commutative, so which of two NaN payloads survives is not fixed.)
+template <std::size_t N, class T>
+void check_reduce_add_each(std::mt19937& rng) {
+  using B = moe::simd::batch<T, Arch>;
+  constexpr std::size_t L = kLanes<T>;
+  std::vector<T> values(N * L);
+  fill_uniform(values.data(), values.size(), -1.0, 1.0, rng);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    values[i] *= static_cast<T>(std::ldexp(1.0, static_cast<int>(i * 7 % 40) - 20));  // 2^-20 to 2^19
+  }
+  using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  auto nan_with = [](Bits payload) {
+    Bits b = sizeof(T) == 4 ? Bits(0x7fc00000u) | payload : (Bits(0x7ff8) << 48) | payload;
+    T v;
+    std::memcpy(&v, &b, sizeof v);
+    return v;
+  };
+  if (N > 1) values[L + 3] = nan_with(5), values[2 * L - 1] = nan_with(9);  // two NaNs in one sum
+  const T inf = std::numeric_limits<T>::infinity();
+  if (N > 2) values[2 * L] = inf, values[2 * L + 1] = -inf;
+  if (N > 3) std::fill(values.begin() + 3 * L, values.begin() + 4 * L, T(-0.0));  // a sum of -0 is -0
+  if (N > 4) std::fill(values.begin() + 4 * L, values.begin() + 5 * L, T(0.0)), values[4 * L + 2] = T(-0.0);  // +0
+  std::vector<B> acc;
+  for (std::size_t i = 0; i < N; ++i) acc.push_back(B::load_unaligned(values.data() + i * L));
+  std::vector<T> out(N + 1, T(42));
+  moe::simd::reduce_add_each<N>(acc.data(), out.data());
+  for (std::size_t i = 0; i < N; ++i) {
+    CAPTURE(N, i);
+    const T want = moe::simd::reduce_add(acc[i]);
+    if (std::isnan(want)) {
+      CHECK(std::isnan(out[i]));
+      continue;
+    }
+    Bits got_bits, want_bits;
+    std::memcpy(&got_bits, &out[i], sizeof(T));
+    std::memcpy(&want_bits, &want, sizeof(T));
+    CHECK(got_bits == want_bits);
+  }
+  CHECK(out[N] == T(42));
+}
+
+template <class T, std::size_t... N>
+void check_reduce_add_each_for(std::index_sequence<N...>) {
+  auto rng = make_rng(sizeof(T), 91);
+  (check_reduce_add_each<N + 1, T>(rng), ...);
+}
+
+}  // namespace
+
+// The register blocks reduce their accumulators together (reduce_add_each): every block size from
+// 1 to 40 accumulators (14 × 2 is the largest block), whole groups of 16 and partial ones.
+TEMPLATE_TEST_CASE("simd::reduce_add_each gives reduce_add's bits for each accumulator", "[simd][matmul]", float, double) {
+  check_reduce_add_each_for<TestType>(std::make_index_sequence<40>{});
 }
 
 TEST_CASE("simd::has_fma tells the architecture tags that multiply and add with one rounding", "[simd]") {

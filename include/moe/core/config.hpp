@@ -64,3 +64,13 @@
 #else
 #define MOE_NOINLINE
 #endif
+
+// Inlines a helper that takes a register block's accumulators by pointer: left out of line, the
+// block's accumulator array has its address taken, and GCC then keeps it in memory in the hot loop.
+#if defined(__GNUC__)
+#define MOE_ALWAYS_INLINE __attribute__((always_inline)) inline
+#elif defined(_MSC_VER)
+#define MOE_ALWAYS_INLINE __forceinline
+#else
+#define MOE_ALWAYS_INLINE inline
+#endif

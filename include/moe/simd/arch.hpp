@@ -81,6 +81,67 @@ T reduce_add(const batch<T, Arch>& b) noexcept {
   return xsimd::hadd(b);
 }
 
+#if XSIMD_WITH_AVX512F
+namespace detail {
+// _mm512_shuffle_f32x4 and _mm512_shuffle_ps in their masked forms with every lane selected: the
+// plain forms pass GCC 12's _mm512_undefined_ps, which -O3 -Wuninitialized reports.
+template <int Imm>
+inline __m512 shuffle_quarters(__m512 a, __m512 b) noexcept {
+  return _mm512_mask_shuffle_f32x4(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
+}
+template <int Imm>
+inline __m512 shuffle_within_quarters(__m512 a, __m512 b) noexcept {
+  return _mm512_mask_shuffle_ps(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
+}
+}  // namespace detail
+#endif
+
+// out[i] = reduce_add(acc[i]) for i < N, bit for bit: a register block's dots. With 16-lane float
+// batches (AVX-512) and 8 or more accumulators, the sums are taken sixteen at a time, transposed as
+// they are added: each step adds the same pairs of lanes as xsimd's hadd (lane l + lane l + 8, then
+// + l + 4, then the pairs (0, 1) and (2, 3), then those two sums), so every sum rounds as before,
+// in 47 instructions per 16 sums where hadd takes 7 (two of them vhaddps) for each. One S2 expert
+// (both products, old and new headers in one binary, 7–32 tokens): 0.91–1.00 of the time with its
+// weights in cache, 0.93–1.03 cold (bench/README.md, "Session 33"). Fewer accumulators (the
+// streamed blocks of 3–4 tokens) keep hadd: padded to 16, 3 tokens ran slower.
+template <std::size_t N, class T, class Arch>
+MOE_ALWAYS_INLINE void reduce_add_each(const batch<T, Arch>* acc, T* out) noexcept {
+#if XSIMD_WITH_AVX512F
+  if constexpr (N >= 8 && std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value) {
+    for (std::size_t g = 0; g < N; g += 16) {
+      // Slot i takes accumulator g + 4 (i % 4) + i / 4 (or zeros past N): the steps below leave
+      // slot q + 4m's sum in lane 4q + m, so each sum lands in its own accumulator's lane.
+      __m512 v[16];
+      MOE_UNROLL for (std::size_t i = 0; i < 16; ++i) {
+        const std::size_t slot = g + 4 * (i % 4) + i / 4;
+        v[i] = slot < N ? static_cast<__m512>(acc[slot]) : _mm512_setzero_ps();
+      }
+      // Lane l + lane l + 8: two accumulators' 8 partial sums per vector.
+      MOE_UNROLL for (std::size_t i = 0; i < 8; ++i) {
+        const __m512 a = v[2 * i], b = v[2 * i + 1];
+        v[i] = _mm512_add_ps(detail::shuffle_quarters<0xEE>(a, b), detail::shuffle_quarters<0x44>(a, b));
+      }
+      // + lane l + 4: four accumulators' 4 partial sums, one per 128-bit quarter.
+      MOE_UNROLL for (std::size_t i = 0; i < 4; ++i) {
+        const __m512 a = v[2 * i], b = v[2 * i + 1];
+        v[i] = _mm512_add_ps(detail::shuffle_quarters<0x88>(a, b), detail::shuffle_quarters<0xDD>(a, b));
+      }
+      // Lanes (0 + 1) and (2 + 3) of each quarter, twice: the pairs, then the pairs' sums.
+      MOE_UNROLL for (std::size_t i = 0; i < 2; ++i) {
+        const __m512 a = v[2 * i], b = v[2 * i + 1];
+        v[i] = _mm512_add_ps(detail::shuffle_within_quarters<0x88>(a, b), detail::shuffle_within_quarters<0xDD>(a, b));
+      }
+      const __m512 a = v[0], b = v[1];
+      const __m512 sums = _mm512_add_ps(detail::shuffle_within_quarters<0x88>(a, b), detail::shuffle_within_quarters<0xDD>(a, b));
+      if (g + 16 <= N) _mm512_storeu_ps(out + g, sums);
+      else _mm512_mask_storeu_ps(out + g, static_cast<__mmask16>((1u << (N - g)) - 1), sums);
+    }
+    return;
+  }
+#endif
+  MOE_UNROLL for (std::size_t i = 0; i < N; ++i) out[i] = reduce_add(acc[i]);
+}
+
 template <class T, class Arch>
 T reduce_max(const batch<T, Arch>& b) noexcept {
   alignas(64) T tmp[batch<T, Arch>::size];

@@ -216,10 +216,10 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
       MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) carry[j * NB + r] = acc[j][r];
     return;
   }
+  T sums[MB * NB];
+  reduce_add_each<MB * NB>(&acc[0][0], sums);
   MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
-    MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) {
-      out[j * ldo + r] = add_tail(reduce_add(acc[j][r]), xp[j], wp[r], i, k);
-    }
+    MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) out[j * ldo + r] = add_tail(sums[j * NB + r], xp[j], wp[r], i, k);
   }
 }
 
