@@ -102,8 +102,8 @@ inline __m512 shuffle_within_quarters(__m512 a, __m512 b) noexcept {
 // + l + 4, then the pairs (0, 1) and (2, 3), then those two sums), so every sum rounds as before,
 // in 47 instructions per 16 sums where hadd takes 7 (two of them vhaddps) for each. One S2 expert
 // (both products, old and new headers in one binary, 7–32 tokens): 0.91–1.00 of the time with its
-// weights in cache, 0.93–1.03 cold (bench/README.md, "Session 33"). Fewer accumulators (the
-// streamed blocks of 3–4 tokens) keep hadd: padded to 16, 3 tokens ran slower.
+// weights in cache, 0.93–1.03 cold (bench/README.md, "Session 33"). Fewer than 8 accumulators (a
+// panel's leftover rows) keep hadd: padded to 16, the streamed 3-token blocks ran slower in a trial.
 template <std::size_t N, class T, class Arch>
 MOE_ALWAYS_INLINE void reduce_add_each(const batch<T, Arch>* acc, T* out) noexcept {
 #if XSIMD_WITH_AVX512F
