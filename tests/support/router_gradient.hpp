@@ -80,20 +80,18 @@ class RouterGradientCheck {
     };
     auto near = [](double got, double want) { return std::abs(got - want) <= 1e-7 * std::max(1.0, std::abs(want)); };
     double largest = 0;
-    for (index_t t = 0; t < kTokens; ++t)
-      for (index_t j = 0; j < kWidth; ++j) {
-        const double want = slope(x(t, j));
-        CAPTURE(t, j, want);
-        CHECK(near(dx(t, j) - before, want));
-        largest = std::max(largest, std::abs(want));
-      }
-    for (index_t e = 0; e < E; ++e)
-      for (index_t j = 0; j < kWidth; ++j) {
-        const double want = slope(W(e, j));
-        CAPTURE(e, j, want);
-        CHECK(near(dW(e, j) - before, want));
-        largest = std::max(largest, std::abs(want));
-      }
+    // Every entry of `wrt` (x or W, which the router views) against its gradient.
+    auto check_entries = [&](const char* name, moe::Matrix<double>& wrt, const moe::Matrix<double>& grad) {
+      for (index_t r = 0; r < wrt.rows(); ++r)
+        for (index_t c = 0; c < wrt.cols(); ++c) {
+          const double want = slope(wrt(r, c));
+          CAPTURE(name, r, c, want);
+          CHECK(near(grad(r, c) - before, want));
+          largest = std::max(largest, std::abs(want));
+        }
+    };
+    check_entries("dx", x, dx);
+    check_entries("dW", W, dW);
     CHECK(largest > 0.01);  // the gradients are not all zero
     return out_;
   }
