@@ -18,6 +18,22 @@ MOE_THIRD_PARTY_END
 #endif
 
 MOE_NAMESPACE_BEGIN
+
+#if XSIMD_WITH_AVX512F
+namespace detail {  // (moe::detail, not a simd::detail that would hide it from the kernels)
+// _mm512_shuffle_f32x4 and _mm512_shuffle_ps in their masked forms with every lane selected: the
+// plain forms pass GCC 12's _mm512_undefined_ps, which -O3 -Wuninitialized reports.
+template <int Imm>
+inline __m512 shuffle_quarters(__m512 a, __m512 b) noexcept {
+  return _mm512_mask_shuffle_f32x4(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
+}
+template <int Imm>
+inline __m512 shuffle_within_quarters(__m512 a, __m512 b) noexcept {
+  return _mm512_mask_shuffle_ps(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
+}
+}  // namespace detail
+#endif
+
 namespace simd {
 
 // The best architecture this translation unit was compiled for (-march / -m flags).
@@ -80,21 +96,6 @@ template <class T, class Arch>
 T reduce_add(const batch<T, Arch>& b) noexcept {
   return xsimd::hadd(b);
 }
-
-#if XSIMD_WITH_AVX512F
-namespace detail {
-// _mm512_shuffle_f32x4 and _mm512_shuffle_ps in their masked forms with every lane selected: the
-// plain forms pass GCC 12's _mm512_undefined_ps, which -O3 -Wuninitialized reports.
-template <int Imm>
-inline __m512 shuffle_quarters(__m512 a, __m512 b) noexcept {
-  return _mm512_mask_shuffle_f32x4(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
-}
-template <int Imm>
-inline __m512 shuffle_within_quarters(__m512 a, __m512 b) noexcept {
-  return _mm512_mask_shuffle_ps(a, static_cast<__mmask16>(0xFFFF), a, b, Imm);
-}
-}  // namespace detail
-#endif
 
 // out[i] = reduce_add(acc[i]) for i < N, bit for bit: a register block's dots. With 16-lane float
 // batches (AVX-512) and 8 or more accumulators, the sums are taken sixteen at a time, transposed as
