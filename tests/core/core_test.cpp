@@ -46,6 +46,25 @@ TEST_CASE("A build of moe without OpenMP has the plain ABI namespace", "[core]")
   STATIC_REQUIRE(std::is_same<moe::Buffer<float>, moe::v0::Buffer<float>>::value);
 }
 
+TEST_CASE("Buffer grows to the largest request, keeps its storage otherwise, and refuses a negative size", "[core]") {
+  moe::Buffer<float> buffer;
+  CHECK(buffer.capacity() == 0);
+  CHECK(buffer.ensure(0) == buffer.data());
+  float* first = buffer.ensure(100);
+  REQUIRE(buffer.capacity() >= 100);
+  for (int i = 0; i < 100; ++i) first[i] = static_cast<float>(i);
+  // Smaller and equal requests hand back the same storage, contents kept.
+  CHECK(buffer.ensure(10) == first);
+  CHECK(buffer.ensure(100) == first);
+  CHECK(first[99] == 99.0f);
+  float* grown = buffer.ensure(5000);
+  CHECK(buffer.capacity() >= 5000);
+  CHECK_THROWS_WITH(buffer.ensure(-3), "moe::Buffer::ensure: n must be >= 0 (n = -3)");
+  CHECK_THROWS_AS(buffer.ensure(-1), moe::invalid_argument);
+  CHECK(buffer.data() == grown);  // a refused request changes nothing
+  CHECK(buffer.capacity() >= 5000);
+}
+
 TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their contents", "[core][memory]") {
   constexpr std::size_t kHuge = moe::kHugePageBytes;
   // One element short of, exactly at, and past a huge page; a small block.

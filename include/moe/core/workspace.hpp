@@ -18,8 +18,10 @@ template <class T>
 class Buffer {
  public:
   // Returns storage for at least `n` elements. Contents are unspecified; pointers from earlier
-  // calls are invalidated only when the buffer has to grow.
+  // calls are invalidated only when the buffer has to grow. A negative `n` throws (cast to a size it
+  // would ask for exabytes).
   T* ensure(index_t n) {
+    if (n < 0) detail::throw_invalid("Buffer::ensure: n must be >= 0 (n = ", n, ")");
     if (static_cast<std::size_t>(n) > data_.size()) data_.resize(static_cast<std::size_t>(n));
     return data_.data();
   }
