@@ -571,8 +571,14 @@ std::string anon_huge_pages() {
 }
 
 // bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time, from a row's report_work counters.
-double roofline(const Collector::Entry& e, const Limits& lim) {
-  return std::max(e.counters.at("weight GB/s") / lim.read_gbs, e.counters.at("GFLOP/s") / lim.sgemm_gfs);
+double roofline(const Collector::Entry& e, double read_gbs, double sgemm_gfs) {
+  return std::max(e.counters.at("weight GB/s") / read_gbs, e.counters.at("GFLOP/s") / sgemm_gfs);
+}
+double roofline(const Collector::Entry& e, const Limits& lim) { return roofline(e, lim.read_gbs, lim.sgemm_gfs); }
+// The same against the yardsticks measured just before the row: one sample each, so noisy (it can
+// pass 1.0), but it tells a slow moment of the machine from a slow kernel.
+double roofline_now(const Collector::Entry& e) {
+  return roofline(e, e.counters.at("read GB/s before"), e.counters.at("sgemm GFLOP/s before"));
 }
 
 // The expert table: roofline of one cold expert per token count m (bound = max(its weights ÷
@@ -632,11 +638,12 @@ void print_summary(const Collector& c) {
                 l.second.sgemm_gfs, l.second.sgemm_source);
   }
   std::printf("  read now, sgemm now: the read bandwidth (GB/s) and sgemm rate (GFLOP/s) measured just before the row's\n"
-              "  own timing\n");
+              "  own timing; roof now: the roofline against those (one sample each: noisy, can pass 1.0)\n");
   std::printf("  disp/cpy, comb/cpy: dispatch's and combine's bandwidth over memcpy's; comb/rows: over the memcpy of\n"
               "  the combine's rows in its order\n");
-  std::printf("%-4s %6s %3s %10s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline", "vs naive",
-              "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows", "read now", "sgemm now");
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline",
+              "roof now", "vs naive", "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows", "read now",
+              "sgemm now");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
@@ -657,8 +664,8 @@ void print_summary(const Collector& c) {
           else std::snprintf(buf, sizeof buf, "%.2f", a->counters.at("GB/s") / b->counters.at("GB/s"));
           return std::string(buf);
         };
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads, layer->ms,
-                    roofline(*layer, g_limits.at(threads)),
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads,
+                    layer->ms, roofline(*layer, g_limits.at(threads)), roofline_now(*layer),
                     ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
                     threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
