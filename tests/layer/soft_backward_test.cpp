@@ -1,6 +1,7 @@
 // SoftMoELayer::backward (and SoftRouter::backward) against central finite differences in double:
 // plain and normalized soft routing, with and without a scale, with routing groups, FFN and gated
-// experts; and the errors of a backward without its forward or with buffers of the wrong shape.
+// experts; backward over NaN dx and gradients with row strides; the overflow path of the normalized
+// norms; and the errors of a backward without its forward or with buffers of the wrong shape.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -351,6 +352,96 @@ TEMPLATE_TEST_CASE("Normalized Soft routing: logits and gradients of huge x rows
     const double rx = double(cx) / double(moderate), rphi = double(cphi) / double(moderate);
     REQUIRE((dx_scaled.template cast<double>() * rx - dx.template cast<double>()).norm() <= tol * 10 * dx_norm);
     REQUIRE((dphi_scaled.template cast<double>() * rphi - dphi.template cast<double>()).norm() <= tol * 10 * dphi_norm);
+  }
+}
+
+// The overflow path takes a Φ column's largest entry from that column (stride S), not from the d
+// values that follow its first entry in memory. Here one column is huge with a first entry of 0 and
+// its neighbours are moderate, so those d values are all moderate: a divisor taken from them would
+// leave (entry / divisor)² overflowing and the column's logits collapsing to 0. Logits and
+// gradients must follow from the same column scaled only to 1e6, as in the test above.
+TEMPLATE_TEST_CASE("Normalized Soft routing: a huge Φ column is rescaled by its own largest entry, whatever lies beside it",
+                   "[backward][soft][numeric]", float, double) {
+  using T = TestType;
+  const T big = std::is_same<T, float>::value ? T(1e25) : T(1e200), moderate = T(1e6);
+  const index_t S = kExperts * 2, huge = 2;
+  const moe::Matrix<T> x = random_matrix<T>(kTokens, kD, 211);
+  const moe::Matrix<T> dD = random_matrix<T>(kTokens, S, 213), dC = random_matrix<T>(kTokens, S, 214);
+  moe::Matrix<T> w = random_matrix<T>(kD, S, 212);
+  w(0, huge) = T(0);
+  moe::Matrix<T> phi_big = w, phi_ref = w;
+  phi_big.col(huge) *= big;
+  phi_ref.col(huge) *= moderate;
+  REQUIRE(!std::isfinite(phi_big.col(huge).squaredNorm()));  // the case: the column's sum of squares overflows
+  for (index_t i = 0; i < kD; ++i) REQUIRE(std::abs(phi_big.data()[huge + i]) <= T(1));  // and what follows its start is moderate
+  moe::SoftOptions o;
+  o.slots_per_expert = 2;
+  o.normalized = true;
+  o.scale = 1.5;
+  const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-13;
+  const moe::SoftRouter<T> ref_router(phi_ref, kExperts, o), big_router(phi_big, kExperts, o);
+  moe::SoftRouting<T> ref, scaled;
+  ref_router.route(x, ref);
+  big_router.route(x, scaled);
+  REQUIRE(ref.logits().col(huge).cwiseAbs().maxCoeff() > T(0.1));  // the column's logits are far from 0
+  for (index_t t = 0; t < kTokens; ++t) {
+    for (index_t j = 0; j < S; ++j) {
+      CAPTURE(t, j);
+      CHECK(std::abs(double(scaled.logits()(t, j)) - double(ref.logits()(t, j))) <= tol * o.scale);
+    }
+  }
+  moe::Matrix<T> dx_ref = moe::Matrix<T>::Zero(kTokens, kD), dphi_ref = moe::Matrix<T>::Zero(kD, S);
+  moe::Matrix<T> dx_big = moe::Matrix<T>::Zero(kTokens, kD), dphi_big = moe::Matrix<T>::Zero(kD, S);
+  const T dscale_ref = ref_router.backward(x, ref, dD.data(), dC.data(), dx_ref, dphi_ref);
+  const T dscale_big = big_router.backward(x, scaled, dD.data(), dC.data(), dx_big, dphi_big);
+  CHECK(std::abs(double(dscale_big) - double(dscale_ref)) <= tol * 10 * std::max(1.0, std::abs(double(dscale_ref))));
+  const double dx_norm = dx_ref.template cast<double>().norm();
+  REQUIRE(dx_norm > 0);
+  CHECK((dx_big.template cast<double>() - dx_ref.template cast<double>()).norm() <= tol * 10 * dx_norm);
+  // ∂/∂Φ of the huge column is that of the moderate one divided by big / moderate (in double: it may underflow T).
+  moe::Matrix<double> dphi_big_d = dphi_big.template cast<double>();
+  dphi_big_d.col(huge) *= double(big) / double(moderate);
+  const double dphi_norm = dphi_ref.template cast<double>().norm();
+  REQUIRE(dphi_norm > 0);
+  CHECK((dphi_big_d - dphi_ref.template cast<double>()).norm() <= tol * 10 * dphi_norm);
+}
+
+// backward writes dx and the gradients whole: over NaN in every one of them, and with x, dy and dx
+// rows further apart than d (the gaps hold other values, which must be neither read nor written),
+// it gives the bits of contiguous buffers and fresh gradients.
+TEST_CASE("Soft MoE backward over NaN dx and gradients, with row strides, gives the bits of contiguous buffers", "[backward][soft]") {
+  SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"strided", 2, true, 1.3, {0, 4, 9}});
+  const auto l = h.layer();
+  moe::SoftTrainingWorkspace<double> ws;
+  moe::Matrix<double> y(kTokens, kD), dx(kTokens, kD);
+  l.forward_train(h.p.x, h.context(), y, ws);
+  auto grads = l.make_gradients();
+  l.backward(h.p.x, h.probe, dx, grads, ws);
+
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  moe::Matrix<double> wide_x = moe::Matrix<double>::Constant(kTokens, kD + 3, 5.0);
+  moe::Matrix<double> wide_dy = moe::Matrix<double>::Constant(kTokens, kD + 2, -4.0);
+  moe::Matrix<double> wide_dx = moe::Matrix<double>::Constant(kTokens, kD + 1, nan);
+  wide_x.leftCols(kD) = h.p.x;
+  wide_dy.leftCols(kD) = h.probe;
+  moe::SoftTrainingWorkspace<double> ws_strided;
+  moe::Matrix<double> y_strided(kTokens, kD);
+  l.forward_train(wide_x.leftCols(kD), h.context(), y_strided, ws_strided);
+  REQUIRE(y_strided == y);
+  auto stale = l.make_gradients();
+  stale.phi.setConstant(nan);
+  stale.scale = nan;
+  for (auto& e : stale.experts) e.for_each([&](moe::Matrix<double>& m) { m.setConstant(nan); });
+  l.backward(wide_x.leftCols(kD), wide_dy.leftCols(kD), wide_dx.leftCols(kD), stale, ws_strided);
+  CHECK(moe::Matrix<double>(wide_dx.leftCols(kD)) == dx);
+  CHECK(wide_dx.rightCols(1).array().isNaN().all());  // the gap untouched
+  CHECK(stale.phi == grads.phi);
+  CHECK(stale.scale == grads.scale);
+  for (std::size_t e = 0; e < grads.experts.size(); ++e) {
+    std::vector<moe::Matrix<double>> got, want;
+    stale.experts[e].for_each([&](const moe::Matrix<double>& m) { got.push_back(m); });
+    grads.experts[e].for_each([&](const moe::Matrix<double>& m) { want.push_back(m); });
+    CHECK(got == want);
   }
 }
 
