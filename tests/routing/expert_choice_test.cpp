@@ -95,11 +95,11 @@ void check_plan(const moe::Routing<T>& plan, index_t T_, index_t E) {
   REQUIRE(plan.expert_begin.back() == A);
   REQUIRE(plan.weight.size() == static_cast<std::size_t>(A));
   for (index_t e = 0; e < E; ++e) {
-    REQUIRE(at(plan.expert_begin, e) <= at(plan.expert_begin, e + 1));
-    for (index_t a = at(plan.expert_begin, e); a < at(plan.expert_begin, e + 1); ++a) {
-      REQUIRE(at(plan.token, a) >= 0);
-      REQUIRE(at(plan.token, a) < T_);
-      if (a > at(plan.expert_begin, e)) REQUIRE(at(plan.token, a - 1) < at(plan.token, a));
+    REQUIRE(plan.expert_begin[e] <= plan.expert_begin[e + 1]);
+    for (index_t a = plan.expert_begin[e]; a < plan.expert_begin[e + 1]; ++a) {
+      REQUIRE(plan.token[a] >= 0);
+      REQUIRE(plan.token[a] < T_);
+      if (a > plan.expert_begin[e]) REQUIRE(plan.token[a - 1] < plan.token[a]);
     }
   }
   REQUIRE(plan.token_begin.size() == static_cast<std::size_t>(T_ + 1));
@@ -108,17 +108,17 @@ void check_plan(const moe::Routing<T>& plan, index_t T_, index_t E) {
   REQUIRE(plan.assignment.size() == static_cast<std::size_t>(A));
   std::vector<int> seen(static_cast<std::size_t>(A), 0);
   for (index_t t = 0; t < T_; ++t) {
-    REQUIRE(at(plan.token_begin, t) <= at(plan.token_begin, t + 1));
-    for (index_t i = at(plan.token_begin, t); i < at(plan.token_begin, t + 1); ++i) {
-      const index_t a = at(plan.assignment, i);
+    REQUIRE(plan.token_begin[t] <= plan.token_begin[t + 1]);
+    for (index_t i = plan.token_begin[t]; i < plan.token_begin[t + 1]; ++i) {
+      const index_t a = plan.assignment[i];
       REQUIRE(a >= 0);
       REQUIRE(a < A);
       ++seen[static_cast<std::size_t>(a)];
-      REQUIRE(at(plan.token, a) == t);
-      if (i > at(plan.token_begin, t)) {
-        const index_t prev = at(plan.assignment, i - 1);
-        const bool ordered = at(plan.weight, prev) > at(plan.weight, a) ||
-                             (at(plan.weight, prev) == at(plan.weight, a) && plan.expert_of_assignment(prev) < plan.expert_of_assignment(a));
+      REQUIRE(plan.token[a] == t);
+      if (i > plan.token_begin[t]) {
+        const index_t prev = plan.assignment[i - 1];
+        const bool ordered = plan.weight[prev] > plan.weight[a] ||
+                             (plan.weight[prev] == plan.weight[a] && plan.expert_of_assignment(prev) < plan.expert_of_assignment(a));
         REQUIRE(ordered);
       }
     }
@@ -203,9 +203,9 @@ TEMPLATE_TEST_CASE("ExpertChoiceRouter selects the top c tokens per expert and g
           const auto& expected = at(chosen, e);
           REQUIRE(out.plan.tokens_of(e) == static_cast<index_t>(expected.size()));
           for (index_t i = 0; i < out.plan.tokens_of(e); ++i) {
-            const index_t a = at(out.plan.expert_begin, e) + i;
-            REQUIRE(at(out.plan.token, a) == at(expected, i));
-            REQUIRE(at(out.plan.weight, a) == out.scores()(at(expected, i), e));
+            const index_t a = out.plan.expert_begin[e] + i;
+            REQUIRE(out.plan.token[a] == at(expected, i));
+            REQUIRE(out.plan.weight[a] == out.scores()(at(expected, i), e));
           }
           // Exactly min(c, Tg) tokens of each group.
           for (std::size_t g = 0; g + 1 < bounds.size(); ++g) {
@@ -242,8 +242,8 @@ TEST_CASE("ExpertChoiceRouter breaks ties by the lower token index", "[routing][
         const index_t c = reference_capacity(cf, bounds[g + 1] - bounds[g], E);
         for (index_t t = bounds[g]; t < bounds[g] + c; ++t) expected.push_back(t);
       }
-      const std::vector<index_t> got(out.plan.token.begin() + at(out.plan.expert_begin, e),
-                                     out.plan.token.begin() + at(out.plan.expert_begin, e + 1));
+      const std::vector<index_t> got(out.plan.token.begin() + out.plan.expert_begin[e],
+                                     out.plan.token.begin() + out.plan.expert_begin[e + 1]);
       REQUIRE(got == expected);
     }
   }
@@ -279,8 +279,8 @@ TEST_CASE("ExpertChoiceRouter breaks ties by the lower token index", "[routing][
       }
       const auto chosen = reference_selection(out.scores(), bounds, cf);
       for (index_t e = 0; e < E; ++e) {
-        const std::vector<index_t> got(out.plan.token.begin() + at(out.plan.expert_begin, e),
-                                       out.plan.token.begin() + at(out.plan.expert_begin, e + 1));
+        const std::vector<index_t> got(out.plan.token.begin() + out.plan.expert_begin[e],
+                                       out.plan.token.begin() + out.plan.expert_begin[e + 1]);
         REQUIRE(got == at(chosen, e));
         // Count the groups where a chosen and an unchosen token have equal scores.
         for (std::size_t g = 0; g + 1 < bounds.size(); ++g) {
@@ -454,9 +454,9 @@ TEST_CASE("ExpertChoiceRouter isolates routing groups bit for bit", "[routing][e
     Routed r;
     for (index_t t = first; t < first + 7; ++t) {
       std::vector<std::pair<index_t, T>> row;
-      for (index_t i = at(plan.token_begin, t); i < at(plan.token_begin, t + 1); ++i) {
-        const index_t a = at(plan.assignment, i);
-        row.emplace_back(plan.expert_of_assignment(a), at(plan.weight, a));
+      for (index_t i = plan.token_begin[t]; i < plan.token_begin[t + 1]; ++i) {
+        const index_t a = plan.assignment[i];
+        row.emplace_back(plan.expert_of_assignment(a), plan.weight[a]);
       }
       r.plan_rows.push_back(row);
     }

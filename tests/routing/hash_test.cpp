@@ -85,7 +85,7 @@ void check_hash_output(const moe::RouterOutput<T>& out, const std::vector<std::v
   REQUIRE(plan.dropped.empty());
   std::vector<int> seen(static_cast<std::size_t>(plan.num_assignments()), 0);
   for (index_t e = 0; e < E; ++e) {
-    for (index_t a = at(plan.expert_begin, e) + 1; a < at(plan.expert_begin, e + 1); ++a) REQUIRE(at(plan.token, a - 1) < at(plan.token, a));
+    for (index_t a = plan.expert_begin[e] + 1; a < plan.expert_begin[e + 1]; ++a) REQUIRE(plan.token[a - 1] < plan.token[a]);
   }
   REQUIRE(out.logits().rows() == T_);
   REQUIRE(out.scores().rows() == T_);
@@ -95,11 +95,11 @@ void check_hash_output(const moe::RouterOutput<T>& out, const std::vector<std::v
     const T w = T(1) / static_cast<T>(k);
     REQUIRE(plan.experts_of(t) == k);
     for (index_t j = 0; j < k; ++j) {
-      const index_t a = at(plan.assignment, at(plan.token_begin, t) + j);
+      const index_t a = plan.assignment[plan.token_begin[t] + j];
       ++at(seen, a);
-      REQUIRE(at(plan.token, a) == t);
+      REQUIRE(plan.token[a] == t);
       REQUIRE(plan.expert_of_assignment(a) == at(want, j));
-      REQUIRE(at(plan.weight, a) == w);
+      REQUIRE(plan.weight[a] == w);
     }
     for (index_t e = 0; e < E; ++e) {
       const bool chosen = std::count(want.begin(), want.end(), e) > 0;
@@ -193,10 +193,10 @@ TEST_CASE("HashRouter is a pure function of the token id", "[routing][hash]") {
         const index_t u = where - ids.begin();
         REQUIRE(out.plan.experts_of(t) == k);
         for (index_t j = 0; j < k; ++j) {
-          const index_t a = at(out.plan.assignment, at(out.plan.token_begin, t) + j);
+          const index_t a = out.plan.assignment[out.plan.token_begin[t] + j];
           const index_t b = at(first.plan.assignment, at(first.plan.token_begin, u) + j);
           REQUIRE(out.plan.expert_of_assignment(a) == first.plan.expert_of_assignment(b));
-          REQUIRE(at(out.plan.weight, a) == at(first.plan.weight, b));
+          REQUIRE(out.plan.weight[a] == at(first.plan.weight, b));
         }
       }
     }

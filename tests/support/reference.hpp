@@ -34,7 +34,7 @@ moe::Matrix<T> normal_matrix(std::mt19937& rng, index_t rows, index_t cols, doub
   return m;
 }
 
-// An element of a std::vector by a signed index (plan indices are index_t).
+// An element of a std::vector by a signed index (moe::PlanArray takes index_t itself).
 template <class V>
 auto at(V& v, index_t i) -> decltype(v[0]) {
   return v[static_cast<std::size_t>(i)];
