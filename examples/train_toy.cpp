@@ -132,7 +132,7 @@ double train_epoch(Model& model, const Data& data, Strategy s, MakeRouter make_r
       dlogits += g;
     }
     auto grads = layer.make_gradients();
-    layer.backward(x, dy, dx, grads, ws, dlogits.data());
+    layer.backward(x, dy, dx, grads, ws, dlogits);
     model.apply(grads, ++step);
     if (s == Strategy::bias) {
       balancer.update(ws.routing.plan);

@@ -663,7 +663,9 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   auto shared_grads = layer.make_gradients();
   REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
                   fits_not && Contains("shared experts = 0, shared saved values = 0, route = ") &&
-                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", route = "), dx);
+                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", route = ") &&
+                      Contains("; they differ in shared experts (workspace 0, this layer 1), shared saved values (workspace 0, this layer " +
+                               std::to_string(kT * 2 * kFF) + ") (workspace: "), dx);
   layer.forward_train(x, moe::RouteContext{}, y, ws);
   REQUIRE_NOTHROW(layer.backward(x, dy, dx, shared_grads, ws));
   // The workspace's routing replaced after the forward_train.
@@ -687,7 +689,8 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   const std::string next = std::to_string(ws.routing.route_count());
   dx = sentinel(kT, kD);
   REQUIRE_REJECTS(chosen.backward(x, dy, dx, chosen_grads, ws), moe::invalid_argument,
-                  fits_not && Contains("route = " + route + ", router") && Contains("route = " + next + ", router"), dx);
+                  fits_not && Contains("route = " + route + ", router") && Contains("route = " + next + ", router") &&
+                      Contains("they differ in route (workspace " + route + ", this layer " + next + ") (workspace: "), dx);
 
   // A layer whose router has other options, with the same experts and plan sizes (capacity 100
   // drops nothing): the router's backward would have read the candidate buffers past their end.
@@ -778,6 +781,56 @@ TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors]
   bad.shared_gate.resize(0, 0);
   REQUIRE_REJECTS(layer.backward(x, dy, dx, bad, ws), moe::invalid_argument, Contains("grads.shared_gate.size() = 0") && Contains("= 8"), dx);
   REQUIRE_NOTHROW(layer.backward(x, dy, dx, grads, ws));
+}
+
+TEST_CASE("MoELayer::backward: extra_dlogits as a matrix", "[errors][layer][backward]") {
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  const moe::Matrix<float> x = tokens(), dy = random_matrix<float>(kT, kD, 9);
+  const moe::Matrix<float> dlogits = random_matrix<float>(kT, kE, 10);
+  moe::TrainingWorkspace<float> ws;
+  moe::Matrix<float> y(kT, kD);
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+
+  // The matrix forms give the pointer forms' bits; a column-major matrix (whose .data() the
+  // pointer form would misread) too, through the Ref's row-major copy.
+  auto by_pointer = layer.make_gradients(), by_matrix = layer.make_gradients(), by_column_major = layer.make_gradients();
+  moe::Matrix<float> dx_pointer(kT, kD), dx_matrix(kT, kD), dx_column_major(kT, kD);
+  layer.backward(x, dy, dx_pointer, by_pointer, ws, dlogits.data());
+  layer.backward(x, dy, dx_matrix, by_matrix, ws, dlogits);
+  const Eigen::MatrixXf column_major = dlogits;
+  layer.backward(x, dy, dx_column_major, by_column_major, ws, column_major);
+  REQUIRE(same_bits(dx_matrix, dx_pointer));
+  REQUIRE(same_bits(dx_column_major, dx_pointer));
+  REQUIRE(same_bits(by_matrix.router, by_pointer.router));
+  REQUIRE(same_bits(by_column_major.router, by_pointer.router));
+  REQUIRE_FALSE(same_bits(by_pointer.router, [&] {
+    auto without = layer.make_gradients();
+    moe::Matrix<float> dx_without(kT, kD);
+    layer.backward(x, dy, dx_without, without, ws);
+    return without.router;
+  }()));  // extra_dlogits reached the router's gradient
+  layer.backward_accumulate(x, dy, dx_matrix, by_matrix, ws, dlogits);
+  layer.backward_accumulate(x, dy, dx_pointer, by_pointer, ws, dlogits.data());
+  REQUIRE(same_bits(by_matrix.router, by_pointer.router));
+
+  // Wrong shapes, and rows that are not E apart, are refused before anything is written.
+  moe::Matrix<float> dx = sentinel(kT, kD);
+  const auto router_before = by_matrix.router;
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, by_matrix, ws, random_matrix<float>(kT, kE + 1, 1)), moe::invalid_argument,
+                  Contains("moe::MoELayer::backward: extra_dlogits must be [x.rows(), experts] (extra_dlogits = [5, 5], x.rows() = 5, experts = 4)"),
+                  dx);
+  REQUIRE_REJECTS(layer.backward_accumulate(x, dy, dx, by_matrix, ws, random_matrix<float>(kT - 1, kE, 1)), moe::invalid_argument,
+                  Contains("moe::MoELayer::backward_accumulate: extra_dlogits must be") && Contains("extra_dlogits = [4, 4]"), dx);
+  const moe::Matrix<float> wider = random_matrix<float>(kT, kE + 3, 1);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, by_matrix, ws, wider.leftCols(kE)), moe::invalid_argument,
+                  Contains("extra_dlogits' rows must be contiguous (outer stride = 7, experts = 4)"), dx);
+  REQUIRE(same_bits(by_matrix.router, router_before));
+
+  // An empty batch takes a [0, E] matrix.
+  const moe::Matrix<float> none(0, kD);
+  moe::Matrix<float> y_none(0, kD), dx_none(0, kD);
+  layer.forward_train(none, moe::RouteContext{}, y_none, ws);
+  REQUIRE_NOTHROW(layer.backward(none, none, dx_none, by_matrix, ws, moe::Matrix<float>(0, kE)));
 }
 
 // --- balancing ----------------------------------------------------------------------------------

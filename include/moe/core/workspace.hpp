@@ -93,11 +93,31 @@ inline std::string describe(const TrainingLayout& l) {
                 ", shared saved values = ", l.shared_saved, ", route = ", l.route, ", router fingerprint = ", l.router);
 }
 
+// The fields in which two layouts differ, "name (workspace a, this layer b)" each, so that a reader
+// need not compare the two whole layouts.
+inline std::string describe_difference(const TrainingLayout& saved, const TrainingLayout& layer) {
+  std::string out;
+  const auto field = [&out](const char* name, auto in_workspace, auto in_layer) {
+    if (in_workspace != in_layer) out += concat(out.empty() ? "" : ", ", name, " (workspace ", in_workspace, ", this layer ", in_layer, ")");
+  };
+  field("tokens", saved.tokens, layer.tokens);
+  field("d_model", saved.d_model, layer.d_model);
+  field("experts", saved.experts, layer.experts);
+  field("slots per expert", saved.slots_per_expert, layer.slots_per_expert);
+  field("rows", saved.rows, layer.rows);
+  field("saved values", saved.saved, layer.saved);
+  field("shared experts", saved.shared_experts, layer.shared_experts);
+  field("shared saved values", saved.shared_saved, layer.shared_saved);
+  field("route", saved.route, layer.route);
+  field("router fingerprint", saved.router, layer.router);
+  return out;
+}
+
 inline void check_training_layout(const char* where, const TrainingLayout& saved, const TrainingLayout& layer) {
   if (saved != layer) {
     throw_invalid(where, ": the workspace's forward_train state does not fit this layer (it comes from another layer or from this "
-                  "one before a change such as set_shared_experts, or was routed into since) (workspace: ", describe(saved), "; this layer: ",
-                  describe(layer), ")");
+                  "one before a change such as set_shared_experts, or was routed into since); they differ in ",
+                  describe_difference(saved, layer), " (workspace: ", describe(saved), "; this layer: ", describe(layer), ")");
   }
 }
 

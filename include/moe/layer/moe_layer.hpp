@@ -194,9 +194,35 @@ class MoELayer {
     backward_checked(x, dy, dx, grads, ws, extra_dlogits, arch, true);
   }
 
+  // backward() and backward_accumulate() with extra_dlogits as a matrix, whose shape is checked:
+  // [T, E] with rows E apart (any Eigen matrix of that shape; a column-major one is copied into a
+  // row-major temporary by the conversion, which allocates).
+  template <class Arch = simd::default_arch>
+  void backward(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                TrainingWorkspace<T>& ws, const ConstMatrixRef<T>& extra_dlogits, Arch arch = {}) const {
+    backward(x, dy, dx, grads, ws, checked_dlogits("MoELayer::backward", x, extra_dlogits), arch);
+  }
+  template <class Arch = simd::default_arch>
+  void backward_accumulate(const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, MatrixRef<T> dx, Gradients& grads,
+                           TrainingWorkspace<T>& ws, const ConstMatrixRef<T>& extra_dlogits, Arch arch = {}) const {
+    backward_accumulate(x, dy, dx, grads, ws, checked_dlogits("MoELayer::backward_accumulate", x, extra_dlogits), arch);
+  }
+
  private:
   // FFN expert e (the router's experts [0, experts_.size())), by the plan's signed index.
   const Expert& ffn_expert(index_t e) const noexcept { return experts_[static_cast<std::size_t>(e)]; }
+
+  const T* checked_dlogits(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& extra_dlogits) const {
+    if (extra_dlogits.rows() != x.rows() || extra_dlogits.cols() != num_experts()) {
+      detail::throw_invalid(where, ": extra_dlogits must be [x.rows(), experts] (extra_dlogits = [", extra_dlogits.rows(), ", ",
+                            extra_dlogits.cols(), "], x.rows() = ", x.rows(), ", experts = ", num_experts(), ")");
+    }
+    if (extra_dlogits.rows() > 1 && extra_dlogits.outerStride() != extra_dlogits.cols()) {
+      detail::throw_invalid(where, ": extra_dlogits' rows must be contiguous (outer stride = ", extra_dlogits.outerStride(),
+                            ", experts = ", extra_dlogits.cols(), ")");
+    }
+    return extra_dlogits.data();
+  }
 
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const TrainingWorkspace<T>& ws) const {
