@@ -212,6 +212,7 @@ class MoELayer {
   // FFN expert e (the router's experts [0, experts_.size())), by the plan's signed index.
   const Expert& ffn_expert(index_t e) const noexcept { return experts_[static_cast<std::size_t>(e)]; }
 
+  // extra_dlogits' values for the pointer form, once its shape and row stride are checked.
   const T* checked_dlogits(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& extra_dlogits) const {
     if (extra_dlogits.rows() != x.rows() || extra_dlogits.cols() != num_experts()) {
       detail::throw_invalid(where, ": extra_dlogits must be [x.rows(), experts] (extra_dlogits = [", extra_dlogits.rows(), ", ",
