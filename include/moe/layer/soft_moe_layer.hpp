@@ -144,7 +144,7 @@ class SoftMoELayer {
   void forward_train(const ConstMatrixRef<T>& x, MatrixRef<T> y, SoftTrainingWorkspace<T>& ws, Arch arch = {}) const {
     forward_train(x, RouteContext{}, y, ws, arch);
   }
-  // As above, with a RouteContext (routing groups, token ids, training jitter).
+  // As above, with a RouteContext (its routing groups: Soft MoE reads neither token ids nor jitter).
   template <class Arch = simd::default_arch>
   void forward_train(const ConstMatrixRef<T>& x, const RouteContext& ctx, MatrixRef<T> y, SoftTrainingWorkspace<T>& ws,
                      Arch arch = {}) const {

@@ -86,7 +86,10 @@ class ExpertChoiceRouter {
   ConstMatrixMap<T> weight() const noexcept { return weight_.map(); }
 
   // Tokens each expert takes from a group of `group_tokens` tokens:
-  // min(ceil(capacity_factor · group_tokens / E), group_tokens), evaluated in double.
+  // min(ceil(capacity_factor · group_tokens / E), group_tokens), evaluated in double. The product
+  // rounds as doubles do, as top-k's expert_capacity (Megatron's formula): a factor with no exact
+  // binary form can land just above a whole number and take one token more than exact arithmetic
+  // would (1.1 · 100 / 2 = 55.00000000000001, so 56 tokens).
   index_t capacity(index_t group_tokens) const noexcept {
     const double c = options_.capacity_factor * static_cast<double>(group_tokens) / static_cast<double>(num_experts());
     if (!(c < static_cast<double>(group_tokens))) return group_tokens;

@@ -118,7 +118,8 @@ class HashRouter {
   index_t d_model() const noexcept { return d_model_; }
   index_t k() const noexcept { return options_.k; }
   // k, the seed, the expert count, the width and the table's size: backward refuses a
-  // RouterOutput this fingerprint did not stamp.
+  // RouterOutput this fingerprint did not stamp. Not the table's contents: two tables of one size
+  // fill routings of one layout, which is what the stamp guards (and hash backward adds nothing).
   std::uint64_t config_fingerprint() const noexcept {
     return detail::Fingerprint().add(3).add(num_experts_).add(d_model_).add(options_.k).add(options_.seed).add(table_.size()).value();
   }
