@@ -23,6 +23,7 @@
 #include "routing/context.hpp"
 #include "routing/expert_choice.hpp"
 #include "routing/hash.hpp"
+#include "routing/router_concept.hpp"
 #include "routing/router_output.hpp"
 #include "routing/routing.hpp"
 #include "routing/soft.hpp"

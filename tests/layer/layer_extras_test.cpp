@@ -328,3 +328,141 @@ TEST_CASE("A copied workspace or routing keeps its own batch, after its source r
   CHECK(kept.dispatch_weights() == expected.dispatch_weights());
   CHECK(kept.combine_weights() == expected.combine_weights());
 }
+
+namespace {
+
+// A router type written outside moe, to its contract alone (README, "Your own router type"): top-1
+// by logit (ties to the lower expert), weighted by the sigmoid of that logit. Its backward has no
+// scratch parameter, so the layer's call for such routers runs too.
+template <class T>
+class ArgmaxSigmoidRouter {
+ public:
+  using Scalar = T;
+  explicit ArgmaxSigmoidRouter(moe::Matrix<T> weight) : weight_(std::move(weight)) {}
+  index_t num_experts() const { return weight_.rows(); }
+  index_t d_model() const { return weight_.cols(); }
+  std::uint64_t config_fingerprint() const { return 0xa5a5; }
+
+  template <class Arch>
+  void route(const moe::ConstMatrixRef<T>& x, const moe::RouteContext&, moe::RouterOutput<T>& out, Arch) const {
+    const index_t T_ = x.rows(), E = num_experts();
+    out.reshape(T_, E, config_fingerprint());
+    out.mutable_logits() = x * weight_.transpose();
+    out.mutable_scores() = out.logits().unaryExpr([](T z) { return T(1) / (T(1) + std::exp(-z)); });
+    std::vector<index_t> begin(static_cast<std::size_t>(T_ + 1)), chosen(static_cast<std::size_t>(T_));
+    std::vector<T> weight(static_cast<std::size_t>(T_));
+    for (index_t t = 0; t < T_; ++t) {
+      index_t best = 0;
+      for (index_t e = 1; e < E; ++e)
+        if (out.logits()(t, e) > out.logits()(t, best)) best = e;
+      begin[std::size_t(t)] = t;
+      chosen[std::size_t(t)] = best;
+      weight[std::size_t(t)] = out.scores()(t, best);
+    }
+    begin[std::size_t(T_)] = T_;
+    moe::build_routing(T_, E, begin.data(), chosen.data(), weight.data(), out.plan);
+  }
+
+  template <class Arch>
+  void backward(const moe::ConstMatrixRef<T>& x, const moe::RouterOutput<T>& out, const T* grad_weight, const T*,
+                const T* extra_dlogits, moe::MatrixRef<T> dx, moe::MatrixRef<T> dweight, Arch) const {
+    const index_t T_ = x.rows(), E = num_experts();
+    moe::Matrix<T> dlogits = moe::Matrix<T>::Zero(T_, E);
+    if (extra_dlogits != nullptr) dlogits = moe::ConstMatrixMap<T>(extra_dlogits, T_, E);
+    for (index_t a = 0; a < out.plan.num_assignments(); ++a) {
+      const index_t t = out.plan.token[a], e = out.plan.expert_of_assignment(a);
+      const T s = out.scores()(t, e);
+      dlogits(t, e) += grad_weight[a] * s * (T(1) - s);
+    }
+    dweight += dlogits.transpose() * x;
+    dx += dlogits * weight_;
+  }
+
+ private:
+  moe::Matrix<T> weight_;
+};
+
+// Forward members only: a router for inference.
+struct InferenceOnlyRouter {
+  using Scalar = float;
+  index_t num_experts() const { return 2; }
+  index_t d_model() const { return 4; }
+  template <class Arch>
+  void route(const moe::ConstMatrixRef<float>&, const moe::RouteContext&, moe::RouterOutput<float>&, Arch) const {}
+};
+struct NoRouteRouter {
+  using Scalar = float;
+  index_t num_experts() const { return 2; }
+  index_t d_model() const { return 4; }
+};
+
+}  // namespace
+
+TEST_CASE("A router type of your own: the contract, forward against a reference, gradients against differences",
+          "[layer][router_concept][backward]") {
+  STATIC_REQUIRE(moe::is_training_router_v<moe::TopKRouter<float>>);
+  STATIC_REQUIRE(moe::is_training_router_v<moe::ExpertChoiceRouter<double>>);
+  STATIC_REQUIRE(moe::is_training_router_v<moe::HashRouter<float>>);
+  STATIC_REQUIRE(moe::is_training_router_v<ArgmaxSigmoidRouter<double>>);
+  STATIC_REQUIRE(moe::is_router_v<InferenceOnlyRouter>);
+  STATIC_REQUIRE_FALSE(moe::is_training_router_v<InferenceOnlyRouter>);
+  STATIC_REQUIRE_FALSE(moe::is_router_v<NoRouteRouter>);
+  STATIC_REQUIRE_FALSE(moe::is_router_v<moe::SwiGLU<float>>);
+
+  const Model m;
+  const index_t T_ = 20;
+  const moe::Matrix<double> gate = random_matrix<double>(m.E_ffn, m.d, 41, 1.5), x = random_matrix<double>(T_, m.d, 42);
+  const moe::Matrix<double> dy = random_matrix<double>(T_, m.d, 43), extra = random_matrix<double>(T_, m.E_ffn, 44);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  const auto layer_with = [&](const moe::Matrix<double>& w) { return moe::MoELayer(ArgmaxSigmoidRouter<double>(w), experts); };
+
+  // Forward: y_t = σ(z_te) · expert_e(x_t), e = argmax_e z_te, z_t = W x_t.
+  const auto layer = layer_with(gate);
+  moe::TrainingWorkspace<double> ws;
+  moe::Matrix<double> y(T_, m.d);
+  layer.forward_train(x, y, ws);
+  const Mat xd = to_double(x), gd = to_double(gate);
+  Mat ref;
+  std::vector<index_t> used(std::size_t(m.E_ffn), 0);
+  for (index_t t = 0; t < T_; ++t) {
+    const std::vector<double> z = linear(gd, xd[std::size_t(t)]);
+    const index_t e = top_k(z, 1)[0];
+    ++used[std::size_t(e)];
+    std::vector<double> row = m.ref(e, xd[std::size_t(t)]);
+    for (double& v : row) v *= sigmoid(z[std::size_t(e)]);
+    ref.push_back(row);
+  }
+  for (index_t e = 0; e < m.E_ffn; ++e) REQUIRE(used[std::size_t(e)] > 0);  // every expert takes tokens
+  REQUIRE(max_relative_error(y, ref) < 1e-13);
+
+  // Gradients of L = Σ dy ⊙ y + Σ extra ⊙ logits against central differences.
+  const auto loss = [&](const moe::Matrix<double>& w, const moe::Matrix<double>& input) {
+    moe::Workspace<double> w_ws;
+    const auto l = layer_with(w);
+    const moe::Matrix<double> out = l.forward(input, w_ws);
+    return (dy.array() * out.array()).sum() + (extra.array() * (input * w.transpose()).array()).sum();
+  };
+  auto grads = layer.make_gradients();
+  moe::Matrix<double> dx(T_, m.d);
+  layer.backward(x, dy, dx, grads, ws, extra);
+  const double h = 1e-6;
+  double worst_router = 0, worst_dx = 0;
+  for (index_t e = 0; e < m.E_ffn; ++e)
+    for (index_t c = 0; c < m.d; ++c) {
+      moe::Matrix<double> up = gate, down = gate;
+      up(e, c) += h;
+      down(e, c) -= h;
+      worst_router = std::max(worst_router, std::fabs((loss(up, x) - loss(down, x)) / (2 * h) - grads.router(e, c)));
+    }
+  for (index_t t = 0; t < T_; ++t)
+    for (index_t c = 0; c < m.d; ++c) {
+      moe::Matrix<double> up = x, down = x;
+      up(t, c) += h;
+      down(t, c) -= h;
+      worst_dx = std::max(worst_dx, std::fabs((loss(gate, up) - loss(gate, down)) / (2 * h) - dx(t, c)));
+    }
+  REQUIRE(worst_router < 1e-7 * std::max(1.0, grads.router.cwiseAbs().maxCoeff()));
+  REQUIRE(worst_dx < 1e-7 * std::max(1.0, dx.cwiseAbs().maxCoeff()));
+  REQUIRE(grads.router.cwiseAbs().maxCoeff() > 0.1);  // the router's part is there to check
+}

@@ -27,6 +27,7 @@
 #include "../simd/matmul.hpp"
 #include "../simd/softmax.hpp"
 #include "../routing/context.hpp"
+#include "../routing/router_concept.hpp"
 #include "../routing/router_output.hpp"
 #include "workspace.hpp"
 
@@ -68,6 +69,7 @@ inline bool share_out_experts(const index_t* cost, index_t count, index_t thread
 template <class Router, class Expert>
 class MoELayer {
   static_assert(detail::check_expert<Expert>());  // (one message per member an expert type lacks)
+  static_assert(detail::check_router<Router>());  // (the same for the router's forward members)
 
  public:
   using Scalar = typename Router::Scalar;
@@ -234,6 +236,7 @@ class MoELayer {
 
   // The layout forward_train leaves in a TrainingWorkspace for this layer and `routing`.
   TrainingLayout training_layout(const RouterOutput<T>& routing) const {
+    static_assert(detail::check_training_router<Router>());  // (forward_train and backward use it)
     const Routing<T>& plan = routing.plan;
     TrainingLayout l;
     l.route = routing.route_count();
@@ -373,13 +376,6 @@ class MoELayer {
     });
   }
 
-  // Whether R::backward takes the workspace's scratch after the arch, as moe's routers do.
-  template <class R>
-  using backward_with_scratch_of = decltype(std::declval<const R&>().backward(
-      std::declval<const ConstMatrixRef<T>&>(), std::declval<const RouterOutput<T>&>(), std::declval<const T*>(),
-      std::declval<const T*>(), std::declval<const T*>(), std::declval<MatrixRef<T>>(), std::declval<MatrixRef<T>>(),
-      std::declval<simd::default_arch>(), std::declval<Buffer<T>*>()));
-
   // backward's last part: adds to dx (the experts' input gradients) the dropped tokens', the
   // router's and the shared experts' parts. token_grads: [2, T] scratch.
   template <class Arch>
@@ -398,7 +394,7 @@ class MoELayer {
         dx.row(t) += plan.dropped_weight[i] * dy.row(t);
       }
     }
-    if constexpr (detail::detected_v<backward_with_scratch_of, Router>) {
+    if constexpr (detail::detected_v<detail::router_backward_with_scratch_of, Router>) {  // as moe's routers
       router_.backward(x, ws.routing, grad_weight, grad_lost, extra_dlogits, dx, grads.router, arch, &ws.router_scratch);
     } else {  // a router type of your own without the scratch parameter
       router_.backward(x, ws.routing, grad_weight, grad_lost, extra_dlogits, dx, grads.router, arch);
