@@ -11,8 +11,8 @@
 //       out.reshape(T, E, config_fingerprint()), then its logits and scores [T, E] and its plan
 //       (build_routing), or leave the empty plan reshape made if it throws
 // and, for forward_train and backward:
-//   std::uint64_t config_fingerprint() const;   stamped on every routing; equal for routers whose
-//                                               routings have one layout
+//   std::uint64_t config_fingerprint() const;   stamped on every routing; it must differ wherever
+//                                               two configurations lay out their routings differently
 //   template <class Arch> void backward(const ConstMatrixRef<T>& x, const RouterOutput<T>& out,
 //       const T* grad_weight, const T* grad_lost, const T* extra_dlogits, MatrixRef<T> dx,
 //       MatrixRef<T> dweight, Arch) const;
