@@ -77,10 +77,26 @@ struct TrainingLayout {
   std::uint64_t route = 0;        // the routing's route_count()
   std::uint64_t router = 0;       // the layer's router's config_fingerprint()
 
+  // f(name, this layout's value, o's value) for every field in order: the one list that comparing
+  // and describing layouts go through.
+  template <class F>
+  void for_each_field(const TrainingLayout& o, F&& f) const {
+    f("tokens", tokens, o.tokens);
+    f("d_model", d_model, o.d_model);
+    f("experts", experts, o.experts);
+    f("slots per expert", slots_per_expert, o.slots_per_expert);
+    f("rows", rows, o.rows);
+    f("saved values", saved, o.saved);
+    f("shared experts", shared_experts, o.shared_experts);
+    f("shared saved values", shared_saved, o.shared_saved);
+    f("route", route, o.route);
+    f("router fingerprint", router, o.router);
+  }
+
   bool operator==(const TrainingLayout& o) const noexcept {
-    return tokens == o.tokens && d_model == o.d_model && experts == o.experts && slots_per_expert == o.slots_per_expert &&
-           rows == o.rows && saved == o.saved && shared_experts == o.shared_experts && shared_saved == o.shared_saved &&
-           route == o.route && router == o.router;
+    bool same = true;
+    for_each_field(o, [&same](const char*, auto mine, auto theirs) { same = same && mine == theirs; });
+    return same;
   }
   bool operator!=(const TrainingLayout& o) const noexcept { return !(*this == o); }
 };
@@ -88,28 +104,18 @@ struct TrainingLayout {
 namespace detail {
 
 inline std::string describe(const TrainingLayout& l) {
-  return concat("tokens = ", l.tokens, ", d_model = ", l.d_model, ", experts = ", l.experts, ", slots per expert = ",
-                l.slots_per_expert, ", rows = ", l.rows, ", saved values = ", l.saved, ", shared experts = ", l.shared_experts,
-                ", shared saved values = ", l.shared_saved, ", route = ", l.route, ", router fingerprint = ", l.router);
+  std::string out;
+  l.for_each_field(l, [&out](const char* name, auto value, auto) { out += concat(out.empty() ? "" : ", ", name, " = ", value); });
+  return out;
 }
 
 // The fields in which two layouts differ, "name (workspace a, this layer b)" each, so that a reader
 // need not compare the two whole layouts.
 inline std::string describe_difference(const TrainingLayout& saved, const TrainingLayout& layer) {
   std::string out;
-  const auto field = [&out](const char* name, auto in_workspace, auto in_layer) {
+  saved.for_each_field(layer, [&out](const char* name, auto in_workspace, auto in_layer) {
     if (in_workspace != in_layer) out += concat(out.empty() ? "" : ", ", name, " (workspace ", in_workspace, ", this layer ", in_layer, ")");
-  };
-  field("tokens", saved.tokens, layer.tokens);
-  field("d_model", saved.d_model, layer.d_model);
-  field("experts", saved.experts, layer.experts);
-  field("slots per expert", saved.slots_per_expert, layer.slots_per_expert);
-  field("rows", saved.rows, layer.rows);
-  field("saved values", saved.saved, layer.saved);
-  field("shared experts", saved.shared_experts, layer.shared_experts);
-  field("shared saved values", saved.shared_saved, layer.shared_saved);
-  field("route", saved.route, layer.route);
-  field("router fingerprint", saved.router, layer.router);
+  });
   return out;
 }
 

@@ -37,7 +37,6 @@ MOE_NAMESPACE_BEGIN
 namespace detail {
 
 template <class R> using router_scalar = typename R::Scalar;
-template <class R> using router_floating_scalar = std::enable_if_t<std::is_floating_point<router_scalar<R>>::value>;
 template <class R> using num_experts_of = returns_index<decltype(std::declval<const R&>().num_experts())>;
 template <class R> using router_d_model_of = returns_index<decltype(std::declval<const R&>().d_model())>;
 template <class R>
@@ -63,7 +62,7 @@ template <class R>
 constexpr bool check_router() {
   constexpr bool scalar = detected_v<router_scalar, R>;
   static_assert(scalar, "moe: a router type needs `using Scalar = T;` (float or double)");
-  static_assert(!scalar || detected_v<router_floating_scalar, R>, "moe: a router's Scalar must be float or double");
+  static_assert(!scalar || detected_v<floating_scalar, R>, "moe: a router's Scalar must be float or double");
   static_assert(detected_v<num_experts_of, R>, "moe: a router type needs `index_t num_experts() const`");
   static_assert(detected_v<router_d_model_of, R>, "moe: a router type needs `index_t d_model() const`");
   static_assert(!scalar || detected_v<route_of, R>,
@@ -91,7 +90,7 @@ constexpr bool check_training_router() {
 // forward_train and backward too.
 template <class R>
 inline constexpr bool is_router_v = detail::detected_v<detail::router_scalar, R> &&
-                                    detail::detected_v<detail::router_floating_scalar, R> &&
+                                    detail::detected_v<detail::floating_scalar, R> &&
                                     detail::detected_v<detail::num_experts_of, R> &&
                                     detail::detected_v<detail::router_d_model_of, R> && detail::detected_v<detail::route_of, R>;
 template <class R>
