@@ -1,10 +1,13 @@
 // A warm forward, and a warm training step (forward_train and backward), perform no heap
 // allocation: this executable replaces the global operator new with one that counts, so it cannot
-// share a binary with the other tests.
+// share a binary with the other tests. With glibc and no sanitizer it also replaces malloc, which
+// counts what bypasses operator new: OpenMP's runtime (CMake builds this file a second time with
+// OpenMP, run on 2 threads) and Eigen's own allocations.
 // Eigen's own heap allocations (aligned_malloc) bypass operator new: Eigen reports each one
 // through eigen_assert when EIGEN_RUNTIME_NO_MALLOC is defined and malloc is disallowed, so this
 // executable counts those instead of asserting (any other failed Eigen assertion aborts).
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +15,7 @@
 
 namespace {
 std::atomic<long> g_allocations{0};
+std::atomic<long> g_mallocs{0};
 std::atomic<std::size_t> g_bytes{0};
 std::atomic<long> g_eigen_allocations{0};
 void eigen_assertion(bool ok, const char* what) {
@@ -61,13 +65,62 @@ void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
+// malloc's family, counted and passed on to glibc's own (which the library exports for this).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define MOE_TEST_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define MOE_TEST_SANITIZED 1
+#endif
+#if defined(__GLIBC__) && !defined(MOE_TEST_SANITIZED)
+constexpr bool kCountsMalloc = true;
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+void __libc_free(void*);
+void* malloc(std::size_t size) noexcept {
+  ++g_mallocs;
+  return __libc_malloc(size);
+}
+void* calloc(std::size_t count, std::size_t size) noexcept {
+  ++g_mallocs;
+  return __libc_calloc(count, size);
+}
+void* realloc(void* p, std::size_t size) noexcept {
+  ++g_mallocs;
+  return __libc_realloc(p, size);
+}
+void* aligned_alloc(std::size_t align, std::size_t size) noexcept {
+  ++g_mallocs;
+  return __libc_memalign(align, size);
+}
+void* memalign(std::size_t align, std::size_t size) noexcept {  // what OpenMP's runtime uses for a team
+  ++g_mallocs;
+  return __libc_memalign(align, size);
+}
+int posix_memalign(void** p, std::size_t align, std::size_t size) noexcept {
+  ++g_mallocs;
+  *p = __libc_memalign(align, size);
+  return *p != nullptr || size == 0 ? 0 : ENOMEM;
+}
+void free(void* p) noexcept { __libc_free(p); }
+}
+#else
+constexpr bool kCountsMalloc = false;
+#endif
+
 using moe_test::random_matrix;
 using moe::index_t;
 
 namespace {
 // Heap allocations so far, operator new's and Eigen's; Eigen's are counted only while a
 // CountingEigen lives (Eigen allocates freely elsewhere, as in the set-up).
-long allocations_now() { return g_allocations.load() + g_eigen_allocations.load(); }
+// (operator new and Eigen allocate through malloc: counted twice, which only the zero checks see.)
+long allocations_now() { return g_allocations.load() + g_eigen_allocations.load() + g_mallocs.load(); }
 struct CountingEigen {
   CountingEigen() { Eigen::internal::set_is_malloc_allowed(false); }
   ~CountingEigen() { Eigen::internal::set_is_malloc_allowed(true); }
@@ -118,6 +171,12 @@ TEST_CASE("A warm MoELayer forward allocates nothing", "[layer][allocation]") {
     REQUIRE(temporary.rows() == d);
   }
   REQUIRE(g_eigen_allocations.load() > eigen_before);
+  if (kCountsMalloc) {  // and malloc is counted
+    const long mallocs_before = g_mallocs.load();
+    void* volatile block = std::malloc(16);
+    std::free(block);
+    REQUIRE(g_mallocs.load() > mallocs_before);
+  }
 }
 
 namespace {

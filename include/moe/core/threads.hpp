@@ -138,24 +138,20 @@ void for_each_ahead(std::ptrdiff_t n, bool parallel, Body&& body) {
 namespace detail {
 // Runs f() with Eigen's products on one thread. An Eigen GEMM given more than one OpenMP thread
 // re-blocks its depth for the thread count, so its rounding — and so a gradient's bits — would
-// depend on the thread count. (Eigen reads the count from omp_get_max_threads(); setting it inside
-// a one-thread parallel region changes it for that region only, not for the caller.) Exceptions
-// from f() reach the caller.
+// depend on the thread count. Eigen reads the count from omp_get_max_threads(), which this
+// thread's omp_set_num_threads(1) lowers until f() returns or throws; moe's own kernels inside f()
+// then stay on this thread too. (A one-thread parallel region did this before, but libgomp
+// allocates and frees a one-thread team on every region: a malloc per backward, once warm.)
 template <class F>
 void with_serial_eigen(F&& f) {
 #if defined(_OPENMP)
   if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
-    std::exception_ptr error;
-#pragma omp parallel num_threads(1)
-    {
-      omp_set_num_threads(1);
-      try {
-        std::forward<F>(f)();
-      } catch (...) {
-        error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+    struct RestoreThreads {
+      int threads;
+      ~RestoreThreads() { omp_set_num_threads(threads); }
+    } const restore{omp_get_max_threads()};
+    omp_set_num_threads(1);
+    std::forward<F>(f)();
     return;
   }
 #endif
