@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -114,7 +115,7 @@ TEST_CASE("top_k_ids throws when the last route recorded no fixed top-k", "[loss
   top_p.top_p = 0.6;
   moe::TopKRouter<double>(random_matrix<double>(kE, kD, 76), top_p).route(random_matrix<double>(8, kD, 77), out);
   REQUIRE_THROWS_AS(out.top_k_ids(), moe::invalid_argument);
-  REQUIRE_THROWS_WITH(out.top_k_ids(), Catch::Contains("k = 0") && Catch::Contains("tokens = 8"));
+  REQUIRE_THROWS_WITH(out.top_k_ids(), Catch::Contains("k = 0") && Catch::Contains("only TopKRouter without top_p records them"));
 
   // A top-k route records them; an expert-choice route into the same output clears them.
   moe::TopKOptions plain;
@@ -126,4 +127,10 @@ TEST_CASE("top_k_ids throws when the last route recorded no fixed top-k", "[loss
   ec.capacity_factor = 1.0;
   moe::ExpertChoiceRouter<double>(random_matrix<double>(kE, kD, 80), ec).route(random_matrix<double>(8, kD, 81), out);
   REQUIRE_THROWS_AS(out.top_k_ids(), moe::invalid_argument);
+
+  // A top-k route that threw (a NaN input) records none either, and the message says so.
+  moe::Matrix<double> bad = random_matrix<double>(8, kD, 82);
+  bad(3, 1) = std::numeric_limits<double>::quiet_NaN();
+  REQUIRE_THROWS_AS(moe::TopKRouter<double>(random_matrix<double>(kE, kD, 78), plain).route(bad, out), moe::numeric_error);
+  REQUIRE_THROWS_WITH(out.top_k_ids(), Catch::Contains("a route that threw records none"));
 }

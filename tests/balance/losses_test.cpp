@@ -384,6 +384,9 @@ TEST_CASE("sequence_load_balancing_loss edge cases", "[balance][losses]") {
   const Dm empty(0, E);
   const Ids no_ids(0, 2);
   REQUIRE(moe::sequence_load_balancing_loss(empty, no_ids, std::vector<index_t>{0, 0}, grad) == 0.0);
+  // No sequences at all, as an empty batch may come (RouteContext::with_groups({0}) allows it).
+  REQUIRE(moe::sequence_load_balancing_loss(empty, no_ids, std::vector<index_t>{0}, grad) == 0.0);
+  REQUIRE(moe::sequence_load_balancing_loss(empty, no_ids, moe::SequenceBounds(), grad) == 0.0);
   REQUIRE(moe::load_balancing_loss(empty, no_ids, grad) == 0.0);
   REQUIRE(moe::router_z_loss(empty, grad) == 0.0);
   // Pointer + count boundaries, the form of RouteContext::group_begin.

@@ -248,7 +248,7 @@ TEST_CASE("Soft MoE backward refuses a workspace laid out for another layer, and
                           Catch::Contains("workspace: tokens = 9, d_model = 6, experts = 3, slots per expert = 1, rows = 3") &&
                           Catch::Contains("this layer: tokens = 9, d_model = 6, experts = 3, slots per expert = 2") &&
                           Catch::Contains("they differ in slots per expert (workspace 1, this layer 2), saved values (workspace " +
-                                          std::to_string(kExperts * 2 * kFF) + ", this layer -1), router fingerprint (workspace "));
+                                          std::to_string(kExperts * 2 * kFF) + ", this layer none), router fingerprint (workspace "));
   // Same slots, other experts: FFN experts save d_ff values per slot row, gated ones 2·d_ff.
   ffn.layer().forward_train(ffn.p.x, moe::RouteContext{}, y, ws);
   REQUIRE_THROWS_WITH(layer.backward(two_slots.p.x, two_slots.probe, dx, grads, ws),

@@ -307,7 +307,7 @@ TEST_CASE("HashRouter errors name the parameter and the values", "[routing][hash
   REQUIRE_THROWS_WITH(moe::HashRouter<T>::balanced_table({std::numeric_limits<double>::quiet_NaN()}, 2),
                       Catch::Contains("frequencies[0] = nan"));
   REQUIRE_THROWS_WITH(moe::HashRouter<T>::balanced_table({1.0}, 0), Catch::Contains("num_experts = 0"));
-  REQUIRE_THROWS_WITH(moe::HashRouter<T>::balanced({}, 2, 3), Catch::Contains("table size = 0"));
+  REQUIRE_THROWS_WITH(moe::HashRouter<T>::balanced({}, 2, 3), Catch::Contains("HashRouter::balanced: frequencies must not be empty"));
 
   const moe::HashRouter<T> router(4, 3, {2, 7});
   moe::RouterOutput<T> out;

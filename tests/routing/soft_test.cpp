@@ -651,6 +651,15 @@ TEST_CASE("SoftRouter and SoftMoELayer errors name the parameter and the values"
   SECTION("scale not finite") {
     REQUIRE_THROWS_WITH(moe::SoftRouter<float>(phi, 3, soft_options(2, true, std::numeric_limits<double>::infinity())),
                         Catch::Contains("scale = inf"));
+    // Finite as a double but not as a float: every route would have thrown on infinite logits.
+    REQUIRE_THROWS_WITH(moe::SoftRouter<float>(phi, 3, soft_options(2, true, 1e39)),
+                        Catch::Contains("scale must be finite in the scalar type (scale = 1e+39"));
+    REQUIRE_NOTHROW(moe::SoftRouter<double>(random_matrix<double>(rng, d, 6), 3, soft_options(2, true, 1e39)));
+  }
+  SECTION("num_experts * slots_per_expert beyond index_t") {
+    // (Compared by division: the product overflowed, undefined behaviour, before the check threw.)
+    REQUIRE_THROWS_WITH(moe::SoftRouter<float>(phi, index_t(1) << 62, soft_options(4, false)),
+                        Catch::Contains("phi.cols() = 6") && Catch::Contains("num_experts = 4611686018427387904"));
   }
   const moe::SoftRouter<float> router(phi, 3, soft_options(2, false));
   moe::SoftRouting<float> out;

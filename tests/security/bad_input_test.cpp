@@ -129,6 +129,20 @@ TEST_CASE("Routing groups: num_groups < 1", "[errors][groups]") {
                   Contains("TopKRouter::route") && Contains("num_groups = 0"), out.plan);
 }
 
+TEST_CASE("Routing groups: num_groups without boundaries", "[errors][groups]") {
+  // A null group_begin used to mean one group whatever num_groups said: capacity then decided
+  // across the requests the caller meant to keep apart.
+  moe::TopKOptions o = top2();
+  o.capacity_factor = 1.0;
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), o), experts());
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  moe::RouteContext ctx;
+  ctx.num_groups = 4;
+  REQUIRE_REJECTS(layer.forward(tokens(), ctx, y, ws), moe::invalid_argument,
+                  Contains("TopKRouter::route: group_begin is null but num_groups = 4"), y);
+}
+
 TEST_CASE("Routing groups: first boundary not 0", "[errors][groups]") {
   const moe::ExpertChoiceRouter<float> router(gate(), {1.0, true});
   moe::RouterOutput<float> out = routed();
@@ -415,6 +429,8 @@ TEST_CASE("HashRouter::balanced_table: num_experts < 1, bad frequencies", "[erro
                       Contains("frequencies[1]") && Contains("-2"));
   REQUIRE_REJECTS_ARG(moe::HashRouter<float>::balanced_table({std::numeric_limits<double>::quiet_NaN()}, 2), moe::invalid_argument,
                       Contains("frequencies[0]") && Contains("nan"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::balanced({}, 2, kD), moe::invalid_argument,
+                      Contains("HashRouter::balanced: frequencies must not be empty"));
 }
 
 TEST_CASE("HashRouter::route: token id outside the table", "[errors][hash]") {
@@ -556,9 +572,11 @@ TEST_CASE("GatedFeedForward: weight shapes that disagree", "[errors][experts]") 
 TEST_CASE("ZeroComputeExpert: d_model < 1 and mix shapes", "[errors][experts]") {
   REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::zero(0), moe::invalid_argument, Contains("d_model = 0"));
   REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::copy(-2), moe::invalid_argument, Contains("d_model = -2"));
+  REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::constant(moe::Vector<float>()), moe::invalid_argument,
+                      Contains("ZeroComputeExpert::constant: value must hold d_model >= 1 elements (value.size() = 0)"));
   const moe::Vector<float> value = moe::Vector<float>::Ones(kD);
   REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::constant(value, random_matrix<float>(3, kD, 1)), moe::invalid_argument,
-                      Contains("mix.rows() = 3") && Contains("2 = 2"));
+                      Contains("mix.rows() must be 2 (mix.rows() = 3)"));
   REQUIRE_REJECTS_ARG(moe::ZeroComputeExpert<float>::constant(value, random_matrix<float>(2, kD - 1, 1)), moe::invalid_argument,
                       Contains("mix.cols() = 7") && Contains("value.size() = 8"));
 }
@@ -606,6 +624,43 @@ TEST_CASE("MoELayer::forward: shapes", "[errors][layer]") {
   REQUIRE_REJECTS(layer.forward_train(tokens(kT - 1), moe::RouteContext{}, y, tws), moe::invalid_argument,
                   Contains("y.rows() = 5") && Contains("x.rows() = 4"), y);
   REQUIRE(tws.training_tokens == -1);  // a failed forward_train leaves nothing backward could use
+}
+
+namespace {
+// A router of the user's own that breaks the contract: its plan covers `extra` tokens more than x
+// has, over `planned` of the layer's experts (say, forgetting its zero-computation experts).
+struct MisplannedRouter {
+  using Scalar = float;
+  index_t extra = 0, planned = kE;
+  index_t num_experts() const { return kE; }
+  index_t d_model() const { return kD; }
+  template <class Arch>
+  void route(const moe::ConstMatrixRef<float>& x, const moe::RouteContext&, moe::RouterOutput<float>& out, Arch) const {
+    const index_t T = x.rows() + extra;
+    out.reshape(T, kE, 42);
+    std::vector<index_t> begin(static_cast<std::size_t>(T + 1)), expert(static_cast<std::size_t>(T));
+    const std::vector<float> weight(static_cast<std::size_t>(T), 1.0f);
+    for (index_t t = 0; t <= T; ++t) begin[std::size_t(t)] = t;
+    for (index_t t = 0; t < T; ++t) expert[std::size_t(t)] = t % planned;
+    moe::build_routing(T, planned, begin.data(), expert.data(), weight.data(), out.plan);
+  }
+};
+}  // namespace
+
+TEST_CASE("MoELayer::forward: a router whose plan does not fit x or the experts", "[errors][layer]") {
+  // The kernels index by the plan: dispatch read past x, and the experts' loop past expert_begin.
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  for (const index_t extra : {index_t(3), index_t(-2)}) {
+    const moe::MoELayer layer(MisplannedRouter{extra, kE}, experts());
+    REQUIRE_REJECTS(layer.forward(tokens(), y, ws), moe::invalid_argument,
+                    Contains("MoELayer::forward: the router's plan must cover x's tokens and the layer's experts (plan tokens = " +
+                             std::to_string(kT + extra) + ", x.rows() = 5, plan experts = 4, layer experts = 4)"), y);
+  }
+  const moe::MoELayer fewer(MisplannedRouter{0, 2}, experts());
+  REQUIRE_REJECTS(fewer.forward(tokens(), y, ws), moe::invalid_argument, Contains("plan experts = 2, layer experts = 4"), y);
+  const moe::MoELayer fits(MisplannedRouter{0, kE}, experts());
+  REQUIRE_NOTHROW(fits.forward(tokens(), y, ws));
 }
 
 TEST_CASE("MoELayer::backward: without a forward_train, or after another batch's", "[errors][layer][backward]") {
@@ -656,17 +711,26 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   more.forward_train(x, moe::RouteContext{}, y, ws);
   REQUIRE_REJECTS(layer.backward(x, dy, dx, grads, ws), moe::invalid_argument,
                   fits_not && Contains("workspace: tokens = 5, d_model = 8, experts = 6") && Contains("this layer: tokens = 5, d_model = 8, "
-                                                                                                    "experts = 4, slots per expert = 0, rows = 10, saved values = -1"), dx);
+                                                                                                    "experts = 4, slots per expert = 0, rows = 10, saved values = none"), dx);
   // This layer, given shared experts after its forward_train.
   layer.forward_train(x, moe::RouteContext{}, y, ws);
   layer.set_shared_experts(experts(1));
   auto shared_grads = layer.make_gradients();
   REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
-                  fits_not && Contains("shared experts = 0, shared saved values = 0, route = ") &&
-                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", route = ") &&
+                  fits_not && Contains("shared experts = 0, shared saved values = 0, dropped tokens pass through = 0, route = ") &&
+                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", dropped tokens pass through = 0, route = ") &&
                       Contains("; they differ in shared experts (workspace 0, this layer 1), shared saved values (workspace 0, this layer " +
                                std::to_string(kT * 2 * kFF) + ") (workspace: "), dx);
   layer.forward_train(x, moe::RouteContext{}, y, ws);
+  REQUIRE_NOTHROW(layer.backward(x, dy, dx, shared_grads, ws));
+  // Dropped tokens passed through since the forward_train: backward would have added the
+  // pass-through's gradients to a forward that had none.
+  layer.forward_train(x, moe::RouteContext{}, y, ws);
+  layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+  dx = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
+                  fits_not && Contains("they differ in dropped tokens pass through (workspace 0, this layer 1)"), dx);
+  layer.set_dropped_tokens(moe::DroppedTokens::zero);
   REQUIRE_NOTHROW(layer.backward(x, dy, dx, shared_grads, ws));
   // The workspace's routing replaced after the forward_train.
   dx = sentinel(kT, kD);
@@ -727,6 +791,20 @@ TEST_CASE("Backward: a dx that shares memory with x or dy", "[errors][layer][bac
   // Adjacent but disjoint blocks of one buffer are fine.
   moe::Matrix<float> halves = random_matrix<float>(2 * kT, kD, 11);
   REQUIRE_NOTHROW(layer.backward(x, halves.topRows(kT), halves.bottomRows(kT), grads, ws));
+  // So are x and dx side by side as the columns of one buffer, whose rows interleave (their
+  // address spans overlap, which the check used to refuse), with dx's bits as in its own matrix.
+  moe::Matrix<float> side_by_side(kT, 2 * kD);
+  side_by_side.leftCols(kD) = x;
+  moe::Matrix<float> dx_alone(kT, kD);
+  layer.backward(x, dy, dx_alone, grads, ws);
+  REQUIRE_NOTHROW(layer.backward(side_by_side.leftCols(kD), dy, side_by_side.rightCols(kD), grads, ws));
+  REQUIRE(same_bits(moe::Matrix<float>(side_by_side.rightCols(kD)), dx_alone));
+  REQUIRE(same_bits(moe::Matrix<float>(side_by_side.leftCols(kD)), x));
+  // Columns that do overlap in a row are still refused.
+  moe::Matrix<float> shifted(kT, kD + 1);
+  shifted.leftCols(kD) = x;
+  REQUIRE_REJECTS(layer.backward(shifted.leftCols(kD), dy, shifted.rightCols(kD), grads, ws), moe::invalid_argument,
+                  Contains("dx must not share memory with x"), shifted);
 
   // A router's backward reads x after adding to dx.
   const moe::TopKRouter<float> router(gate(), top2());
@@ -852,6 +930,13 @@ TEST_CASE("BiasBalancer: num_experts, update_rate, bias and load", "[errors][bal
   REQUIRE_REJECTS_ARG(b.update(std::vector<index_t>{most, 1, 0, 0}), moe::invalid_argument,
                       Contains("the loads' sum overflows") && Contains("load[1] = 1"));
   REQUIRE(b.bias() == bias);  // no partial update
+  // A rate that fits float but whose steps overflow the bias: refused before any entry moves.
+  moe::BiasBalancer<float> huge(kE, 2e38);
+  huge.update(std::vector<index_t>{4, 0, 0, 0});
+  const moe::Vector<float> huge_bias = huge.bias();
+  REQUIRE_THROWS_MATCHES(huge.update(std::vector<index_t>{4, 0, 0, 0}), moe::numeric_error,
+                         what(Contains("BiasBalancer::update: bias[0] would overflow (bias[0] = -2e+38, update_rate = 2e+38)")));
+  REQUIRE(huge.bias() == huge_bias);
   // An update rate that overflows float, or rounds to 0 in it, would move nothing or everything.
   REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, 1e39), moe::invalid_argument, Contains("update_rate = 1e+39"));
   REQUIRE_REJECTS_ARG(moe::BiasBalancer<float>(kE, 1e-50), moe::invalid_argument, Contains("update_rate = 1e-50"));

@@ -71,13 +71,19 @@ class BiasBalancer {
     }
     const index_t mean_floor = total / E, remainder = total % E;
     const T step = static_cast<T>(update_rate_);
-    for (index_t e = 0; e < E; ++e) {
+    auto updated = [&](index_t e) {
       const index_t c = load[static_cast<std::size_t>(e)];
-      const bool under = c < mean_floor || (c == mean_floor && remainder > 0);  // c < mean
-      const bool over = c > mean_floor;                                         // c > mean
-      if (under) bias_[e] += step;
-      if (over) bias_[e] -= step;
+      if (c < mean_floor || (c == mean_floor && remainder > 0)) return bias_[e] + step;  // c < mean
+      if (c > mean_floor) return bias_[e] - step;                                         // c > mean
+      return bias_[e];
+    };
+    // Every new bias is checked before any is written: a huge rate would otherwise overflow it.
+    for (index_t e = 0; e < E; ++e) {
+      if (!std::isfinite(updated(e))) {
+        detail::throw_numeric(where, ": bias[", e, "] would overflow (bias[", e, "] = ", bias_[e], ", update_rate = ", update_rate_, ")");
+      }
     }
+    for (index_t e = 0; e < E; ++e) bias_[e] = updated(e);
   }
   // Loads from a plan: the assignments each expert received (after capacity, if any).
   void update(const Routing<T>& plan) {

@@ -267,6 +267,8 @@ T batch_balance_loss(const char* where, const ConstMatrixRef<T>& logits, const C
 }
 
 inline void check_sequences(const char* where, const SequenceBounds& s, index_t num_tokens) {
+  // An empty batch may come without sequences, as RouteContext::with_groups({0}) and no groups allow.
+  if (num_tokens == 0 && s.num_sequences == 0 && (s.begin == nullptr || s.begin[0] == 0)) return;
   if (s.num_sequences < 1) throw_invalid(where, ": num_sequences must be at least 1 (num_sequences = ", s.num_sequences, ")");
   if (s.begin == nullptr) throw_invalid(where, ": sequence_begin is null (num_sequences = ", s.num_sequences, ")");
   if (s.begin[0] != 0) throw_invalid(where, ": sequence_begin[0] must be 0 (sequence_begin[0] = ", s.begin[0], ")");

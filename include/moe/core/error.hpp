@@ -69,18 +69,36 @@ void check_dim(const char* where, const char* actual_name, const A& actual, cons
   }
 }
 
-// Checks that `out`, which a call writes, shares no memory with `in`, which it reads after
-// writing `out` (row-major matrices, rows outerStride() apart), e.g. a backward's dx and dy.
+// Checks that a dimension has a fixed value, e.g.
+//   check_value("MoELayer::set_shared_experts", "gate.rows()", gate.rows(), 1)
+//   -> "moe::MoELayer::set_shared_experts: gate.rows() must be 1 (gate.rows() = 2)"
+template <class A, class B>
+void check_value(const char* where, const char* actual_name, const A& actual, const B& expected) {
+  if (actual != expected) throw_invalid(where, ": ", actual_name, " must be ", expected, " (", actual_name, " = ", actual, ")");
+}
+
+// Checks that `out`, which a call writes, shares no element with `in`, which it reads after
+// writing `out` (row-major matrices, rows outerStride() apart), e.g. a backward's dx and dy. Rows
+// are compared, not whole address spans: dx and x side by side as the columns of one wider buffer
+// interleave their rows and share nothing.
 template <class Out, class In>
 void check_disjoint(const char* where, const char* out_name, const Out& out, const char* in_name, const In& in) {
-  auto bytes = [](const auto& m) {  // [first, last) byte addresses, equal when empty
-    const auto first = reinterpret_cast<std::uintptr_t>(m.data());
-    if (m.rows() == 0 || m.cols() == 0) return std::make_pair(first, first);
-    const auto values = static_cast<std::uintptr_t>((m.rows() - 1) * m.outerStride() + m.cols());
-    return std::make_pair(first, first + values * sizeof(*m.data()));
+  using Address = std::uintptr_t;
+  auto row = [](const auto& m, auto r) {  // [first, last) byte addresses of row r
+    const auto first = reinterpret_cast<Address>(m.data() + r * m.outerStride());
+    return std::make_pair(first, first + static_cast<Address>(m.cols()) * sizeof(*m.data()));
   };
-  const auto a = bytes(out), b = bytes(in);
-  if (a.first < b.second && b.first < a.second) {
+  bool shared = false;
+  if (out.cols() > 0 && in.cols() > 0) {
+    // Both matrices' rows lie in increasing address order: step past whichever row ends first.
+    for (decltype(out.rows()) i = 0, j = 0; !shared && i < out.rows() && j < in.rows();) {
+      const auto a = row(out, i), b = row(in, j);
+      shared = a.first < b.second && b.first < a.second;
+      if (a.second <= b.first) ++i;
+      else ++j;
+    }
+  }
+  if (shared) {
     throw_invalid(where, ": ", out_name, " must not share memory with ", in_name, ", which is read after ", out_name,
                   " is written (", out_name, ".data() = ", static_cast<const void*>(out.data()), ", ", in_name,
                   ".data() = ", static_cast<const void*>(in.data()), ")");

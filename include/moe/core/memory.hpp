@@ -55,7 +55,7 @@ struct HugePageAllocator {
   HugePageAllocator(const HugePageAllocator<U>&) noexcept {}  // NOLINT: converting, as allocators must be
 
   T* allocate(std::size_t n) {
-    if (n > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(T)) throw std::bad_array_new_length();
+    if (n > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(T)) MOE_THROW(std::bad_array_new_length());
     const std::size_t bytes = n * sizeof(T);
     if (bytes < kHugePageBytes) return static_cast<T*>(::operator new(bytes, std::align_val_t(kSmallAlignment)));
     const std::size_t whole_pages = rounded(bytes);

@@ -175,12 +175,16 @@ void for_each_with_serial_eigen(std::ptrdiff_t n, Body&& body) {
       omp_set_num_threads(1);
 #pragma omp for schedule(dynamic, 1)
       for (std::ptrdiff_t i = 0; i < n; ++i) {
+#if defined(__cpp_exceptions)
         try {
           body(i);
         } catch (...) {
 #pragma omp critical(moe_for_each_with_serial_eigen)
           if (!error) error = std::current_exception();
         }
+#else
+        body(i);  // (built without exceptions: MOE_THROW does not return)
+#endif
       }
     }
     if (error) std::rethrow_exception(error);

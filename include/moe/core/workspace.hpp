@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
@@ -74,6 +75,7 @@ struct TrainingLayout {
   index_t saved = -1;             // values the routed experts saved
   index_t shared_experts = -1;    // MoELayer's shared experts; 0 for SoftMoELayer
   index_t shared_saved = -1;      // values the shared experts saved
+  index_t pass_through = -1;      // 1 when dropped tokens pass through (MoELayer), else 0
   std::uint64_t route = 0;        // the routing's route_count()
   std::uint64_t router = 0;       // the layer's router's config_fingerprint()
 
@@ -89,6 +91,7 @@ struct TrainingLayout {
     f("saved values", saved, o.saved);
     f("shared experts", shared_experts, o.shared_experts);
     f("shared saved values", shared_saved, o.shared_saved);
+    f("dropped tokens pass through", pass_through, o.pass_through);
     f("route", route, o.route);
     f("router fingerprint", router, o.router);
   }
@@ -103,9 +106,19 @@ struct TrainingLayout {
 
 namespace detail {
 
+// A layout field as text: "none" for the -1 of an unset field or of sizes that cannot be laid
+// over this layer's experts.
+template <class V>
+std::string shown(V value) {
+  if constexpr (std::is_signed<V>::value) {
+    if (value < 0) return "none";
+  }
+  return concat(value);
+}
+
 inline std::string describe(const TrainingLayout& l) {
   std::string out;
-  l.for_each_field(l, [&out](const char* name, auto value, auto) { out += concat(out.empty() ? "" : ", ", name, " = ", value); });
+  l.for_each_field(l, [&out](const char* name, auto value, auto) { out += concat(out.empty() ? "" : ", ", name, " = ", shown(value)); });
   return out;
 }
 
@@ -114,7 +127,9 @@ inline std::string describe(const TrainingLayout& l) {
 inline std::string describe_difference(const TrainingLayout& saved, const TrainingLayout& layer) {
   std::string out;
   saved.for_each_field(layer, [&out](const char* name, auto in_workspace, auto in_layer) {
-    if (in_workspace != in_layer) out += concat(out.empty() ? "" : ", ", name, " (workspace ", in_workspace, ", this layer ", in_layer, ")");
+    if (in_workspace != in_layer) {
+      out += concat(out.empty() ? "" : ", ", name, " (workspace ", shown(in_workspace), ", this layer ", shown(in_layer), ")");
+    }
   });
   return out;
 }

@@ -40,6 +40,7 @@ class ZeroComputeExpert {
   // Outputs `value` [d] for every token (a copy of it).
   static ZeroComputeExpert constant(Vector<T> value) {
     const index_t d = value.size();
+    if (d < 1) detail::throw_invalid("ZeroComputeExpert::constant: value must hold d_model >= 1 elements (value.size() = ", d, ")");
     return with_value(Weight<T>::own(Matrix<T>(std::move(value).transpose())), d);
   }
   // MoE++ constant expert: a1 · x + a2 · value with [a1, a2] = softmax(mix [2, d] · x) (copies).
@@ -132,7 +133,7 @@ class ZeroComputeExpert {
     return e;
   }
   static ZeroComputeExpert with_mix(const char* where, ZeroComputeExpert e, Weight<T> mix, index_t d) {
-    detail::check_dim(where, "mix.rows()", mix.rows(), "2", 2);
+    detail::check_value(where, "mix.rows()", mix.rows(), 2);
     detail::check_dim(where, "mix.cols()", mix.cols(), "value.size()", d);
     e.mix_ = std::move(mix);
     return e;

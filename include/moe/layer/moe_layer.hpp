@@ -95,7 +95,7 @@ class MoELayer {
   void set_shared_experts(std::vector<Expert> shared, Weight<T> gate = {}) {
     for (std::size_t s = 0; s < shared.size(); ++s) check_width("shared expert ", s, shared[s].d_model());
     if (gate.rows() != 0) {
-      detail::check_dim("MoELayer::set_shared_experts", "gate.rows()", gate.rows(), "1", 1);
+      detail::check_value("MoELayer::set_shared_experts", "gate.rows()", gate.rows(), 1);
       detail::check_dim("MoELayer::set_shared_experts", "gate.cols()", gate.cols(), "d_model", d_model());
     }
     shared_ = std::move(shared);
@@ -247,6 +247,7 @@ class MoELayer {
     l.slots_per_expert = 0;
     l.rows = plan.num_assignments();
     l.shared_experts = static_cast<index_t>(shared_.size());
+    l.pass_through = dropped_tokens_ == DroppedTokens::pass_through ? 1 : 0;
     l.saved = 0;
     l.shared_saved = 0;
     if (plan.num_experts != num_experts()) l.saved = -1;  // (a plan for other experts: no per-expert sizes to add)
@@ -413,6 +414,13 @@ class MoELayer {
 
     router_.route(x, ctx, ws.routing, arch);
     const Routing<T>& plan = ws.routing.plan;
+    // The kernels below index by the plan: a router of the user's own that planned for another
+    // batch or other experts (say, without the zero-computation ones) is stopped here.
+    if (plan.num_tokens != x.rows() || plan.num_experts != num_experts()) {
+      detail::throw_invalid("MoELayer::forward: the router's plan must cover x's tokens and the layer's experts (plan tokens = ",
+                            plan.num_tokens, ", x.rows() = ", x.rows(), ", plan experts = ", plan.num_experts,
+                            ", layer experts = ", num_experts(), ")");
+    }
     const index_t A = plan.num_assignments();
 
     T* dispatched = ws.dispatched.ensure(A * d);

@@ -201,6 +201,7 @@ class SoftMoELayer {
     else for (const Expert& expert : experts_) l.saved += expert.saved_size(routing.rows_per_expert());
     l.shared_experts = 0;
     l.shared_saved = 0;
+    l.pass_through = 0;
     return l;
   }
 

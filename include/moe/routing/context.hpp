@@ -43,6 +43,10 @@ struct RouteContext {
 class GroupBounds {
  public:
   GroupBounds(const RouteContext& ctx, index_t num_tokens, const char* where) {
+    if (ctx.group_begin == nullptr && ctx.num_groups != 0) {
+      detail::throw_invalid(where, ": group_begin is null but num_groups = ", ctx.num_groups,
+                            " (RouteContext::with_groups sets both; leave both unset for one group)");
+    }
     // No groups, or none over an empty batch (with_groups({0})): the single group {0, num_tokens}.
     if (ctx.group_begin == nullptr || (ctx.num_groups == 0 && num_tokens == 0 && ctx.group_begin[0] == 0)) {
       whole_[0] = 0;

@@ -111,6 +111,7 @@ class HashRouter {
 
   // A table router over the balanced table of `frequencies` (see balanced_table).
   static HashRouter balanced(const std::vector<double>& frequencies, index_t num_experts, index_t d_model) {
+    if (frequencies.empty()) detail::throw_invalid("HashRouter::balanced: frequencies must not be empty (one per vocabulary id)");
     return with_table(num_experts, d_model, balanced_table(frequencies, num_experts));
   }
 

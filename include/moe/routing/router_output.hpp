@@ -38,7 +38,7 @@ class RouterOutput {
   ConstIndexMap top_k_ids() const {
     if (top_k_ < 1) {
       detail::throw_invalid("RouterOutput::top_k_ids: the last route recorded no fixed top-k choices (k = ", top_k_,
-                            ", tokens = ", num_tokens_, "); they come from TopKRouter without top_p");
+                            "); only TopKRouter without top_p records them, and a route that threw records none");
     }
     return ConstIndexMap(candidate_expert.data(), num_tokens_, top_k_, Eigen::OuterStride<>(top_k_stride_));
   }

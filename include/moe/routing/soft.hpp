@@ -282,7 +282,8 @@ class SoftRouter {
     if (options_.slots_per_expert < 1) {
       detail::throw_invalid("SoftRouter: slots_per_expert must be at least 1 (slots_per_expert = ", options_.slots_per_expert, ")");
     }
-    if (phi_.cols() != num_experts_ * options_.slots_per_expert) {
+    // (Compared by division: num_experts * slots_per_expert may overflow.)
+    if (phi_.cols() % options_.slots_per_expert != 0 || phi_.cols() / options_.slots_per_expert != num_experts_) {
       detail::throw_invalid("SoftRouter: phi.cols() must equal num_experts * slots_per_expert (phi.cols() = ", phi_.cols(),
                             ", num_experts = ", num_experts_, ", slots_per_expert = ", options_.slots_per_expert, ")");
     }
@@ -291,9 +292,12 @@ class SoftRouter {
   }
 
   // Sets the logits' scale (vmoe's learned scalar; its gradient is SoftMoELayer's Gradients::scale).
-  // A non-finite scale throws and leaves the old one.
+  // A scale not finite in T throws and leaves the old one.
   void set_scale(double scale) {
-    if (!std::isfinite(scale)) detail::throw_invalid("SoftRouter: scale must be finite (scale = ", scale, ")");
+    if (!(std::abs(scale) <= static_cast<double>(std::numeric_limits<T>::max()))) {  // (NaN fails too)
+      detail::throw_invalid("SoftRouter: scale must be finite in the scalar type (scale = ", scale, ", largest = ",
+                            std::numeric_limits<T>::max(), ")");
+    }
     options_.scale = scale;
   }
 
