@@ -39,8 +39,8 @@ int main() {
   }
   moe::MoELayer layer(router, experts);
 
-  // Activations [tokens, d], row-major. The workspace is reused across calls: once it has seen
-  // the largest batch, forward() allocates nothing.
+  // Activations [tokens, d], row-major. The workspace is reused across calls: once its buffers
+  // have grown to a batch's sizes (rows, and the busiest expert's tokens), forward() allocates nothing.
   moe::Matrix<float> x(tokens, d), y(tokens, d);
   for (moe::index_t t = 0; t < tokens; ++t)
     for (moe::index_t i = 0; i < d; ++i) x(t, i) = std::cos(0.1f * static_cast<float>(t * d + i));

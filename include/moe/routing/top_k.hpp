@@ -69,7 +69,10 @@ struct TopKOptions {
   index_t k = 1;
   ScoreFunction score = ScoreFunction::softmax;
   SoftmaxPlacement softmax_placement = SoftmaxPlacement::before_top_k;
-  bool normalize = false;  // divide the weights by their sum (Mixtral: yes, Switch: no)
+  // Divide the weights by their sum (Mixtral: yes, Switch: no). With sigmoid scores the sum gets
+  // 1e-20 added, as in Megatron-Core and DeepSeek-V3: chosen scores all below ~1e-18 then give
+  // weights that sum to less than 1, not 0/0.
+  bool normalize = false;
   double scale = 1.0;      // routed scaling factor applied to the final weights (DeepSeek-V3: 2.5)
 
   // Group-limited routing (DeepSeek-V3 n_group / topk_group, Pangu MoGE): E experts in
@@ -88,7 +91,9 @@ struct TopKOptions {
 
   // Capacity (Switch, GShard): 0 means dropless (negative throws); otherwise C = ceil(cf · Tg · k
   // / E) per group (with top_p, k is the most a token may choose, so the room is that of every
-  // token choosing k).
+  // token choosing k), evaluated in double as Megatron-Core does, ceil((Tg · k / E) · cf): where
+  // the exact product is a whole number, rounding can add one slot (cf 1.1, Tg 50, k 1, E 11: 6,
+  // not 5), as in Megatron-Core (expert_capacity in routing/capacity.hpp).
   double capacity_factor = 0.0;
   index_t fixed_capacity = 0;  // > 0: this many slots per expert and group, whatever capacity_factor says
   CapacityPriority capacity_priority = CapacityPriority::position;
