@@ -2,6 +2,7 @@
 // against per-token double references.
 #include <catch2/catch.hpp>
 
+#include <limits>
 #include <memory>
 
 #include "../support/reference.hpp"
@@ -276,6 +277,14 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
                       Catch::Contains("routing_stats") && Catch::Contains("scores.rows() = 2") && Catch::Contains("plan.num_tokens = 4"));
   REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(scores.data(), 4, 3)),
                       Catch::Contains("scores.cols() = 3") && Catch::Contains("plan.num_experts = 4"));
+  // So are scores that are no probabilities, NaN included (its entropy term was skipped).
+  for (const double bad : {std::numeric_limits<double>::quiet_NaN(), -0.25, 1.5}) {
+    moe::Matrix<double> wrong = scores;
+    wrong(1, 2) = bad;
+    REQUIRE_THROWS_AS(moe::routing_stats(plan, moe::ConstMatrixMap<double>(wrong.data(), 4, 4)), moe::numeric_error);
+    REQUIRE_THROWS_WITH(moe::routing_stats(plan, moe::ConstMatrixMap<double>(wrong.data(), 4, 4)),
+                        Catch::Contains("routing_stats: scores(1, 2) is not a probability"));
+  }
 }
 
 TEST_CASE("A copied workspace or routing keeps its own batch, after its source routes again or is gone",

@@ -21,7 +21,7 @@ struct RoutingStats {
 };
 
 // Statistics of `plan`; `scores` [T, E] (softmax rows, the plan's tokens and experts) adds
-// mean_score_entropy when non-empty.
+// mean_score_entropy when non-empty. A score outside [0, 1] (or NaN) throws moe::numeric_error.
 template <class T>
 RoutingStats routing_stats(const Routing<T>& plan, const ConstMatrixMap<T>& scores = ConstMatrixMap<T>(nullptr, 0, 0)) {
   if (scores.rows() != 0 || scores.cols() != 0) {
@@ -53,6 +53,9 @@ RoutingStats routing_stats(const Routing<T>& plan, const ConstMatrixMap<T>& scor
     for (index_t t = 0; t < scores.rows(); ++t) {
       for (index_t e = 0; e < scores.cols(); ++e) {
         const double p = static_cast<double>(scores(t, e));
+        if (!(p >= 0 && p <= 1)) {  // (NaN too: it would have been skipped silently)
+          detail::throw_numeric("routing_stats: scores(", t, ", ", e, ") is not a probability (", p, ")");
+        }
         if (p > 0) total -= p * std::log(p);
       }
     }
