@@ -184,26 +184,63 @@ std::vector<index_t> top_k_reference(const std::vector<double>& x, std::size_t k
   return idx;
 }
 
-// Activations in double, in forms free of cancellation (algebraically equal to the definitions
-// the library implements: GELU = 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(-x/√2); tanh GELU
-// = 0.5·x·(1 + tanh(u)) = x / (1 + exp(-2u))), so the reference is accurate to double rounding.
+// σ(z) in double, accurate on both sides (1 / (1 + e^-z) flushes to 0 below z ≈ -709).
+double logistic_reference(double z) { return z < 0 ? std::exp(z) / (1 + std::exp(z)) : 1 / (1 + std::exp(-z)); }
+
+// 2u for tanh GELU: σ(2u) = 0.5·(1 + tanh(u)).
+double tanh_gelu_2u(double x) { return 2 * std::sqrt(2.0 / 3.14159265358979323846) * (x + 0.044715 * x * x * x); }
+
+// 1 + |z|·(1 − σ(z)): σ(z) moves by |z|·(1 − σ(z)) times z's relative error (0 where σ(z) = 1,
+// though z may be infinite).
+double logistic_condition(double z) {
+  const double one_minus_s = logistic_reference(-z);
+  return 1 + (one_minus_s == 0 ? 0.0 : std::abs(z) * one_minus_s);
+}
+
+// Activations in double, in forms free of cancellation (algebraically equal to the definitions:
+// GELU = 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(-x/√2); tanh GELU = 0.5·x·(1 + tanh(u)) = x·σ(2u)),
+// so the reference is accurate to double rounding.
 double reference(moe::ReLU, double x) { return x > 0 ? x : 0.0; }
 double reference(moe::GELU, double x) { return 0.5 * x * std::erfc(-x / std::sqrt(2.0)); }
-double reference(moe::GELUTanh, double x) {
-  const double u = std::sqrt(2.0 / 3.14159265358979323846) * (x + 0.044715 * x * x * x);
-  return x / (1.0 + std::exp(-2.0 * u));
-}
+double reference(moe::GELUTanh, double x) { return x * logistic_reference(tanh_gelu_2u(x)); }
 double reference(moe::SiLU, double x) { return x / (1.0 + std::exp(-x)); }
 
-// |Act::apply(x) - reference| for x in T:
+// The error of xsimd 8.1's erfc(t) for double batches, relative to erfc(t) and in eps, beyond what
+// the rounding of t explains. Up to 21 eps below |t| = 2.2 (measured against erfcl in steps of
+// 1e-4; 40 here); from 2.2 on it evaluates every |t| with a fit made for [2.2, 6] (erfc3; its erfc4
+// for t ≥ 6 is unused), off by 1.8e4 eps of erfc(|t|) at |t| = 2.2 and by 1.7e5, 3.3e6 and 2.8e7
+// at 10, 15 and 26.5: 4e3·|t|³ covers that 2.3 times. For t < 0, erfc(t) = 2 − erfc(|t|) takes
+// the same absolute error. Float batches and std::erfc are within 40 eps everywhere, which the
+// conditioning terms cover (x² ≥ 2t²).
+template <class T>
+double batch_erfc_error(double t) {
+  const double a = std::abs(t);
+  const double share = t > 0 ? 1 : std::erfc(a) / std::erfc(t);  // 0 where erfc(a) underflows
+  if (!std::is_same<T, double>::value || share == 0) return 0;
+  return (a < 2.2 ? 40 : 4e3 * a * a * a) * share;
+}
+
+// eps·rel·|ref| plus the smallest normal number (the floor where the reference underflows); a
+// reference of 0 gives the floor alone, though rel may be infinite where x² overflows.
+template <class T>
+double relative_bound(double rel, double ref) {
+  return ref == 0 ? tiny<T>() : eps<T>() * rel * std::abs(ref) + tiny<T>();
+}
+
+// |Act::apply(x) - reference| for x in T, relative to the reference (plus the smallest normal
+// number, where the reference underflows), with the conditioning of each formula on its rounded
+// argument:
 //  - ReLU is exact;
-//  - SiLU = x / (1 + exp(-x)) has no cancellation: 8·eps·|ref| (exp 2 ulp, add, divide);
-//  - GELU and tanh GELU compute 0.5·x·(1 + f) with f -> -1 for x < 0, where 1 + f cancels; the
-//    absolute error of f is multiplied by 0.5·|x|, so the bound is c·eps·(|ref| + |x|) with c the
-//    error of f in ulp of 1. tanh and std::erf are within a few ulp: c = 8. xsimd 8.1's erf for
-//    double batches is off by up to ~70 ulp near |t| = 2.2 (measured: 17·eps·(|ref| + |x|) at
-//    x = -3.11), so GELU gets c = 32.
-// Plus the smallest normal number where the reference underflows.
+//  - SiLU = x / (1 + exp(-x)), exp's argument exact: 8·eps·|ref| (exp 2 ulp, add, divide);
+//  - GELU = 0.5·x·erfc(t), t = -x/√2 rounded: for x < 0, erfc(t) moves by 2t² = x² times t's
+//    relative error, so 4·eps·(1 + x²)·|ref| (x ≥ 0: erfc(t) is near 2, insensitive), plus
+//    batch_erfc_error for xsimd's double erfc;
+//  - tanh GELU = x·σ(2u), 2u rounded: 4·eps·logistic_condition(2u)·|ref|.
+// Measured, scalar and batch, over [-40, 15] in steps of 1e-3 and activation_arguments: at most
+// 0.50 of the bound for GELU (float batch, x = 0.094; double batch 0.42 at x = -3.11) and 0.42 for
+// tanh GELU (double batch, x = -0.149). The old forms, 0.5·x·(1 + erf) and 0.5·x·(1 + tanh) with
+// 1 + f cancelling for x < 0 (float GELU(-5) 4% off, tanh GELU(-5) 30%, 0 from -5.54 and -5.16
+// on in float), exceeded it up to 6.6e4 and 1.1e5 times in float, 5.4e9 and 2.9e13 in double.
 template <class T>
 double activation_bound(moe::ReLU, double, double) {
   return 0;
@@ -214,55 +251,69 @@ double activation_bound(moe::SiLU, double, double ref) {
 }
 template <class T>
 double activation_bound(moe::GELU, double x, double ref) {
-  return 32 * eps<T>() * (std::abs(ref) + std::abs(x)) + tiny<T>();
+  const double t = -x / std::sqrt(2.0);
+  return relative_bound<T>(4 * (1 + (x < 0 ? x * x : 0.0)) + batch_erfc_error<T>(t), ref);
 }
 template <class T>
 double activation_bound(moe::GELUTanh, double x, double ref) {
-  return 8 * eps<T>() * (std::abs(ref) + std::abs(x)) + tiny<T>();
+  return relative_bound<T>(4 * logistic_condition(tanh_gelu_2u(x)), ref);
 }
 
 // act'(x) in double, from the derivatives of the formulas above (check_derivative compares them
-// with central differences of reference()). Beyond |x| = 1e5 every derivative is 0 below and 1
-// above, written out because tanh GELU's formula would multiply 1 − tanh² = 0 by an infinite x².
+// with central differences of reference()), in the same cancellation-free forms. Beyond |x| = 1e5
+// every derivative is 0 below and 1 above, written out because tanh GELU's formula would multiply
+// σ(1 − σ) = 0 by an infinite x².
 double derivative_reference(moe::ReLU, double x) { return x > 0 ? 1.0 : 0.0; }
 double derivative_reference(moe::GELU, double x) {
   return 0.5 * std::erfc(-x / std::sqrt(2.0)) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * 3.14159265358979323846);
 }
 double derivative_reference(moe::GELUTanh, double x) {
   if (std::abs(x) > 1e5) return x > 0 ? 1.0 : 0.0;
-  const double c = std::sqrt(2.0 / 3.14159265358979323846), a = 0.044715;
-  const double th = std::tanh(c * (x + a * x * x * x));
-  return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * a * x * x);
+  const double z = tanh_gelu_2u(x), s = logistic_reference(z), one_minus_s = logistic_reference(-z);
+  return s + 2 * x * s * one_minus_s * std::sqrt(2.0 / 3.14159265358979323846) * (1 + 3 * 0.044715 * x * x);
 }
 double derivative_reference(moe::SiLU, double x) {
   const double s = 1 / (1 + std::exp(-x));
   return s + x * s * (1 - s);
 }
 
-// |ActivationDerivative<Act>::apply(x) - derivative_reference| for x in T (the derivatives lie in
-// [-0.1, 1.13], so the bounds are absolute):
+// |ActivationDerivative<Act>::apply(x) - derivative_reference|, relative to the size of the
+// derivative's terms (their sum cancels where the derivative crosses 0), with the conditioning of
+// activation_bound:
 //  - ReLU is exact;
-//  - GELU: Φ's erf, whose double batch form is off by up to ~70 ulp (see activation_bound), half
-//    of it in Φ; x φ(x) adds a few eps, as x² and exp's relative errors meet x³ φ(x) ≤ 0.23:
-//    32 eps (measured over x ∈ [-10, 10] in steps of 5e-5: 18 eps, double batch, x = 3.11);
-//  - tanh GELU and SiLU: 1 − tanh² and 1 − σ have absolute errors of an eps or two, multiplied
-//    by 0.5·c·|x|·(1 + 3a x²) (4.8 at |x| = 4, where float's tanh is not yet 1) and by |x|:
-//    4·eps·(1 + x²) and 4·eps·(1 + |x|) (measured: at most 1.0 of eps·(1 + x²), eps·(1 + |x|)).
+//  - GELU = Φ(x) + x·φ(x): 4·eps·(1 + x²)·(Φ(x) + |x|·φ(x)) for x < 0 (Φ's erfc as in GELU, and
+//    exp(-x²/2) moves by x²/2 times x²'s relative error), plus batch_erfc_error on Φ(x);
+//  - tanh GELU = σ(2u) + 2x·σ(1 − σ)·u': 4·eps·logistic_condition(2u)·(σ + 2|x|·σ(1 − σ)·u');
+//  - SiLU = σ(x)·(1 + x·(1 − σ(x))): 1 − σ cancels for x > 0 (an absolute eps, times x), so
+//    4·eps·(1 + |x|)·σ(x)·(1 + |x|·(1 − σ(x))).
+// Measured as for activation_bound: at most 0.51 of the bound for GELU (float batch, x = 0.094;
+// double batch 0.42 at x = -3.11), 0.39 for tanh GELU (double batch, x = 1.65) and 0.32 for SiLU
+// (float, x = 0.041). The old GELU and tanh GELU derivatives exceeded it 2.0e3 and 1.1e5 times
+// (float), 5.3e9 and 2.8e13 times (double).
 template <class T>
 double derivative_bound(moe::ReLU, double) {
   return 0;
 }
 template <class T>
-double derivative_bound(moe::GELU, double) {
-  return 32 * eps<T>();
+double derivative_bound(moe::GELU, double x) {
+  const double t = -x / std::sqrt(2.0);
+  const double cdf = 0.5 * std::erfc(t), pdf = std::exp(-0.5 * x * x) / std::sqrt(2 * 3.14159265358979323846);
+  const double terms = cdf + std::abs(x) * pdf;
+  if (terms == 0) return tiny<T>();
+  return eps<T>() * (4 * (1 + (x < 0 ? x * x : 0.0)) * terms + batch_erfc_error<T>(t) * cdf) + tiny<T>();
 }
 template <class T>
 double derivative_bound(moe::GELUTanh, double x) {
-  return 4 * eps<T>() * (1 + x * x);
+  const double z = tanh_gelu_2u(x), s = logistic_reference(z), one_minus_s = logistic_reference(-z);
+  const double du = std::sqrt(2.0 / 3.14159265358979323846) * (1 + 3 * 0.044715 * x * x);
+  const double slope = s * one_minus_s;
+  const double terms = s + (slope == 0 ? 0.0 : 2 * std::abs(x) * slope * du);  // (du may be infinite)
+  return relative_bound<T>(4 * logistic_condition(z), terms);
 }
 template <class T>
 double derivative_bound(moe::SiLU, double x) {
-  return 4 * eps<T>() * (1 + std::abs(x));
+  const double s = 1 / (1 + std::exp(-x));
+  return relative_bound<T>(4 * (1 + std::abs(x)), s * (1 + std::abs(x) * (1 - s)));
 }
 
 // Largest |act'(x)| over all x (ReLU 1, SiLU 1.0998, GELU 1.1289, tanh GELU 1.1289), rounded up:
@@ -1079,15 +1130,20 @@ void for_each_activation(F&& f) {
   f(moe::SiLU{});
 }
 
-// Arguments for the activation tests: a grid over [-10, 10], values near 0, and the saturated
-// ends ±1e4 (no NaN, no overflow).
+// Arguments for the activation tests: a grid over [-10, 10], values near 0, the negative tail
+// (where GELU and tanh GELU used to cancel to 0, xsimd's float and double erfc flush to 0 from
+// -13.25 and -37.65, and σ(2u) is denormal from -10.0 in float and -21.15 in double), and the
+// saturated ends ±1e4 (no NaN, no overflow).
 template <class T>
 std::vector<T> activation_arguments() {
   std::vector<T> x;
   for (int i = -400; i <= 400; ++i) x.push_back(static_cast<T>(0.025 * i));
   for (const double v : {1e-3, -1e-3, 1e-20, -1e-20, 15.0, -15.0, 30.0, -30.0, 1e4, -1e4}) x.push_back(static_cast<T>(v));
+  for (const double v : {-10.1, -10.3, -12.0, -13.0, -13.3, -20.0, -21.2, -26.0, -37.5, -37.7, -38.0}) {
+    x.push_back(static_cast<T>(v));
+  }
   // Huge arguments, where x³ or x² overflows (GELU's and tanh GELU's inner terms) and xsimd's
-  // double erf returns NaN from about 1.4e62 unless its argument is clamped.
+  // double erfc returns NaN from about 1.4e62 unless its argument is clamped.
   const double largest = dbl(std::numeric_limits<T>::max());
   for (const double v : {1e7, 1e10, 1e19, 6e19, 1e30, 1e62, 1.4e62, 4e154, 1e200, 1e300, largest}) {
     if (v <= largest) x.push_back(static_cast<T>(v)), x.push_back(static_cast<T>(-v));

@@ -20,28 +20,28 @@ struct ActivationDerivative<ReLU> {
   }
 };
 
-// d/dx [x Φ(x)] = Φ(x) + x φ(x).
+// d/dx [x Φ(x)] = Φ(x) + x φ(x), Φ(x) = 0.5 erfc(-x / √2): 0.5 (1 + erf(x / √2)) cancels for
+// x < 0, as in GELU itself.
 template <>
 struct ActivationDerivative<GELU> {
   template <class V>
   static V apply(const V& x) noexcept {
-    const V cdf = V(0.5) * (V(1) + detail::erf_of(x * detail::constant<V>(0.70710678118654752440)));
+    const V cdf = V(0.5) * detail::erfc_of(x * detail::constant<V>(-0.70710678118654752440));
     const V pdf = detail::exp_of(V(-0.5) * x * x) * detail::constant<V>(0.39894228040143267794);
     return cdf + x * pdf;
   }
 };
 
-// d/dx [0.5 x (1 + tanh(u))], u = c (x + a x³).
+// d/dx [x σ(2u)] = σ(2u) + 2 x σ(2u) (1 − σ(2u)) u', u = c (x + a x³): GELUTanh's form, where
+// 0.5 (1 + tanh(u)) and 1 − tanh²(u) = 4 σ(2u) (1 − σ(2u)) no longer cancel for x < 0.
 template <>
 struct ActivationDerivative<GELUTanh> {
   template <class V>
   static V apply(const V& x) noexcept {
-    const V c = detail::constant<V>(0.79788456080286535588), a = detail::constant<V>(0.044715);
-    const V th = detail::tanh_of(c * (x + a * x * x * x));
-    const V sech2 = V(1) - th * th;
-    const V saturated = V(0.5) * (V(1) + th);
-    // 0 once tanh saturates, where x · x may overflow: 0 · inf.
-    return detail::choose(sech2 == V(0), saturated, saturated + V(0.5) * x * sech2 * c * (V(1) + V(3) * a * x * x));
+    const detail::Logistic<V> s = detail::logistic(detail::tanh_gelu_2u(x));
+    const V du = detail::constant<V>(0.79788456080286535588) * (V(1) + detail::constant<V>(3 * 0.044715) * x * x);
+    // The slope is 0 once σ saturates, where x · x may overflow: 0 · inf.
+    return detail::choose(s.slope == V(0), s.value, s.value + V(2) * x * s.slope * du);
   }
 };
 

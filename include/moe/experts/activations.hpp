@@ -63,10 +63,10 @@ struct ReLU {
 
 namespace detail {
 
-// f(x) for a batch, with x clamped to [-bound, bound] first, where f is already ±1 to the last
-// bit, and NaN lanes kept out of f and passed through: xsimd's erf and tanh call its exp, whose
-// double version converts to int64 with a scalar cast on AVX2 (undefined for NaN, ±inf and huge
-// lanes), and its double erf returns NaN beyond |x| ≈ 1e62.
+// f(x) for a batch, with x clamped to [-bound, bound] first, where f has already reached its limits
+// to the last bit, and NaN lanes kept out of f and passed through: xsimd's erfc calls its exp,
+// whose double version converts to int64 with a scalar cast on AVX2 (undefined for NaN, ±inf and
+// huge lanes), and its double erfc returns NaN beyond |x| ≈ 1.4e62.
 template <class T, class Arch, class F>
 xsimd::batch<T, Arch> saturating(const xsimd::batch<T, Arch>& x, T bound, F f) noexcept {
   using B = xsimd::batch<T, Arch>;
@@ -76,43 +76,58 @@ xsimd::batch<T, Arch> saturating(const xsimd::batch<T, Arch>& x, T bound, F f) n
 }
 
 template <class T>
-T erf_of(T x) noexcept {
-  return std::erf(x);
+T erfc_of(T x) noexcept {
+  return std::erfc(x);
 }
 template <class T, class Arch>
-xsimd::batch<T, Arch> erf_of(const xsimd::batch<T, Arch>& x) noexcept {
-  // erf(6) = 1 − 2e-17: 1 in float and double.
-  return saturating(x, T(6), [](const auto& v) { return xsimd::erf(v); });
+xsimd::batch<T, Arch> erfc_of(const xsimd::batch<T, Arch>& x) noexcept {
+  // xsimd's erfc is 2 from -3.9 (float) and -5.9 (double) down, and 0 from 9.37 and 26.62 up (its
+  // exp(-x²) flushes what would be denormal): clamping at ±11 and ±28 changes no result.
+  return saturating(x, sizeof(T) == sizeof(float) ? T(11) : T(28), [](const auto& v) { return xsimd::erfc(v); });
 }
 
-template <class T>
-T tanh_of(T x) noexcept {
-  return std::tanh(x);
+// σ(z) = 1 / (1 + e^-z) and its slope σ(z) (1 − σ(z)), both from e = e^-|z| ≤ 1: σ = 1 / (1 + e)
+// for z ≥ 0 and e / (1 + e) below, σ (1 − σ) = e / (1 + e)² on both sides. Neither cancels (1 − σ
+// does for z > 0) nor overflows (e^-z does below z ≈ -88.7 in float, where σ is still a denormal).
+template <class V>
+struct Logistic {
+  V value, slope;
+};
+template <class V>
+Logistic<V> logistic(const V& z) noexcept {
+  const auto negative = z < V(0);
+  const V e = exp_of(choose(negative, z, V(-z)));
+  const V r = V(1) / (V(1) + e);
+  return {choose(negative, e * r, r), e * r * r};
 }
-template <class T, class Arch>
-xsimd::batch<T, Arch> tanh_of(const xsimd::batch<T, Arch>& x) noexcept {
-  // tanh(20) = 1 − 8e-18: 1 in float and double.
-  return saturating(x, T(20), [](const auto& v) { return xsimd::tanh(v); });
+
+// 2u for tanh GELU, u = √(2/π) (x + 0.044715 x³): 0.5 (1 + tanh(u)) = σ(2u).
+template <class V>
+V tanh_gelu_2u(const V& x) noexcept {
+  return constant<V>(1.59576912160573071176) * (x + constant<V>(0.044715) * x * x * x);
 }
 
 }  // namespace detail
 
-// Exact GELU: x · Φ(x) = 0.5 · x · (1 + erf(x / √2)) (PyTorch approximate='none').
+// Exact GELU: x · Φ(x) = 0.5 · x · (1 + erf(x / √2)) (PyTorch approximate='none'), evaluated as
+// 0.5 · x · erfc(-x / √2): for x < 0, 1 + erf cancels (float GELU(-5) was 4% off, and -0 from
+// x = -5.54 on), while erfc keeps its relative precision into the tail.
 struct GELU {
   static constexpr const char* name = "gelu";
   template <class V>
   static V apply(const V& x) noexcept {
-    return V(0.5) * x * (V(1) + detail::erf_of(x * detail::constant<V>(0.70710678118654752440)));
+    return V(0.5) * x * detail::erfc_of(x * detail::constant<V>(-0.70710678118654752440));
   }
 };
 
-// Tanh GELU: 0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) (PyTorch approximate='tanh').
+// Tanh GELU: 0.5 · x · (1 + tanh(u)), u = √(2/π) · (x + 0.044715 x³) (PyTorch approximate='tanh'),
+// evaluated as x · σ(2u) (detail::logistic): for x < 0, 1 + tanh cancels (float GELUTanh(-5) was
+// 30% off, and -0 from x = -5.16 on).
 struct GELUTanh {
   static constexpr const char* name = "gelu_tanh";
   template <class V>
   static V apply(const V& x) noexcept {
-    const V inner = detail::constant<V>(0.79788456080286535588) * (x + detail::constant<V>(0.044715) * x * x * x);
-    return V(0.5) * x * (V(1) + detail::tanh_of(inner));
+    return x * detail::logistic(detail::tanh_gelu_2u(x)).value;
   }
 };
 

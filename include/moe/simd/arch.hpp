@@ -161,8 +161,10 @@ T reduce_max(const batch<T, Arch>& b) noexcept {
 // denormals down to -103), and float +inf from x = 88.38 though e^x overflows only above 88.72.
 // Lanes outside [normal_floor, normal_ceiling] take (e^(x/2))², whose factor is normal and whose
 // square rounds once (into the denormals, or to +inf past the largest float).
+// Declared inline: without the hint, g++ 12 -O3 kept it out of line in the loops of tanh GELU
+// and GELU's derivative (1.15 times the time of their old forms).
 template <class T, class Arch>
-batch<T, Arch> exp_batch(const batch<T, Arch>& x) noexcept {
+inline batch<T, Arch> exp_batch(const batch<T, Arch>& x) noexcept {
   using B = batch<T, Arch>;
   const T lowest = sizeof(T) == sizeof(float) ? T(-104) : T(-746);      // e^lowest rounds to 0
   const T highest = sizeof(T) == sizeof(float) ? T(89) : T(710);        // e^highest overflows to +inf
