@@ -57,38 +57,30 @@ struct ActivationDerivative<SiLU> {
 
 namespace simd {
 
-// The gradient through act for one row: d[0, n) = d ⊙ act'(pre), `pre` the pre-activations.
-// Lane and tail positions depend only on n, so a row's bits do not depend on the other rows.
+// The gradient through act for one row: d[0, n) = d ⊙ act'(pre), `pre` the pre-activations. The
+// last n mod L elements go through the batch form too (for_each_batch): an element's result
+// depends only on its own inputs, not on its position in the row or on the other rows.
 template <class Activation, class Arch, class T>
 void activation_backward(Arch, const T* pre, T* d, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   using Derivative = ActivationDerivative<Activation>;
-  constexpr std::size_t L = B::size;
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) {
-    (B::load_unaligned(d + i) * Derivative::apply(B::load_unaligned(pre + i))).store_unaligned(d + i);
-  }
-  for (; i < n; ++i) d[i] *= Derivative::apply(pre[i]);
+  for_each_batch<B>(
+      n, [](const T* p, T* g) { (B::load_unaligned(g) * Derivative::apply(B::load_unaligned(p))).store_unaligned(g); },
+      pre, d);
 }
 
 // The gradient through hidden = act(gate) ⊙ up for one row: given dh = ∂L/∂hidden,
-// d_gate = dh ⊙ up ⊙ act'(gate), and d_up = dh ⊙ act(gate) written over dh.
+// d_gate = dh ⊙ up ⊙ act'(gate), and d_up = dh ⊙ act(gate) written over dh. The tail as above.
 template <class Activation, class Arch, class T>
 void gated_activation_backward(Arch, const T* gate, const T* up, T* dh, T* d_gate, std::size_t n) noexcept {
   using B = batch<T, Arch>;
   using Derivative = ActivationDerivative<Activation>;
-  constexpr std::size_t L = B::size;
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) {
-    const B g = B::load_unaligned(gate + i), grad = B::load_unaligned(dh + i);
-    (grad * B::load_unaligned(up + i) * Derivative::apply(g)).store_unaligned(d_gate + i);
-    (grad * Activation::apply(g)).store_unaligned(dh + i);
-  }
-  for (; i < n; ++i) {
-    const T g = gate[i], grad = dh[i];
-    d_gate[i] = grad * up[i] * Derivative::apply(g);
-    dh[i] = grad * Activation::apply(g);
-  }
+  auto body = [](const T* g_in, const T* u, T* h, T* dg) {
+    const B g = B::load_unaligned(g_in), grad = B::load_unaligned(h);
+    (grad * B::load_unaligned(u) * Derivative::apply(g)).store_unaligned(dg);
+    (grad * Activation::apply(g)).store_unaligned(h);
+  };
+  for_each_batch<B>(n, body, gate, up, dh, d_gate);
 }
 
 }  // namespace simd

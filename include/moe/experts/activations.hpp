@@ -142,26 +142,21 @@ struct SiLU {
 
 namespace simd {
 
-// x[0, n) = act(x[0, n)).
+// x[0, n) = act(x[0, n)), the last n mod L elements through the batch form too (for_each_batch):
+// an element's result does not depend on its position in the row.
 template <class Activation, class Arch, class T>
 void activate(Arch, T* x, std::size_t n) noexcept {
   using B = batch<T, Arch>;
-  constexpr std::size_t L = B::size;
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) Activation::apply(B::load_unaligned(x + i)).store_unaligned(x + i);
-  for (; i < n; ++i) x[i] = Activation::apply(x[i]);
+  for_each_batch<B>(n, [](T* p) { Activation::apply(B::load_unaligned(p)).store_unaligned(p); }, x);
 }
 
-// gate[0, n) = act(gate) ⊙ up.
+// gate[0, n) = act(gate) ⊙ up, the tail as in activate.
 template <class Activation, class Arch, class T>
 void gated_activate(Arch, T* gate, const T* up, std::size_t n) noexcept {
   using B = batch<T, Arch>;
-  constexpr std::size_t L = B::size;
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) {
-    (Activation::apply(B::load_unaligned(gate + i)) * B::load_unaligned(up + i)).store_unaligned(gate + i);
-  }
-  for (; i < n; ++i) gate[i] = Activation::apply(gate[i]) * up[i];
+  for_each_batch<B>(
+      n, [](T* g, const T* u) { (Activation::apply(B::load_unaligned(g)) * B::load_unaligned(u)).store_unaligned(g); },
+      gate, up);
 }
 
 }  // namespace simd

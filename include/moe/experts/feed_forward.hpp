@@ -56,7 +56,7 @@ class FeedForward {
     const auto rows = static_cast<std::size_t>(m);
     T* hidden = scratch;  // [m, d_ff]
     simd::matmul_nt(arch, x, rows, d, w_in_.data(), ff, hidden, ff);
-    // Row by row, so an element's activation path (SIMD body or scalar tail) does not depend on m.
+    // Row by row; an element's result depends only on its value (simd::for_each_batch), not on m.
     for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
     simd::matmul_nt(arch, hidden, rows, ff, w_out_.data(), d, y, d);
   }

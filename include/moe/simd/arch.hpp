@@ -4,8 +4,10 @@
 //
 // Every kernel takes the architecture as its first argument (a tag such as xsimd::fma3<xsimd::avx2>{}),
 // so two translation units built with different -m flags never share one inline kernel body.
+#include <algorithm>
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 
 #include "../core/config.hpp"
 
@@ -150,6 +152,47 @@ T reduce_max(const batch<T, Arch>& b) noexcept {
   T m = tmp[0];
   for (std::size_t i = 1; i < batch<T, Arch>::size; ++i) m = tmp[i] > m ? tmp[i] : m;
   return m;
+}
+
+}  // namespace simd
+
+namespace detail {
+// What body wrote to a non-const array's lanes goes back to it.
+template <class T>
+void copy_written(const T*, std::size_t, const T*) noexcept {}
+template <class T>
+void copy_written(const T* lanes, std::size_t count, T* row) noexcept {
+  std::copy(lanes, lanes + count, row);
+}
+
+// simd::for_each_batch, the arrays numbered A...
+template <class B, class Body, class... P, std::size_t... A>
+void for_each_batch(std::index_sequence<A...>, std::size_t n, Body& body, P*... rows) noexcept {
+  using T = typename B::value_type;
+  constexpr std::size_t L = B::size;
+  const std::size_t full = n - n % L, count = n - full;
+  T lanes[sizeof...(P)][L];  // the tail, padded with zeros
+  if (count != 0) (std::fill(std::copy(rows + full, rows + n, lanes[A]), lanes[A] + L, T(0)), ...);
+  // One call of body for every batch, the tail's included, so that one compiled copy of its
+  // arithmetic serves all: with the tail in a second call, g++ -std=gnu++17 (which fuses a·b + c)
+  // fused GELU's derivative differently there, and the tail's bits differed.
+  for (std::size_t i = 0; i < n; i += L) body((i == full ? lanes[A] : rows + i)...);
+  if (count != 0) (copy_written(lanes[A], count, rows + full), ...);
+}
+}  // namespace detail
+
+namespace simd {
+
+// body(p...) for each batch of a row of n elements, p... the arrays at the batch: body loads and
+// stores whole batches there. The last n mod L elements go through it too, on stack copies of each
+// array's tail padded with zeros, and what body stores to the non-const arrays is copied back (so
+// an output's old tail is read, then written over). Each element's result then depends only on its
+// own inputs, wherever it sits in the row: a scalar tail (std::exp, std::erfc...) differs from
+// xsimd's batch functions in the last bits for 4–70% of inputs in [-6, 6], so a row's last n mod L
+// elements got a slightly different function.
+template <class B, class Body, class... P>
+void for_each_batch(std::size_t n, Body body, P*... rows) noexcept {
+  detail::for_each_batch<B>(std::index_sequence_for<P...>{}, n, body, rows...);
 }
 
 // e^x for a batch: xsimd::exp without its undefined behaviour. xsimd 8.1's double exp converts

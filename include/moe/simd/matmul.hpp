@@ -573,8 +573,9 @@ void matmul_nt(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 }
 
 // Gate/up row pairs per panel of the gated product: a multiple of kGatedChunk, so every panel
-// starts on a vector boundary of the h row and the epilogue's vector/scalar split of a column is
-// the same as in gated_hidden_rows below, and at most kMaxPanelPairs (its stack buffers).
+// starts on a vector boundary of the h row and only the last one has a partial vector for the
+// epilogue (which gives each element the bits of gated_hidden_rows below wherever panels split a
+// row: its tail goes through the batch form too), and at most kMaxPanelPairs (its stack buffers).
 inline constexpr std::size_t kGatedChunk = 16;  // ≥ the lane count of every arch and type
 inline constexpr std::size_t kMaxPanelPairs = 256;
 template <class Arch, class T>
