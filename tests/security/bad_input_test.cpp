@@ -718,7 +718,8 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   auto shared_grads = layer.make_gradients();
   REQUIRE_REJECTS(layer.backward(x, dy, dx, shared_grads, ws), moe::invalid_argument,
                   fits_not && Contains("shared experts = 0, shared saved values = 0, dropped tokens pass through = 0, route = ") &&
-                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) + ", dropped tokens pass through = 0, route = ") &&
+                      Contains("shared experts = 1, shared saved values = " + std::to_string(kT * 2 * kFF) +
+                               ", dropped tokens pass through = 0, route = ") &&
                       Contains("; they differ in shared experts (workspace 0, this layer 1), shared saved values (workspace 0, this layer " +
                                std::to_string(kT * 2 * kFF) + ") (workspace: "), dx);
   layer.forward_train(x, moe::RouteContext{}, y, ws);

@@ -80,7 +80,8 @@ class BiasBalancer {
     // Every new bias is checked before any is written: a huge rate would otherwise overflow it.
     for (index_t e = 0; e < E; ++e) {
       if (!std::isfinite(updated(e))) {
-        detail::throw_numeric(where, ": bias[", e, "] would overflow (bias[", e, "] = ", bias_[e], ", update_rate = ", update_rate_, ")");
+        detail::throw_numeric(where, ": bias[", e, "] would overflow (bias[", e, "] = ", bias_[e], ", update_rate = ",
+                              update_rate_, ")");
       }
     }
     for (index_t e = 0; e < E; ++e) bias_[e] = updated(e);

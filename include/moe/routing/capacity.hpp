@@ -2,7 +2,8 @@
 // Expert capacity for token-choice routing (Switch, GShard, Megatron-Core).
 //
 // Each routing group of Tg tokens gives every expert room for C = ceil(capacity_factor · Tg · k / E)
-// assignments (computed in Megatron-Core's order, see expert_capacity). Over-capacity choices are decided by priority:
+// assignments (computed in Megatron-Core's order, see expert_capacity). Over-capacity choices are
+// decided by priority:
 //   position: per expert, earlier tokens win (Switch, Megatron "position");
 //   score:    per expert, higher raw weights win, ties to the earlier token. The raw weight is the
 //             softmax or sigmoid score before normalization and scale, so this is Megatron "probs"
