@@ -196,6 +196,14 @@ TEST_CASE("TopKRouter: scale not finite", "[errors][top_k]") {
   moe::TopKOptions o;
   o.scale = std::numeric_limits<double>::infinity();
   REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("scale = inf"));
+  // Finite in double is not enough: 1e39 overflows float, and the message names float's largest.
+  o.scale = 1e39;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument,
+                      Contains("scale must be finite in the scalar type (scale = 1e+39, largest = 3.4028235e+38)"));
+  o.scale = -1e39;
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("scale = -1e+39"));
+  o.scale = std::numeric_limits<float>::max();  // the largest itself is accepted
+  REQUIRE_NOTHROW(moe::TopKRouter<float>(gate(), o));
 }
 
 TEST_CASE("TopKRouter: after_top_k softmax with sigmoid scores", "[errors][top_k]") {

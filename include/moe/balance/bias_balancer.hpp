@@ -32,8 +32,7 @@ class BiasBalancer {
   // and 1e-50 rounds to 0, a balancer that never moves.
   BiasBalancer(index_t num_experts, double update_rate) : update_rate_(update_rate) {
     if (num_experts < 1) detail::throw_invalid("BiasBalancer: num_experts must be at least 1 (num_experts = ", num_experts, ")");
-    const auto step = static_cast<T>(update_rate);
-    if (!(std::isfinite(update_rate) && update_rate > 0 && std::isfinite(step) && step > T(0))) {
+    if (!(detail::finite_in<T>(update_rate) && static_cast<T>(update_rate) > T(0))) {
       detail::throw_invalid("BiasBalancer: update_rate must be finite and > 0 in the scalar type (update_rate = ", update_rate,
                             ")");
     }

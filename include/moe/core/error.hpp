@@ -2,7 +2,9 @@
 // Exceptions and argument checks. Messages name the component, the parameter and the values:
 //   "moe::TopKRouter: k must satisfy 1 <= k <= num_experts (k = 0, num_experts = 8)"
 #include <charconv>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -75,6 +77,24 @@ void check_dim(const char* where, const char* actual_name, const A& actual, cons
 template <class A, class B>
 void check_value(const char* where, const char* actual_name, const A& actual, const B& expected) {
   if (actual != expected) throw_invalid(where, ": ", actual_name, " must be ", expected, " (", actual_name, " = ", actual, ")");
+}
+
+// Whether a double option converts to a finite T: |value| at most T's largest (NaN fails). The
+// comparison is in double because converting an out-of-range double to float is undefined.
+template <class T>
+bool finite_in(double value) {
+  return std::abs(value) <= static_cast<double>(std::numeric_limits<T>::max());
+}
+
+// Checks that a double option is finite in the scalar type T, e.g.
+//   check_finite_in<float>("TopKRouter", "scale", 1e39)
+//   -> "moe::TopKRouter: scale must be finite in the scalar type (scale = 1e+39, largest = 3.40282e+38)"
+template <class T>
+void check_finite_in(const char* where, const char* name, double value) {
+  if (!finite_in<T>(value)) {
+    throw_invalid(where, ": ", name, " must be finite in the scalar type (", name, " = ", value, ", largest = ",
+                  std::numeric_limits<T>::max(), ")");
+  }
 }
 
 // Checks that `out`, which a call writes, shares no element with `in`, which it reads after

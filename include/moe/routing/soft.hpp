@@ -294,10 +294,7 @@ class SoftRouter {
   // Sets the logits' scale (vmoe's learned scalar; its gradient is SoftMoELayer's Gradients::scale).
   // A scale not finite in T throws and leaves the old one.
   void set_scale(double scale) {
-    if (!(std::abs(scale) <= static_cast<double>(std::numeric_limits<T>::max()))) {  // (NaN fails too)
-      detail::throw_invalid("SoftRouter: scale must be finite in the scalar type (scale = ", scale, ", largest = ",
-                            std::numeric_limits<T>::max(), ")");
-    }
+    detail::check_finite_in<T>("SoftRouter", "scale", scale);
     options_.scale = scale;
   }
 

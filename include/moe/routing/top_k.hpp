@@ -360,10 +360,7 @@ class TopKRouter {
     if (o.k < 1 || o.k > E) {
       detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", o.k, ", num_experts = ", E, ")");
     }
-    if (!std::isfinite(static_cast<T>(o.scale))) {
-      detail::throw_invalid("TopKRouter: scale must be finite in the scalar type (scale = ", o.scale, ", largest = ",
-                            std::numeric_limits<T>::max(), ")");
-    }
+    detail::check_finite_in<T>("TopKRouter", "scale", o.scale);
     if (o.score == ScoreFunction::sigmoid && o.softmax_placement == SoftmaxPlacement::after_top_k) {
       detail::throw_invalid("TopKRouter: softmax_placement = after_top_k needs score = softmax (score = sigmoid)");
     }
