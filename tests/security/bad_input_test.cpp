@@ -206,6 +206,39 @@ TEST_CASE("TopKRouter: scale not finite", "[errors][top_k]") {
   REQUIRE_NOTHROW(moe::TopKRouter<float>(gate(), o));
 }
 
+// An enum option cast from an integer may hold a value it does not name; the code took any such
+// value for one of the named ones. Each is refused, naming the values it may take.
+template <class Enum>
+Enum unnamed() {
+  return static_cast<Enum>(7);
+}
+
+TEST_CASE("TopKRouter: enum options out of range", "[errors][top_k]") {
+  auto refused = [](void (*set)(moe::TopKOptions&), const std::string& message) {
+    moe::TopKOptions o = top2();
+    set(o);
+    REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains(message));
+  };
+  refused([](moe::TopKOptions& o) { o.score = unnamed<moe::ScoreFunction>(); },
+          "TopKRouter: score must be softmax or sigmoid (score = 7)");
+  refused([](moe::TopKOptions& o) { o.softmax_placement = unnamed<moe::SoftmaxPlacement>(); },
+          "softmax_placement must be before_top_k or after_top_k (softmax_placement = 7)");
+  refused([](moe::TopKOptions& o) { o.group_mask = unnamed<moe::GroupMask>(); },
+          "group_mask must be exclude or zero (group_mask = 7)");
+  refused([](moe::TopKOptions& o) { o.capacity_priority = static_cast<moe::CapacityPriority>(-1); },
+          "capacity_priority must be position or score (capacity_priority = -1)");
+  refused([](moe::TopKOptions& o) { o.overflow = unnamed<moe::OverflowPolicy>(); },
+          "overflow must be drop or reroute (overflow = 7)");
+}
+
+TEST_CASE("MoELayer: dropped-token policy out of range", "[errors][layer]") {
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+  REQUIRE_REJECTS_ARG(layer.set_dropped_tokens(unnamed<moe::DroppedTokens>()), moe::invalid_argument,
+                      Contains("MoELayer::set_dropped_tokens: policy must be zero or pass_through (policy = 7)"));
+  REQUIRE(layer.dropped_tokens() == moe::DroppedTokens::pass_through);  // the old policy stays
+}
+
 TEST_CASE("TopKRouter: after_top_k softmax with sigmoid scores", "[errors][top_k]") {
   moe::TopKOptions o;
   o.score = moe::ScoreFunction::sigmoid;
@@ -1000,6 +1033,19 @@ TEST_CASE("Losses: coefficient, shapes, ids and sequences leave grad untouched",
   REQUIRE_REJECTS(moe::sequence_load_balancing_loss(z, ids, std::vector<index_t>{0, 4}, g), moe::invalid_argument,
                   Contains("sequence_begin[num_sequences] = 4") && Contains("tokens = 5"), g);
   REQUIRE_REJECTS(moe::router_z_loss(z, g, std::numeric_limits<double>::quiet_NaN()), moe::invalid_argument, Contains("coefficient = nan"), g);
+  // Finite in double but not in float: every loss would be infinite.
+  o.coefficient = 1e39;
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, ids, g, o), moe::invalid_argument,
+                  Contains("coefficient must be finite in the scalar type (coefficient = 1e+39, largest = 3.4028235e+38)"), g);
+  REQUIRE_REJECTS(moe::router_z_loss(z, g, -1e39), moe::invalid_argument, Contains("coefficient = -1e+39"), g);
+  o.coefficient = 1.0;
+  o.score = unnamed<moe::ScoreFunction>();
+  REQUIRE_REJECTS(moe::sequence_load_balancing_loss(z, ids, std::vector<index_t>{0, kT}, g, o), moe::invalid_argument,
+                  Contains("sequence_load_balancing_loss: score must be softmax or sigmoid (score = 7)"), g);
+  o.score = moe::ScoreFunction::softmax;
+  o.normalization = unnamed<moe::AuxLossNormalization>();
+  REQUIRE_REJECTS(moe::load_balancing_loss(z, ids, g, o), moe::invalid_argument,
+                  Contains("load_balancing_loss: normalization must be per_choice or per_token (normalization = 7)"), g);
   moe::LoadAccumulator empty(kE, 2);
   REQUIRE_REJECTS(moe::global_load_balancing_loss(z, empty, g), moe::invalid_argument, Contains("load.tokens() = 0") && Contains("tokens = 5"), g);
 }

@@ -118,8 +118,16 @@ inline constexpr double kSigmoidScoreEpsilon = 1e-20;
 
 namespace detail {
 
-inline void check_coefficient(const char* where, double coefficient) {
-  if (!std::isfinite(coefficient)) throw_invalid(where, ": coefficient must be finite (coefficient = ", coefficient, ")");
+template <>
+struct EnumNames<AuxLossNormalization> {
+  static constexpr const char* names[] = {"per_choice", "per_token"};
+};
+
+template <class T>
+void check_aux_options(const char* where, const AuxLossOptions& o) {
+  check_finite_in<T>(where, "coefficient", o.coefficient);
+  check_enum(where, "score", o.score);
+  check_enum(where, "normalization", o.normalization);
 }
 
 inline void check_k(const char* where, index_t k, index_t num_experts) {
@@ -372,7 +380,7 @@ typename L::Scalar load_balancing_loss(const Eigen::MatrixBase<L>& logits, const
   const char* where = "load_balancing_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, options.coefficient);
+  detail::check_aux_options<T>(where, options);
   detail::check_loss_shapes<T>(where, z, g);
   return detail::with_ids(top_k_ids, [&](const ConstMatrixRef<index_t>& ids) {
     detail::check_top_k_ids(where, ids, z.rows(), z.cols());
@@ -390,7 +398,7 @@ T load_balancing_loss(const Eigen::MatrixBase<L>& logits, const Routing<T>& plan
   const char* where = "load_balancing_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, options.coefficient);
+  detail::check_aux_options<T>(where, options);
   detail::check_loss_shapes<T>(where, z, g);
   detail::check_plan(where, plan, k, z.rows(), z.cols());
   return detail::batch_balance_loss<T>(where, z, plan, k, g, options);
@@ -410,7 +418,7 @@ typename L::Scalar sequence_load_balancing_loss(const Eigen::MatrixBase<L>& logi
   const char* where = "sequence_load_balancing_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, options.coefficient);
+  detail::check_aux_options<T>(where, options);
   detail::check_loss_shapes<T>(where, z, g);
   detail::check_sequences(where, sequences, z.rows());
   return detail::with_ids(top_k_ids, [&](const ConstMatrixRef<index_t>& ids) {
@@ -428,7 +436,7 @@ T sequence_load_balancing_loss(const Eigen::MatrixBase<L>& logits, const Routing
   const char* where = "sequence_load_balancing_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, options.coefficient);
+  detail::check_aux_options<T>(where, options);
   detail::check_loss_shapes<T>(where, z, g);
   detail::check_sequences(where, sequences, z.rows());
   detail::check_plan(where, plan, k, z.rows(), z.cols());
@@ -519,7 +527,7 @@ typename L::Scalar global_load_balancing_loss(const Eigen::MatrixBase<L>& logits
   const char* where = "global_load_balancing_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, options.coefficient);
+  detail::check_aux_options<T>(where, options);
   detail::check_loss_shapes<T>(where, z, g);
   detail::check_dim(where, "logits.cols()", z.cols(), "load.num_experts()", load.num_experts());
   const index_t Tn = z.rows();
@@ -543,7 +551,7 @@ typename L::Scalar router_z_loss(const Eigen::MatrixBase<L>& logits, const Eigen
   const char* where = "router_z_loss";
   const ConstMatrixRef<T> z(logits.derived());
   MatrixRef<T> g = detail::writable_grad<T>(grad);
-  detail::check_coefficient(where, coefficient);
+  detail::check_finite_in<T>(where, "coefficient", coefficient);
   detail::check_loss_shapes<T>(where, z, g);
   return detail::router_z_loss_impl<T>(z, g, coefficient);
 }

@@ -97,6 +97,26 @@ void check_finite_in(const char* where, const char* name, double value) {
   }
 }
 
+// The names of an enum option's values, in order from 0, specialized beside each enum: what
+// check_enum accepts and lists.
+template <class Enum>
+struct EnumNames;
+
+// Checks that an enum option holds one of its named values (one cast from an integer may hold
+// any other, which the code would take for one of them), e.g.
+//   check_enum("TopKRouter", "score", static_cast<ScoreFunction>(7))
+//   -> "moe::TopKRouter: score must be softmax or sigmoid (score = 7)"
+template <class Enum>
+void check_enum(const char* where, const char* name, Enum value) {
+  const auto& names = EnumNames<Enum>::names;
+  const auto count = static_cast<long long>(sizeof(names) / sizeof(names[0]));
+  const auto number = static_cast<long long>(value);
+  if (number >= 0 && number < count) return;
+  std::string listed;
+  for (long long i = 0; i < count; ++i) listed += concat(i == 0 ? "" : i + 1 == count ? " or " : ", ", names[i]);
+  throw_invalid(where, ": ", name, " must be ", listed, " (", name, " = ", number, ")");
+}
+
 // Checks that `out`, which a call writes, shares no element with `in`, which it reads after
 // writing `out` (row-major matrices, rows outerStride() apart), e.g. a backward's dx and dy. Rows
 // are compared, not whole address spans: dx and x side by side as the columns of one wider buffer

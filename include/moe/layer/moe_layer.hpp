@@ -42,6 +42,11 @@ enum class DroppedTokens {
 };
 
 namespace detail {
+template <>
+struct EnumNames<DroppedTokens> {
+  static constexpr const char* names[] = {"zero", "pass_through"};
+};
+
 // An expert's work for MoELayer's thread schedule: weights read × tokens once compute-bound
 // (about 8 tokens: 2 FLOPs per weight per token against 4 bytes of DRAM traffic per weight).
 inline index_t expert_cost(index_t d_ff, index_t tokens) noexcept { return d_ff * std::max<index_t>(tokens, 8); }
@@ -103,7 +108,11 @@ class MoELayer {
     shared_shapes_.clear();
     for (const Expert& e : shared_) shared_shapes_.push_back(detail::gradient_shapes(e.zero_gradient()));
   }
-  void set_dropped_tokens(DroppedTokens policy) noexcept { dropped_tokens_ = policy; }
+  void set_dropped_tokens(DroppedTokens policy) {
+    detail::check_enum("MoELayer::set_dropped_tokens", "policy", policy);
+    dropped_tokens_ = policy;
+  }
+  DroppedTokens dropped_tokens() const noexcept { return dropped_tokens_; }
   // The selection-only bias of the layer's own copy of its router (TopKRouter::set_selection_bias):
   // DeepSeek-V3's e_score_correction_bias, or what BiasBalancer learns (BiasBalancer::apply(layer)).
   template <class R = Router>

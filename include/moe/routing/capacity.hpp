@@ -29,6 +29,17 @@ MOE_NAMESPACE_BEGIN
 enum class CapacityPriority { position, score };
 enum class OverflowPolicy { drop, reroute };
 
+namespace detail {
+template <>
+struct EnumNames<CapacityPriority> {
+  static constexpr const char* names[] = {"position", "score"};
+};
+template <>
+struct EnumNames<OverflowPolicy> {
+  static constexpr const char* names[] = {"drop", "reroute"};
+};
+}  // namespace detail
+
 // ceil(capacity_factor · tokens · k / E), the formula Megatron-Core and Switch use, rounded as
 // Megatron-Core's get_capacity computes it in double, ceil((tokens · k / E) · capacity_factor): other
 // orders of the same product round differently (cf 1.1, 45 tokens, k 4, E 6: 33 this way, 34 as

@@ -65,6 +65,21 @@ enum class GroupMask {
             // excluded expert can still win when every kept value is negative
 };
 
+namespace detail {
+template <>
+struct EnumNames<ScoreFunction> {
+  static constexpr const char* names[] = {"softmax", "sigmoid"};
+};
+template <>
+struct EnumNames<SoftmaxPlacement> {
+  static constexpr const char* names[] = {"before_top_k", "after_top_k"};
+};
+template <>
+struct EnumNames<GroupMask> {
+  static constexpr const char* names[] = {"exclude", "zero"};
+};
+}  // namespace detail
+
 struct TopKOptions {
   index_t k = 1;
   ScoreFunction score = ScoreFunction::softmax;
@@ -360,6 +375,11 @@ class TopKRouter {
     if (o.k < 1 || o.k > E) {
       detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", o.k, ", num_experts = ", E, ")");
     }
+    detail::check_enum("TopKRouter", "score", o.score);
+    detail::check_enum("TopKRouter", "softmax_placement", o.softmax_placement);
+    detail::check_enum("TopKRouter", "group_mask", o.group_mask);
+    detail::check_enum("TopKRouter", "capacity_priority", o.capacity_priority);
+    detail::check_enum("TopKRouter", "overflow", o.overflow);
     detail::check_finite_in<T>("TopKRouter", "scale", o.scale);
     if (o.score == ScoreFunction::sigmoid && o.softmax_placement == SoftmaxPlacement::after_top_k) {
       detail::throw_invalid("TopKRouter: softmax_placement = after_top_k needs score = softmax (score = sigmoid)");
