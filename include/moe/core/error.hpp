@@ -88,7 +88,7 @@ bool finite_in(double value) {
 
 // Checks that a double option is finite in the scalar type T, e.g.
 //   check_finite_in<float>("TopKRouter", "scale", 1e39)
-//   -> "moe::TopKRouter: scale must be finite in the scalar type (scale = 1e+39, largest = 3.40282e+38)"
+//   -> "moe::TopKRouter: scale must be finite in the scalar type (scale = 1e+39, largest = 3.4028235e+38)"
 template <class T>
 void check_finite_in(const char* where, const char* name, double value) {
   if (!finite_in<T>(value)) {
