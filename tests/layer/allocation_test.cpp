@@ -303,3 +303,107 @@ TEST_CASE("Warm forwards and training steps allocate nothing with every router",
     REQUIRE(allocations_now() > before);
   }
 }
+
+TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer][allocation]") {
+  // reserve(ws, 300, 3), then with no warm-up: a batch of 300 equal rows with equal token ids (every
+  // token routes alike, so one expert takes them all: the largest expert batch), 300 random rows in
+  // 3 routing groups, 7 rows in 2 groups and an empty batch; the same as training steps on a
+  // reserved training workspace. Nothing may allocate.
+  const index_t d = 24, ff = 40, E = 6, most = 300;
+  const moe::Matrix<float> random = random_matrix<float>(most, d, 5), small = random_matrix<float>(7, d, 6);
+  const moe::Matrix<float> alike = random.row(0).replicate(most, 1);
+  const moe::Matrix<float> dy = random_matrix<float>(most, d, 8);
+  moe::Matrix<float> y(most, d), dx(most, d);
+  const std::vector<index_t> one_group = {0, most}, three_groups = {0, 100, 250, most}, two_groups = {0, 3, 7}, no_groups = {0, 0};
+  std::vector<std::int64_t> ids(most), same_ids(most, 11);
+  for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(t * 37 % 500);
+  auto context = [](const std::vector<index_t>& groups, const std::vector<std::int64_t>& token_ids, bool training) {
+    moe::RouteContext ctx = moe::RouteContext::with_groups(groups);
+    ctx.token_ids = token_ids.data();
+    ctx.training = training;
+    return ctx;
+  };
+  // The batches, in turn: (x, its context).
+  auto for_each_batch = [&](bool training, auto&& run) {
+    run(moe::ConstMatrixRef<float>(alike), context(one_group, same_ids, training));
+    run(moe::ConstMatrixRef<float>(random), context(three_groups, ids, training));
+    run(moe::ConstMatrixRef<float>(small), context(two_groups, ids, training));
+    run(moe::ConstMatrixRef<float>(random.topRows(0)), context(no_groups, ids, training));
+  };
+  auto check = [&](const auto& layer, auto& ws, auto& train) {
+    layer.reserve(ws, most, 3);
+    long before = 0;
+    {
+      const CountingEigen eigen;
+      before = allocations_now();
+      for_each_batch(false, [&](const moe::ConstMatrixRef<float>& x, const moe::RouteContext& ctx) {
+        layer.forward(x, ctx, y.topRows(x.rows()), ws);
+      });
+      CHECK(allocations_now() - before == 0);
+    }
+    auto grads = layer.make_gradients();
+    layer.reserve(train, most, 3);
+    {
+      const CountingEigen eigen;
+      before = allocations_now();
+      for_each_batch(true, [&](const moe::ConstMatrixRef<float>& x, const moe::RouteContext& ctx) {
+        const index_t n = x.rows();
+        layer.forward_train(x, ctx, y.topRows(n), train);
+        layer.backward(x, dy.topRows(n), dx.topRows(n), grads, train);
+        layer.backward_accumulate(x, dy.topRows(n), dx.topRows(n), grads, train);
+      });
+      CHECK(allocations_now() - before == 0);
+    }
+  };
+  auto check_layer = [&](const auto& layer) {
+    moe::Workspace<float> ws;
+    moe::TrainingWorkspace<float> train;
+    check(layer, ws, train);
+  };
+
+  SECTION("dropless top-2 with a gated shared expert") {
+    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), moe::presets::mixtral(2)), make_experts(E, d, ff));
+    layer.set_shared_experts(make_experts(1, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
+    check_layer(layer);
+  }
+  SECTION("top-k with capacity (reroute), training jitter, group-limited selection") {
+    moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
+    o.capacity_factor = 1.0;
+    o.overflow = moe::OverflowPolicy::reroute;
+    o.jitter = 0.01;
+    o.expert_groups = 3;
+    o.selected_groups = 2;
+    check_layer(moe::MoELayer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff)));
+  }
+  SECTION("dynamic top-p") {
+    moe::TopKOptions o;
+    o.k = 4;
+    o.top_p = 0.6;
+    check_layer(moe::MoELayer(moe::TopKRouter<float>(random_matrix<float>(E, d, 95), o), make_experts(E, d, ff)));
+  }
+  SECTION("Switch: top-1 capacity, dropped tokens passed through, zero-computation experts") {
+    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E + 2, d, 98), moe::presets::switch_transformers(0.5)),
+                        make_experts(E, d, ff),
+                        {moe::ZeroComputeExpert<float>::zero(d), moe::ZeroComputeExpert<float>::copy(d)});
+    layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+    check_layer(layer);
+  }
+  SECTION("expert choice") {
+    moe::ExpertChoiceOptions o;
+    o.capacity_factor = 2.0;
+    check_layer(moe::MoELayer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff)));
+  }
+  SECTION("hash routing") {
+    check_layer(moe::MoELayer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff)));
+  }
+  SECTION("Soft MoE") {
+    moe::SoftOptions o;
+    o.slots_per_expert = 2;
+    o.normalized = true;
+    const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
+                                                      make_experts(E, d, ff));
+    moe::SoftWorkspace<float> ws;
+    moe::SoftTrainingWorkspace<float> train;
+    check(layer, ws, train);
+  }
+}

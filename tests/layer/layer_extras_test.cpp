@@ -475,3 +475,49 @@ TEST_CASE("A router type of your own: the contract, forward against a reference,
   REQUIRE(worst_dx < 1e-7 * std::max(1.0, dx.cwiseAbs().maxCoeff()));
   REQUIRE(grads.router.cwiseAbs().maxCoeff() > 0.1);  // the router's part is there to check
 }
+
+TEST_CASE("reserve leaves the results as they were and no forward_train to pair with", "[layer][reserve]") {
+  const Model m;
+  const index_t T_ = 20;
+  const moe::Matrix<double> gate = random_matrix<double>(m.E_ffn, m.d, 51, 1.5), x = random_matrix<double>(T_, m.d, 52);
+  const moe::Matrix<double> dy = random_matrix<double>(T_, m.d, 53);
+  std::vector<moe::SwiGLU<double>> experts;
+  for (index_t e = 0; e < m.E_ffn; ++e) experts.push_back(m.expert(e));
+  moe::TopKOptions o = moe::presets::mixtral(2);
+  o.capacity_factor = 1.0;  // (tokens dropped, passed through)
+  moe::MoELayer layer(moe::TopKRouter<double>(gate, o), experts);
+  layer.set_shared_experts({m.expert(m.E_ffn)});
+  layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+
+  // Forward: a reserved workspace and a fresh one give the same bits.
+  moe::Workspace<double> fresh, reserved;
+  layer.reserve(reserved, 2 * T_, 2);
+  REQUIRE(reserved.routing.plan.num_tokens == 0);  // an empty batch's routing
+  const moe::Matrix<double> y_fresh = layer.forward(x, fresh), y_reserved = layer.forward(x, reserved);
+  REQUIRE(y_reserved == y_fresh);
+  REQUIRE_FALSE(fresh.routing.plan.dropped.empty());  // (the pass-through runs)
+
+  // Training: the reserve's own zero batch cannot be taken for a forward_train of x, even one of
+  // as many tokens; after a forward_train, the same gradients as from a fresh workspace.
+  moe::TrainingWorkspace<double> train_fresh, train_reserved;
+  layer.reserve(train_reserved, T_);
+  auto grads_fresh = layer.make_gradients(), grads_reserved = layer.make_gradients();
+  moe::Matrix<double> dx_fresh(T_, m.d), dx_reserved(T_, m.d), y(T_, m.d);
+  REQUIRE_THROWS_WITH(layer.backward(x, dy, dx_reserved, grads_reserved, train_reserved),
+                      Catch::Contains("needs the workspace of a forward_train"));
+  layer.forward_train(x, y, train_fresh);
+  layer.backward(x, dy, dx_fresh, grads_fresh, train_fresh);
+  layer.forward_train(x, y, train_reserved);
+  layer.backward(x, dy, dx_reserved, grads_reserved, train_reserved);
+  REQUIRE(dx_reserved == dx_fresh);
+  REQUIRE(grads_reserved.router == grads_fresh.router);
+  for (index_t e = 0; e < m.E_ffn; ++e) {
+    REQUIRE(grads_reserved.experts[std::size_t(e)].w_gate == grads_fresh.experts[std::size_t(e)].w_gate);
+    REQUIRE(grads_reserved.experts[std::size_t(e)].w_up == grads_fresh.experts[std::size_t(e)].w_up);
+    REQUIRE(grads_reserved.experts[std::size_t(e)].w_down == grads_fresh.experts[std::size_t(e)].w_down);
+  }
+
+  // The bounds reserve sizes by: top-k's k per token, tokens · E for a router without its own.
+  REQUIRE(layer.max_assignments(T_) == 2 * T_);
+  REQUIRE(moe::MoELayer(ArgmaxSigmoidRouter<double>(gate), experts).max_assignments(T_, 3) == T_ * m.E_ffn);
+}

@@ -639,3 +639,39 @@ TEST_CASE("ExpertChoiceRouter backward matches central differences", "[routing][
     }
   }
 }
+
+TEST_CASE("ExpertChoiceRouter::max_assignments bounds every split into routing groups", "[routing][expert_choice]") {
+  // The most assignments T tokens in at most G groups can get, E · max Σ_g capacity(T_g) over all
+  // splits (empty groups allowed), by dynamic programming over the reference capacity; the bound
+  // must hold it, and a route of an even split must stay within it.
+  using T = float;
+  std::mt19937 rng(7);
+  for (const index_t E : {3, 8}) {
+    for (const double cf : {0.5, 1.1, 2.0, 3.7, 10.0}) {
+      moe::ExpertChoiceOptions o;
+      o.capacity_factor = cf;
+      const moe::ExpertChoiceRouter<T> router(normal_matrix<T>(rng, E, 4), o);
+      for (index_t tokens = 0; tokens <= 24; ++tokens) {
+        // most[g][t]: the largest Σ capacity of t tokens in g groups.
+        std::vector<std::vector<index_t>> most(6, std::vector<index_t>(std::size_t(tokens) + 1, -1));
+        most[0][0] = 0;
+        for (std::size_t g = 1; g < most.size(); ++g) {
+          for (index_t t = 0; t <= tokens; ++t) {
+            for (index_t last = 0; last <= t; ++last) {
+              const index_t before = most[g - 1][std::size_t(t - last)];
+              if (before >= 0) most[g][std::size_t(t)] = std::max(most[g][std::size_t(t)], before + reference_capacity(cf, last, E));
+            }
+          }
+          const auto groups = static_cast<index_t>(g);
+          INFO("E = " << E << ", capacity_factor = " << cf << ", tokens = " << tokens << ", groups = " << groups);
+          REQUIRE(E * most[g][std::size_t(tokens)] <= router.max_assignments(tokens, groups));
+          std::vector<index_t> bounds;
+          for (index_t b = 0; b <= groups; ++b) bounds.push_back(tokens * b / groups);
+          moe::RouterOutput<T> out;
+          router.route(normal_matrix<T>(rng, tokens, 4), moe::RouteContext::with_groups(bounds), out);
+          REQUIRE(out.plan.num_assignments() <= router.max_assignments(tokens, groups));
+        }
+      }
+    }
+  }
+}

@@ -239,6 +239,25 @@ TEST_CASE("MoELayer: dropped-token policy out of range", "[errors][layer]") {
   REQUIRE(layer.dropped_tokens() == moe::DroppedTokens::pass_through);  // the old policy stays
 }
 
+TEST_CASE("reserve: max_tokens and max_groups out of range", "[errors][layer][reserve]") {
+  const moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  moe::TrainingWorkspace<float> ws;
+  REQUIRE_REJECTS_ARG(layer.reserve(ws, -1), moe::invalid_argument, Contains("MoELayer::reserve: max_tokens must be >= 0 (max_tokens = -1)"));
+  REQUIRE_REJECTS_ARG(layer.reserve(ws, 8, 0), moe::invalid_argument, Contains("MoELayer::reserve: max_groups must be at least 1 (max_groups = 0)"));
+  REQUIRE(ws.dispatched.capacity() == 0);  // nothing grown
+  moe::SoftOptions o;
+  o.slots_per_expert = 1;
+  const moe::SoftMoELayer<moe::SwiGLU<float>> soft(moe::SoftRouter<float>(random_matrix<float>(kD, kE, 3), kE, o), experts());
+  moe::SoftWorkspace<float> soft_ws;
+  REQUIRE_REJECTS_ARG(soft.reserve(soft_ws, -2), moe::invalid_argument, Contains("SoftMoELayer::reserve: max_tokens must be >= 0 (max_tokens = -2)"));
+  REQUIRE_REJECTS_ARG(soft.reserve(soft_ws, 8, -1), moe::invalid_argument, Contains("max_groups must be at least 1 (max_groups = -1)"));
+  // An empty batch and more groups than tokens (so some empty) are valid batches to reserve for.
+  REQUIRE_NOTHROW(layer.reserve(ws, 0, 3));
+  REQUIRE_NOTHROW(layer.reserve(ws, 2, 5));
+  REQUIRE_NOTHROW(soft.reserve(soft_ws, 0, 3));
+  REQUIRE_NOTHROW(soft.reserve(soft_ws, 2, 5));
+}
+
 TEST_CASE("TopKRouter: after_top_k softmax with sigmoid scores", "[errors][top_k]") {
   moe::TopKOptions o;
   o.score = moe::ScoreFunction::sigmoid;

@@ -219,7 +219,65 @@ class MoELayer {
     backward_accumulate(x, dy, dx, grads, ws, checked_dlogits("MoELayer::backward_accumulate", x, extra_dlogits), arch);
   }
 
+  // --- memory up front ---------------------------------------------------------------------------
+  // Grows `ws` so that a forward of up to `max_tokens` tokens in up to `max_groups` routing groups
+  // allocates nothing, however it routes (every token on one expert included): for an engine that
+  // must not allocate once started. The TrainingWorkspace form covers forward_train, backward and
+  // backward_accumulate too. It costs a forward (or training step) of a zero batch of max_tokens
+  // tokens, which sizes what depends on the batch's size, and sizes what depends on the routing by
+  // the router's max_assignments (tokens · E for a router without one). The bounds hold for this
+  // call's thread count and for experts whose saved values grow linearly with their tokens, as
+  // moe's do. Afterwards `ws` holds an empty batch's routing and no forward_train.
+  template <class Arch = simd::default_arch>
+  void reserve(Workspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
+    reserve_for(ws, nullptr, max_tokens, max_groups, arch);
+  }
+  template <class Arch = simd::default_arch>
+  void reserve(TrainingWorkspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
+    reserve_for(ws, &ws, max_tokens, max_groups, arch);
+  }
+  // Assignments a batch of `tokens` tokens in at most `groups` routing groups can get: the
+  // router's max_assignments, or tokens · E without one.
+  index_t max_assignments(index_t tokens, index_t groups = 1) const {
+    if constexpr (detail::detected_v<detail::max_assignments_of, Router>) return router_.max_assignments(tokens, groups);
+    else return tokens * num_experts();
+  }
+
  private:
+  template <class Arch>
+  void reserve_for(Workspace<T>& ws, TrainingWorkspace<T>* train, index_t max_tokens, index_t max_groups, Arch arch) const {
+    detail::run_zero_batches("MoELayer::reserve", *this, ws, train, max_tokens, max_groups, arch);
+    // What depends on the routing, at its largest: A assignments, `busiest` tokens on one expert.
+    const index_t Tn = max_tokens, d = d_model();
+    const index_t A = max_assignments(Tn, max_groups), busiest = std::min(Tn, A);
+    const index_t threads = in_parallel() ? 1 : max_threads();
+    ws.routing.plan.reserve(Tn, num_experts(), A);
+    ws.dispatched.ensure(A * d);
+    ws.expert_out.ensure(A * d);
+    index_t scratch = 0, shared_scratch = 0, saved = 0, backward_scratch = 0;
+    for (const Expert& e : experts_) {
+      scratch = std::max(scratch, e.scratch_size(busiest));
+      saved = std::max(saved, e.saved_size(A));  // Σ_e saved_size(m_e) for Σ_e m_e = A, when linear in m
+      backward_scratch = std::max(backward_scratch, detail::backward_scratch_size(e, busiest));
+    }
+    for (const Expert& s : shared_) {
+      shared_scratch = std::max(shared_scratch, s.scratch_size(Tn));
+      backward_scratch = std::max(backward_scratch, detail::backward_scratch_size(s, Tn));
+    }
+    ws.scratch.ensure(std::max(scratch * threads, shared_scratch));
+    if (!shared_.empty() || dropped_tokens_ == DroppedTokens::pass_through) {
+      ws.extra.ensure(Tn * d);
+      ws.shared_out.ensure(Tn * d);
+      ws.shared_in.ensure(Tn * d);  // (x with rows more than d apart is copied)
+    }
+    if (train != nullptr) {
+      const index_t S = static_cast<index_t>(shared_.size()), shared_rows = S > 0 ? (2 + S) * Tn : 0;
+      train->saved.ensure(saved);
+      train->backward_rows.ensure((2 * A + shared_rows) * d + A + 2 * Tn);
+      train->backward_scratch.ensure(backward_scratch * threads);
+    }
+  }
+
   // FFN expert e (the router's experts [0, experts_.size())), by the plan's signed index.
   const Expert& ffn_expert(index_t e) const noexcept { return experts_[static_cast<std::size_t>(e)]; }
 

@@ -42,6 +42,7 @@
 #include "../simd/matmul.hpp"
 #include "../simd/matmul_nn.hpp"
 #include "../simd/rows.hpp"
+#include "workspace.hpp"
 
 MOE_NAMESPACE_BEGIN
 
@@ -151,6 +152,21 @@ class SoftMoELayer {
     run(x, ctx, y, ws, &ws, arch);  // resets ws.training_tokens: invalid until it completes
     ws.layout = training_layout(ws.routing);
     ws.training_tokens = x.rows();
+  }
+
+  // Grows `ws` so that a forward of up to `max_tokens` tokens in up to `max_groups` routing groups
+  // allocates nothing (MoELayer::reserve; here every size follows from the tokens and groups). The
+  // SoftTrainingWorkspace form covers forward_train, backward and backward_accumulate too. It costs
+  // a forward (or training step) of a zero batch of max_tokens tokens; afterwards `ws` holds an
+  // empty batch's routing and no forward_train.
+  template <class Arch = simd::default_arch>
+  void reserve(SoftWorkspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
+    detail::run_zero_batches("SoftMoELayer::reserve", *this, ws, static_cast<SoftTrainingWorkspace<T>*>(nullptr), max_tokens,
+                             max_groups, arch);
+  }
+  template <class Arch = simd::default_arch>
+  void reserve(SoftTrainingWorkspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
+    detail::run_zero_batches("SoftMoELayer::reserve", *this, ws, &ws, max_tokens, max_groups, arch);
   }
 
   // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:

@@ -96,6 +96,16 @@ class ExpertChoiceRouter {
     return static_cast<index_t>(std::ceil(c));
   }
 
+  // The most assignments a batch of `tokens` tokens in at most `groups` routing groups can get
+  // (MoELayer::reserve): E · Σ_g capacity(T_g), where each group's capacity is below
+  // capacity_factor · T_g / E + 1 and at most T_g, so Σ_g is at most
+  // min(T, ceil(capacity_factor · T / E) + groups).
+  index_t max_assignments(index_t tokens, index_t groups) const noexcept {
+    const double bound = std::ceil(options_.capacity_factor * static_cast<double>(tokens) / static_cast<double>(num_experts())) +
+                         static_cast<double>(groups);
+    return num_experts() * (bound < static_cast<double>(tokens) ? static_cast<index_t>(bound) : tokens);
+  }
+
   // Routes x [T, d] into `out` (logits, scores and plan), the whole batch as one group.
   // T = 0 gives an empty plan.
   template <class Arch = simd::default_arch>

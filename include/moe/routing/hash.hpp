@@ -118,6 +118,8 @@ class HashRouter {
   index_t num_experts() const noexcept { return num_experts_; }
   index_t d_model() const noexcept { return d_model_; }
   index_t k() const noexcept { return options_.k; }
+  // k per token, whatever the groups (MoELayer::reserve).
+  index_t max_assignments(index_t tokens, index_t /*groups*/) const noexcept { return tokens * options_.k; }
   // k, the seed, the expert count, the width and the table's size: backward refuses a
   // RouterOutput this fingerprint did not stamp. Not the table's contents: two tables of one size
   // fill routings of one layout, which is what the stamp guards (and hash backward adds nothing).

@@ -22,6 +22,9 @@
 //       Gradients::router: zeroed by backward, not by backward_accumulate).
 //       Optionally with a last `Buffer<T>* scratch` parameter, the training workspace's, for
 //       temporaries without allocation.
+// and, optionally, for MoELayer::reserve (without it, reserve assumes every token may go to every expert):
+//   index_t max_assignments(index_t tokens, index_t groups) const;
+//       the most assignments a batch of `tokens` tokens in at most `groups` routing groups can get
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -56,6 +59,8 @@ using router_backward_call = decltype(std::declval<const R&>().backward(
     std::declval<Scratch>()...));
 template <class R> using router_backward_of = router_backward_call<R>;
 template <class R> using router_backward_with_scratch_of = router_backward_call<R, Buffer<router_scalar<R>>*>;
+template <class R>
+using max_assignments_of = returns_index<decltype(std::declval<const R&>().max_assignments(index_t{}, index_t{}))>;
 
 // static_assert(check_router<R>()) in a layer: a message per missing member the forward needs.
 template <class R>

@@ -73,6 +73,22 @@ struct Routing {
     rerouted.clear();
   }
 
+  // Room for plans of up to `tokens` tokens, `experts` experts and `assignments` assignments: a
+  // router building such a plan here then allocates nothing (MoELayer::reserve).
+  void reserve(index_t tokens, index_t experts, index_t assignments) {
+    const auto T_ = static_cast<std::size_t>(tokens), E = static_cast<std::size_t>(experts);
+    const auto A = static_cast<std::size_t>(assignments);
+    expert_begin.reserve(E + 1);
+    fill_cursor.reserve(E);
+    token_begin.reserve(T_ + 1);
+    token.reserve(A);
+    weight.reserve(A);
+    assignment.reserve(A);
+    dropped.reserve(T_);
+    dropped_weight.reserve(T_);
+    rerouted.reserve(T_);
+  }
+
   // The expert that owns expert-grouped assignment `a` (binary search over expert_begin).
   index_t expert_of_assignment(index_t a) const noexcept {
     const auto it = std::upper_bound(expert_begin.begin(), expert_begin.end(), a);

@@ -142,6 +142,8 @@ class TopKRouter {
   index_t num_experts() const noexcept { return weight_.rows(); }
   index_t d_model() const noexcept { return weight_.cols(); }
   index_t k() const noexcept { return options_.k; }
+  // At most k per token (top_p chooses up to k), whatever the groups (MoELayer::reserve).
+  index_t max_assignments(index_t tokens, index_t /*groups*/) const noexcept { return tokens * options_.k; }
   const TopKOptions& options() const noexcept { return options_; }
   // Every option, k, the expert count and the width (not the weights or the selection bias):
   // backward refuses a RouterOutput this fingerprint did not stamp.
