@@ -202,7 +202,7 @@ TEST_CASE("TopKRouter: scale not finite", "[errors][top_k]") {
                       Contains("scale must be finite in the scalar type (scale = 1e+39, largest = 3.4028235e+38)"));
   o.scale = -1e39;
   REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(gate(), o), moe::invalid_argument, Contains("scale = -1e+39"));
-  o.scale = std::numeric_limits<float>::max();  // the largest itself is accepted
+  o.scale = static_cast<double>(std::numeric_limits<float>::max());  // the largest itself is accepted
   REQUIRE_NOTHROW(moe::TopKRouter<float>(gate(), o));
 }
 
