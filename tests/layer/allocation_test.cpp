@@ -207,6 +207,67 @@ long warm_allocations(Forward forward) {
   return allocations_now() - before;
 }
 
+// The layers the tests below run, a SECTION each: check(layer, workspace, training workspace),
+// with new workspaces of the layer's kind.
+template <class Check>
+void for_each_layer(index_t d, index_t ff, index_t E, Check&& check) {
+  auto check_moe = [&](const auto& layer) {
+    moe::Workspace<float> ws;
+    moe::TrainingWorkspace<float> train;
+    check(layer, ws, train);
+  };
+  auto check_soft = [&](const auto& layer) {
+    moe::SoftWorkspace<float> ws;
+    moe::SoftTrainingWorkspace<float> train;
+    check(layer, ws, train);
+  };
+  SECTION("dropless top-2 with a gated shared expert") {
+    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), moe::presets::mixtral(2)), make_experts(E, d, ff));
+    layer.set_shared_experts(make_experts(1, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
+    check_moe(layer);
+  }
+  SECTION("top-k with capacity (reroute), training jitter, group-limited selection and two gated shared experts") {
+    moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
+    o.capacity_factor = 1.0;
+    o.overflow = moe::OverflowPolicy::reroute;
+    o.jitter = 0.01;
+    o.expert_groups = 3;
+    o.selected_groups = 2;
+    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff));
+    layer.set_shared_experts(make_experts(2, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
+    check_moe(layer);
+  }
+  SECTION("dynamic top-p") {
+    moe::TopKOptions o;
+    o.k = 4;
+    o.top_p = 0.6;
+    check_moe(moe::MoELayer(moe::TopKRouter<float>(random_matrix<float>(E, d, 95), o), make_experts(E, d, ff)));
+  }
+  SECTION("Switch: top-1 capacity, dropped tokens passed through, zero-computation experts") {
+    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E + 2, d, 98), moe::presets::switch_transformers(0.5)),
+                        make_experts(E, d, ff), {moe::ZeroComputeExpert<float>::zero(d), moe::ZeroComputeExpert<float>::copy(d)});
+    layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
+    check_moe(layer);
+  }
+  SECTION("expert choice") {
+    moe::ExpertChoiceOptions o;
+    o.capacity_factor = 2.0;
+    check_moe(moe::MoELayer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff)));
+  }
+  SECTION("hash routing") {
+    check_moe(moe::MoELayer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff)));
+  }
+  for (const bool normalized : {false, true}) {
+    DYNAMIC_SECTION("Soft MoE, normalized = " << normalized) {
+      moe::SoftOptions o;
+      o.slots_per_expert = 2;
+      o.normalized = normalized;
+      check_soft(moe::SoftMoELayer<moe::SwiGLU<float>>(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
+                                                       make_experts(E, d, ff)));
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("Warm forwards and training steps allocate nothing with every router", "[layer][allocation]") {
@@ -252,47 +313,7 @@ TEST_CASE("Warm forwards and training steps allocate nothing with every router",
             }
           }) == 0);
   };
-  auto check_layer = [&](const auto& layer) {
-    moe::Workspace<float> ws;
-    moe::TrainingWorkspace<float> train;
-    check(layer, ws, train);
-  };
-
-  SECTION("top-k with capacity (reroute), training jitter and a gated shared expert") {
-    moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
-    o.capacity_factor = 1.0;
-    o.overflow = moe::OverflowPolicy::reroute;
-    o.jitter = 0.01;
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff));
-    layer.set_shared_experts(make_experts(2, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
-    check_layer(layer);
-  }
-  SECTION("Switch: top-1 capacity, dropped tokens passed through") {
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 98), moe::presets::switch_transformers(0.5)),
-                        make_experts(E, d, ff));
-    layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
-    check_layer(layer);
-  }
-  SECTION("expert choice") {
-    moe::ExpertChoiceOptions o;
-    o.capacity_factor = 2.0;
-    check_layer(moe::MoELayer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff)));
-  }
-  SECTION("hash routing") {
-    check_layer(moe::MoELayer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff)));
-  }
-  for (const bool normalized : {false, true}) {
-    DYNAMIC_SECTION("Soft MoE, normalized = " << normalized) {
-      moe::SoftOptions o;
-      o.slots_per_expert = 2;
-      o.normalized = normalized;
-      const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
-                                                        make_experts(E, d, ff));
-      moe::SoftWorkspace<float> ws;
-      moe::SoftTrainingWorkspace<float> train;
-      check(layer, ws, train);
-    }
-  }
+  for_each_layer(d, ff, E, check);
   SECTION("the counters count a cold training workspace") {
     moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), moe::presets::mixtral(2)), make_experts(E, d, ff));
     auto grads = layer.make_gradients();
@@ -355,55 +376,5 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
       CHECK(allocations_now() - before == 0);
     }
   };
-  auto check_layer = [&](const auto& layer) {
-    moe::Workspace<float> ws;
-    moe::TrainingWorkspace<float> train;
-    check(layer, ws, train);
-  };
-
-  SECTION("dropless top-2 with a gated shared expert") {
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), moe::presets::mixtral(2)), make_experts(E, d, ff));
-    layer.set_shared_experts(make_experts(1, d, ff), moe::Weight<float>::own(random_matrix<float>(1, d, 7)));
-    check_layer(layer);
-  }
-  SECTION("top-k with capacity (reroute), training jitter, group-limited selection") {
-    moe::TopKOptions o = moe::presets::qwen2_moe(2, true);
-    o.capacity_factor = 1.0;
-    o.overflow = moe::OverflowPolicy::reroute;
-    o.jitter = 0.01;
-    o.expert_groups = 3;
-    o.selected_groups = 2;
-    check_layer(moe::MoELayer(moe::TopKRouter<float>(random_matrix<float>(E, d, 99), o), make_experts(E, d, ff)));
-  }
-  SECTION("dynamic top-p") {
-    moe::TopKOptions o;
-    o.k = 4;
-    o.top_p = 0.6;
-    check_layer(moe::MoELayer(moe::TopKRouter<float>(random_matrix<float>(E, d, 95), o), make_experts(E, d, ff)));
-  }
-  SECTION("Switch: top-1 capacity, dropped tokens passed through, zero-computation experts") {
-    moe::MoELayer layer(moe::TopKRouter<float>(random_matrix<float>(E + 2, d, 98), moe::presets::switch_transformers(0.5)),
-                        make_experts(E, d, ff),
-                        {moe::ZeroComputeExpert<float>::zero(d), moe::ZeroComputeExpert<float>::copy(d)});
-    layer.set_dropped_tokens(moe::DroppedTokens::pass_through);
-    check_layer(layer);
-  }
-  SECTION("expert choice") {
-    moe::ExpertChoiceOptions o;
-    o.capacity_factor = 2.0;
-    check_layer(moe::MoELayer(moe::ExpertChoiceRouter<float>(random_matrix<float>(E, d, 97), o), make_experts(E, d, ff)));
-  }
-  SECTION("hash routing") {
-    check_layer(moe::MoELayer(moe::HashRouter<float>(E, d, {2, 42}), make_experts(E, d, ff)));
-  }
-  SECTION("Soft MoE") {
-    moe::SoftOptions o;
-    o.slots_per_expert = 2;
-    o.normalized = true;
-    const moe::SoftMoELayer<moe::SwiGLU<float>> layer(moe::SoftRouter<float>(random_matrix<float>(d, E * 2, 96), E, o),
-                                                      make_experts(E, d, ff));
-    moe::SoftWorkspace<float> ws;
-    moe::SoftTrainingWorkspace<float> train;
-    check(layer, ws, train);
-  }
+  for_each_layer(d, ff, E, check);
 }

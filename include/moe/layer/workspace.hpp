@@ -2,8 +2,9 @@
 // Per-caller reusable memory for MoELayer::forward. Each buffer grows to the largest size seen
 // (the batch's rows, and the scratch for the busiest expert's tokens) and is then reused, so a
 // warm forward performs no heap allocation; a batch whose busiest expert takes more tokens than
-// any before grows the scratch once. One workspace per thread: a layer is const and may be
-// shared, a workspace may not. One thread's workspace may serve several layers in turn.
+// any before grows the scratch once; MoELayer::reserve sizes it up front for every batch up to a
+// size instead. One workspace per thread: a layer is const and may be shared, a workspace may
+// not. One thread's workspace may serve several layers in turn.
 //
 // (It lives in layer/ rather than core/ because it holds a RouterOutput, and core/ sits above
 // routing/ in the dependency order.)
