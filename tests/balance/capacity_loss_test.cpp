@@ -10,6 +10,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace capacity_loss_test {
+
 using namespace moe_test;
 
 namespace {
@@ -134,3 +137,5 @@ TEST_CASE("top_k_ids throws when the last route recorded no fixed top-k", "[loss
   REQUIRE_THROWS_AS(moe::TopKRouter<double>(random_matrix<double>(kE, kD, 78), plain).route(bad, out), moe::numeric_error);
   REQUIRE_THROWS_WITH(out.top_k_ids(), Catch::Contains("a route that threw records none"));
 }
+
+}  // namespace capacity_loss_test

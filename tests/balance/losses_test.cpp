@@ -10,6 +10,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace losses_test {
+
 using namespace moe_test;
 
 namespace {
@@ -803,3 +806,5 @@ TEST_CASE("BiasBalancer balances a skewed router", "[balance][bias]") {
   // The overloaded expert's bias went down, below every other expert's.
   for (index_t e = 1; e < E; ++e) REQUIRE(balancer.bias()[0] < balancer.bias()[e]);
 }
+
+}  // namespace losses_test

@@ -10,6 +10,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace core_test {
+
 using moe::index_t;
 
 TEST_CASE("Weight views caller memory and owns copies on request", "[core]") {
@@ -232,3 +235,5 @@ TEST_CASE("Errors derive from the standard exceptions and are prefixed with moe:
   }
   REQUIRE_THROWS_AS(moe::detail::throw_numeric("x"), std::domain_error);
 }
+
+}  // namespace core_test

@@ -20,6 +20,9 @@
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace experts_test {
+
 namespace {
 
 using Arch = moe::simd::default_arch;
@@ -639,3 +642,5 @@ TEST_CASE("ZeroComputeExpert backward matches central differences for every kind
     CHECK(std::abs(grad.mix.data()[i] - mix_before.data()[i] - (loss(x, value, up) - loss(x, value, down)) / (2 * h)) < tol);
   }
 }
+
+}  // namespace experts_test

@@ -7,6 +7,9 @@
 #include "../support/accumulate.hpp"
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace backward_test {
+
 using namespace moe_test;
 
 namespace {
@@ -396,3 +399,5 @@ TEST_CASE("A router type whose backward takes no scratch trains as moe's own", "
   CHECK(grads_theirs.router == grads_ours.router);
   for (std::size_t e = 0; e < experts.size(); ++e) CHECK(grads_theirs.experts[e].w_down == grads_ours.experts[e].w_down);
 }
+
+}  // namespace backward_test

@@ -7,6 +7,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace layer_extras_test {
+
 using namespace moe_test;
 
 namespace {
@@ -521,3 +524,5 @@ TEST_CASE("reserve leaves the results as they were and no forward_train to pair 
   REQUIRE(layer.max_assignments(T_) == 2 * T_);
   REQUIRE(moe::MoELayer(ArgmaxSigmoidRouter<double>(gate), experts).max_assignments(T_, 3) == T_ * m.E_ffn);
 }
+
+}  // namespace layer_extras_test

@@ -6,6 +6,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace moe_layer_test {
+
 using namespace moe_test;
 
 namespace {
@@ -222,3 +225,5 @@ TEST_CASE("A token's output bits do not depend on the rest of its batch (droples
   const moe::Matrix<float> y_tail = layer.forward(x.bottomRows(20), ws);
   REQUIRE(y_tail == y.bottomRows(20));
 }
+
+}  // namespace moe_layer_test

@@ -14,6 +14,9 @@
 #include "../support/accumulate.hpp"
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace soft_backward_test {
+
 using namespace moe_test;
 
 namespace {
@@ -479,3 +482,5 @@ TEST_CASE("Soft MoE backward_accumulate adds each batch's gradients; from zero i
   REQUIRE_THROWS_WITH(l.backward_accumulate(h.p.x, h.probe, dx, acc, ws_b),
                       Catch::Contains("SoftMoELayer::backward_accumulate") && Catch::Contains("workspace tokens = 0"));
 }
+
+}  // namespace soft_backward_test

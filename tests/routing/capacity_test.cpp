@@ -9,6 +9,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace capacity_test {
+
 using namespace moe_test;
 
 namespace {
@@ -812,3 +815,5 @@ TEST_CASE("Routing options are validated with named values", "[routing][errors]"
   REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.top_p = 0.5, o.score = moe::ScoreFunction::sigmoid; }), Catch::Contains("top_p"));
   REQUIRE_THROWS_WITH(make([](moe::TopKOptions& o) { o.jitter = 1.0; }), Catch::Contains("jitter = 1"));
 }
+
+}  // namespace capacity_test

@@ -15,6 +15,9 @@
 #include "../support/reference.hpp"
 #include "../support/router_gradient.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace expert_choice_test {
+
 namespace {
 
 using moe::index_t;
@@ -675,3 +678,5 @@ TEST_CASE("ExpertChoiceRouter::max_assignments bounds every split into routing g
     }
   }
 }
+
+}  // namespace expert_choice_test

@@ -14,6 +14,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace hash_test {
+
 namespace {
 
 using moe::index_t;
@@ -406,3 +409,5 @@ TEST_CASE("MoELayer backward through HashRouter matches central differences", "[
     }
   }
 }
+
+}  // namespace hash_test

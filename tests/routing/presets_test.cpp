@@ -5,6 +5,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace presets_test {
+
 using namespace moe_test;
 
 namespace {
@@ -106,3 +109,5 @@ TEST_CASE("Preset megatron: softmax placement and drop policy", "[presets]") {
   REQUIRE(k2.plan.dropped == std::vector<index_t>{1});
   REQUIRE(token_choices(k2.plan, 0)[0].second == Approx(std::exp(3.0) / z).epsilon(1e-14));
 }
+
+}  // namespace presets_test

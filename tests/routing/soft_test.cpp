@@ -10,6 +10,9 @@
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace soft_test {
+
 namespace {
 
 using moe::index_t;
@@ -713,3 +716,5 @@ TEST_CASE("SoftRouter and SoftMoELayer errors name the parameter and the values"
     REQUIRE_THROWS_WITH(layer.forward(x_wide, y_wide, ws), Catch::Contains("x.cols() = 6"));
   }
 }
+
+}  // namespace soft_test

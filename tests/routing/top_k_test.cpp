@@ -10,6 +10,9 @@
 #include "../support/reference.hpp"
 #include "../support/router_gradient.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace top_k_test {
+
 using namespace moe_test;
 
 namespace {
@@ -494,3 +497,5 @@ TEST_CASE("TopKRouter backward matches central differences for every option", "[
     }
   }
 }
+
+}  // namespace top_k_test

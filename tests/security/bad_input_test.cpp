@@ -11,6 +11,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace bad_input_test {
+
 using namespace moe_test;
 
 namespace {
@@ -1096,3 +1099,5 @@ TEST_CASE("Losses: a non-finite logit in a later row leaves grad untouched", "[e
   REQUIRE_REJECTS(moe::global_load_balancing_loss(z, acc, g), moe::numeric_error, Contains("token = 4"), g);
   REQUIRE_REJECTS(moe::router_z_loss(z, g), moe::numeric_error, Contains("router_z_loss") && Contains("token = 4"), g);
 }
+
+}  // namespace bad_input_test

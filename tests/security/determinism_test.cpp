@@ -13,6 +13,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace determinism_test {
+
 using namespace moe_test;
 
 namespace {
@@ -141,3 +144,5 @@ TEST_CASE("Hash routing: a permuted batch gives permuted outputs and dx, bit for
   const moe::MoELayer layer(moe::HashRouter<float>::with_table(kE, kD, table), make_experts(kE));
   check_permutation(layer, false, 60);
 }
+
+}  // namespace determinism_test

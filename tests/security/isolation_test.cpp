@@ -7,6 +7,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace isolation_test {
+
 using namespace moe_test;
 
 namespace {
@@ -95,3 +98,5 @@ TEST_CASE("Soft routing: cross-batch influence without groups, none with groups"
   moe::SoftWorkspace<float> ws;
   check_attack_and_defence(layer, ws, "soft");
 }
+
+}  // namespace isolation_test

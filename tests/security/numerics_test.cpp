@@ -8,6 +8,9 @@
 
 #include "../support/reference.hpp"
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace numerics_test {
+
 using namespace moe_test;
 
 namespace {
@@ -179,3 +182,5 @@ TEST_CASE("Float agrees with double within the stated bound", "[numerics][precis
     REQUIRE(dx_err <= 3e-6 * dx_scale);
   }
 }
+
+}  // namespace numerics_test

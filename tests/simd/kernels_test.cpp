@@ -27,6 +27,9 @@
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+// (A namespace of its own: this file may share a translation unit with other test files.)
+namespace kernels_test {
+
 namespace {
 
 using Arch = moe::simd::default_arch;
@@ -1692,3 +1695,5 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   }
   CHECK(y.guards_intact());
 }
+
+}  // namespace kernels_test
