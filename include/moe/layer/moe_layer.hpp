@@ -271,11 +271,23 @@ class MoELayer {
       ws.shared_in.ensure(Tn * d);  // (x with rows more than d apart is copied)
     }
     if (train != nullptr) {
-      const index_t S = static_cast<index_t>(shared_.size()), shared_rows = S > 0 ? (2 + S) * Tn : 0;
       train->saved.ensure(saved);
-      train->backward_rows.ensure((2 * A + shared_rows) * d + A + 2 * Tn);
+      train->backward_rows.ensure(backward_rows_size(A, Tn));
       train->backward_scratch.ensure(backward_scratch * threads);
     }
+  }
+
+  // backward's rows in ws.backward_rows, for A assignments and T tokens: [A, d] gradients of the
+  // expert outputs and inputs, then with shared experts their rows (SharedGrads: x's copy, gate ⊙ dy
+  // and each one's dx, [T, d] each).
+  index_t backward_matrix_rows(index_t A, index_t T_) const noexcept {
+    const auto S = static_cast<index_t>(shared_.size());
+    return 2 * A + (S > 0 ? (2 + S) * T_ : 0);
+  }
+  // The whole buffer: those rows, then [A] ∂L/∂(routing weight) and [2, T] for combine_backward.
+  // backward and reserve both size it here.
+  index_t backward_rows_size(index_t A, index_t T_) const noexcept {
+    return backward_matrix_rows(A, T_) * d_model() + A + 2 * T_;
   }
 
   // FFN expert e (the router's experts [0, experts_.size())), by the plan's signed index.
@@ -331,13 +343,11 @@ class MoELayer {
     const Routing<T>& plan = ws.routing.plan;
     const index_t A = plan.num_assignments();
     const T* expert_out = ws.expert_out.data();
-    // In the workspace, which a warm backward reuses: [A, d] gradients of the expert outputs and
-    // inputs, the shared experts' rows (SharedGrads), [A] ∂L/∂(routing weight), and [2, T] for
-    // combine_backward.
-    const index_t T_ = x.rows(), S = static_cast<index_t>(shared_.size()), shared_rows = S > 0 ? (2 + S) * T_ : 0;
-    T* const grad_rows = ws.backward_rows.ensure((2 * A + shared_rows) * d + A + 2 * T_);
+    // In the workspace, which a warm backward reuses (backward_rows_size).
+    const index_t T_ = x.rows(), S = static_cast<index_t>(shared_.size());
+    T* const grad_rows = ws.backward_rows.ensure(backward_rows_size(A, T_));
     MatrixMap<T> d_out(grad_rows, A, d), d_in(grad_rows + A * d, A, d);
-    T* const grad_weight = grad_rows + (2 * A + shared_rows) * d;
+    T* const grad_weight = grad_rows + backward_matrix_rows(A, T_) * d;
     T* const token_grads = grad_weight + A;
     // Row by row, the same code for every row whichever thread takes it: the bits do not depend on the threads.
     parallel_for(A, A * d > 65536, [&](index_t a) {

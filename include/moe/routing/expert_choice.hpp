@@ -99,11 +99,9 @@ class ExpertChoiceRouter {
   // The most assignments a batch of `tokens` tokens in at most `groups` routing groups can get
   // (MoELayer::reserve): E · Σ_g capacity(T_g), where each group's capacity is below
   // capacity_factor · T_g / E + 1 and at most T_g, so Σ_g is at most
-  // min(T, ceil(capacity_factor · T / E) + groups).
+  // min(T, capacity(T) + groups).
   index_t max_assignments(index_t tokens, index_t groups) const noexcept {
-    const double bound = std::ceil(options_.capacity_factor * static_cast<double>(tokens) / static_cast<double>(num_experts())) +
-                         static_cast<double>(groups);
-    return num_experts() * (bound < static_cast<double>(tokens) ? static_cast<index_t>(bound) : tokens);
+    return num_experts() * std::min(tokens, capacity(tokens) + groups);
   }
 
   // Routes x [T, d] into `out` (logits, scores and plan), the whole batch as one group.
