@@ -40,7 +40,7 @@ void run(FuzzedDataProvider& fdp) {
   moe::ExpertChoiceOptions o;
   o.capacity_factor = pick(fdp, {1.0, 2.0, 0.5, 0.25, 1.5, 4.0, 3.0, 8.0, 32.0, 1e-300, kDenorm, 1e300, 0.0, -1.0, kNaN, kInf});
   o.check_finite = fdp.ConsumeIntegralInRange<int>(0, 7) != 0;
-  bool valid = E >= 1 && std::isfinite(o.capacity_factor) && o.capacity_factor > 0;
+  bool valid = E >= 1 && d >= 1 && std::isfinite(o.capacity_factor) && o.capacity_factor > 0;
   bool moderate = true;
   const bool special_w = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   const bool special_x = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;

@@ -73,7 +73,7 @@ void run(FuzzedDataProvider& fdp) {
   moe::HashOptions o;
   o.k = index_in(fdp, 1, std::max<index_t>(E, 1));
   o.seed = fdp.ConsumeIntegral<std::uint64_t>();
-  bool valid = E >= 1 && d >= 0;
+  bool valid = E >= 1 && d >= 1;
 
   std::vector<index_t> table;
   std::vector<double> freq;

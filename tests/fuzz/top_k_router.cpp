@@ -323,7 +323,7 @@ void run(FuzzedDataProvider& fdp) {
   const index_t d = size_in(fdp, 0, 48);
   const index_t T_ = size_in(fdp, 0, 64);
   const TopKOptions o = decode_options(fdp, E, T_);
-  bool valid = options_valid<T>(o, E);
+  bool valid = options_valid<T>(o, E) && d >= 1;  // a zero width is refused
   bool moderate = true;
   const bool special_w = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   const bool special_x = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;

@@ -143,7 +143,7 @@ TEMPLATE_TEST_CASE("HashRouter random hash follows the documented formula", "[ro
       if (k > E) continue;
       for (const std::uint64_t seed : {std::uint64_t(0), std::uint64_t(42), ~std::uint64_t(0)}) {
         const index_t T_ = static_cast<index_t>(rng() % 50);
-        const index_t d = static_cast<index_t>(rng() % 10);
+        const index_t d = 1 + static_cast<index_t>(rng() % 9);
         INFO("E = " << E << ", k = " << k << ", seed = " << seed << ", T = " << T_ << ", d = " << d);
         const moe::HashRouter<T> router(E, d, {k, seed});
         REQUIRE(router.num_experts() == E);

@@ -472,9 +472,10 @@ TEST_CASE("HashRouter: k outside [1, num_experts]", "[errors][hash]") {
   REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, kD, {0, 0}), moe::invalid_argument, Contains("k = 0"));
 }
 
-TEST_CASE("HashRouter: num_experts < 1 or d_model < 0", "[errors][hash]") {
+TEST_CASE("HashRouter: num_experts < 1 or d_model < 1", "[errors][hash]") {
   REQUIRE_REJECTS_ARG(moe::HashRouter<float>(0, kD, {1, 0}), moe::invalid_argument, Contains("HashRouter") && Contains("num_experts = 0"));
-  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, -3, {1, 0}), moe::invalid_argument, Contains("d_model = -3"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, -3, {1, 0}), moe::invalid_argument, Contains("d_model must be at least 1 (d_model = -3)"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>(kE, 0, {1, 0}), moe::invalid_argument, Contains("d_model must be at least 1 (d_model = 0)"));
   REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(0, kD, {0}), moe::invalid_argument,
                       Contains("HashRouter::with_table") && Contains("num_experts = 0"));
 }
@@ -645,6 +646,34 @@ TEST_CASE("ZeroComputeExpert: d_model < 1 and mix shapes", "[errors][experts]") 
 }
 
 // --- MoELayer -----------------------------------------------------------------------------------
+
+// A router of one's own that reports a zero width: the layer checks what the library's routers check themselves.
+struct ZeroWidthRouter : moe::HashRouter<float> {
+  using moe::HashRouter<float>::HashRouter;
+  moe::index_t d_model() const noexcept { return 0; }
+};
+
+TEST_CASE("Zero widths: routers, experts and the layer refuse d_model or d_ff = 0", "[errors][layer][experts][routing]") {
+  // A zero width is a model's shape gone wrong; every part says so at construction.
+  REQUIRE_REJECTS_ARG(moe::TopKRouter<float>(moe::Matrix<float>(kE, 0), top2()), moe::invalid_argument,
+                      Contains("TopKRouter: weight.cols() (d_model) must be at least 1 (weight.cols() (d_model) = 0)"));
+  REQUIRE_REJECTS_ARG(moe::ExpertChoiceRouter<float>(moe::Matrix<float>(kE, 0), {1.0, true}), moe::invalid_argument,
+                      Contains("ExpertChoiceRouter: weight.cols() (d_model) must be at least 1"));
+  REQUIRE_REJECTS_ARG(moe::HashRouter<float>::with_table(kE, 0, {0, 1}), moe::invalid_argument,
+                      Contains("HashRouter::with_table") && Contains("d_model = 0"));
+  REQUIRE_REJECTS_ARG(moe::SoftRouter<float>(moe::Matrix<float>(0, kE), kE), moe::invalid_argument,
+                      Contains("SoftRouter: phi.rows() (d_model) must be at least 1 (phi.rows() (d_model) = 0)"));
+  REQUIRE_REJECTS_ARG((moe::FeedForward<float, moe::ReLU>(moe::Matrix<float>(kFF, 0), moe::Matrix<float>(0, kFF))),
+                      moe::invalid_argument, Contains("FeedForward: w_in.cols() (d) must be at least 1 (w_in.cols() (d) = 0)"));
+  REQUIRE_REJECTS_ARG((moe::FeedForward<float, moe::ReLU>(moe::Matrix<float>(0, kD), moe::Matrix<float>(kD, 0))),
+                      moe::invalid_argument, Contains("FeedForward: w_in.rows() (d_ff) must be at least 1 (w_in.rows() (d_ff) = 0)"));
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(moe::Matrix<float>(0, kD), moe::Matrix<float>(0, kD), moe::Matrix<float>(kD, 0)),
+                      moe::invalid_argument, Contains("GatedFeedForward: w_gate.rows() (d_ff) must be at least 1"));
+  REQUIRE_REJECTS_ARG(moe::SwiGLU<float>(moe::Matrix<float>(kFF, 0), moe::Matrix<float>(kFF, 0), moe::Matrix<float>(0, kFF)),
+                      moe::invalid_argument, Contains("GatedFeedForward: w_gate.cols() (d) must be at least 1"));
+  REQUIRE_REJECTS_ARG(moe::MoELayer(ZeroWidthRouter(kE, kD, {2, 0}), experts(kE)), moe::invalid_argument,
+                      Contains("MoELayer: router.d_model() must be at least 1 (router.d_model() = 0)"));
+}
 
 TEST_CASE("MoELayer: expert count differs from the router's", "[errors][layer]") {
   const std::vector<moe::ZeroComputeExpert<float>> zc = {moe::ZeroComputeExpert<float>::copy(kD)};
@@ -831,8 +860,9 @@ TEST_CASE("MoELayer::backward: a workspace laid out for another layer, or routed
   auto other_grads = other_router.make_gradients();
   dx = sentinel(kT, kD);
   REQUIRE_REJECTS(other_router.backward(x, dy, dx, other_grads, ws), moe::invalid_argument,
-                  fits_not && Contains("router fingerprint = " + std::to_string(plain.router().config_fingerprint()) + ";") &&
-                      Contains("router fingerprint = " + std::to_string(other_router.router().config_fingerprint()) + ")"), dx);
+                  fits_not && Contains("router fingerprint = " + moe::detail::fingerprint_text(plain.router().config_fingerprint()) + ";") &&
+                      Contains("router fingerprint = " + moe::detail::fingerprint_text(other_router.router().config_fingerprint()) + ")") &&
+                      Contains("router fingerprint (workspace 0x"), dx);
 }
 
 TEST_CASE("Backward: a dx that shares memory with x or dy", "[errors][layer][backward]") {

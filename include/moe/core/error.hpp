@@ -79,6 +79,14 @@ void check_value(const char* where, const char* actual_name, const A& actual, co
   if (actual != expected) throw_invalid(where, ": ", actual_name, " must be ", expected, " (", actual_name, " = ", actual, ")");
 }
 
+// Checks that a width (d_model, d_ff) is at least 1: a zero width is a model's shape gone wrong,
+// e.g. check_positive("FeedForward", "w_in.rows() (d_ff)", 0)
+//   -> "moe::FeedForward: w_in.rows() (d_ff) must be at least 1 (w_in.rows() (d_ff) = 0)"
+template <class A>
+void check_positive(const char* where, const char* name, const A& value) {
+  if (!(value >= 1)) throw_invalid(where, ": ", name, " must be at least 1 (", name, " = ", value, ")");
+}
+
 // Whether a double option converts to a finite T: |value| at most T's largest (NaN fails). The
 // comparison is in double because converting an out-of-range double to float is undefined.
 template <class T>

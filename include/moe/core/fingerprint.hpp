@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <sstream>
+#include <string>
 #include <type_traits>
 
 #include "config.hpp"
@@ -29,13 +30,19 @@ class Fingerprint {
   std::uint64_t hash_ = 0xcbf29ce484222325ULL;
 };
 
+// A fingerprint as every message shows it: "0x" and hex digits.
+inline std::string fingerprint_text(std::uint64_t fingerprint) {
+  std::ostringstream hex;
+  hex << "0x" << std::hex << fingerprint;
+  return hex.str();
+}
+
 // Throws unless a routing's stamp is this router's fingerprint.
 inline void check_router_config(const char* where, const char* routing_name, std::uint64_t stamped, std::uint64_t mine) {
   if (stamped != mine) {
-    std::ostringstream hex;
-    hex << std::hex << "(" << routing_name << "'s router fingerprint = 0x" << stamped << ", this router's = 0x" << mine << ")";
     throw_invalid(where, ": ", routing_name, " was filled by a router of another kind or configuration (options, experts ",
-                  "or width), whose buffers this one would misread, or by no completed route ", hex.str());
+                  "or width), whose buffers this one would misread, or by no completed route (", routing_name,
+                  "'s router fingerprint = ", fingerprint_text(stamped), ", this router's = ", fingerprint_text(mine), ")");
   }
 }
 

@@ -9,6 +9,7 @@
 
 #include "config.hpp"
 #include "error.hpp"
+#include "fingerprint.hpp"
 #include "memory.hpp"
 #include "threads.hpp"
 #include "types.hpp"
@@ -61,6 +62,16 @@ void resize_keep(V& v, index_t n) {
   v.resize(static_cast<std::size_t>(n));
 }
 
+namespace detail {
+// A layout's router fingerprint: compared as bits, shown in hex as router backward's messages show it.
+struct FingerprintField {
+  std::uint64_t bits;
+  bool operator==(FingerprintField o) const noexcept { return bits == o.bits; }
+  bool operator!=(FingerprintField o) const noexcept { return bits != o.bits; }
+};
+inline std::string shown(FingerprintField f) { return fingerprint_text(f.bits); }
+}  // namespace detail
+
 // How a forward_train laid out what it saved for backward, and after which route. forward_train
 // records it in the workspace; backward works out the layout its own layer would have left for
 // the workspace's routing and refuses a workspace whose layout differs (one filled by another
@@ -93,7 +104,7 @@ struct TrainingLayout {
     f("shared saved values", shared_saved, o.shared_saved);
     f("dropped tokens pass through", pass_through, o.pass_through);
     f("route", route, o.route);
-    f("router fingerprint", router, o.router);
+    f("router fingerprint", detail::FingerprintField{router}, detail::FingerprintField{o.router});
   }
 
   bool operator==(const TrainingLayout& o) const noexcept {

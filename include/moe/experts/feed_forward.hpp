@@ -39,6 +39,8 @@ class FeedForward {
   FeedForward(Weight<T> w_in, Weight<T> w_out) : w_in_(std::move(w_in)), w_out_(std::move(w_out)) {
     detail::check_dim("FeedForward", "w_out.rows()", w_out_.rows(), "w_in.cols() (d)", w_in_.cols());
     detail::check_dim("FeedForward", "w_out.cols()", w_out_.cols(), "w_in.rows() (d_ff)", w_in_.rows());
+    detail::check_positive("FeedForward", "w_in.cols() (d)", w_in_.cols());
+    detail::check_positive("FeedForward", "w_in.rows() (d_ff)", w_in_.rows());
   }
 
   index_t d_model() const noexcept { return w_in_.cols(); }

@@ -47,6 +47,8 @@ class GatedFeedForward {
     detail::check_dim("GatedFeedForward", "w_up.cols()", w_up_.cols(), "w_gate.cols() (d)", w_gate_.cols());
     detail::check_dim("GatedFeedForward", "w_down.rows()", w_down_.rows(), "w_gate.cols() (d)", w_gate_.cols());
     detail::check_dim("GatedFeedForward", "w_down.cols()", w_down_.cols(), "w_gate.rows() (d_ff)", w_gate_.rows());
+    detail::check_positive("GatedFeedForward", "w_gate.cols() (d)", w_gate_.cols());
+    detail::check_positive("GatedFeedForward", "w_gate.rows() (d_ff)", w_gate_.rows());
   }
 
   index_t d_model() const noexcept { return w_gate_.cols(); }

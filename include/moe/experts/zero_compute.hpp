@@ -125,7 +125,7 @@ class ZeroComputeExpert {
 
  private:
   ZeroComputeExpert(ZeroComputeKind kind, index_t d) : kind_(kind), d_(d) {
-    if (d < 1) detail::throw_invalid("ZeroComputeExpert: d_model must be at least 1 (d_model = ", d, ")");
+    detail::check_positive("ZeroComputeExpert", "d_model", d);
   }
   static ZeroComputeExpert with_value(Weight<T> value, index_t d) {
     ZeroComputeExpert e(ZeroComputeKind::constant, d);

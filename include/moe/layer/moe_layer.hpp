@@ -88,6 +88,7 @@ class MoELayer {
     detail::check_dim("MoELayer", "experts.size() + zero_compute.size()",
                       static_cast<index_t>(experts_.size() + zero_compute_.size()), "router.num_experts()",
                       router_.num_experts());
+    detail::check_positive("MoELayer", "router.d_model()", router_.d_model());  // a router of your own is not checked
     for (std::size_t e = 0; e < experts_.size(); ++e) check_width("expert ", e, experts_[e].d_model());
     for (std::size_t e = 0; e < zero_compute_.size(); ++e) check_width("zero_compute expert ", e, zero_compute_[e].d_model());
     // The gradient shapes backward() checks, taken once here (one expert's zero gradient at a time).

@@ -69,6 +69,7 @@ class ExpertChoiceRouter {
   ExpertChoiceRouter(Weight<T> weight, ExpertChoiceOptions options) : weight_(std::move(weight)), options_(options) {
     const index_t E = num_experts();
     if (E < 1) detail::throw_invalid("ExpertChoiceRouter: num_experts must be at least 1 (num_experts = ", E, ")");
+    detail::check_positive("ExpertChoiceRouter", "weight.cols() (d_model)", d_model());
     if (!std::isfinite(options_.capacity_factor) || !(options_.capacity_factor > 0.0)) {
       detail::throw_invalid("ExpertChoiceRouter: capacity_factor must be finite and > 0 (capacity_factor = ",
                             options_.capacity_factor, ")");

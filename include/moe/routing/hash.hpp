@@ -236,7 +236,7 @@ class HashRouter {
 
   void check_shape(const char* where) const {
     if (num_experts_ < 1) detail::throw_invalid(where, ": num_experts must be at least 1 (num_experts = ", num_experts_, ")");
-    if (d_model_ < 0) detail::throw_invalid(where, ": d_model must be >= 0 (d_model = ", d_model_, ")");
+    detail::check_positive(where, "d_model", d_model_);
   }
 
   index_t num_experts_ = 0;

@@ -287,7 +287,7 @@ class SoftRouter {
       detail::throw_invalid("SoftRouter: phi.cols() must equal num_experts * slots_per_expert (phi.cols() = ", phi_.cols(),
                             ", num_experts = ", num_experts_, ", slots_per_expert = ", options_.slots_per_expert, ")");
     }
-    if (phi_.rows() < 1) detail::throw_invalid("SoftRouter: phi.rows() (d_model) must be at least 1 (phi.rows() = ", phi_.rows(), ")");
+    detail::check_positive("SoftRouter", "phi.rows() (d_model)", phi_.rows());
     set_scale(options_.scale);
   }
 

@@ -374,6 +374,7 @@ class TopKRouter {
     const TopKOptions& o = options_;
     const index_t E = num_experts();
     if (E < 1) detail::throw_invalid("TopKRouter: num_experts must be at least 1 (num_experts = ", E, ")");
+    detail::check_positive("TopKRouter", "weight.cols() (d_model)", d_model());
     if (o.k < 1 || o.k > E) {
       detail::throw_invalid("TopKRouter: k must satisfy 1 <= k <= num_experts (k = ", o.k, ", num_experts = ", E, ")");
     }
