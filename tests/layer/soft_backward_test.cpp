@@ -358,6 +358,10 @@ TEMPLATE_TEST_CASE("Normalized Soft routing: logits and gradients of huge x rows
     REQUIRE((dx_scaled.template cast<double>() * rx - dx.template cast<double>()).norm() <= tol * 10 * dx_norm);
     REQUIRE((dphi_scaled.template cast<double>() * rphi - dphi.template cast<double>()).norm() <= tol * 10 * dphi_norm);
   }
+  // Both scaled: x·Φ itself overflows before it is normalized, and check_finite says so (README).
+  const moe::SoftRouter<T> both_big(moe::Matrix<T>(big * phi), kExperts, o);
+  moe::SoftRouting<T> overflowed;
+  REQUIRE_THROWS_AS(both_big.route(moe::Matrix<T>(big * x), overflowed), moe::numeric_error);
 }
 
 // The overflow path takes a Φ column's largest entry from that column (stride S), not from the d

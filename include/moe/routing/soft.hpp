@@ -247,7 +247,8 @@ inline constexpr double kSoftNormEpsilon = 1e-6;
 // caller computed it. Where that sum overflowed (a norm above ~1.8e19 in float, ~1.3e154 in
 // double) it is recomputed from the values divided by the largest |v_i|, as hypot does: the
 // normalized logits are at most `scale` whatever the norm, and would otherwise collapse to 0.
-// A non-finite value keeps the overflowed result (its logits are not finite: check_finite).
+// A non-finite value keeps the overflowed result (its logits are not finite: check_finite). The
+// logits still form x·Φ before scaling it: norms whose product passes T's largest overflow there.
 template <class T>
 T soft_inverse_norm(T sum, const T* v, std::size_t n, std::size_t stride) noexcept {
   const auto eps = static_cast<T>(kSoftNormEpsilon);
