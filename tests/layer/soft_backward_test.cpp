@@ -308,6 +308,30 @@ TEST_CASE("Soft MoE backward refuses a dx that shares memory with x or dy", "[ba
   REQUIRE_NOTHROW(layer.backward(x, dy, dx, grads, ws));
 }
 
+TEST_CASE("Soft MoE backward refuses a routing made before set_scale", "[backward][soft][errors]") {
+  // set_scale is an optimizer step, taken after backward. Between forward_train and backward it
+  // paired the old logits with the new scale's derivatives: dx and dΦ were ~2% off, silently.
+  const SoftHarness<moe::SwiGLU<double>> h(SoftConfig{"scale", 2, true, 1.5, {}});
+  auto layer = h.layer();
+  auto grads = layer.make_gradients();
+  moe::SoftTrainingWorkspace<double> ws;
+  const moe::Matrix<double> untouched = moe::Matrix<double>::Constant(kTokens, kD, 7.0);
+  moe::Matrix<double> y(kTokens, kD), dx = untouched;
+  layer.forward_train(h.p.x, moe::RouteContext{}, y, ws);
+  REQUIRE(ws.routing.scale() == 1.5);
+  layer.set_scale(2.0);
+  REQUIRE_THROWS_WITH(layer.backward(h.p.x, h.probe, dx, grads, ws),
+                      Catch::Contains("SoftMoELayer::backward: the router's scale changed after the route (routing's scale = 1.5, "
+                                      "router's scale = 2); call set_scale after backward"));
+  CHECK(dx == untouched);
+  moe::Matrix<double> dphi = moe::Matrix<double>::Zero(kD, kExperts * 2), dx_router = moe::Matrix<double>::Zero(kTokens, kD);
+  const moe::Matrix<double> dD = moe::Matrix<double>::Ones(kTokens, kExperts * 2), dC = dD;
+  REQUIRE_THROWS_WITH(layer.router().backward(h.p.x, ws.routing, dD.data(), dC.data(), dx_router, dphi),
+                      Catch::Contains("SoftRouter::backward: the router's scale changed after the route"));
+  layer.set_scale(1.5);  // back to the routing's scale: the step goes through
+  REQUIRE_NOTHROW(layer.backward(h.p.x, h.probe, dx, grads, ws));
+}
+
 // Normalized routing depends on x and Φ only through x̂ and Φ̂ (up to eps = 1e-6 in the norms,
 // negligible from norms of 1e6 on): logits(c·x, Φ) = logits(x, c·Φ) = logits(x, Φ), so ∂/∂x at c·x is
 // ∂/∂x at x divided by c, and likewise for Φ. With c large enough that Σx² (or a column's ΣΦ²)

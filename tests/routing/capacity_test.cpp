@@ -410,6 +410,8 @@ TEST_CASE("A rerouted weight beyond the scalar's range throws a named numeric_er
     CHECK(out.plan.dropped.empty());
     CHECK(out.plan.dropped_weight.empty());
     CHECK(out.plan.rerouted.empty());
+    // Nor the failed batch's choices for the losses (top_k_ids() held them before the fix).
+    CHECK_THROWS_WITH(out.top_k_ids(), Catch::Contains("a route that threw records none"));
   }
   REQUIRE_THROWS_AS(f.router().route(f.x, out), moe::numeric_error);
   // Backward through what the throw left is refused, not read out of bounds.

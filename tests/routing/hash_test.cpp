@@ -256,7 +256,10 @@ TEMPLATE_TEST_CASE("HashRouter tables", "[routing][hash]", float, double) {
       std::vector<std::int64_t> with_bad{0, 1, bad, 2};
       REQUIRE_THROWS_AS(router.route(Mat<T>(4, 3), ids_context(with_bad), out), moe::invalid_argument);
       REQUIRE_THROWS_WITH(router.route(Mat<T>(4, 3), ids_context(with_bad), out),
-                          Catch::Contains("token id = " + std::to_string(bad)) && Catch::Contains("table size = 37"));
+                          Catch::Contains("token_ids[2] = " + std::to_string(bad)) && Catch::Contains("table size = 37"));
+      std::vector<index_t> experts(1);
+      REQUIRE_THROWS_WITH(router.experts_of(bad, experts.data()), Catch::Contains("HashRouter::experts_of: token id is outside the table (token id = " +
+                                                                                  std::to_string(bad) + ", table size = 37)"));
     }
   }
 

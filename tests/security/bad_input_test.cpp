@@ -130,6 +130,10 @@ TEST_CASE("Routing groups: num_groups < 1", "[errors][groups]") {
   ctx.num_groups = 0;
   REQUIRE_REJECTS(router.route(tokens(), ctx, out), moe::invalid_argument,
                   Contains("TopKRouter::route") && Contains("num_groups = 0"), out.plan);
+  // An empty batch takes 0 groups (above), but not fewer; the message does not ask for 1.
+  ctx.num_groups = -1;
+  REQUIRE_REJECTS(router.route(moe::Matrix<float>(0, kD), ctx, out), moe::invalid_argument,
+                  Contains("TopKRouter::route: num_groups must not be negative (num_groups = -1, tokens = 0)"), out.plan);
 }
 
 TEST_CASE("Routing groups: num_groups without boundaries", "[errors][groups]") {
@@ -507,7 +511,8 @@ TEST_CASE("HashRouter::route: token id outside the table", "[errors][hash]") {
     ctx.token_ids = ids.data();
     CAPTURE(bad);
     REQUIRE_REJECTS(layer.forward(tokens(), ctx, y, ws), moe::invalid_argument,
-                    Contains("token id = " + std::to_string(bad)) && Contains("table size = 6"), y);
+                    Contains("HashRouter::route: token_ids[3] is outside the table (token_ids[3] = " + std::to_string(bad)) &&
+                        Contains("table size = 6"), y);
   }
 }
 
@@ -910,6 +915,58 @@ TEST_CASE("Backward: a dx that shares memory with x or dy", "[errors][layer][bac
                   Contains("TopKRouter::backward: dx must not share memory with x"), x);
 }
 
+TEST_CASE("Row strides: negative ones, and outputs whose rows overlap", "[errors][layer][backward]") {
+  // An Eigen::Map with a negative outer stride binds to moe's matrix refs without a copy, but moe's
+  // kernels step from row to row with unsigned strides (undefined: UBSan reported a pointer
+  // overflow), and the aliasing check walked rows in increasing address order: a dx over x's rows
+  // in reverse passed it and the router gradient came out wrong.
+  using StridedMap = Eigen::Map<moe::Matrix<float>, 0, Eigen::OuterStride<>>;
+  using ConstStridedMap = Eigen::Map<const moe::Matrix<float>, 0, Eigen::OuterStride<>>;
+  moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
+  const moe::Matrix<float> x = tokens(), dy = random_matrix<float>(kT, kD, 9);
+  moe::Matrix<float> reversed_storage = x.colwise().reverse();  // x's rows, last first
+  const ConstStridedMap x_reversed(reversed_storage.data() + (kT - 1) * kD, kT, kD, Eigen::OuterStride<>(-kD));
+  REQUIRE(moe::Matrix<float>(x_reversed) == x);
+  moe::Workspace<float> ws;
+  moe::Matrix<float> y = sentinel(kT, kD);
+  REQUIRE_REJECTS(layer.forward(x_reversed, y, ws), moe::invalid_argument,
+                  Contains("MoELayer::forward: x's rows must lie at increasing addresses (x.outerStride() = -8)"), y);
+  // An output whose rows overlap cannot hold the result; an input's may (here each row's second
+  // half is the next row's first). (A stride of 0 means "contiguous" to Eigen, not "repeated".)
+  constexpr index_t kHalf = kD / 2;
+  moe::Matrix<float> overlapping = random_matrix<float>(1, (kT - 1) * kHalf + kD, 12);
+  StridedMap y_overlapping(overlapping.data(), kT, kD, Eigen::OuterStride<>(kHalf));
+  REQUIRE_REJECTS(layer.forward(x, y_overlapping, ws), moe::invalid_argument,
+                  Contains("MoELayer::forward: y's rows must not overlap, and lie at increasing addresses (y.outerStride() = 4, "
+                           "y.cols() = 8)"), overlapping);
+  const ConstStridedMap x_overlapping(overlapping.data(), kT, kD, Eigen::OuterStride<>(kHalf));
+  moe::Matrix<float> y_from_overlapping(kT, kD), y_from_copy(kT, kD);
+  layer.forward(x_overlapping, y_from_overlapping, ws);
+  layer.forward(moe::Matrix<float>(x_overlapping), y_from_copy, ws);
+  REQUIRE(same_bits(y_from_overlapping, y_from_copy));
+
+  // Backward: dx over x's rows in reverse (the review's case), and a dx or dweight that runs backwards.
+  moe::TrainingWorkspace<float> train;
+  moe::Matrix<float> x_forwards = x;
+  layer.forward_train(x_forwards, moe::RouteContext{}, y, train);
+  auto grads = layer.make_gradients();
+  StridedMap dx_over_x(x_forwards.data() + (kT - 1) * kD, kT, kD, Eigen::OuterStride<>(-kD));
+  REQUIRE_REJECTS(layer.backward(x_forwards, dy, dx_over_x, grads, train), moe::invalid_argument,
+                  Contains("MoELayer::backward: dx's rows must not overlap, and lie at increasing addresses (dx.outerStride() = -8"),
+                  x_forwards);
+  const moe::TopKRouter<float> router(gate(), top2());
+  moe::RouterOutput<float> out;
+  router.route(x, out);
+  const std::vector<float> grad_weight(static_cast<std::size_t>(out.plan.num_assignments()), 1.0f);
+  moe::Matrix<float> dx = sentinel(kT, kD), dweight_storage = sentinel(kE, kD);
+  StridedMap dweight_reversed(dweight_storage.data() + (kE - 1) * kD, kE, kD, Eigen::OuterStride<>(-kD));
+  REQUIRE_REJECTS(router.backward(x, out, grad_weight.data(), nullptr, nullptr, dx, dweight_reversed), moe::invalid_argument,
+                  Contains("TopKRouter::backward: dweight's rows must not overlap") && Contains("dweight.outerStride() = -8"),
+                  dweight_storage);
+  REQUIRE_REJECTS(router.route(x_reversed, out), moe::invalid_argument,
+                  Contains("TopKRouter::route: x's rows must lie at increasing addresses"), out.plan);
+}
+
 TEST_CASE("MoELayer::backward: shapes of x, dy, dx and the gradients", "[errors][layer][backward]") {
   moe::MoELayer layer(moe::TopKRouter<float>(gate(), top2()), experts());
   layer.set_shared_experts(experts(1), moe::Weight<float>::own(random_matrix<float>(1, kD, 4)));
@@ -1062,6 +1119,16 @@ TEST_CASE("LoadAccumulator: shapes, k and counts", "[errors][balance]") {
   REQUIRE(acc.counts() == std::vector<index_t>{4, 3, 1, 0});
   acc.reset();
   REQUIRE(acc.micro_batches() == 0);
+  // Two calls, each valid alone, whose running totals would pass index_t's largest (signed overflow
+  // before the check): the second is refused and the totals stay.
+  constexpr index_t kMax = std::numeric_limits<index_t>::max();
+  acc.add_counts({kMax, 0, 0, 0}, kMax);
+  REQUIRE_REJECTS_ARG(acc.add_counts({1, 0, 0, 0}, 1), moe::invalid_argument,
+                      Contains("accumulated token count would overflow") && Contains("tokens = 1"));
+  REQUIRE_REJECTS_ARG(acc.add(ids.leftCols(2)), moe::invalid_argument, Contains("LoadAccumulator::add: the accumulated token count"));
+  CHECK(acc.tokens() == kMax);
+  CHECK(acc.counts() == std::vector<index_t>{kMax, 0, 0, 0});
+  CHECK(acc.micro_batches() == 1);
 }
 
 TEST_CASE("Losses: coefficient, shapes, ids and sequences leave grad untouched", "[errors][balance][losses]") {

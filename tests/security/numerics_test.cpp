@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../support/reference.hpp"
@@ -181,6 +182,33 @@ TEST_CASE("Float agrees with double within the stated bound", "[numerics][precis
     CAPTURE(dx_err, dx_scale);
     REQUIRE(dx_err <= 3e-6 * dx_scale);
   }
+}
+
+TEST_CASE("Losses beyond float's range are ±inf, not an undefined cast from double", "[numerics][losses]") {
+  // The losses sum in double and convert the result to T at the end: a double beyond float's
+  // largest has no float value, and a plain cast of it is undefined behaviour.
+  const double float_max = static_cast<double>(std::numeric_limits<float>::max());
+  moe::Matrix<float> z(2, 3);
+  z << 1.0f, 2.0f, 3.0f, 3.0f, 2.0f, 1.0f;
+  moe::Matrix<index_t> ids(2, 1);
+  ids << 2, 0;
+  moe::Matrix<float> grad(2, 3);
+  // α = 3.3e38 is finite in float; the loss, α · E · Σ f_i · P_i ≈ 1.13 · α here, is not (in double below).
+  const moe::AuxLossOptions big = moe::AuxLossOptions::megatron(3.3e38);
+  moe::Matrix<double> grad_double(2, 3);
+  const double in_double = moe::load_balancing_loss(moe::Matrix<double>(z.cast<double>()), ids, grad_double, big);
+  REQUIRE(in_double > float_max);
+  const float loss = moe::load_balancing_loss(z, ids, grad, big);
+  CHECK(std::isinf(loss));
+  CHECK(loss > 0);
+  // Router z-loss: logits of 1e20 make (log Σ exp z)² ≈ 1e40; the gradient, 2·β/T · lse · softmax, stays finite.
+  moe::Matrix<float> huge = moe::Matrix<float>::Constant(2, 3, 1e20f);
+  const float z_loss = moe::router_z_loss(huge, grad, 1.0);
+  CHECK(std::isinf(z_loss));
+  CHECK(z_loss > 0);
+  CHECK(grad.allFinite());
+  const double lse = 1e20 + std::log(3.0);  // each row's log Σ exp (three equal logits)
+  CHECK(std::abs(static_cast<double>(grad(0, 0)) - 2.0 * 1.0 / 2.0 * lse / 3.0) <= 1e-6 * lse);  // 2·β/T · lse · softmax
 }
 
 }  // namespace numerics_test

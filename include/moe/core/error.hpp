@@ -94,6 +94,14 @@ bool finite_in(double value) {
   return std::abs(value) <= static_cast<double>(std::numeric_limits<T>::max());
 }
 
+// A value computed in a wider type (double, long double) as T, ±inf beyond T's largest as float
+// arithmetic would overflow: a plain cast of such a value is undefined. NaN stays NaN.
+template <class T, class Wide>
+T to_scalar(Wide value) noexcept {
+  if (std::abs(value) <= static_cast<Wide>(std::numeric_limits<T>::max()) || std::isnan(value)) return static_cast<T>(value);
+  return value > 0 ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity();
+}
+
 // Checks that a double option is finite in the scalar type T, e.g.
 //   check_finite_in<float>("TopKRouter", "scale", 1e39)
 //   -> "moe::TopKRouter: scale must be finite in the scalar type (scale = 1e+39, largest = 3.4028235e+38)"
@@ -125,12 +133,32 @@ void check_enum(const char* where, const char* name, Enum value) {
   throw_invalid(where, ": ", name, " must be ", listed, " (", name, " = ", number, ")");
 }
 
+// Checks that a matrix's rows lie as moe's kernels walk them: at increasing addresses
+// (outerStride() >= 0: the kernels step from row to row with unsigned strides) and, for a matrix
+// the call writes, apart (outerStride() >= cols(): overlapping rows cannot hold a result), e.g.
+//   check_rows("MoELayer::forward", "y", y, true)
+//   -> "moe::MoELayer::forward: y's rows must not overlap, and lie at increasing addresses
+//       (y.outerStride() = -8, y.cols() = 8)"
+template <class M>
+void check_rows(const char* where, const char* name, const M& m, bool written) {
+  if (m.rows() < 2 || m.cols() == 0) return;  // no second row to step to
+  if (written && m.outerStride() < m.cols()) {
+    throw_invalid(where, ": ", name, "'s rows must not overlap, and lie at increasing addresses (", name,
+                  ".outerStride() = ", m.outerStride(), ", ", name, ".cols() = ", m.cols(), ")");
+  }
+  if (m.outerStride() < 0) {
+    throw_invalid(where, ": ", name, "'s rows must lie at increasing addresses (", name, ".outerStride() = ", m.outerStride(), ")");
+  }
+}
+
 // Checks that `out`, which a call writes, shares no element with `in`, which it reads after
 // writing `out` (row-major matrices, rows outerStride() apart), e.g. a backward's dx and dy. Rows
 // are compared, not whole address spans: dx and x side by side as the columns of one wider buffer
 // interleave their rows and share nothing.
 template <class Out, class In>
 void check_disjoint(const char* where, const char* out_name, const Out& out, const char* in_name, const In& in) {
+  check_rows(where, out_name, out, true);  // what the walk below relies on
+  check_rows(where, in_name, in, false);
   using Address = std::uintptr_t;
   auto row = [](const auto& m, auto r) {  // [first, last) byte addresses of row r
     const auto first = reinterpret_cast<Address>(m.data() + r * m.outerStride());

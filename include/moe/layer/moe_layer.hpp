@@ -488,6 +488,8 @@ class MoELayer {
     detail::check_dim("MoELayer::forward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("MoELayer::forward", "y.rows()", y.rows(), "x.rows()", x.rows());
     detail::check_dim("MoELayer::forward", "y.cols()", y.cols(), "d_model", d);
+    detail::check_rows("MoELayer::forward", "x", x, false);
+    detail::check_rows("MoELayer::forward", "y", y, true);
     ws.training_tokens = -1;
 
     router_.route(x, ctx, ws.routing, arch);

@@ -199,6 +199,7 @@ class SoftMoELayer {
                       const Gradients& grads, const SoftTrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);
     detail::check_training_layout(where, ws.layout, training_layout(ws.routing));
+    router_.check_scale(where, ws.routing);
     check_gradients(where, grads);
   }
 
@@ -298,6 +299,8 @@ class SoftMoELayer {
     detail::check_dim("SoftMoELayer::forward", "x.cols()", x.cols(), "d_model", d);
     detail::check_dim("SoftMoELayer::forward", "y.rows()", y.rows(), "x.rows()", x.rows());
     detail::check_dim("SoftMoELayer::forward", "y.cols()", y.cols(), "d_model", d);
+    detail::check_rows("SoftMoELayer::forward", "x", x, false);
+    detail::check_rows("SoftMoELayer::forward", "y", y, true);
     ws.training_tokens = -1;
 
     router_.route(x, ctx, ws.routing, arch);

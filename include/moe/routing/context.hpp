@@ -60,8 +60,9 @@ class GroupBounds {
     // (With num_groups >= 0 the boundaries hold num_groups + 1 elements, so group_begin[0] exists.)
     if (count_ >= 0 && begin_[0] != 0) detail::throw_invalid(where, ": group_begin[0] must be 0 (group_begin[0] = ", begin_[0], ")");
     if (count_ < 1) {
-      detail::throw_invalid(where, ": num_groups must be at least 1 for a non-empty batch (num_groups = ", count_, ", tokens = ",
-                            num_tokens, ")");
+      // (An empty batch reaches here only with num_groups < 0: 0 groups over it pass above.)
+      detail::throw_invalid(where, num_tokens > 0 ? ": num_groups must be at least 1 for a non-empty batch" : ": num_groups must not be negative",
+                            " (num_groups = ", count_, ", tokens = ", num_tokens, ")");
     }
     for (index_t g = 0; g < count_; ++g) {
       if (begin_[g + 1] < begin_[g]) {

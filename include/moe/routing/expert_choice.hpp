@@ -115,6 +115,7 @@ class ExpertChoiceRouter {
   template <class Arch = simd::default_arch>
   void route(const ConstMatrixRef<T>& x, const RouteContext& ctx, RouterOutput<T>& out, Arch arch = {}) const {
     detail::check_dim("ExpertChoiceRouter::route", "x.cols()", x.cols(), "d_model", d_model());
+    detail::check_rows("ExpertChoiceRouter::route", "x", x, false);
     const index_t T_ = x.rows();
     const index_t E = num_experts();
     const GroupBounds groups(ctx, T_, "ExpertChoiceRouter::route");
@@ -151,6 +152,7 @@ class ExpertChoiceRouter {
     detail::check_dim("ExpertChoiceRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("ExpertChoiceRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
+    detail::check_rows("ExpertChoiceRouter::backward", "dweight", dweight, true);
     detail::check_disjoint("ExpertChoiceRouter::backward", "dx", dx, "x", x);
     detail::check_router_config("ExpertChoiceRouter::backward", "out", out.router_config(), config_fingerprint());
     const Routing<T>& plan = out.plan;

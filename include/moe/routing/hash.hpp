@@ -134,7 +134,7 @@ class HashRouter {
   void experts_of(std::int64_t id, index_t* out) const {
     if (!table_.empty()) {
       if (id < 0 || static_cast<std::uint64_t>(id) >= table_.size()) {
-        detail::throw_invalid("HashRouter: token id is outside the table (token id = ", id,
+        detail::throw_invalid("HashRouter::experts_of: token id is outside the table (token id = ", id,
                               ", table size = ", table_.size(), ")");
       }
       out[0] = table_[static_cast<std::size_t>(id)];
@@ -178,7 +178,14 @@ class HashRouter {
       detail::throw_invalid("HashRouter::route: RouteContext::token_ids must not be null; hash routing keys on token ids (tokens = ",
                             T_, ")");
     }
-    out.reshape(T_, E, config_fingerprint());
+    out.reshape(T_, E, config_fingerprint());  // (an empty plan from here on, until the last line)
+    for (index_t t = 0; t < T_ && !table_.empty(); ++t) {
+      const std::int64_t id = ctx.token_ids[t];
+      if (id < 0 || static_cast<std::uint64_t>(id) >= table_.size()) {
+        detail::throw_invalid("HashRouter::route: token_ids[", t, "] is outside the table (token_ids[", t, "] = ", id,
+                              ", table size = ", table_.size(), ")");
+      }
+    }
     index_t* begin = out.choice_begin.ensure(T_ + 1);
     index_t* chosen = out.choice_expert.ensure(T_ * k);
     T* weights = out.choice_weight.ensure(T_ * k);

@@ -121,12 +121,16 @@ class SoftRouting {
   // The fingerprint of the router that last routed into it (SoftRouter::config_fingerprint()).
   std::uint64_t router_config() const noexcept { return router_config_; }
 
+  // The scale the last route multiplied the logits by (SoftRouter::set_scale may change it later).
+  double scale() const noexcept { return scale_; }
+
   // For routers: sizes the buffers for `tokens` tokens in `groups`, stamped with the router's
-  // config_fingerprint().
+  // config_fingerprint() and its scale.
   void reshape(index_t tokens, index_t experts, index_t slots_per_expert, const GroupBounds& groups,
-               std::uint64_t router_config) {
+               std::uint64_t router_config, double scale) {
     ++route_count_;
     router_config_ = router_config;
+    scale_ = scale;
     num_tokens_ = tokens;
     num_experts_ = experts;
     slots_per_expert_ = slots_per_expert;
@@ -164,6 +168,7 @@ class SoftRouting {
   std::vector<index_t> group_begin_ = {0, 0};
   std::uint64_t route_count_ = 0;
   std::uint64_t router_config_ = 0;
+  double scale_ = 1.0;
   Buffer<T> logits_;
   Buffer<T> dispatch_;
   Buffer<T> combine_;
@@ -313,6 +318,15 @@ class SoftRouter {
   const SoftOptions& options() const noexcept { return options_; }
   ConstMatrixMap<T> phi() const noexcept { return phi_.map(); }  // [d, S]
 
+  // Throws unless `routing` was routed with this router's scale: a set_scale between a route and
+  // its backward would pair the old logits with the new scale's derivatives.
+  void check_scale(const char* where, const SoftRouting<T>& routing) const {
+    if (routing.scale() != options_.scale) {
+      detail::throw_invalid(where, ": the router's scale changed after the route (routing's scale = ", routing.scale(),
+                            ", router's scale = ", options_.scale, "); call set_scale after backward");
+    }
+  }
+
   // Routes x [T, d] into `out`. T = 0 gives an empty routing.
   template <class Arch = simd::default_arch>
   void route(const ConstMatrixRef<T>& x, SoftRouting<T>& out, Arch arch = {}) const {
@@ -322,11 +336,12 @@ class SoftRouter {
   template <class Arch = simd::default_arch>
   void route(const ConstMatrixRef<T>& x, const RouteContext& ctx, SoftRouting<T>& out, Arch arch = {}) const {
     detail::check_dim("SoftRouter::route", "x.cols()", x.cols(), "d_model", d_model());
+    detail::check_rows("SoftRouter::route", "x", x, false);
     const index_t T_ = x.rows();
     const index_t S = num_slots();
     const auto n_slots = static_cast<std::size_t>(S);
     const GroupBounds groups(ctx, T_, "SoftRouter::route");
-    out.reshape(T_, num_experts_, options_.slots_per_expert, groups, config_fingerprint());
+    out.reshape(T_, num_experts_, options_.slots_per_expert, groups, config_fingerprint(), options_.scale);
     if (T_ == 0) return;
 
     const index_t d = d_model();
@@ -397,8 +412,10 @@ class SoftRouter {
     detail::check_dim(where, "dx.cols()", dx.cols(), "d_model", d);
     detail::check_dim(where, "dphi.rows()", dphi.rows(), "d_model", d);
     detail::check_dim(where, "dphi.cols()", dphi.cols(), "num_slots", S);
+    detail::check_rows(where, "dphi", dphi, true);
     detail::check_disjoint(where, "dx", dx, "x", x);
     detail::check_router_config(where, "routing", routing.router_config(), config_fingerprint());
+    check_scale(where, routing);
     if (T_ == 0) return T(0);
     Buffer<T> own;
     T* const temporaries = (scratch != nullptr ? *scratch : own).ensure(3 * T_ * S + S * d + 3 * S + 2 * T_);

@@ -177,6 +177,7 @@ class TopKRouter {
   template <class Arch = simd::default_arch>
   void route(const ConstMatrixRef<T>& x, const RouteContext& ctx, RouterOutput<T>& out, Arch arch = {}) const {
     detail::check_dim("TopKRouter::route", "x.cols()", x.cols(), "d_model", d_model());
+    detail::check_rows("TopKRouter::route", "x", x, false);
     const index_t T_ = x.rows();
     const index_t E = num_experts();
     const GroupBounds groups(ctx, T_, "TopKRouter::route");
@@ -194,8 +195,10 @@ class TopKRouter {
     if (options_.check_finite) check_finite_logits(logits);
     compute_scores(arch, logits, out.mutable_scores());
     rank_candidates(arch, out, T_, E);
-    out.set_top_k_ids(options_.top_p > 0 ? 0 : options_.k, candidate_stride());  // pre-capacity ids for the losses
     decide_and_build(out, groups, T_, E);
+    // The pre-capacity ids for the losses, recorded once the route has succeeded: after one that
+    // threw (a rerouted weight beyond T's range) top_k_ids() refuses, as the empty plan does.
+    out.set_top_k_ids(options_.top_p > 0 ? 0 : options_.k, candidate_stride());
   }
 
   // Backward through the routing weights. Given, for this batch's `out`:
@@ -221,6 +224,7 @@ class TopKRouter {
     detail::check_dim("TopKRouter::backward", "dx.cols()", dx.cols(), "d_model", d_model());
     detail::check_dim("TopKRouter::backward", "dweight.rows()", dweight.rows(), "num_experts", E);
     detail::check_dim("TopKRouter::backward", "dweight.cols()", dweight.cols(), "d_model", d_model());
+    detail::check_rows("TopKRouter::backward", "dweight", dweight, true);
     detail::check_disjoint("TopKRouter::backward", "dx", dx, "x", x);
     detail::check_router_config("TopKRouter::backward", "out", out.router_config(), config_fingerprint());
     const index_t R = candidate_stride();
@@ -653,7 +657,7 @@ class TopKRouter {
       log_raw = static_cast<W>(logits[experts[j]]) - top - std::log(sum);
     }
     const W magnitude = std::exp(log_raw - std::log(static_cast<W>(denominator)) + std::log(std::fabs(static_cast<W>(options_.scale))));
-    return static_cast<T>(std::signbit(options_.scale) ? -magnitude : magnitude);
+    return detail::to_scalar<T>(std::signbit(options_.scale) ? -magnitude : magnitude);
   }
 
   // Leaves an empty plan behind (never a half-built one) and names the weight.
