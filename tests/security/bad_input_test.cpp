@@ -729,6 +729,7 @@ namespace {
 struct MisplannedRouter {
   using Scalar = float;
   index_t extra = 0, planned = kE;
+  int damage = 0;  // after build_routing, 1..8: one array of the plan set wrong by hand (below)
   index_t num_experts() const { return kE; }
   index_t d_model() const { return kD; }
   template <class Arch>
@@ -740,6 +741,22 @@ struct MisplannedRouter {
     for (index_t t = 0; t <= T; ++t) begin[std::size_t(t)] = t;
     for (index_t t = 0; t < T; ++t) expert[std::size_t(t)] = t % planned;
     moe::build_routing(T, planned, begin.data(), expert.data(), weight.data(), out.plan);
+    moe::Routing<float>& p = out.plan;
+    const index_t A = p.num_assignments();
+    switch (damage) {
+      case 1: p.token[2] = T; break;
+      case 2: p.assignment[1] = A; break;
+      case 3: p.expert_begin[2] = p.expert_begin[1] - 1; break;
+      case 4: p.token_begin[T] = A + 1; break;
+      case 5: p.token_begin.pop_back(); break;
+      case 6: p.weight.pop_back(); break;
+      case 7:
+        p.dropped = {-1};
+        p.dropped_weight = {0.5f};
+        break;
+      case 8: p.dropped = {0}; break;
+      default: break;
+    }
   }
 };
 }  // namespace
@@ -758,6 +775,23 @@ TEST_CASE("MoELayer::forward: a router whose plan does not fit x or the experts"
   REQUIRE_REJECTS(fewer.forward(tokens(), y, ws), moe::invalid_argument, Contains("plan experts = 2, layer experts = 4"), y);
   const moe::MoELayer fits(MisplannedRouter{0, kE}, experts());
   REQUIRE_NOTHROW(fits.forward(tokens(), y, ws));
+  // A plan of the right counts whose arrays were filled wrong by hand: each index the kernels
+  // follow is checked, so none reads or writes out of bounds.
+  const std::vector<std::string> named = {
+      "plan.token[2] must be in [0, num_tokens) (plan.token[2] = 5, num_tokens = 5)",
+      "plan.assignment[1] must be in [0, assignments) (plan.assignment[1] = 5, assignments = 5)",
+      "plan.expert_begin must run from 0 to the assignment count without decreasing (plan.expert_begin[2] = 1",
+      "plan.token_begin must run from 0 to the assignment count without decreasing (plan.token_begin[5] = 6, assignments = 5)",
+      "plan.token_begin.size() must be num_tokens + 1 (plan.token_begin.size() = 5, num_tokens + 1 = 6)",
+      "plan.weight.size() must be plan.token.size() (plan.weight.size() = 4, plan.token.size() = 5)",
+      "plan.dropped[0] must be in [0, num_tokens) (plan.dropped[0] = -1, num_tokens = 5)",
+      "plan.dropped_weight.size() must be plan.dropped.size() (plan.dropped_weight.size() = 0, plan.dropped.size() = 1)"};
+  for (int damage = 1; damage <= 8; ++damage) {
+    CAPTURE(damage);
+    const moe::MoELayer damaged(MisplannedRouter{0, kE, damage}, experts());
+    REQUIRE_REJECTS(damaged.forward(tokens(), y, ws), moe::invalid_argument,
+                    Contains("MoELayer::forward: the router's " + named[std::size_t(damage - 1)]), y);
+  }
 }
 
 TEST_CASE("MoELayer::backward: without a forward_train, or after another batch's", "[errors][layer][backward]") {

@@ -496,11 +496,7 @@ class MoELayer {
     const Routing<T>& plan = ws.routing.plan;
     // The kernels below index by the plan: a router of the user's own that planned for another
     // batch or other experts (say, without the zero-computation ones) is stopped here.
-    if (plan.num_tokens != x.rows() || plan.num_experts != num_experts()) {
-      detail::throw_invalid("MoELayer::forward: the router's plan must cover x's tokens and the layer's experts (plan tokens = ",
-                            plan.num_tokens, ", x.rows() = ", x.rows(), ", plan experts = ", plan.num_experts,
-                            ", layer experts = ", num_experts(), ")");
-    }
+    detail::check_plan_bounds("MoELayer::forward", plan, x.rows(), num_experts());
     const index_t A = plan.num_assignments();
 
     T* dispatched = ws.dispatched.ensure(A * d);

@@ -96,6 +96,58 @@ struct Routing {
   }
 };
 
+namespace detail {
+
+// Throws unless every array of `plan` has its size and every index in it is in range: what
+// dispatch, the experts and combine index by. A router of the user's own may fill the arrays by
+// hand; moe's routers build them with build_routing, which these checks cannot fail. O(T + E + A).
+template <class T>
+void check_plan_bounds(const char* where, const Routing<T>& plan, index_t tokens, index_t experts) {
+  if (plan.num_tokens != tokens || plan.num_experts != experts) {
+    throw_invalid(where, ": the router's plan must cover x's tokens and the layer's experts (plan tokens = ", plan.num_tokens,
+                  ", x.rows() = ", tokens, ", plan experts = ", plan.num_experts, ", layer experts = ", experts, ")");
+  }
+  const index_t A = plan.num_assignments();
+  auto size_must_be = [&](const char* name, std::size_t size, index_t expected, const char* expected_name) {
+    if (static_cast<index_t>(size) != expected) {
+      throw_invalid(where, ": the router's plan.", name, ".size() must be ", expected_name, " (plan.", name, ".size() = ", size,
+                    ", ", expected_name, " = ", expected, ")");
+    }
+  };
+  size_must_be("weight", plan.weight.size(), A, "plan.token.size()");
+  size_must_be("assignment", plan.assignment.size(), A, "plan.token.size()");
+  size_must_be("expert_begin", plan.expert_begin.size(), experts + 1, "num_experts + 1");
+  size_must_be("token_begin", plan.token_begin.size(), tokens + 1, "num_tokens + 1");
+  size_must_be("dropped_weight", plan.dropped_weight.size(), static_cast<index_t>(plan.dropped.size()), "plan.dropped.size()");
+  // Offsets run from 0 to A without decreasing; indices lie in [0, bound).
+  auto offsets = [&](const char* name, const PlanArray<index_t>& begin) {
+    const std::size_t last = begin.size() - 1;  // (at least one element: the sizes are checked above)
+    for (std::size_t i = 0; i <= last; ++i) {
+      const bool fits = (i == 0 ? begin[i] == 0 : begin[i] >= begin[i - 1]) && (i != last || begin[i] == A);
+      if (!fits) {
+        throw_invalid(where, ": the router's plan.", name, " must run from 0 to the assignment count without decreasing (plan.", name,
+                      "[", i, "] = ", begin[i], ", assignments = ", A, ")");
+      }
+    }
+  };
+  offsets("expert_begin", plan.expert_begin);
+  offsets("token_begin", plan.token_begin);
+  auto indices = [&](const char* name, const PlanArray<index_t>& values, index_t bound, const char* bound_name) {
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      if (values[i] < 0 || values[i] >= bound) {
+        throw_invalid(where, ": the router's plan.", name, "[", i, "] must be in [0, ", bound_name, ") (plan.", name, "[", i,
+                      "] = ", values[i], ", ", bound_name, " = ", bound, ")");
+      }
+    }
+  };
+  indices("token", plan.token, tokens, "num_tokens");
+  indices("assignment", plan.assignment, A, "assignments");
+  indices("dropped", plan.dropped, tokens, "num_tokens");
+  indices("rerouted", plan.rerouted, tokens, "num_tokens");
+}
+
+}  // namespace detail
+
 // Builds `plan` from token-major choices: token t chose experts[c] with weight weights[c] for c in
 // [choice_begin[t], choice_begin[t+1]), best first. O(T·k) counting sort; reuses the plan's
 // memory. `dropped`, `dropped_weight` and `rerouted` are left untouched (the router owns them).
