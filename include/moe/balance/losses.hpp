@@ -237,14 +237,14 @@ double linear_score_loss(const char* where, const ConstMatrixRef<T>& logits, ind
       double sum = 0;
       for (index_t e = 0; e < E; ++e) sum += (p[e] = std::exp(static_cast<double>(logits(t, e)) - top));
       for (index_t e = 0; e < E; ++e) dot += w[e] * (p[e] /= sum);
-      for (index_t e = 0; e < E; ++e) grad(t, e) = to_scalar<T>(p[e] * (w[e] - dot));
+      for (index_t e = 0; e < E; ++e) grad(t, e) = static_cast<T>(p[e] * (w[e] - dot));
     } else {
       double sum = kSigmoidScoreEpsilon;
       for (index_t e = 0; e < E; ++e) sum += (p[e] = stable_sigmoid(static_cast<double>(logits(t, e))));  // σ
       for (index_t e = 0; e < E; ++e) dot += w[e] * p[e] / sum;
       for (index_t e = 0; e < E; ++e) {
         const double complement = stable_sigmoid(-static_cast<double>(logits(t, e)));  // 1 − σ, without cancellation
-        grad(t, e) = to_scalar<T>((w[e] - dot) / sum * p[e] * complement);
+        grad(t, e) = static_cast<T>((w[e] - dot) / sum * p[e] * complement);
       }
     }
     total += dot;
@@ -271,7 +271,7 @@ T batch_balance_loss(const char* where, const ConstMatrixRef<T>& logits, const C
   count_choices(choices, 0, Tn, counts.data());
   std::vector<double> w, row;
   balance_weights(counts.data(), E, static_cast<double>(Tn), k, Tn, o, w);
-  return to_scalar<T>(linear_score_loss(where, logits, 0, Tn, w.data(), o.score, grad, row));
+  return static_cast<T>(linear_score_loss(where, logits, 0, Tn, w.data(), o.score, grad, row));
 }
 
 inline void check_sequences(const char* where, const SequenceBounds& s, index_t num_tokens) {
@@ -313,7 +313,7 @@ T sequence_balance_loss(const char* where, const ConstMatrixRef<T>& logits, cons
     balance_weights(counts.data(), E, static_cast<double>(e - b), k, e - b, per_sequence, w);
     total += linear_score_loss(where, logits, b, e, w.data(), o.score, grad, row);
   }
-  return to_scalar<T>(total);
+  return static_cast<T>(total);
 }
 
 template <class T>
@@ -336,10 +336,10 @@ T router_z_loss_impl(const ConstMatrixRef<T>& logits, MatrixRef<T> grad, double 
     const double lse = top + std::log(sum);
     total += lse * lse;
     for (index_t e = 0; e < E; ++e) {
-      grad(t, e) = to_scalar<T>(scale * lse * std::exp(static_cast<double>(logits(t, e)) - top) / sum);
+      grad(t, e) = static_cast<T>(scale * lse * std::exp(static_cast<double>(logits(t, e)) - top) / sum);
     }
   }
-  return to_scalar<T>(coefficient * total / static_cast<double>(Tn));
+  return static_cast<T>(coefficient * total / static_cast<double>(Tn));
 }
 
 // Public entry points take any Eigen expression so T deduces; these bind them to row-major refs.
@@ -549,7 +549,7 @@ typename L::Scalar global_load_balancing_loss(const Eigen::MatrixBase<L>& logits
   detail::check_finite_logits(where, z, 0, Tn);
   std::vector<double> w, row;
   detail::balance_weights(load.counts().data(), z.cols(), static_cast<double>(load.tokens()), load.k(), Tn, options, w);
-  return detail::to_scalar<T>(detail::linear_score_loss(where, z, 0, Tn, w.data(), options.score, g, row));
+  return static_cast<T>(detail::linear_score_loss(where, z, 0, Tn, w.data(), options.score, g, row));
 }
 
 // Router z-loss (ST-MoE): L = β · (1/T) · Σ_t (logsumexp_e logits_te)²; grad [T, E] receives

@@ -88,18 +88,11 @@ void check_positive(const char* where, const char* name, const A& value) {
 }
 
 // Whether a double option converts to a finite T: |value| at most T's largest (NaN fails). The
-// comparison is in double because converting an out-of-range double to float is undefined.
+// comparison is in double, before any conversion: converted, a value beyond float's range would
+// already be inf (or float's largest, within half an ulp of it).
 template <class T>
 bool finite_in(double value) {
   return std::abs(value) <= static_cast<double>(std::numeric_limits<T>::max());
-}
-
-// A value computed in a wider type (double, long double) as T, ±inf beyond T's largest as float
-// arithmetic would overflow: a plain cast of such a value is undefined. NaN stays NaN.
-template <class T, class Wide>
-T to_scalar(Wide value) noexcept {
-  if (std::abs(value) <= static_cast<Wide>(std::numeric_limits<T>::max()) || std::isnan(value)) return static_cast<T>(value);
-  return value > 0 ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity();
 }
 
 // Checks that a double option is finite in the scalar type T, e.g.

@@ -657,7 +657,7 @@ class TopKRouter {
       log_raw = static_cast<W>(logits[experts[j]]) - top - std::log(sum);
     }
     const W magnitude = std::exp(log_raw - std::log(static_cast<W>(denominator)) + std::log(std::fabs(static_cast<W>(options_.scale))));
-    return detail::to_scalar<T>(std::signbit(options_.scale) ? -magnitude : magnitude);
+    return static_cast<T>(std::signbit(options_.scale) ? -magnitude : magnitude);
   }
 
   // Leaves an empty plan behind (never a half-built one) and names the weight.
