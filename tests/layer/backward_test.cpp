@@ -106,9 +106,15 @@ struct Harness {
   }
 };
 
-// Compares an analytic gradient entry with a central difference of the loss in `value`.
+// Compares an analytic gradient entry with a central difference of the loss in `value`, and
+// counts the entries compared and those skipped, so that a test can require most were compared.
+struct EntryCount {
+  index_t compared = 0, skipped = 0;
+};
+
 template <class H>
-void check_entry(H& h, double& value, double analytic, const std::vector<index_t>& selection, const char* what, index_t index) {
+void check_entry(H& h, double& value, double analytic, const std::vector<index_t>& selection, const char* what, index_t index,
+                 EntryCount& count) {
   const double step = 1e-5, saved = value;
   std::vector<index_t> sel_plus, sel_minus;
   value = saved + step;
@@ -116,7 +122,11 @@ void check_entry(H& h, double& value, double analytic, const std::vector<index_t
   value = saved - step;
   const double minus = h.loss(&sel_minus);
   value = saved;
-  if (sel_plus != selection || sel_minus != selection) return;  // a routing decision flipped: not differentiable here
+  if (sel_plus != selection || sel_minus != selection) {  // a routing decision flipped: not differentiable here
+    ++count.skipped;
+    return;
+  }
+  ++count.compared;
   const double numeric = (plus - minus) / (2 * step);
   CAPTURE(what, index, analytic, numeric);
   CHECK(std::fabs(analytic - numeric) <= 1e-6 * std::max(std::fabs(numeric), 1e-2));
@@ -134,9 +144,10 @@ void check_gradients(const Config& cfg) {
   l.backward(h.p.x, h.probe, dx, grads, ws);
   std::vector<index_t> selection;
   h.loss(&selection);
+  EntryCount count;
 
-  for (index_t i = 0; i < h.p.x.size(); ++i) check_entry(h, h.p.x.data()[i], dx.data()[i], selection, "x", i);
-  for (index_t i = 0; i < h.p.router.size(); ++i) check_entry(h, h.p.router.data()[i], grads.router.data()[i], selection, "router", i);
+  for (index_t i = 0; i < h.p.x.size(); ++i) check_entry(h, h.p.x.data()[i], dx.data()[i], selection, "x", i, count);
+  for (index_t i = 0; i < h.p.router.size(); ++i) check_entry(h, h.p.router.data()[i], grads.router.data()[i], selection, "router", i, count);
   for (index_t e = 0; e < cfg.ffn_experts + (cfg.shared ? 2 : 0); ++e) {
     std::vector<const moe::Matrix<double>*> g;
     const auto& eg = e < cfg.ffn_experts ? grads.experts[std::size_t(e)] : grads.shared[std::size_t(e - cfg.ffn_experts)];
@@ -144,17 +155,20 @@ void check_gradients(const Config& cfg) {
     const std::vector<int> slots = g.size() == 3 ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2};
     for (std::size_t q = 0; q < slots.size(); ++q) {
       moe::Matrix<double>& w = h.p.w[std::size_t(3 * e + slots[q])];
-      for (index_t i = 0; i < w.size(); ++i) check_entry(h, w.data()[i], g[q]->data()[i], selection, "expert weight", 100 * e + i);
+      for (index_t i = 0; i < w.size(); ++i) check_entry(h, w.data()[i], g[q]->data()[i], selection, "expert weight", 100 * e + i, count);
     }
   }
   if (cfg.shared)
-    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.shared_gate.data()[i], grads.shared_gate.data()[i], selection, "shared gate", i);
+    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.shared_gate.data()[i], grads.shared_gate.data()[i], selection, "shared gate", i, count);
   if (cfg.zero_compute) {
     const auto& zg = grads.zero_compute[1];
-    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.constant.data()[i], zg.value[i], selection, "constant", i);
-    for (index_t i = 0; i < 2 * kD; ++i) check_entry(h, h.p.mix.data()[i], zg.mix.data()[i], selection, "mix", i);
+    for (index_t i = 0; i < kD; ++i) check_entry(h, h.p.constant.data()[i], zg.value[i], selection, "constant", i, count);
+    for (index_t i = 0; i < 2 * kD; ++i) check_entry(h, h.p.mix.data()[i], zg.mix.data()[i], selection, "mix", i, count);
     REQUIRE(ws.routing.plan.tokens_of(cfg.ffn_experts) + ws.routing.plan.tokens_of(cfg.ffn_experts + 1) > 0);
   }
+  // A step that flips a routing decision skips its entry; nearly every entry must be compared.
+  CAPTURE(count.compared, count.skipped);
+  REQUIRE(count.compared >= 9 * (count.compared + count.skipped) / 10);
 }
 
 moe::TopKOptions options(index_t k) {

@@ -66,7 +66,7 @@ TEST_CASE("Zero-computation experts take routing slots and cost no products", "[
       }
       for (index_t i = 0; i < m.d; ++i) ref[std::size_t(i)] += p[std::size_t(e)] * out[std::size_t(i)];
     }
-    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).margin(1e-12));
+    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).epsilon(1e-12).margin(1e-12));
   }
   // The plain constant expert outputs its vector.
   std::vector<double> out(std::size_t(m.d));
@@ -175,7 +175,7 @@ TEST_CASE("Shared experts are added to every token, optionally sigmoid-gated", "
       const std::vector<double> out = m.ref(s, xd[std::size_t(t)]);
       for (index_t i = 0; i < m.d; ++i) ref[std::size_t(i)] += g * out[std::size_t(i)];
     }
-    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).margin(1e-12));
+    for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(ref[std::size_t(i)]).epsilon(1e-12).margin(1e-12));
   }
   // backward on the same strided x (the shared experts then read a copy) gives the bits of
   // contiguous x (which they read in place); their gradients' values: tests/layer/backward_test.cpp.
@@ -229,7 +229,7 @@ TEST_CASE("Switch: a dropped token leaves the layer as probability times its inp
       const index_t e = top_k(p, 1)[0];
       const bool kept = load[std::size_t(e)]++ < 3;  // earlier positions win
       const std::vector<double> out = kept ? m.ref(e, xd[std::size_t(t)]) : xd[std::size_t(t)];
-      for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(p[std::size_t(e)] * out[std::size_t(i)]).margin(1e-12));
+      for (index_t i = 0; i < m.d; ++i) REQUIRE(y(t, i) == Approx(p[std::size_t(e)] * out[std::size_t(i)]).epsilon(1e-12).margin(1e-12));
     }
   }
 }
@@ -249,9 +249,9 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
   REQUIRE(s.assignments == 6);
   REQUIRE(s.dropped_tokens == 1);
   REQUIRE(s.rerouted_tokens == 2);
-  REQUIRE(s.imbalance == Approx(4.0 / 1.5));
-  REQUIRE(s.load_entropy == Approx(-(4.0 / 6) * std::log(4.0 / 6) - 2 * (1.0 / 6) * std::log(1.0 / 6)));
-  REQUIRE(s.mean_score_entropy == Approx(std::log(4.0) / 2));
+  REQUIRE(s.imbalance == Approx(4.0 / 1.5).epsilon(1e-12));
+  REQUIRE(s.load_entropy == Approx(-(4.0 / 6) * std::log(4.0 / 6) - 2 * (1.0 / 6) * std::log(1.0 / 6)).epsilon(1e-12));
+  REQUIRE(s.mean_score_entropy == Approx(std::log(4.0) / 2).epsilon(1e-12));
   const moe::Routing<double> empty;
   REQUIRE(moe::routing_stats(empty).imbalance == 0);
   // Fewer tokens than experts: the score entropy is a mean over the tokens (2), not the experts (4).
@@ -265,7 +265,7 @@ TEST_CASE("Routing statistics match their definitions", "[balance][stats]") {
     for (index_t e = 0; e < 4; ++e)
       if (two_scores(t, e) > 0) entropy_sum -= two_scores(t, e) * std::log(two_scores(t, e));
   REQUIRE(moe::routing_stats(two, moe::ConstMatrixMap<double>(two_scores.data(), 2, 4)).mean_score_entropy ==
-          Approx(entropy_sum / 2));
+          Approx(entropy_sum / 2).epsilon(1e-12));
   // An empty batch over 3 experts: every load 0, nothing to measure.
   moe::Routing<double> no_tokens;
   no_tokens.clear(3);
