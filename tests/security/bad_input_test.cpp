@@ -729,7 +729,7 @@ namespace {
 struct MisplannedRouter {
   using Scalar = float;
   index_t extra = 0, planned = kE;
-  int damage = 0;  // after build_routing, 1..8: one array of the plan set wrong by hand (below)
+  int damage = 0;  // after build_routing, 1..9: one array of the plan set wrong by hand (below)
   index_t num_experts() const { return kE; }
   index_t d_model() const { return kD; }
   template <class Arch>
@@ -755,6 +755,7 @@ struct MisplannedRouter {
         p.dropped_weight = {0.5f};
         break;
       case 8: p.dropped = {0}; break;
+      case 9: p.rerouted = {T}; break;
       default: break;
     }
   }
@@ -785,8 +786,9 @@ TEST_CASE("MoELayer::forward: a router whose plan does not fit x or the experts"
       "plan.token_begin.size() must be num_tokens + 1 (plan.token_begin.size() = 5, num_tokens + 1 = 6)",
       "plan.weight.size() must be plan.token.size() (plan.weight.size() = 4, plan.token.size() = 5)",
       "plan.dropped[0] must be in [0, num_tokens) (plan.dropped[0] = -1, num_tokens = 5)",
-      "plan.dropped_weight.size() must be plan.dropped.size() (plan.dropped_weight.size() = 0, plan.dropped.size() = 1)"};
-  for (int damage = 1; damage <= 8; ++damage) {
+      "plan.dropped_weight.size() must be plan.dropped.size() (plan.dropped_weight.size() = 0, plan.dropped.size() = 1)",
+      "plan.rerouted[0] must be in [0, num_tokens) (plan.rerouted[0] = 5, num_tokens = 5)"};
+  for (int damage = 1; damage <= 9; ++damage) {
     CAPTURE(damage);
     const moe::MoELayer damaged(MisplannedRouter{0, kE, damage}, experts());
     REQUIRE_REJECTS(damaged.forward(tokens(), y, ws), moe::invalid_argument,
