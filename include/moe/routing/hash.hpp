@@ -133,7 +133,7 @@ class HashRouter {
   // The experts of token `id`, in hash order, written to out[0, k).
   void experts_of(std::int64_t id, index_t* out) const {
     if (!table_.empty()) {
-      if (id < 0 || static_cast<std::uint64_t>(id) >= table_.size()) {
+      if (!in_table(id)) {
         detail::throw_invalid("HashRouter::experts_of: token id is outside the table (token id = ", id,
                               ", table size = ", table_.size(), ")");
       }
@@ -181,7 +181,7 @@ class HashRouter {
     out.reshape(T_, E, config_fingerprint());  // (an empty plan from here on, until the last line)
     for (index_t t = 0; t < T_ && !table_.empty(); ++t) {
       const std::int64_t id = ctx.token_ids[t];
-      if (id < 0 || static_cast<std::uint64_t>(id) >= table_.size()) {
+      if (!in_table(id)) {
         detail::throw_invalid("HashRouter::route: token_ids[", t, "] is outside the table (token_ids[", t, "] = ", id,
                               ", table size = ", table_.size(), ")");
       }
@@ -240,6 +240,10 @@ class HashRouter {
       }
     }
   }
+
+  // Whether a token id has an entry in the table (route checks the batch's ids before it fills the
+  // plan; experts_of checks the one it is given).
+  bool in_table(std::int64_t id) const noexcept { return id >= 0 && static_cast<std::uint64_t>(id) < table_.size(); }
 
   void check_shape(const char* where) const {
     if (num_experts_ < 1) detail::throw_invalid(where, ": num_experts must be at least 1 (num_experts = ", num_experts_, ")");
