@@ -15,7 +15,8 @@
 // kMaxTokenBlock tokens where their x fits L1: packed blocks, see one_block). For a
 // handful of tokens this is one pass over the weights (memory bound, as it must be); for many it
 // is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
-// meanwhile (PanelPrefetch), so that memory and arithmetic overlap. Up to kMaxStreamTokens tokens
+// meanwhile (PanelPrefetch), so that memory and arithmetic overlap; the last register block of a
+// panel's first pass fetches the next panel's first rows (next_panel_row). Up to kMaxStreamTokens tokens
 // take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming.
 #include <algorithm>
 #include <cmath>
@@ -233,6 +234,22 @@ void pack_tokens(Arch, const T* const* x, std::size_t k0, std::size_t k1, T* pac
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j, packed += L) B::load_unaligned(x[j] + i).store_aligned(packed);
 }
 
+// Row i of unit q of the panel `ahead` holds (the gated product's regions: gate rows, then up rows),
+// shifted back by k0 so that a block over [k0, k1) of its rows prefetches the row's first k1 - k0
+// elements; `fallback` where there is no next panel or it is shorter. The last block of a panel's
+// first pass takes these: else it fetches its own rows again, and the next panel's first block (a
+// batch's only token block has no later ones to fetch it) starts with nothing in flight.
+template <class T>
+const T* next_panel_row(const PanelPrefetch& ahead, std::size_t i, std::size_t q, std::size_t k, std::size_t k0,
+                        const T* fallback) noexcept {
+  if (ahead.at[i] == nullptr) return fallback;
+  const T* first = reinterpret_cast<const T*>(ahead.at[i]);
+  const auto held = static_cast<std::size_t>(reinterpret_cast<const T*>(ahead.end[i]) - first);
+  if ((q + 1) * k > held) return fallback;
+  const T* row = first + q * k;
+  return row - k0;  // (in the row before it: a next panel never starts at row 0)
+}
+
 // Runs MB token rows against `units` units of U weight rows (U = 1: single rows; U = 2: a gate
 // row and its up row), block_rows(MB) / U units per register block and the rest one unit at a
 // time. rows(u, ptrs) writes unit u's U row pointers; store(u, count, out) receives the dots of
@@ -260,6 +277,7 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
   T out[MB * NB];
   const T* wr[NB];
   const T* wn[NB];
+  const PanelPrefetch next_panel = ahead;  // (as it was before this sweep's tail units advanced it)
   std::size_t k0 = 0;
   do {
     const std::size_t k1 = std::min(k, k0 + chunk);
@@ -275,8 +293,9 @@ void sweep_units(Arch arch, const T* const* xr, std::size_t k, std::size_t units
         } else if (k1 < k) {  // the last block of a chunk: the next chunk of the first block's rows
           rows(q, wn + q * U);  // (shifted by at most what is left of the row, so no address passes its end)
           for (std::size_t i = 0; i < U; ++i) wn[q * U + i] += std::min(k1 - k0, k - k1);
-        } else {
-          for (std::size_t i = 0; i < U; ++i) wn[q * U + i] = wr[q * U + i];
+        } else {  // the panel's last block: the next panel's first rows, where a first pass fetches them
+          for (std::size_t i = 0; i < U; ++i)
+            wn[q * U + i] = first_pass ? next_panel_row(next_panel, i, q, k, k0, wr[q * U + i]) : wr[q * U + i];
         }
       }
       // Only chunks park accumulators; whole rows never touch `carry` (and u may be past its end).
