@@ -14,7 +14,8 @@
 //   S/m/threads  S1 or S2's SwiGLU expert, or S3's ReLU FFN (the shapes of shapes_bench), on m
 //                tokens; each call takes the next of the shape's E experts, whose weights together
 //                far exceed the L3, so they come cold (the baseline's experts run E/2 behind)
-// Counters: this_ms and base_ms per call, and this/base (their sums' ratio). After the runs the
+// Counters: this_ms and base_ms per call, this/base (their sums' ratio), and max_diff, how far the
+// two sides' outputs differ on one expert (0 when a change keeps the bits). After the runs the
 // binary prints them as a table (medians over repetitions).
 #include <benchmark/benchmark.h>
 
@@ -116,6 +117,17 @@ void BM_Pair(benchmark::State& state, index_t m, int threads) {
   moe_bench::Lcg(11).fill(x.data(), x.size(), 1.0f);
   // 64-byte aligned, as the layer's workspace is.
   Buffer scratch(static_cast<std::size_t>(std::max(mine.front().scratch_size(m), base.front().scratch_size(m))));
+  // The two sides on the same expert first: their outputs should have the same bits unless the
+  // change means to round otherwise (max_diff, relative to the output's largest magnitude).
+  Buffer y_base(y.size());
+  mine[0].forward(moe::simd::default_arch{}, x.data(), m, y.data(), scratch.data());
+  base[0].forward(moe_base::simd::default_arch{}, x.data(), m, y_base.data(), scratch.data());
+  double largest = 0, diff = 0;
+  for (std::size_t i = 0; i < static_cast<std::size_t>(m * s.d); ++i) {
+    largest = std::max(largest, std::fabs(static_cast<double>(y_base[i])));
+    diff = std::max(diff, std::fabs(static_cast<double>(y[i]) - static_cast<double>(y_base[i])));
+  }
+  state.counters["max_diff"] = largest > 0 ? diff / largest : diff;
   const std::size_t E = mine.size();
   double mine_seconds = 0, base_seconds = 0;
   std::size_t e = 0;
@@ -171,10 +183,10 @@ void register_shape(int max_threads) {
 
 void print_summary(const Collector& collector) {
   std::printf("\nThis tree against the baseline (%s): ms per call, and this / base (medians)\n", MOE_COMPARE_BASE_NAME);
-  std::printf("%-12s %10s %10s %10s\n", "S/m/threads", "this", "base", "this/base");
+  std::printf("%-12s %10s %10s %10s %10s\n", "S/m/threads", "this", "base", "this/base", "max diff");
   for (const auto& [name, counters] : collector.rows) {
-    std::printf("%-12s %10.4f %10.4f %10.3f\n", name.c_str(), counters.at("this_ms"), counters.at("base_ms"),
-                counters.at("this/base"));
+    std::printf("%-12s %10.4f %10.4f %10.3f %10.2g\n", name.c_str(), counters.at("this_ms"), counters.at("base_ms"),
+                counters.at("this/base"), counters.at("max_diff"));
   }
 }
 
