@@ -1,4 +1,5 @@
-// What the benchmarks share: their fixed-seed weights and their wall-time measurements.
+// What the benchmarks share: their fixed-seed weights, wall-time measurements, issue 6's model
+// shapes, and which runs a summary reads.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -47,6 +48,26 @@ double wall_seconds(F&& f) {
   f();
   benchmark::ClobberMemory();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Issue 6's model shapes, measured by shapes_bench (the layer) and compare_bench (one expert).
+struct Shape {
+  const char* name;
+  std::ptrdiff_t d, ff, E, k;
+  bool gated;  // SwiGLU (3 matrices) or ReLU FFN (2)
+  constexpr std::ptrdiff_t matrices() const { return gated ? 3 : 2; }
+  constexpr double expert_params() const { return static_cast<double>(matrices() * d * ff); }
+};
+inline constexpr Shape kShapes[] = {
+    {"S1", 1024, 3584, 8, 2, true}, {"S2", 1024, 512, 64, 6, true}, {"S3", 768, 3072, 32, 1, false}};
+
+// Whether a summary reads this run: a row's median over repetitions, or its only run (not one
+// that failed).
+inline bool summary_run(const benchmark::BenchmarkReporter::Run& r) {
+  if (r.error_occurred) return false;
+  using Run = benchmark::BenchmarkReporter::Run;
+  return (r.run_type == Run::RT_Iteration && r.repetitions <= 1) ||
+         (r.run_type == Run::RT_Aggregate && r.aggregate_name == "median");
 }
 
 }  // namespace moe_bench

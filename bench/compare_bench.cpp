@@ -42,12 +42,8 @@ using index_t = moe::index_t;
 using ConstMap = moe::ConstMatrixMap<float>;  // (Eigen's type: the baseline's alias names it too)
 using Buffer = std::vector<float, moe::HugePageAllocator<float>>;
 
-struct Shape {
-  const char* name;
-  index_t d, ff, E;
-  bool gated;  // SwiGLU (3 matrices) or ReLU FFN (2)
-};
-constexpr Shape kShapes[] = {{"S1", 1024, 3584, 8, true}, {"S2", 1024, 512, 64, true}, {"S3", 768, 3072, 32, false}};
+using moe_bench::kShapes;
+using moe_bench::Shape;
 const index_t kTokenCounts[] = {1, 2, 4, 8, 12, 16, 32, 128};
 constexpr index_t kMaxTokens = 128;
 
@@ -55,7 +51,7 @@ constexpr index_t kMaxTokens = 128;
 struct Weights {
   index_t per_expert;
   Buffer w;
-  explicit Weights(const Shape& s) : per_expert((s.gated ? 3 : 2) * s.d * s.ff) {
+  explicit Weights(const Shape& s) : per_expert(s.matrices() * s.d * s.ff) {
     w.resize(static_cast<std::size_t>(per_expert * s.E));
     moe_bench::Lcg rng(7);
     rng.fill(w.data(), w.size(), 1.0f / std::sqrt(static_cast<float>(s.d)));
@@ -162,9 +158,7 @@ class Collector : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& r : runs) {
-      const bool single = r.run_type == Run::RT_Iteration && r.repetitions <= 1;
-      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
-      if (!single && !median) continue;
+      if (!moe_bench::summary_run(r)) continue;
       auto& row = rows[r.run_name.function_name];
       for (const auto& [counter, value] : r.counters) row[counter] = value.value;
     }

@@ -71,14 +71,8 @@ using Arch = moe::simd::default_arch;
 constexpr index_t kMaxTokens = 2048;
 const int kTokenCounts[] = {1, 16, 128, 512, 2048};
 
-struct Shape {
-  const char* name;
-  index_t d, ff, E, k;
-  bool gated;  // SwiGLU (3 matrices) or ReLU FFN (2)
-  index_t matrices() const { return gated ? 3 : 2; }
-  double expert_params() const { return static_cast<double>(matrices() * d * ff); }
-};
-const Shape kShapes[] = {{"S1", 1024, 3584, 8, 2, true}, {"S2", 1024, 512, 64, 6, true}, {"S3", 768, 3072, 32, 1, false}};
+using moe_bench::kShapes;
+using moe_bench::Shape;
 
 void set_threads(int threads) {
 #if defined(MOE_USE_OPENMP)
@@ -538,10 +532,7 @@ class Collector : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const bool single = r.run_type == Run::RT_Iteration && r.repetitions <= 1;
-      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
-      if (!single && !median) continue;
+      if (!moe_bench::summary_run(r)) continue;
       Entry e;
       e.ms = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit) * 1e3;
       for (const auto& c : r.counters) e.counters[c.first] = c.second.value;
