@@ -1620,6 +1620,11 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
       CAPTURE(c);
       const std::size_t e = j * n + c;
       CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
+      // The documented order, exactly: one chain of FMAs over i from y0 or 0, whichever lane,
+      // vector or padded tail the column falls in.
+      T chain = accumulate ? y0[j * ldy + c] : T(0);
+      for (std::size_t i = 0; i < k; ++i) chain = std::fma(x[j * ldx + i], w[i * ldw + c], chain);
+      CHECK(y[j * ldy + c] == chain);
     }
     for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
 
