@@ -649,6 +649,13 @@ void check_top_k_all_k(const Guarded<T>& x) {
       CHECK(out[j] == ref[j]);
     }
     for (std::size_t j = k; j <= n; ++j) CHECK(out[j] == index_t(-7));
+    // top_k_set: the same k indices, ascending.
+    std::vector<index_t> set(n + 1, index_t(-7));
+    moe::simd::top_k_set(Arch{}, x.data(), n, k, set.data(), values.data(), indices.data());
+    std::vector<index_t> ref_set = ref;
+    std::sort(ref_set.begin(), ref_set.end());
+    for (std::size_t j = 0; j < k; ++j) CHECK(set[j] == ref_set[j]);
+    for (std::size_t j = k; j <= n; ++j) CHECK(set[j] == index_t(-7));
     for (std::size_t i = 0; i < n; ++i) CHECK((dbl(x[i]) == xd[i] || (std::isnan(x[i]) && std::isnan(xd[i]))));
   }
 }
@@ -665,7 +672,7 @@ std::vector<std::size_t> top_k_lengths() {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("simd::top_k matches a stable sort by descending value", "[simd][top_k]", float, double) {
+TEMPLATE_TEST_CASE("simd::top_k and top_k_set match a stable sort by descending value", "[simd][top_k]", float, double) {
   using T = TestType;
   // Both selection paths are reached: k <= kTopKPassLimit (vectorized passes) and above it
   // (partial sort), since k runs over [0, n] with n up to 40.
@@ -714,6 +721,32 @@ TEMPLATE_TEST_CASE("simd::top_k matches a stable sort by descending value", "[si
     fill_uniform(x.data(), n, -5.0, 5.0, rng);
     if (n > 0) x[n - 1] = T(100);
     check_top_k_all_k(x);
+  }
+}
+
+TEMPLATE_TEST_CASE("simd::top_k_set takes both of its paths above the passes", "[simd][top_k]", float, double) {
+  using T = TestType;
+  // n = 600: k = 9 and 18 rank through top_k's partial sort (k · kTopKPartitionShare < n); k = 19,
+  // 100 and 599 partition. Ties from a small value set, a NaN and -inf among them.
+  REQUIRE(18 * moe::simd::kTopKPartitionShare < 600);
+  REQUIRE(19 * moe::simd::kTopKPartitionShare >= 600);
+  const std::size_t n = GENERATE(as<std::size_t>{}, 600);  // (a runtime value: g++ -O3 misread a constant n's loops)
+  auto rng = make_rng(n, 0, 11);
+  std::uniform_int_distribution<int> small(-20, 20);
+  std::vector<T> x(n);
+  for (auto& v : x) v = static_cast<T>(small(rng)) / T(4);
+  x[7] = std::numeric_limits<T>::quiet_NaN();
+  x[300] = -std::numeric_limits<T>::infinity();
+  std::vector<T> values(n);
+  std::vector<index_t> indices(n);
+  for (const std::size_t k : {std::size_t(9), std::size_t(18), std::size_t(19), std::size_t(100), std::size_t(599)}) {
+    CAPTURE(k);
+    std::vector<index_t> set(k + 1, index_t(-7));
+    moe::simd::top_k_set(Arch{}, x.data(), n, k, set.data(), values.data(), indices.data());
+    std::vector<index_t> ref = top_k_reference(to_doubles(x.data(), n), k);
+    std::sort(ref.begin(), ref.end());
+    for (std::size_t j = 0; j < k; ++j) CHECK(set[j] == ref[j]);
+    CHECK(set[k] == index_t(-7));
   }
 }
 

@@ -246,9 +246,9 @@ class ExpertChoiceRouter {
         for (index_t i = 0; i < size; ++i) column[i] = scores(first + i, e);
         const index_t slot = e * per_expert + group_offset;
         index_t* chosen = token + slot;
-        simd::top_k(arch, column, static_cast<std::size_t>(size), static_cast<std::size_t>(c), chosen, top_values,
-                    top_indices);
-        std::sort(chosen, chosen + c);  // tokens ascending inside each expert
+        // (tokens ascending inside each expert)
+        simd::top_k_set(arch, column, static_cast<std::size_t>(size), static_cast<std::size_t>(c), chosen, top_values,
+                        top_indices);
         for (index_t j = 0; j < c; ++j) {
           chosen[j] += first;
           weight[slot + j] = scores(chosen[j], e);

@@ -58,5 +58,27 @@ void top_k(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T*
   std::copy(indices, indices + k, out);
 }
 
+// The k indices top_k chooses, in ascending index order: the same set (ranks_before is a strict
+// total order, so the k best are unique), for callers that do not need them ranked. Where k is
+// at least n / kTopKPartitionShare it partitions (std::nth_element, O(n) on average) instead of
+// ranking the k. Random rows, the two called in alternating order, medians with the ascending
+// sort, n = 4,096: k = 1,024 252 → 84 µs, 256 81 → 48, 128 45 → 43; at k = 16–64 partitioning
+// took 1.4–3.2× as long (the partial sort's heap rejects most values in one comparison); n = 128,
+// k = 16–64: 0.44–0.75 of the time.
+inline constexpr std::size_t kTopKPartitionShare = 32;
+template <class Arch, class T>
+void top_k_set(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T* values, index_t* indices) noexcept {
+  if (k <= kTopKPassLimit || k * kTopKPartitionShare < n) {
+    top_k(arch, x, n, k, out, values, indices);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) indices[i] = static_cast<index_t>(i);
+    if (k < n)
+      std::nth_element(indices, indices + k, indices + n,
+                       [x](index_t a, index_t b) { return ranks_before(x[a], a, x[b], b); });
+    std::copy(indices, indices + k, out);
+  }
+  std::sort(out, out + k);
+}
+
 }  // namespace simd
 MOE_NAMESPACE_END
