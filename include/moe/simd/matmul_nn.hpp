@@ -18,7 +18,6 @@
 // threads take row blocks, each running over every panel. So do they when w is one panel wide
 // (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 
 #include "../core/config.hpp"
