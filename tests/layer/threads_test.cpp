@@ -502,3 +502,74 @@ TEST_CASE("Blocked products give the same bits on 1 and 2 threads across many pa
   }
   omp_set_num_threads(2);
 }
+
+TEST_CASE("even_panel_rows shares the rows out in panels of equal size, as many as a multiple of the threads",
+          "[threads][schedule]") {
+  using moe::simd::even_panel_rows;
+  // One thread: the panels stay as they are.
+  REQUIRE(even_panel_rows(48, 64, 8, 1) == 48);
+  // 64 rows in panels of at most 48 are 2 panels: 2 threads get 32 rows each (not 48 and 16).
+  REQUIRE(even_panel_rows(48, 64, 8, 2) == 32);
+  // 128 rows are 3 such panels, rounded up to 4 for 2 threads: 32 rows each.
+  REQUIRE(even_panel_rows(48, 128, 8, 2) == 32);
+  // 16 rows in one panel of 32: 2 panels of 8, one per thread.
+  REQUIRE(even_panel_rows(32, 16, 8, 2) == 8);
+  // 1024 rows in panels of at most 96 are 11 panels, rounded up to 12: 86 rows each, and 88 in
+  // multiples of 8 (11 panels of 88 and one of 56).
+  REQUIRE(even_panel_rows(96, 1024, 8, 2) == 88);
+  for (const int threads : {2, 3, 4})
+    for (const std::size_t granule : {std::size_t(8), std::size_t(16)})
+      for (std::size_t panel = granule; panel <= 12 * granule; panel += granule)
+        for (std::size_t n = 1; n <= 600; ++n) {
+          CAPTURE(threads, granule, panel, n);
+          const std::size_t rows = even_panel_rows(panel, n, granule, threads);
+          REQUIRE(rows >= granule);
+          REQUIRE(rows <= panel);
+          REQUIRE(rows % granule == 0);
+          // Never more panels than the count rounded up to a multiple of the threads ...
+          const auto t = std::size_t(threads);
+          const std::size_t before = (n + panel - 1) / panel, after = (n + rows - 1) / rows;
+          REQUIRE(after <= (before + t - 1) / t * t);
+          // ... each within a granule of the exact share of that many.
+          REQUIRE(rows < (n + after - 1) / after + granule);
+        }
+}
+
+TEST_CASE("matmul_nt and gated_matmul_nt give the same bits on 1 and 2 threads where panels are evened out",
+          "[threads][determinism]") {
+  using moe::simd::default_arch;
+  // n = 64 rows of 1024 are panels of 48 and 16 rows on one thread and of 32 and 32 on two (k =
+  // 1024, m = 16: 2^20 multiply-adds, worth a second thread); n = 16 rows of 4096 at m = 128 are
+  // one panel on one thread and two on two. Each product also against a plain double dot product.
+  struct Shape {
+    std::size_t m, n, k;
+  };
+  for (const Shape s : {Shape{16, 64, 1024}, Shape{128, 16, 4096}, Shape{1, 160, 1024}}) {
+    CAPTURE(s.m, s.n, s.k);
+    REQUIRE(moe::simd::worth_threads<float>(s.m, s.n, s.k, 1));
+    const moe::Matrix<float> x = random_matrix<float>(index_t(s.m), index_t(s.k), 1);
+    const moe::Matrix<float> w = random_matrix<float>(index_t(s.n), index_t(s.k), 2);
+    const moe::Matrix<float> w_up = random_matrix<float>(index_t(s.n), index_t(s.k), 3);
+    std::vector<float> y[2], h[2];
+    for (const int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      auto& yt = y[threads - 1];
+      auto& ht = h[threads - 1];
+      yt.assign(s.m * s.n, 0.0f);
+      ht.assign(s.m * s.n, 0.0f);
+      moe::simd::matmul_nt(default_arch{}, x.data(), s.m, s.k, w.data(), s.n, yt.data(), s.n);
+      moe::simd::gated_matmul_nt<moe::SiLU>(default_arch{}, x.data(), s.m, s.k, w.data(), w_up.data(), s.n, ht.data(),
+                                            s.n);
+    }
+    REQUIRE(y[0] == y[1]);
+    REQUIRE(h[0] == h[1]);
+    double worst = 0;
+    for (std::size_t j = 0; j < s.m; ++j)
+      for (std::size_t r = 0; r < s.n; ++r) {
+        double dot = 0;
+        for (std::size_t c = 0; c < s.k; ++c) dot += double(x.data()[j * s.k + c]) * double(w.data()[r * s.k + c]);
+        worst = std::max(worst, std::abs(double(y[1][j * s.n + r]) - dot));
+      }
+    REQUIRE(worst <= 1e-3);  // |terms| ≤ 1, k ≤ 4096 of them: float's rounding stays far below
+  }
+}

@@ -541,6 +541,35 @@ std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
 }
 
+// Whether a product of m tokens over `matrices` weights of n rows × k elements is worth a second
+// thread: from 2^20 multiply-adds, or from 512 KiB of weights (read from memory, cold, in a model).
+// Below both, a region's start and the second core's fetch of x cost more than half the product
+// saves. A router's product alone, 1 → 2 threads, medians of 200 interleaved (bench/README,
+// "Session 41"): 2^20 multiply-adds on 256 KiB took 0.72–0.78 as long, cold or warm; 512 KiB at
+// T = 1, 0.83 cold (1.06 warm); but 64 KiB at T = 16 took 1.21 as long, and 256 KiB at T = 1
+// 0.93–0.96 cold and 1.45–1.53 warm (S2's router: 64 × 1024 floats).
+inline constexpr std::size_t kThreadMultiplyAdds = std::size_t(1) << 20;
+inline constexpr std::size_t kThreadWeightBytes = 512 * 1024;
+template <class T>
+bool worth_threads(std::size_t m, std::size_t n, std::size_t k, std::size_t matrices) noexcept {
+  return matrices * m * n * k >= kThreadMultiplyAdds || matrices * n * k * sizeof(T) >= kThreadWeightBytes;
+}
+
+// Rows per panel once n rows in panels of at most `panel` rows are shared by `threads` threads: the
+// panel count rounded up to a multiple of the thread count and the rows spread evenly over them (in
+// multiples of `granule`), so that no thread gets a larger share. Few panels are where it matters:
+// a router's 128 rows of 4 KiB at T = 16 were panels of 48, 48 and 32 rows, on which 2 threads took
+// 1.02 of one thread's time, and its 16 rows of 16 KiB at T = 128 one panel, which left the second
+// thread idle; as 4 panels of 32 and 2 of 8 rows, 0.66 and 0.60 (cold weights; bench/README,
+// "Session 41"). The bits do not change: no row's sum depends on the panel it is in.
+inline std::size_t even_panel_rows(std::size_t panel, std::size_t n, std::size_t granule, int threads) noexcept {
+  if (threads < 2) return panel;
+  const auto t = static_cast<std::size_t>(threads);
+  const std::size_t panels = ((n + panel - 1) / panel + t - 1) / t * t;
+  const std::size_t rows = (n + panels - 1) / panels;
+  return std::min(panel, (rows + granule - 1) / granule * granule);
+}
+
 // Rows [begin, end) of panel p, of `panel` rows each, among n rows.
 struct RowRange {
   std::size_t begin, end;
@@ -571,9 +600,11 @@ template <class Arch, class T>
 void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                        T* y, std::size_t ldy) noexcept {
   if (m == 0 || n == 0) return;
-  const std::size_t panel = panel_rows<Arch, T>(k, m, n);
+  const bool parallel = open_region(worth_threads<T>(m, n, k, 1));
+  const int threads = parallel ? max_threads() : 1;
+  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, threads);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-  for_each_ahead(panels, m * n * k > 32768, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
+  for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const RowRange rows = panel_range(p, panel, n);
     PanelPrefetch ahead;
     if (next < panels) {
@@ -617,9 +648,11 @@ template <class Arch, class T>
 void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w_gate, const T* w_up,
                           std::size_t n, T* h, std::size_t ldh, GatedEpilogue<Arch, T> activate) noexcept {
   if (m == 0 || n == 0) return;
-  const std::size_t panel = gated_panel_pairs<Arch, T>(k, m, n);
+  const bool parallel = open_region(worth_threads<T>(m, n, k, 2));
+  const int threads = parallel ? max_threads() : 1;
+  const std::size_t panel = even_panel_rows(gated_panel_pairs<Arch, T>(k, m, n), n, kGatedChunk, threads);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-  for_each_ahead(panels, m * n * k > 16384, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
+  for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const RowRange rows = panel_range(p, panel, n);
     const std::size_t r0 = rows.begin, r1 = rows.end;
     PanelPrefetch ahead;
