@@ -546,7 +546,7 @@ TEST_CASE("matmul_nt and gated_matmul_nt give the same bits on 1 and 2 threads w
   };
   for (const Shape s : {Shape{16, 64, 1024}, Shape{128, 16, 4096}, Shape{1, 160, 1024}}) {
     CAPTURE(s.m, s.n, s.k);
-    REQUIRE(moe::simd::worth_threads<float>(s.m, s.n, s.k, 1));
+    REQUIRE(moe::worth_threads<float>(s.m, s.n, s.k));
     const moe::Matrix<float> x = random_matrix<float>(index_t(s.m), index_t(s.k), 1);
     const moe::Matrix<float> w = random_matrix<float>(index_t(s.n), index_t(s.k), 2);
     const moe::Matrix<float> w_up = random_matrix<float>(index_t(s.n), index_t(s.k), 3);

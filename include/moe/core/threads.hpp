@@ -49,6 +49,23 @@ inline bool in_parallel() noexcept {
 // as copying a hundred rows: dispatch's 128 rows of 3 KiB took 6.1 µs with it, 5.6 without.
 inline bool open_region(bool parallel) noexcept { return parallel && max_threads() > 1 && !in_parallel(); }
 
+// Whether a product of m tokens over `matrices` weights of n × k elements is worth a second
+// thread: from 2^20 multiply-adds, or from 512 KiB of weights (read from memory, cold, in a model).
+// Below both, a region's start and the second core's fetch of the tokens cost more than half the
+// product saves. 1 → 2 threads, medians of 200 interleaved (bench/README, "Session 41"):
+// - a router's x · Wᵀ (simd/matmul.hpp): 2^20 multiply-adds on 256 KiB took 0.72–0.78 as long,
+//   cold or warm; 512 KiB at T = 1, 0.83–0.86 cold (1.00–1.06 warm); but 64 KiB at T = 16 took 1.21,
+//   and 256 KiB at T = 1 0.93–0.96 cold and 1.45–1.53 warm (S2's router: 64 × 1024 floats);
+// - the products of backward and Soft MoE (simd/matmul_nn.hpp): 32 KiB at 2^17 multiply-adds
+//   took 1.12–1.40 as long cold, 1.58–1.99 warm, and 4 KiB at 2^16 2.14 warm; 1 MiB at 2^18,
+//   0.61–0.74 cold.
+inline constexpr std::size_t kThreadMultiplyAdds = std::size_t(1) << 20;
+inline constexpr std::size_t kThreadWeightBytes = 512 * 1024;
+template <class T>
+bool worth_threads(std::size_t m, std::size_t n, std::size_t k, std::size_t matrices = 1) noexcept {
+  return matrices * m * n * k >= kThreadMultiplyAdds || matrices * n * k * sizeof(T) >= kThreadWeightBytes;
+}
+
 // body(i) for i in [0, n): split over the OpenMP threads (static schedule) when open_region(parallel),
 // else in a plain loop.
 template <class Body>

@@ -541,25 +541,11 @@ std::size_t panel_rows(std::size_t k, std::size_t m, std::size_t n) noexcept {
   return std::max(kMaxBlockRows, rows - rows % kMaxBlockRows);
 }
 
-// Whether a product of m tokens over `matrices` weights of n rows × k elements is worth a second
-// thread: from 2^20 multiply-adds, or from 512 KiB of weights (read from memory, cold, in a model).
-// Below both, a region's start and the second core's fetch of x cost more than half the product
-// saves. A router's product alone, 1 → 2 threads, medians of 200 interleaved (bench/README,
-// "Session 41"): 2^20 multiply-adds on 256 KiB took 0.72–0.78 as long, cold or warm; 512 KiB at
-// T = 1, 0.83 cold (1.06 warm); but 64 KiB at T = 16 took 1.21 as long, and 256 KiB at T = 1
-// 0.93–0.96 cold and 1.45–1.53 warm (S2's router: 64 × 1024 floats).
-inline constexpr std::size_t kThreadMultiplyAdds = std::size_t(1) << 20;
-inline constexpr std::size_t kThreadWeightBytes = 512 * 1024;
-template <class T>
-bool worth_threads(std::size_t m, std::size_t n, std::size_t k, std::size_t matrices) noexcept {
-  return matrices * m * n * k >= kThreadMultiplyAdds || matrices * n * k * sizeof(T) >= kThreadWeightBytes;
-}
-
 // Rows per panel once n rows in panels of at most `panel` rows are shared by `threads` threads: the
 // panel count rounded up to a multiple of the thread count and the rows spread evenly over them (in
 // multiples of `granule`), so that no thread gets a larger share. Few panels are where it matters:
 // a router's 128 rows of 4 KiB at T = 16 were panels of 48, 48 and 32 rows, on which 2 threads took
-// 1.02 of one thread's time, and its 16 rows of 16 KiB at T = 128 one panel, which left the second
+// 1.03 of one thread's time, and its 16 rows of 16 KiB at T = 128 one panel, which left the second
 // thread idle; as 4 panels of 32 and 2 of 8 rows, 0.66 and 0.60 (cold weights; bench/README,
 // "Session 41"). The bits do not change: no row's sum depends on the panel it is in.
 inline std::size_t even_panel_rows(std::size_t panel, std::size_t n, std::size_t granule, int threads) noexcept {
@@ -600,7 +586,7 @@ template <class Arch, class T>
 void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                        T* y, std::size_t ldy) noexcept {
   if (m == 0 || n == 0) return;
-  const bool parallel = open_region(worth_threads<T>(m, n, k, 1));
+  const bool parallel = open_region(worth_threads<T>(m, n, k));
   const int threads = parallel ? max_threads() : 1;
   const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, threads);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);

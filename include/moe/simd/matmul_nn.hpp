@@ -148,7 +148,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     }
   };
   static_assert(kNNTokenBlock == 6, "one case per token block size");
-  const bool parallel = m * n * k > 32768;
+  const bool parallel = worth_threads<T>(m, n, k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   const bool shallow = k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes;
   if (shallow || panels == 1) {
