@@ -535,16 +535,21 @@ TEST_CASE("even_panel_rows shares the rows out in panels of equal size, as many 
         }
 }
 
-TEST_CASE("matmul_nt and gated_matmul_nt give the same bits on 1 and 2 threads where panels are evened out",
-          "[threads][determinism]") {
+TEST_CASE(
+    "matmul_nt and gated_matmul_nt give the same bits on 1 and 2 threads where panels are evened out or the tokens split",
+    "[threads][determinism]") {
   using moe::simd::default_arch;
   // n = 64 rows of 1024 are panels of 48 and 16 rows on one thread and of 32 and 32 on two (k =
   // 1024, m = 16: 2^20 multiply-adds, worth a second thread); n = 16 rows of 4096 at m = 128 are
-  // one panel on one thread and two on two. Each product also against a plain double dot product.
+  // one panel on one thread and two on two; 160 rows at m = 1 (640 KiB of weights) 48 · 3 + 16 and
+  // 40 · 4. n = 8 rows are one panel on any thread count, so matmul_nt's threads split the tokens
+  // (37 = 19 + 18, 128 = 64 + 64); the gated product's 16-pair granule keeps them on one thread.
+  // Each product also against a plain double dot product.
   struct Shape {
     std::size_t m, n, k;
   };
-  for (const Shape s : {Shape{16, 64, 1024}, Shape{128, 16, 4096}, Shape{1, 160, 1024}}) {
+  for (const Shape s : {Shape{16, 64, 1024}, Shape{128, 16, 4096}, Shape{1, 160, 1024}, Shape{37, 8, 4096},
+                        Shape{128, 8, 1024}}) {
     CAPTURE(s.m, s.n, s.k);
     REQUIRE(moe::worth_threads<float>(s.m, s.n, s.k));
     const moe::Matrix<float> x = random_matrix<float>(index_t(s.m), index_t(s.k), 1);

@@ -579,16 +579,12 @@ void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
       ahead);
 }
 
-// y [m, n] = x [m, k] · w [n, k]ᵀ; x rows `ldx` apart, y rows `ldy` apart. Threads
-// (MOE_USE_OPENMP) take the weight panels one at a time as they free up, each claiming its next
-// panel before it starts the current one so that it can fetch it ahead (for_each_ahead).
+// y [m, n] = x [m, k] · w [n, k]ᵀ over weight panels of `panel` rows. With `parallel` the threads
+// take the panels one at a time as they free up, each claiming its next panel before it starts the
+// current one so that it can fetch it ahead (for_each_ahead).
 template <class Arch, class T>
-void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
-                       T* y, std::size_t ldy) noexcept {
-  if (m == 0 || n == 0) return;
-  const bool parallel = open_region(worth_threads<T>(m, n, k));
-  const int threads = parallel ? max_threads() : 1;
-  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, threads);
+void panel_products(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
+                    T* y, std::size_t ldy, std::size_t panel, bool parallel) noexcept {
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const RowRange rows = panel_range(p, panel, n);
@@ -599,6 +595,37 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
     }
     panel_product(arch, x, ldx, m, k, w, rows.begin, rows.end, y, ldy, ahead);
   });
+}
+
+// Tokens each thread takes, at least, where threads share a product's tokens rather than its
+// panels: each reads the whole of w, which few tokens would not pay for. A router's 8 rows, 1 → 2
+// threads, cold (bench/README, "Session 41"): 16 tokens each on 16 KiB rows 0.78–0.82 as long, 64
+// on 4 KiB rows 0.74–0.77, 256 or more 0.50–0.58.
+inline constexpr std::size_t kMinThreadTokens = 16;
+
+// y [m, n] = x [m, k] · w [n, k]ᵀ; x rows `ldx` apart, y rows `ldy` apart. Threads
+// (MOE_USE_OPENMP) share the weight panels (panel_products, even_panel_rows) where it is
+// worth_threads. With fewer panels than threads (a router over 8 experts is one panel of 8 rows)
+// they share the tokens instead, each running every panel over its own run of them; a token's row
+// does not depend on the other tokens (batch isolation), so the bits do not change either way.
+template <class Arch, class T>
+void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
+                       T* y, std::size_t ldy) noexcept {
+  if (m == 0 || n == 0) return;
+  const bool parallel = open_region(worth_threads<T>(m, n, k));
+  const auto threads = static_cast<std::size_t>(parallel ? max_threads() : 1);
+  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, static_cast<int>(threads));
+  if (parallel && (n + panel - 1) / panel < threads && m >= threads * kMinThreadTokens) {
+    const std::size_t share = (m + threads - 1) / threads;
+    parallel_for(static_cast<std::ptrdiff_t>(threads), true, [&](std::ptrdiff_t i) {
+      const std::size_t j0 = std::min(m, static_cast<std::size_t>(i) * share), rows = std::min(m - j0, share);
+      if (rows == 0) return;
+      const std::size_t own_panel = panel_rows<Arch, T>(k, rows, n);
+      panel_products(arch, x + j0 * ldx, ldx, rows, k, w, n, y + j0 * ldy, ldy, own_panel, false);
+    });
+    return;
+  }
+  panel_products(arch, x, ldx, m, k, w, n, y, ldy, panel, parallel);
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ with contiguous x rows.
