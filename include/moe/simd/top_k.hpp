@@ -26,6 +26,20 @@ constexpr bool ranks_before(T va, index_t ia, T vb, index_t ib) noexcept {
 // For k at or below this, selection is k vectorized max passes; above it, a partial sort.
 inline constexpr std::size_t kTopKPassLimit = 8;
 
+// Whether x[0, n) holds a NaN. (xsimd::isnan, not v != v: xsimd's != is an ordered compare,
+// false for NaN lanes, unlike C++'s.)
+template <class Arch, class T>
+bool any_nan(Arch, const T* x, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  xsimd::batch_bool<T, Arch> nan(false);
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) nan = nan | xsimd::isnan(B::load_unaligned(x + i));
+  bool tail = false;
+  for (; i < n; ++i) tail = tail || x[i] != x[i];
+  return tail || xsimd::any(nan);
+}
+
 // Writes the indices of the k best values of x[0, n) to out[0, k), best first, in the order of
 // ranks_before (NaN values last). Requires k <= n. Scratch: `values` and `indices`, n elements each.
 template <class Arch, class T>
@@ -33,15 +47,22 @@ void top_k(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T*
   if (k == 0) return;
   // The max passes assume no NaN (a NaN lane can hide the maximum and match no element); a row
   // with NaN takes the partial sort, whose order puts NaN last.
-  bool has_nan = false;
-  for (std::size_t i = 0; i < n; ++i) has_nan = has_nan || x[i] != x[i];
-  if (k <= kTopKPassLimit && !has_nan) {
-    // k passes: vectorized max over a copy, then the first index holding it that is not taken.
-    // Taken entries are set to -inf; the explicit `taken` test keeps real -inf values correct.
+  if (k <= kTopKPassLimit && !any_nan(arch, x, n)) {
+    // k passes: vectorized max over a copy, then the first index holding it that is not taken,
+    // found a vector at a time, then among that vector's lanes. Taken entries are set to -inf;
+    // the explicit `taken` test keeps real -inf values correct. (The search and the NaN check were
+    // scalar loops: one row, n = 256, k = 1–8, 0.39–0.60 of the time; n ≤ 64 0.62–1.08; bench/README,
+    // "Session 41". One scan keeping a sorted list of the k best so far was slower at n = 32–64:
+    // its early vectors hold several entrants each, a mispredicted branch apiece.)
     std::copy(x, x + n, values);
+    using B = batch<T, Arch>;
+    constexpr std::size_t L = B::size;
     for (std::size_t pass = 0; pass < k; ++pass) {
       const T best = max_value(arch, values, n);
-      for (std::size_t i = 0; i < n; ++i) {
+      // The first vector holding `best` by a vector compare, then its lanes one by one.
+      std::size_t from = 0;
+      while (from + L <= n && !xsimd::any(B::load_unaligned(values + from) == B(best))) from += L;
+      for (std::size_t i = from; i < n; ++i) {
         if (values[i] != best) continue;
         const bool taken = std::find(out, out + pass, static_cast<index_t>(i)) != out + pass;
         if (taken) continue;
