@@ -613,8 +613,9 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
                        T* y, std::size_t ldy) noexcept {
   if (m == 0 || n == 0) return;
   const bool parallel = open_region(worth_threads<T>(m, n, k));
-  const auto threads = static_cast<std::size_t>(parallel ? max_threads() : 1);
-  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, static_cast<int>(threads));
+  const int team = parallel ? max_threads() : 1;
+  const auto threads = static_cast<std::size_t>(team);
+  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, team);
   if (parallel && (n + panel - 1) / panel < threads && m >= threads * kMinThreadTokens) {
     const std::size_t share = (m + threads - 1) / threads;
     parallel_for(static_cast<std::ptrdiff_t>(threads), true, [&](std::ptrdiff_t i) {
