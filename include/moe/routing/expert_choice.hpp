@@ -246,7 +246,7 @@ class ExpertChoiceRouter {
         for (index_t i = 0; i < size; ++i) column[i] = scores(first + i, e);
         const index_t slot = e * per_expert + group_offset;
         index_t* chosen = token + slot;
-        // (tokens ascending inside each expert)
+        // The c best tokens, ascending inside each expert.
         simd::top_k_set(arch, column, static_cast<std::size_t>(size), static_cast<std::size_t>(c), chosen, top_values,
                         top_indices);
         for (index_t j = 0; j < c; ++j) {
