@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -580,4 +581,75 @@ TEST_CASE(
     // (2.4e-4 at k = 4096).
     REQUIRE(worst <= 1e-3);
   }
+}
+
+TEST_CASE("A top-k route computes each token as it would alone, on 1 and 2 threads, across token runs and blocks",
+          "[threads][determinism][routing]") {
+  // E = 256 experts of width 64 and T = 300: the product is worth a second thread, so two runs of
+  // 150 tokens, each in blocks of 128 logit rows (32,768 logits) and 22. Group-limited sigmoid
+  // routing with a selection bias (DeepSeek-V3) and softmax after top-k with capacity (Megatron).
+  const index_t E = 256, d = 64, Tn = 300;
+  REQUIRE(moe::worth_threads<float>(std::size_t(Tn), std::size_t(E), std::size_t(d)));
+  moe::Vector<float> bias = random_matrix<float>(E, 1, 11, 0.01).col(0);
+  moe::TopKOptions capped = moe::presets::megatron(4, false, 1.0);
+  for (const moe::TopKOptions& options : {moe::presets::deepseek_v3(), capped}) {
+    moe::TopKRouter<float> router(random_matrix<float>(E, d, 12), options);
+    if (options.expert_groups > 1) router.set_selection_bias(bias);
+    const moe::Matrix<float> x = random_matrix<float>(Tn, d, 13);
+    moe::RouterOutput<float> out[2];
+    for (const int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      router.route(x, out[threads - 1]);
+    }
+    omp_set_num_threads(2);
+    REQUIRE(out[0].logits() == out[1].logits());
+    REQUIRE(out[0].scores() == out[1].scores());
+    REQUIRE(out[0].plan.token == out[1].plan.token);
+    REQUIRE(out[0].plan.weight == out[1].plan.weight);
+    REQUIRE(out[0].plan.dropped == out[1].plan.dropped);
+    REQUIRE(out[0].top_k_ids() == out[1].top_k_ids());
+    // Each token at the edges of the runs and blocks, routed alone: the same logits, scores and
+    // choices (capacity aside, which depends on the batch: its pre-capacity ids), bit for bit.
+    for (const index_t t : {index_t(0), index_t(127), index_t(128), index_t(149), index_t(150), index_t(277),
+                            index_t(278), index_t(299)}) {
+      CAPTURE(t);
+      moe::RouterOutput<float> alone;
+      router.route(x.row(t), alone);
+      REQUIRE(alone.logits().row(0) == out[1].logits().row(t));
+      REQUIRE(alone.scores().row(0) == out[1].scores().row(t));
+      REQUIRE(alone.top_k_ids().row(0) == out[1].top_k_ids().row(t));
+    }
+  }
+}
+
+TEST_CASE("A top-k route names the first non-finite logit in token order, whichever run or block holds it",
+          "[threads][errors][routing]") {
+  const index_t E = 256, d = 64, Tn = 300;  // as above: runs of 150 tokens, blocks of 128 and 22
+  moe::TopKRouter<float> router(random_matrix<float>(E, d, 12), moe::presets::mixtral());
+  for (const int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    CAPTURE(threads);
+    const moe::Matrix<float> clean = random_matrix<float>(Tn, d, 13);
+    moe::RouterOutput<float> out;
+    // One non-finite token alone, first and last of the runs and blocks.
+    for (const index_t t : {index_t(0), index_t(127), index_t(128), index_t(149), index_t(150), index_t(277),
+                            index_t(278), index_t(299)}) {
+      moe::Matrix<float> x = clean;
+      x(t, 5) = std::numeric_limits<float>::infinity();
+      REQUIRE_THROWS_WITH(router.route(x, out),
+                          Catch::Contains("logit is not finite (token = " + std::to_string(t) + ", expert = 0,"));
+      REQUIRE(out.plan.num_assignments() == 0);
+    }
+    // Several, in both runs: the first in token order.
+    moe::Matrix<float> x = clean;
+    x(280, 5) = std::numeric_limits<float>::infinity();
+    x(200, 0) = std::numeric_limits<float>::quiet_NaN();
+    x(140, 3) = -std::numeric_limits<float>::infinity();
+    REQUIRE_THROWS_WITH(router.route(x, out), Catch::Contains("logit is not finite (token = 140, expert = 0,"));
+    x(3, 0) = std::numeric_limits<float>::infinity();
+    REQUIRE_THROWS_WITH(router.route(x, out), Catch::Contains("logit is not finite (token = 3, expert = 0,"));
+    router.route(clean, out);
+    REQUIRE(out.plan.num_assignments() == 2 * Tn);
+  }
+  omp_set_num_threads(2);
 }

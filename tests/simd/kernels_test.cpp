@@ -414,6 +414,30 @@ TEMPLATE_TEST_CASE("simd::scale multiplies every element once", "[simd][softmax]
   CHECK(x.guards_intact());
 }
 
+TEMPLATE_TEST_CASE("simd::all_finite finds one inf or NaN at any position", "[simd][softmax]", float, double) {
+  using T = TestType;
+  const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));
+  const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
+  CAPTURE(n, offset);
+  auto rng = make_rng(n, offset, 4);
+  Guarded<T> x = input<T>(n, offset);  // no guard after it: asan sees a read past n
+  fill_uniform(x.data(), n, -1e30, 1e30, rng);
+  CHECK(moe::simd::all_finite(Arch{}, x.data(), n));
+  const T max = std::numeric_limits<T>::max();
+  for (std::size_t i = 0; i < n; ++i) {
+    CAPTURE(i);
+    const T kept = x[i];
+    for (const T bad : {std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+                        std::numeric_limits<T>::quiet_NaN()}) {
+      x[i] = bad;
+      CHECK_FALSE(moe::simd::all_finite(Arch{}, x.data(), n));
+    }
+    x[i] = i % 2 == 0 ? max : -max;  // the largest finite values are finite
+    CHECK(moe::simd::all_finite(Arch{}, x.data(), n));
+    x[i] = kept;
+  }
+}
+
 TEMPLATE_TEST_CASE("simd::softmax matches a double reference and sums to 1", "[simd][softmax]", float, double) {
   using T = TestType;
   const std::size_t n = GENERATE(from_range(lengths_around_lanes<T>()));

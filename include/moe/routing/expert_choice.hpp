@@ -121,8 +121,9 @@ class ExpertChoiceRouter {
     const GroupBounds groups(ctx, T_, "ExpertChoiceRouter::route");
     out.reshape(T_, E, config_fingerprint());
     compute_logits(arch, x, out);
-    if (options_.check_finite) check_finite_logits(out.logits());
     const T* logits = out.logits().data();
+    if (options_.check_finite && !simd::all_finite(arch, logits, static_cast<std::size_t>(T_ * E)))
+      throw_first_non_finite(out.logits());
     T* scores = out.mutable_scores().data();
     for (index_t t = 0; t < T_; ++t) simd::softmax(arch, logits + t * E, scores + t * E, static_cast<std::size_t>(E));
     select(arch, groups, out);
@@ -191,7 +192,8 @@ class ExpertChoiceRouter {
                             out.mutable_logits().data(), static_cast<std::size_t>(num_experts()));
   }
 
-  static void check_finite_logits(const ConstMatrixMap<T>& logits) {
+  // Names the first non-finite logit, in token order (simd::all_finite found one).
+  static void throw_first_non_finite(const ConstMatrixMap<T>& logits) {
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (index_t e = 0; e < logits.cols(); ++e) {
         if (!std::isfinite(logits(t, e))) {

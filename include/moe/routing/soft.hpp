@@ -368,7 +368,8 @@ class SoftRouter {
     } else if (options_.scale != 1.0) {
       for (index_t t = 0; t < T_; ++t) simd::scale(arch, static_cast<T>(options_.scale), &logits(t, 0), n_slots);
     }
-    if (options_.check_finite) check_finite_logits(out);
+    if (options_.check_finite && !simd::all_finite(arch, logits.data(), static_cast<std::size_t>(T_) * n_slots))
+      throw_first_non_finite(out);
 
     // D: softmax over each group's tokens, column by column (vectorized across columns).
     for (index_t g = 0; g < groups.count(); ++g) {
@@ -513,8 +514,9 @@ class SoftRouter {
     for (index_t j = 0; j < num_slots(); ++j) column_scale[j] *= scale;
   }
 
-  // Throws on the first non-finite logit, leaving `out` empty (SoftRouting::clear).
-  static void check_finite_logits(SoftRouting<T>& out) {
+  // Throws on the first non-finite logit, leaving `out` empty (SoftRouting::clear); simd::all_finite
+  // found one.
+  static void throw_first_non_finite(SoftRouting<T>& out) {
     const ConstMatrixMap<T> logits = out.logits();
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (index_t j = 0; j < logits.cols(); ++j) {

@@ -18,6 +18,7 @@
 // The selection bias (DeepSeek e_score_correction_bias) changes which experts are chosen, never
 // the weights.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -182,19 +183,12 @@ class TopKRouter {
     const index_t E = num_experts();
     const GroupBounds groups(ctx, T_, "TopKRouter::route");
     out.reshape(T_, E, config_fingerprint());
-    MatrixMap<T> logits = out.mutable_logits();
     out.input_jittered = T_ > 0 && ctx.training && options_.jitter > 0;
     if (T_ > 0) {
-      // Row-independent product (simd/matmul.hpp): a token's logits do not depend on the batch.
       const bool jitter = out.input_jittered;
       const T* input = jitter ? jittered(x, ctx, out) : x.data();
-      const auto ldx = static_cast<std::size_t>(jitter ? x.cols() : x.outerStride());
-      simd::matmul_nt_strided(arch, input, ldx, static_cast<std::size_t>(T_), static_cast<std::size_t>(d_model()),
-                              weight_.data(), static_cast<std::size_t>(E), logits.data(), static_cast<std::size_t>(E));
+      route_rows(arch, input, static_cast<std::size_t>(jitter ? x.cols() : x.outerStride()), out, T_, E);
     }
-    if (options_.check_finite) check_finite_logits(logits);
-    compute_scores(arch, logits, out.mutable_scores());
-    rank_candidates(arch, out, T_, E);
     decide_and_build(out, groups, T_, E);
     // The pre-capacity ids for the losses, recorded once the route has succeeded: after one that
     // threw (a rerouted weight beyond T's range) top_k_ids() refuses, as the empty plan does.
@@ -442,7 +436,9 @@ class TopKRouter {
     return noisy;
   }
 
-  static void check_finite_logits(const MatrixMap<T>& logits) {
+  // Throws on the first non-finite logit, in token order. Every row before it was written: a run
+  // of route_rows stops at its first block holding one, and the runs before it finished.
+  static void throw_first_non_finite(const ConstMatrixMap<T>& logits) {
     for (index_t t = 0; t < logits.rows(); ++t) {
       for (index_t e = 0; e < logits.cols(); ++e) {
         if (!std::isfinite(logits(t, e))) {
@@ -453,96 +449,149 @@ class TopKRouter {
     }
   }
 
+  // Scratch for selecting one token's experts; one set per run of tokens.
+  struct RowScratch {
+    T* values;           // [E] selection values
+    T* scratch;          // [E] top_k's
+    index_t* indices;    // [E] top_k's
+    T* group_score;      // [expert groups]
+    index_t* group_rank; // [expert groups + group_score_top]
+  };
+
+  // Tokens a thread takes, at least, when the threads share a route's tokens.
+  static constexpr index_t kMinThreadRows = 32;
+  // Logits per block (128 KiB of floats): a block's logits are still in L2 when its scores and
+  // selection read them.
+  static constexpr index_t kBlockLogits = 32768;
+
+  // Every token's logits (x · Wᵀ), scores, ranked candidates and raw weights, a block of tokens at
+  // a time, so that the scores and the selection read logits still in cache rather than a second
+  // pass over [T, E] from memory. Where the product is worth_threads and each thread gets
+  // kMinThreadRows tokens, the threads share the tokens in contiguous runs, product and selection
+  // on the same thread (else one run, whose product may still share its weight panels over the
+  // threads). A token's row depends on that token alone (batch isolation, simd/matmul.hpp), so the
+  // bits do not depend on the split. With check_finite, throws moe::numeric_error naming the
+  // first non-finite logit.
   template <class Arch>
-  void compute_scores(Arch arch, const MatrixMap<T>& logits, MatrixMap<T> scores) const {
-    const auto E = static_cast<std::size_t>(logits.cols());
-    for (index_t t = 0; t < logits.rows(); ++t) {
-      if (options_.score == ScoreFunction::softmax) {
-        simd::softmax(arch, logits.data() + t * logits.cols(), scores.data() + t * logits.cols(), E);
-      } else {
-        simd::sigmoid(arch, logits.data() + t * logits.cols(), scores.data() + t * logits.cols(), E);
+  void route_rows(Arch arch, const T* input, std::size_t ldx, RouterOutput<T>& out, index_t T_, index_t E) const {
+    const index_t R = candidate_stride(), G = options_.expert_groups, top = options_.group_score_top;
+    out.candidate_expert.ensure(T_ * R);
+    out.candidate_raw.ensure(T_ * R);
+    out.candidate_chosen.ensure(T_);
+    out.candidate_ranked.ensure(T_);
+    const auto d = static_cast<std::size_t>(d_model()), n = static_cast<std::size_t>(E);
+    const bool parallel = open_region(worth_threads<T>(static_cast<std::size_t>(T_), n, d));
+    const index_t runs = parallel && T_ >= max_threads() * kMinThreadRows ? max_threads() : 1;
+    // Each run's scratch starts on a cache line of its own (16 elements of 4 or 8 bytes are whole
+    // 64-byte lines), so that the threads do not write to one line.
+    const index_t row_stride = whole_lines(E), groups_stride = whole_lines(G + top);
+    T* values = out.row_values.ensure(runs * row_stride);
+    T* scratch = out.row_scratch.ensure(runs * row_stride);
+    index_t* indices = out.row_indices.ensure(runs * row_stride);
+    T* group_score = out.group_scores.ensure(runs * groups_stride);
+    index_t* group_rank = out.group_rank.ensure(runs * groups_stride);
+    T* logits = out.mutable_logits().data();
+    const index_t block = std::max<index_t>(1, kBlockLogits / E);
+    std::atomic<bool> non_finite{false};
+    parallel_for(runs, runs > 1, [&](std::ptrdiff_t run) {
+      const RowScratch s{values + run * row_stride, scratch + run * row_stride, indices + run * row_stride,
+                         group_score + run * groups_stride, group_rank + run * groups_stride};
+      for (index_t begin = T_ * run / runs, end = T_ * (run + 1) / runs; begin < end; begin += block) {
+        const index_t rows = std::min(block, end - begin);
+        const auto first = static_cast<std::size_t>(begin), count = static_cast<std::size_t>(rows);
+        simd::matmul_nt_strided(arch, input + first * ldx, ldx, count, d, weight_.data(), n, logits + first * n, n);
+        if (options_.check_finite && !simd::all_finite(arch, logits + first * n, count * n)) {
+          non_finite.store(true, std::memory_order_relaxed);
+          return;  // this run's later rows stay unwritten: the scan below stops before them
+        }
+        for (index_t t = begin; t < begin + rows; ++t) score_row(arch, out, t, E);
+        for (index_t t = begin; t < begin + rows; ++t) rank_row(arch, out, t, E, s);
       }
+    });
+    if (non_finite.load(std::memory_order_relaxed)) throw_first_non_finite(out.logits());
+  }
+
+  static index_t whole_lines(index_t count) noexcept { return (count + 15) / 16 * 16; }
+
+  template <class Arch>
+  void score_row(Arch arch, RouterOutput<T>& out, index_t t, index_t E) const {
+    const T* logits = out.logits().data() + t * E;
+    T* scores = out.mutable_scores().data() + t * E;
+    if (options_.score == ScoreFunction::softmax) {
+      simd::softmax(arch, logits, scores, static_cast<std::size_t>(E));
+    } else {
+      simd::sigmoid(arch, logits, scores, static_cast<std::size_t>(E));
     }
   }
 
   // Group-limited routing: keep the best selected_groups groups by the sum of their best
   // group_score_top values; mask the rest.
   template <class Arch>
-  void limit_groups(Arch arch, T* values, RouterOutput<T>& out) const {
+  void limit_groups(Arch arch, T* values, const RowScratch& s) const {
     const index_t G = options_.expert_groups, size = num_experts() / G, top = options_.group_score_top;
-    T* group_score = out.group_scores.ensure(G);
-    T* scratch = out.row_scratch.ensure(num_experts());
-    index_t* indices = out.row_indices.ensure(num_experts());
-    index_t* best = out.group_rank.ensure(G + top);
+    index_t* best = s.group_rank;
     for (index_t g = 0; g < G; ++g) {
       index_t* members = best + G;
-      simd::top_k(arch, values + g * size, static_cast<std::size_t>(size), static_cast<std::size_t>(top), members, scratch, indices);
+      simd::top_k(arch, values + g * size, static_cast<std::size_t>(size), static_cast<std::size_t>(top), members,
+                  s.scratch, s.indices);
       T sum(0);
       for (index_t j = 0; j < top; ++j) sum += values[g * size + members[j]];
-      group_score[g] = sum;
+      s.group_score[g] = sum;
     }
-    simd::top_k(arch, group_score, static_cast<std::size_t>(G), static_cast<std::size_t>(G), best, scratch, indices);
+    simd::top_k(arch, s.group_score, static_cast<std::size_t>(G), static_cast<std::size_t>(G), best, s.scratch,
+                s.indices);
     const T masked = options_.group_mask == GroupMask::zero ? T(0) : -std::numeric_limits<T>::infinity();
     for (index_t r = options_.selected_groups; r < G; ++r) std::fill(values + best[r] * size, values + (best[r] + 1) * size, masked);
   }
 
-  // Per token: candidates in rank order, how many are chosen, and each candidate's raw weight.
+  // Token t's candidates in rank order, how many are chosen, and each candidate's raw weight.
   template <class Arch>
-  void rank_candidates(Arch arch, RouterOutput<T>& out, index_t T_, index_t E) const {
+  void rank_row(Arch arch, RouterOutput<T>& out, index_t t, index_t E, const RowScratch& s) const {
     const index_t k = options_.k, R = candidate_stride();
-    index_t* ranked = out.candidate_expert.ensure(T_ * R);
-    T* raw = out.candidate_raw.ensure(T_ * R);
-    index_t* num_chosen = out.candidate_chosen.ensure(T_);
-    index_t* num_ranked = out.candidate_ranked.ensure(T_);
-    T* values = out.row_values.ensure(E);
-    T* scratch = out.row_scratch.ensure(E);
-    index_t* indices = out.row_indices.ensure(E);
     const bool on_logits = options_.softmax_placement == SoftmaxPlacement::after_top_k;
     const bool has_bias = selection_bias_.size() > 0;
-    const ConstMatrixMap<T> logits = out.logits();
-    const ConstMatrixMap<T> scores = out.scores();
+    const T* logits = out.logits().data() + t * E;
+    const T* scores = out.scores().data() + t * E;
+    T* values = s.values;
+    const T* source = on_logits ? logits : scores;
+    for (index_t e = 0; e < E; ++e) values[e] = source[e] + (has_bias ? selection_bias_[e] : T(0));
+    if (options_.expert_groups > 1) limit_groups(arch, values, s);
+    index_t* row = out.candidate_expert.data() + t * R;
+    simd::top_k(arch, values, static_cast<std::size_t>(E), static_cast<std::size_t>(R), row, s.scratch, s.indices);
 
-    for (index_t t = 0; t < T_; ++t) {
-      const T* source = (on_logits ? logits.data() : scores.data()) + t * E;
-      for (index_t e = 0; e < E; ++e) values[e] = source[e] + (has_bias ? selection_bias_[e] : T(0));
-      if (options_.expert_groups > 1) limit_groups(arch, values, out);
-      index_t* row = ranked + t * R;
-      simd::top_k(arch, values, static_cast<std::size_t>(E), static_cast<std::size_t>(R), row, scratch, indices);
+    // Experts masked by GroupMask::exclude (-inf) are never rerouting targets; GroupMask::zero's
+    // are candidates like any other (they may be chosen too), so reroute can leave the groups.
+    index_t eligible = R;
+    while (eligible > k && values[row[eligible - 1]] == -std::numeric_limits<T>::infinity()) --eligible;
+    out.candidate_ranked.data()[t] = eligible;
 
-      // Experts masked by GroupMask::exclude (-inf) are never rerouting targets; GroupMask::zero's
-      // are candidates like any other (they may be chosen too), so reroute can leave the groups.
-      index_t eligible = R;
-      while (eligible > k && values[row[eligible - 1]] == -std::numeric_limits<T>::infinity()) --eligible;
-      num_ranked[t] = eligible;
+    index_t chosen = k;
+    if (options_.top_p > 0) {
+      T cumulative(0);
+      chosen = 0;
+      do {  // at least one expert, even for a top_p that rounds to 0 in T
+        cumulative += scores[row[chosen++]];
+      } while (chosen < k && cumulative < static_cast<T>(options_.top_p));
+    }
+    out.candidate_chosen.data()[t] = chosen;
 
-      index_t chosen = k;
-      if (options_.top_p > 0) {
-        T cumulative(0);
-        chosen = 0;
-        do {  // at least one expert, even for a top_p that rounds to 0 in T
-          cumulative += scores(t, row[chosen++]);
-        } while (chosen < k && cumulative < static_cast<T>(options_.top_p));
-      }
-      num_chosen[t] = chosen;
-
-      T* row_raw = raw + t * R;
-      if (on_logits) {
-        // Softmax over the k chosen logits; rerouting candidates share the same denominator.
-        // Shifted by the largest chosen logit (with a selection bias the first-ranked expert
-        // need not have it), so no chosen term overflows and their sum is at least 1.
-        T top = logits(t, row[0]);
-        for (index_t j = 1; j < k; ++j) top = std::max(top, logits(t, row[j]));
-        T sum(0);
-        for (index_t j = 0; j < R; ++j) row_raw[j] = std::exp(logits(t, row[j]) - top);
-        for (index_t j = 0; j < k; ++j) sum += row_raw[j];
-        for (index_t j = 0; j < R; ++j) row_raw[j] /= sum;
-        // A rerouting candidate whose logit is far above the chosen ones (ranked below them by a
-        // selection bias or a zero group mask) overflows exp before the division: one exp then.
-        for (index_t j = k; j < R; ++j)
-          if (std::isinf(row_raw[j])) row_raw[j] = std::exp(logits(t, row[j]) - top - std::log(sum));
-      } else {
-        for (index_t j = 0; j < R; ++j) row_raw[j] = scores(t, row[j]);
-      }
+    T* row_raw = out.candidate_raw.data() + t * R;
+    if (on_logits) {
+      // Softmax over the k chosen logits; rerouting candidates share the same denominator.
+      // Shifted by the largest chosen logit (with a selection bias the first-ranked expert
+      // need not have it), so no chosen term overflows and their sum is at least 1.
+      T top = logits[row[0]];
+      for (index_t j = 1; j < k; ++j) top = std::max(top, logits[row[j]]);
+      T sum(0);
+      for (index_t j = 0; j < R; ++j) row_raw[j] = std::exp(logits[row[j]] - top);
+      for (index_t j = 0; j < k; ++j) sum += row_raw[j];
+      for (index_t j = 0; j < R; ++j) row_raw[j] /= sum;
+      // A rerouting candidate whose logit is far above the chosen ones (ranked below them by a
+      // selection bias or a zero group mask) overflows exp before the division: one exp then.
+      for (index_t j = k; j < R; ++j)
+        if (std::isinf(row_raw[j])) row_raw[j] = std::exp(logits[row[j]] - top - std::log(sum));
+    } else {
+      for (index_t j = 0; j < R; ++j) row_raw[j] = scores[row[j]];
     }
   }
 

@@ -25,6 +25,20 @@ T max_value(Arch, const T* x, std::size_t n) noexcept {
   return m;
 }
 
+// Whether every element of x[0, n) is finite (the routers' check_finite: they scan for the
+// first non-finite logit, to name it, only when this says there is one).
+template <class Arch, class T>
+bool all_finite(Arch, const T* x, std::size_t n) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  xsimd::batch_bool<T, Arch> finite(true);
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) finite = finite & xsimd::isfinite(B::load_unaligned(x + i));
+  bool tail = true;
+  for (; i < n; ++i) tail = tail && std::isfinite(x[i]);
+  return tail && xsimd::all(finite);
+}
+
 // f applied to the last count < L elements of a row: the lanes are padded with `pad` and go through
 // the batch kernel of the full ones. Each lane's result depends only on its own input, so equal
 // inputs give equal outputs wherever they sit in the row: the scalar std::exp differs from the
