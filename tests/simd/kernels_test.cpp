@@ -680,6 +680,11 @@ void check_top_k_all_k(const Guarded<T>& x) {
     std::sort(ref_set.begin(), ref_set.end());
     for (std::size_t j = 0; j < k; ++j) CHECK(set[j] == ref_set[j]);
     for (std::size_t j = k; j <= n; ++j) CHECK(set[j] == index_t(-7));
+    // sum_of_top: the chosen values added in rank order, to the bit (a NaN among them: NaN).
+    T ref_sum(0);
+    for (std::size_t j = 0; j < k; ++j) ref_sum += x[static_cast<std::size_t>(ref[j])];
+    const T sum = moe::simd::sum_of_top(Arch{}, x.data(), n, k);
+    CHECK(((sum == ref_sum && std::signbit(sum) == std::signbit(ref_sum)) || (std::isnan(sum) && std::isnan(ref_sum))));
     for (std::size_t i = 0; i < n; ++i) CHECK((dbl(x[i]) == xd[i] || (std::isnan(x[i]) && std::isnan(xd[i]))));
   }
 }
@@ -696,7 +701,8 @@ std::vector<std::size_t> top_k_lengths() {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("simd::top_k and top_k_set match a stable sort by descending value", "[simd][top_k]", float, double) {
+TEMPLATE_TEST_CASE("simd::top_k, top_k_set and sum_of_top match a stable sort by descending value", "[simd][top_k]",
+                   float, double) {
   using T = TestType;
   // Both selection paths are reached: k <= kTopKPassLimit (vectorized passes) and above it
   // (partial sort), since k runs over [0, n] with n up to 40.
@@ -739,6 +745,14 @@ TEMPLATE_TEST_CASE("simd::top_k and top_k_set match a stable sort by descending 
   }
   SECTION("all -inf") {
     std::fill(x.data(), x.data() + n, -inf);
+    check_top_k_all_k(x);
+  }
+  SECTION("signed zeros, equal to each other, beside -1 and 1") {
+    std::uniform_int_distribution<int> pick(0, 3);
+    for (std::size_t i = 0; i < n; ++i) {
+      const int p = pick(rng);
+      x[i] = p == 0 ? T(-0.0) : p == 1 ? T(0.0) : p == 2 ? T(-1) : T(1);
+    }
     check_top_k_all_k(x);
   }
   SECTION("largest value last (in the scalar tail)") {

@@ -525,23 +525,21 @@ class TopKRouter {
   }
 
   // Group-limited routing: keep the best selected_groups groups by the sum of their best
-  // group_score_top values; mask the rest.
+  // group_score_top values; mask the rest. (Which groups are kept is what top_k of the group
+  // scores with k = selected_groups gives, ties to the lower group.)
   template <class Arch>
   void limit_groups(Arch arch, T* values, const RowScratch& s) const {
     const index_t G = options_.expert_groups, size = num_experts() / G, top = options_.group_score_top;
+    const index_t kept = options_.selected_groups;
     index_t* best = s.group_rank;
-    for (index_t g = 0; g < G; ++g) {
-      index_t* members = best + G;
-      simd::top_k(arch, values + g * size, static_cast<std::size_t>(size), static_cast<std::size_t>(top), members,
-                  s.scratch, s.indices);
-      T sum(0);
-      for (index_t j = 0; j < top; ++j) sum += values[g * size + members[j]];
-      s.group_score[g] = sum;
-    }
-    simd::top_k(arch, s.group_score, static_cast<std::size_t>(G), static_cast<std::size_t>(G), best, s.scratch,
+    const auto group_size = static_cast<std::size_t>(size), group_top = static_cast<std::size_t>(top);
+    for (index_t g = 0; g < G; ++g) s.group_score[g] = simd::sum_of_top(arch, values + g * size, group_size, group_top);
+    simd::top_k(arch, s.group_score, static_cast<std::size_t>(G), static_cast<std::size_t>(kept), best, s.scratch,
                 s.indices);
     const T masked = options_.group_mask == GroupMask::zero ? T(0) : -std::numeric_limits<T>::infinity();
-    for (index_t r = options_.selected_groups; r < G; ++r) std::fill(values + best[r] * size, values + (best[r] + 1) * size, masked);
+    for (index_t g = 0; g < G; ++g) {
+      if (std::find(best, best + kept, g) == best + kept) std::fill(values + g * size, values + (g + 1) * size, masked);
+    }
   }
 
   // Token t's candidates in rank order, how many are chosen, and each candidate's raw weight.

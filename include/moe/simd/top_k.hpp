@@ -81,6 +81,47 @@ void top_k(Arch arch, const T* x, std::size_t n, std::size_t k, index_t* out, T*
   std::copy(indices, indices + k, out);
 }
 
+// The sum of the k largest values of x[0, n), added largest first: the values of top_k's choices
+// in their order, so the same sum, without the indices (a group score of group-limited routing
+// needs none). Requires k <= n. Each pass takes the largest value below the last one, as many
+// times as it occurs (up to k in all); NaN ranks after every number, as in top_k, so a row with
+// fewer than k numbers sums a NaN.
+template <class Arch, class T>
+T sum_of_top(Arch arch, const T* x, std::size_t n, std::size_t k) noexcept {
+  if (any_nan(arch, x, n)) {
+    std::size_t numbers = 0;
+    for (std::size_t i = 0; i < n; ++i) numbers += x[i] == x[i] ? 1 : 0;
+    if (numbers < k) return std::numeric_limits<T>::quiet_NaN();
+  }
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  const T lowest = -std::numeric_limits<T>::infinity();
+  T sum(0), below = std::numeric_limits<T>::infinity();
+  bool first = true;
+  for (std::size_t taken = 0; taken < k;) {
+    // The largest value below `below` (all of them on the first pass: +inf is a value too),
+    // then how many elements hold it. NaN lanes fail every compare and count nowhere.
+    const B vbelow(below);
+    B vm(lowest);
+    std::size_t i = 0;
+    for (; i + L <= n; i += L) {
+      const B v = B::load_unaligned(x + i);
+      vm = xsimd::max(vm, xsimd::select(first ? v == v : v < vbelow, v, B(lowest)));
+    }
+    T m = reduce_max(vm);
+    for (std::size_t j = i; j < n; ++j) m = (first ? x[j] == x[j] : x[j] < below) && x[j] > m ? x[j] : m;
+    const B vmax(m);
+    B vcount(T(0));
+    for (i = 0; i + L <= n; i += L) vcount += xsimd::select(B::load_unaligned(x + i) == vmax, B(T(1)), B(T(0)));
+    std::size_t count = static_cast<std::size_t>(reduce_add(vcount));
+    for (std::size_t j = i; j < n; ++j) count += x[j] == m ? 1 : 0;
+    for (std::size_t c = 0; c < count && taken < k; ++c, ++taken) sum += m;
+    below = m;
+    first = false;
+  }
+  return sum;
+}
+
 // The k indices top_k chooses, in ascending index order: the same set (ranks_before is a strict
 // total order, so the k best are unique), for callers that do not need them ranked. Where k is
 // at least n / kTopKPartitionShare it partitions (std::nth_element, O(n) on average) instead of
