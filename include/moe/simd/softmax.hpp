@@ -25,18 +25,28 @@ T max_value(Arch, const T* x, std::size_t n) noexcept {
   return m;
 }
 
+// Whether some element of x[0, n) has a property: `lanes` tests a batch (giving a batch_bool),
+// `one` an element of the tail. A scalar tail, not for_each_batch's padded copy: rows shorter than
+// a vector, over 8 experts, are common, and with the copy top_k's NaN check took ~2 ns more (k =
+// 1–2 at n = 8: 1.05–1.13 of the old passes' time against 0.99–1.06).
+template <class Arch, class T, class Lanes, class One>
+bool any_element(Arch, const T* x, std::size_t n, Lanes lanes, One one) noexcept {
+  using B = batch<T, Arch>;
+  constexpr std::size_t L = B::size;
+  xsimd::batch_bool<T, Arch> found(false);
+  std::size_t i = 0;
+  for (; i + L <= n; i += L) found = found | lanes(B::load_unaligned(x + i));
+  bool tail = false;
+  for (; i < n; ++i) tail = tail || one(x[i]);
+  return tail || xsimd::any(found);
+}
+
 // Whether every element of x[0, n) is finite (the routers' check_finite: they scan for the
 // first non-finite logit, to name it, only when this says there is one).
 template <class Arch, class T>
-bool all_finite(Arch, const T* x, std::size_t n) noexcept {
-  using B = batch<T, Arch>;
-  constexpr std::size_t L = B::size;
-  xsimd::batch_bool<T, Arch> finite(true);
-  std::size_t i = 0;
-  for (; i + L <= n; i += L) finite = finite & xsimd::isfinite(B::load_unaligned(x + i));
-  bool tail = true;
-  for (; i < n; ++i) tail = tail && std::isfinite(x[i]);
-  return tail && xsimd::all(finite);
+bool all_finite(Arch arch, const T* x, std::size_t n) noexcept {
+  return !any_element(arch, x, n, [](const batch<T, Arch>& v) { return !xsimd::isfinite(v); },
+                      [](T v) { return !std::isfinite(v); });
 }
 
 // f applied to the last count < L elements of a row: the lanes are padded with `pad` and go through
