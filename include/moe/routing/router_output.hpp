@@ -82,12 +82,14 @@ class RouterOutput {
   Buffer<std::uint8_t> candidate_kept; // [T, R] survived capacity
   Buffer<index_t> candidate_order;     // [T · R] priority order scratch
   Buffer<index_t> expert_load;         // [E]
+  // Per-row selection scratch, one set for each thread's run of tokens (TopKRouter), each on
+  // cache lines of its own.
   Buffer<T> group_scores;              // [expert groups]
-  Buffer<index_t> group_rank;          // [expert groups + group_score_top]
+  Buffer<index_t> group_rank;          // [expert groups]
   Buffer<T> input_scratch;             // [T, d] jittered router input
   Buffer<T> input_noise;               // [T, d] its jitter factors
   bool input_jittered = false;         // the last route used input_scratch
-  Buffer<T> row_values;                // [E] selection values of one row
+  Buffer<T> row_values;                // [E] selection values of one row (per run, as above)
   Buffer<T> row_scratch;               // [E]
   Buffer<index_t> row_indices;         // [E]
 

@@ -455,7 +455,7 @@ class TopKRouter {
     T* scratch;          // [E] top_k's
     index_t* indices;    // [E] top_k's
     T* group_score;      // [expert groups]
-    index_t* group_rank; // [expert groups + group_score_top]
+    index_t* group_rank; // [selected_groups] the kept groups
   };
 
   // Tokens a thread takes, at least, when the threads share a route's tokens.
@@ -474,7 +474,7 @@ class TopKRouter {
   // first non-finite logit.
   template <class Arch>
   void route_rows(Arch arch, const T* input, std::size_t ldx, RouterOutput<T>& out, index_t T_, index_t E) const {
-    const index_t R = candidate_stride(), G = options_.expert_groups, top = options_.group_score_top;
+    const index_t R = candidate_stride(), G = options_.expert_groups;
     out.candidate_expert.ensure(T_ * R);
     out.candidate_raw.ensure(T_ * R);
     out.candidate_chosen.ensure(T_);
@@ -484,7 +484,7 @@ class TopKRouter {
     const index_t runs = parallel && T_ >= max_threads() * kMinThreadRows ? max_threads() : 1;
     // Each run's scratch starts on a cache line of its own (16 elements of 4 or 8 bytes are whole
     // 64-byte lines), so that the threads do not write to one line.
-    const index_t row_stride = whole_lines(E), groups_stride = whole_lines(G + top);
+    const index_t row_stride = whole_lines(E), groups_stride = whole_lines(G);
     T* values = out.row_values.ensure(runs * row_stride);
     T* scratch = out.row_scratch.ensure(runs * row_stride);
     index_t* indices = out.row_indices.ensure(runs * row_stride);
