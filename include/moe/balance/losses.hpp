@@ -204,18 +204,6 @@ inline double stable_sigmoid(double z) noexcept {
   return e / (1.0 + e);
 }
 
-// Throws moe::numeric_error on the first non-finite logit of rows [begin, end). The losses call
-// it before writing any gradient row, so grad is untouched when they throw.
-template <class T>
-void check_finite_logits(const char* where, const ConstMatrixRef<T>& logits, index_t begin, index_t end) {
-  for (index_t t = begin; t < end; ++t) {
-    for (index_t e = 0; e < logits.cols(); ++e) {
-      const double z = static_cast<double>(logits(t, e));
-      if (!std::isfinite(z)) throw_numeric(where, ": logit is not finite (token = ", t, ", expert = ", e, ", logit = ", z, ")");
-    }
-  }
-}
-
 // For tokens [begin, end): returns Σ_t Σ_i w_i p_ti and writes ∂/∂z of it into grad's rows.
 // `row` is [E] scratch.
 template <class T>

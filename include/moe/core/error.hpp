@@ -3,6 +3,7 @@
 //   "moe::TopKRouter: k must satisfy 1 <= k <= num_experts (k = 0, num_experts = 8)"
 #include <charconv>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <sstream>
@@ -141,6 +142,21 @@ void check_rows(const char* where, const char* name, const M& m, bool written) {
   }
   if (m.outerStride() < 0) {
     throw_invalid(where, ": ", name, "'s rows must lie at increasing addresses (", name, ".outerStride() = ", m.outerStride(), ")");
+  }
+}
+
+// Throws moe::numeric_error naming the first non-finite logit of rows [begin, end), in token order,
+// e.g. "moe::TopKRouter::route: logit is not finite (token = 3, expert = 0, logit = inf)". The
+// losses call it before writing any gradient row, so grad is untouched when they throw; the
+// routers once a vector test (simd::all_finite) has found one.
+template <class M>
+void check_finite_logits(const char* where, const M& logits, std::ptrdiff_t begin, std::ptrdiff_t end) {
+  for (std::ptrdiff_t t = begin; t < end; ++t) {
+    for (std::ptrdiff_t e = 0; e < logits.cols(); ++e) {
+      const double z = static_cast<double>(logits(t, e));
+      if (!std::isfinite(z))
+        throw_numeric(where, ": logit is not finite (token = ", t, ", expert = ", e, ", logit = ", z, ")");
+    }
   }
 }
 

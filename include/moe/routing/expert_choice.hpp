@@ -123,7 +123,7 @@ class ExpertChoiceRouter {
     compute_logits(arch, x, out);
     const T* logits = out.logits().data();
     if (options_.check_finite && !simd::all_finite(arch, logits, static_cast<std::size_t>(T_ * E)))
-      throw_first_non_finite(out.logits());
+      detail::check_finite_logits("ExpertChoiceRouter::route", out.logits(), 0, T_);
     T* scores = out.mutable_scores().data();
     for (index_t t = 0; t < T_; ++t) simd::softmax(arch, logits + t * E, scores + t * E, static_cast<std::size_t>(E));
     select(arch, groups, out);
@@ -190,18 +190,6 @@ class ExpertChoiceRouter {
     simd::matmul_nt_strided(arch, x.data(), static_cast<std::size_t>(x.outerStride()), static_cast<std::size_t>(x.rows()),
                             static_cast<std::size_t>(d_model()), weight_.data(), static_cast<std::size_t>(num_experts()),
                             out.mutable_logits().data(), static_cast<std::size_t>(num_experts()));
-  }
-
-  // Names the first non-finite logit, in token order (simd::all_finite found one).
-  static void throw_first_non_finite(const ConstMatrixMap<T>& logits) {
-    for (index_t t = 0; t < logits.rows(); ++t) {
-      for (index_t e = 0; e < logits.cols(); ++e) {
-        if (!std::isfinite(logits(t, e))) {
-          detail::throw_numeric("ExpertChoiceRouter::route: logit is not finite (token = ", t, ", expert = ", e,
-                                ", logit = ", logits(t, e), ")");
-        }
-      }
-    }
   }
 
   // Fills the plan directly: every expert takes the same number of tokens, so the expert-grouped

@@ -436,19 +436,6 @@ class TopKRouter {
     return noisy;
   }
 
-  // Throws on the first non-finite logit, in token order. Every row before it was written: a run
-  // of route_rows stops at its first block holding one, and the runs before it finished.
-  static void throw_first_non_finite(const ConstMatrixMap<T>& logits) {
-    for (index_t t = 0; t < logits.rows(); ++t) {
-      for (index_t e = 0; e < logits.cols(); ++e) {
-        if (!std::isfinite(logits(t, e))) {
-          detail::throw_numeric("TopKRouter::route: logit is not finite (token = ", t, ", expert = ", e,
-                                ", logit = ", logits(t, e), ")");
-        }
-      }
-    }
-  }
-
   // Scratch for selecting one token's experts; one set per run of tokens.
   struct RowScratch {
     T* values;           // [E] selection values
@@ -508,7 +495,10 @@ class TopKRouter {
         for (index_t t = begin; t < begin + rows; ++t) rank_row(arch, out, t, E, s);
       }
     });
-    if (non_finite.load(std::memory_order_relaxed)) throw_first_non_finite(out.logits());
+    // The scan meets the first non-finite logit before any unwritten row: a run stops at its first
+    // block holding one, and the runs before it finished.
+    if (non_finite.load(std::memory_order_relaxed))
+      detail::check_finite_logits("TopKRouter::route", out.logits(), 0, T_);
   }
 
   static index_t whole_lines(index_t count) noexcept { return (count + 15) / 16 * 16; }
