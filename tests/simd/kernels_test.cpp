@@ -1130,6 +1130,23 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 1);
 }
 
+TEMPLATE_TEST_CASE("simd::matmul_nt over many panels of rows shorter than a page", "[simd][matmul]", float, double) {
+  using T = TestType;
+  // A batch that is one token block (7–14 tokens here) takes such rows a register block's rows apart
+  // (simd::RowOrder): 2,001 rows of 200 elements are 9 or 10 panels (one thread or two), the last of
+  // an odd number of rows, whose last row has no partner. 15 tokens are three blocks and keep the
+  // rows' order.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 7, 8, 10, 14, 15);
+  const std::size_t k = 200, n = 2001;
+  CAPTURE(m);
+  auto rng = make_rng(m, k, n);
+  Guarded<T> x = input<T>(m * k, 0);
+  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(n * k, 0);
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  check_matmul(x, k, m, k, w, n, 0);
+}
+
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
                    "[simd][matmul]", float, double) {
   using T = TestType;

@@ -565,16 +565,51 @@ inline RowRange panel_range(std::ptrdiff_t p, std::size_t panel, std::size_t n) 
   return {begin, std::min(n, begin + panel)};
 }
 
+// The order in which a panel's register blocks take its rows, for a batch that is one token block
+// (its only pass over the weights, from memory). Rows shorter than a 4 KiB page, taken in address
+// order (block i: rows nb·i .. nb·i + nb - 1), share pages between a block's row streams, and each
+// stream stops where the next block's rows begin: the L2's prefetcher, which follows a stream within
+// a page, barely ran them, and cold blocks of 2 KiB rows pulled 11–15 GB/s. So block i takes rows
+// i, i + s, i + 2s, ... (s = units / nb): each of its nb streams reads on through memory from one
+// block to the next; the rows past nb·s follow in order. Which block computes a row changes none of
+// its bits (batch isolation relies on that already). Cold weights, one thread, 7–10 tokens (bench/
+// README.md, "Session 43"): the product alone, S2's down projection (2 KiB rows) 0.62–0.95 of the
+// time and S3's up projection (3 KiB) 0.69–0.95; one expert (compare_bench) at 8 tokens, S2 0.92–0.98
+// and S3 0.92–0.93. Rows of a page or more keep their order, and so do batches of several token
+// blocks, whose later blocks read the panel from L2: reordered, they ran 1.00–1.03× as long.
+inline constexpr std::size_t kPageBytes = 4096;
+struct RowOrder {
+  std::size_t nb, stride, whole;
+  RowOrder(std::size_t units, std::size_t rows_per_block) noexcept
+      : nb(rows_per_block), stride(units / rows_per_block), whole(units - units % rows_per_block) {}
+  // The row unit u reads.
+  std::size_t operator()(std::size_t u) const noexcept { return u < whole ? u / nb + (u % nb) * stride : u; }
+  // How far apart the rows of the block starting at unit u lie.
+  std::size_t step(std::size_t u) const noexcept { return u < whole ? stride : 1; }
+};
+
 // y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows, fetching `ahead` meanwhile.
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
                    std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
   if (streams<Arch, T>(m, k)) return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy);
+  if (k * sizeof(T) >= kPageBytes || !one_block<Arch, T>(m, k)) {
+    for_token_blocks<1>(
+        arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
+        [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
+          for (std::size_t a = 0; a < mb; ++a)
+            for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
+        },
+        ahead);
+    return;
+  }
+  const RowOrder order(r1 - r0, block_rows<Arch>(m, 1));
   for_token_blocks<1>(
-      arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
+      arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + order(u)) * k; },
       [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
+        const std::size_t first = r0 + order(u), step = order.step(u);
         for (std::size_t a = 0; a < mb; ++a)
-          for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
+          for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + first + b * step] = out[a * count + b];
       },
       ahead);
 }
