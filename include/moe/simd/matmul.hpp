@@ -17,7 +17,8 @@
 // is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
 // meanwhile (PanelPrefetch), so that memory and arithmetic overlap; the last register block of a
 // panel's first pass fetches the next panel's first rows (next_panel_row). Up to kMaxStreamTokens tokens
-// take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming.
+// take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming. A batch that
+// is one token block reads rows shorter than a page a register block's rows apart (RowOrder).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -576,7 +577,7 @@ inline RowRange panel_range(std::ptrdiff_t p, std::size_t panel, std::size_t n) 
 // README.md, "Session 43"): the product alone, S2's down projection (2 KiB rows) 0.62–0.95 of the
 // time and S3's up projection (3 KiB) 0.69–0.95; one expert (compare_bench) at 8 tokens, S2 0.92–0.98
 // and S3 0.92–0.93. Rows of a page or more keep their order, and so do batches of several token
-// blocks, whose later blocks read the panel from L2: reordered, they ran 1.00–1.03× as long.
+// blocks, whose later blocks read the panel from L2: reordered, they ran 1.005–1.035× as long.
 inline constexpr std::size_t kPageBytes = 4096;
 struct RowOrder {
   std::size_t nb, stride, whole;
