@@ -576,8 +576,8 @@ inline RowRange panel_range(std::ptrdiff_t p, std::size_t panel, std::size_t n) 
 // its bits (batch isolation relies on that already). Cold weights, one thread, 7–10 tokens (bench/
 // README.md, "Session 43"): the product alone, S2's down projection (2 KiB rows) 0.62–0.95 of the
 // time and S3's up projection (3 KiB) 0.69–0.95; one expert (compare_bench) at 8 tokens, S2 0.92–0.98
-// and S3 0.92–0.93. Rows of a page or more keep their order, and so do batches of several token
-// blocks, whose later blocks read the panel from L2: reordered, they ran 1.005–1.035× as long.
+// and S3 0.92–0.93. Rows of a page or more keep their order (AddressOrder), and so do batches of
+// several token blocks, whose later blocks read the panel from L2.
 inline constexpr std::size_t kPageBytes = 4096;
 struct RowOrder {
   std::size_t nb, stride, whole;
@@ -588,31 +588,33 @@ struct RowOrder {
   // How far apart the rows of the block starting at unit u lie.
   std::size_t step(std::size_t u) const noexcept { return u < whole ? stride : 1; }
 };
+// Address order, RowOrder's interface known at compile time: every other batch's loop compiles as
+// it did before RowOrder (through RowOrder's run-time arithmetic those ran 1.005–1.035× as long).
+struct AddressOrder {
+  std::size_t operator()(std::size_t u) const noexcept { return u; }
+  std::size_t step(std::size_t) const noexcept { return 1; }
+};
 
 // y [m, r0:r1) = x [m, k] · w[r0:r1)ᵀ for one panel of weight rows, fetching `ahead` meanwhile.
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
                    std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
   if (streams<Arch, T>(m, k)) return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy);
-  if (k * sizeof(T) >= kPageBytes || !one_block<Arch, T>(m, k)) {
+  auto in_order = [&](const auto& order) {
     for_token_blocks<1>(
-        arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + u) * k; },
+        arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + order(u)) * k; },
         [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
+          const std::size_t first = r0 + order(u), step = order.step(u);
           for (std::size_t a = 0; a < mb; ++a)
-            for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + r0 + u + b] = out[a * count + b];
+            for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + first + b * step] = out[a * count + b];
         },
         ahead);
-    return;
+  };
+  if (k * sizeof(T) < kPageBytes && one_block<Arch, T>(m, k)) {
+    in_order(RowOrder(r1 - r0, block_rows<Arch>(m, 1)));
+  } else {
+    in_order(AddressOrder{});
   }
-  const RowOrder order(r1 - r0, block_rows<Arch>(m, 1));
-  for_token_blocks<1>(
-      arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + order(u)) * k; },
-      [&](std::size_t j, std::size_t mb, std::size_t u, std::size_t count, const T* out) {
-        const std::size_t first = r0 + order(u), step = order.step(u);
-        for (std::size_t a = 0; a < mb; ++a)
-          for (std::size_t b = 0; b < count; ++b) y[(j + a) * ldy + first + b * step] = out[a * count + b];
-      },
-      ahead);
 }
 
 // y [m, n] = x [m, k] · w [n, k]ᵀ over weight panels of `panel` rows. With `parallel` the threads
