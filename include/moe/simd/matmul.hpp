@@ -112,11 +112,17 @@ inline void prefetch(const void* p) noexcept {
 // that would otherwise wait on memory) finds its rows in cache. Up to two regions (the gated
 // product's gate rows and up rows); kLinesPerStep cache lines each k step, from the first step of
 // the second token block until the panel is fetched (a fixed count keeps the loop's registers free:
-// with a per-call count the compiler spilled). Below 16 tokens the later blocks are too short to
-// fetch all of it, and the next panel's first block reads the rest from memory.
+// with a per-call count the compiler spilled). Below about 32 tokens the later blocks are too short
+// to fetch all of it, and the next panel's first block reads the rest from memory. One line per
+// step, not two: asked for faster than one core's share of the memory can serve them, the fetches
+// stall the blocks and the lines do not stay (two later blocks of 6 × 4 over a 192 KiB panel, one
+// thread: two lines per step slowed them 1.5× and left the next panel as cold as no fetch; one line
+// per step slowed them 1.2× and left its first half in cache). One expert, cold weights, against
+// two lines per step (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens
+// 0.91–0.99, rows without later blocks 0.98–1.03 (the noise).
 struct PanelPrefetch {
   static constexpr std::size_t kLineBytes = 64;
-  static constexpr std::size_t kLinesPerStep = 2;
+  static constexpr std::size_t kLinesPerStep = 1;
   const char* at[2] = {nullptr, nullptr};
   const char* end[2] = {nullptr, nullptr};
 
