@@ -112,14 +112,15 @@ inline void prefetch(const void* p) noexcept {
 // that would otherwise wait on memory) finds its rows in cache. Up to two regions (the gated
 // product's gate rows and up rows); kLinesPerStep cache lines each k step, from the first step of
 // the second token block until the panel is fetched (a fixed count keeps the loop's registers free:
-// with a per-call count the compiler spilled). Below about 32 tokens the later blocks are too short
-// to fetch all of it, and the next panel's first block reads the rest from memory. One line per
-// step, not two: asked for faster than one core's share of the memory can serve them, the fetches
-// stall the blocks and the lines do not stay (two later blocks of 6 × 4 over a 192 KiB panel, one
-// thread: two lines per step slowed them 1.5× and left the next panel as cold as no fetch; one line
-// per step slowed them 1.2× and left its first half in cache). One expert, cold weights, against
-// two lines per step (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens
-// 0.91–0.99, rows without later blocks 0.98–1.03 (the noise).
+// with a per-call count the compiler spilled). A 4-row block's step reads four lines of its panel,
+// so each later block fetches a quarter of the next: below five token blocks (25 tokens) the next
+// panel's first block reads the rest from memory. One line per step, not two: asked for faster than
+// one core serves them while it computes (some 10–15 GB/s), the fetches stall the blocks and the
+// lines do not stay (two later blocks of 6 × 4 over a 192 KiB panel, one thread: two lines per step
+// slowed them 1.5× and left the next panel as cold as no fetch; one line slowed them 1.2× and
+// fetched part of the half it asked for). One expert, cold weights, against two lines per step
+// (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens 0.91–0.99, rows
+// without later blocks 0.98–1.03 (the noise). bench/README.md, "Session 44".
 struct PanelPrefetch {
   static constexpr std::size_t kLineBytes = 64;
   static constexpr std::size_t kLinesPerStep = 1;
