@@ -119,7 +119,7 @@ inline void prefetch(const void* p) noexcept {
 // lines do not stay (two later blocks of 6 × 4 over a 192 KiB panel, one thread: two lines per step
 // slowed them 1.5× and left the next panel as cold as no fetch; one line slowed them 1.2× and
 // fetched part of the half it asked for). One expert, cold weights, against two lines per step
-// (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens 0.91–0.99, rows
+// (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens 0.91–1.00, rows
 // without later blocks 0.98–1.03 (the noise). bench/README.md, "Session 44".
 struct PanelPrefetch {
   static constexpr std::size_t kLineBytes = 64;
