@@ -18,10 +18,9 @@
 //                            those layers; MOE_BENCH_SLEEPING_THREADS=1 lets them sleep)
 //   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree)
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
-//   BM_Dispatch, BM_Combine, BM_Memcpy /S/T   the gather, the weighted scatter, and memcpy of
-//                            the same bytes, in GB/s (bytes read + written)
-//   BM_MemcpyRows/S/T        the rows the combine reads, in its order, each copied by memcpy:
-//                            what the scattered rows alone cost
+//   BM_Dispatch, BM_Combine /S/T   the gather and the weighted scatter on one thread, each timed
+//                            in pairs with memcpy of the same bytes (the combine also with its
+//                            scattered rows copied one memcpy each): GB/s and their ratios
 //   BM_Expert/S/m/threads    one expert's forward on m tokens, its weights cold (each call takes
 //                            the next of the shape's experts, whose weights together far exceed
 //                            the L3): the summary's second table gives its roofline per m, which
@@ -461,10 +460,25 @@ void BM_Overhead(benchmark::State& state, Shape s) {
   }
 }
 
-// Dispatch, combine and memcpy of the same bytes; GB/s counts bytes read + written. memcpy_rows
-// copies the combine's source rows in the combine's order (token by token), one memcpy per row,
-// to consecutive rows: the combine's access pattern without its arithmetic.
-enum class Move { dispatch, combine, memcpy, memcpy_rows };
+// Dispatch and combine, each timed beside memcpy of the same bytes. Every iteration times a batch
+// of the move, then a batch of memcpy (for the combine also of memcpy_rows: its source rows in its
+// order, token by token, one memcpy each, to consecutive rows, which is the combine's access
+// pattern without its arithmetic). Each batch follows one untimed call, so it finds its bytes
+// where a repeated call would, and holds at least kBatchBytes of calls, which dwarfs the clock.
+// The two halves of a pair run microseconds apart, so their ratio holds while the machine's speed
+// moves. Timed as separate benchmarks, seconds apart, S3's ratios at T = 16 and 128 ranged over
+// 0.47–1.18 from run to run. Time = one move; the counters are medians over the iterations: GB/s
+// (bytes read + written) of the move and of memcpy, and, for the summary, "vs memcpy" and
+// "vs rows" (the move's bandwidth over theirs).
+enum class Move { dispatch, combine };
+constexpr double kBatchBytes = 1 << 20;
+constexpr int kMovePairs = 201;
+
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
 template <class M>
 void BM_Move(benchmark::State& state, Shape s, Move what) {
   const index_t T = state.range(0);
@@ -476,23 +490,44 @@ void BM_Move(benchmark::State& state, Shape s, Move what) {
   m.layer->forward(x, y, ws);
   const moe::Routing<float>& plan = ws.routing.plan;
   const auto A = static_cast<std::size_t>(plan.num_assignments()), d = static_cast<std::size_t>(s.d);
-  std::vector<float> dst(A * d);
+  Buffer dst(A * d);  // 64-byte aligned, as the moves' destinations are
   const double bytes = 2.0 * static_cast<double>(A * d * sizeof(float));
-  for (auto _ : state) {
-    switch (what) {
-      case Move::dispatch: moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data()); break;
-      case Move::combine: moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride()); break;
-      case Move::memcpy: std::memcpy(dst.data(), ws.expert_out.data(), A * d * sizeof(float)); break;
-      case Move::memcpy_rows:
-        for (std::size_t j = 0; j < A; ++j) {
-          const auto row = static_cast<std::size_t>(plan.assignment[j]);
-          std::memcpy(dst.data() + j * d, ws.expert_out.data() + row * d, d * sizeof(float));
-        }
-        break;
+  const int reps = static_cast<int>(std::max(1.0, std::ceil(kBatchBytes / std::max(bytes, 1.0))));
+  auto move = [&] {
+    if (what == Move::dispatch) moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data());
+    else moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride());
+  };
+  auto copy = [&] { std::memcpy(dst.data(), ws.expert_out.data(), A * d * sizeof(float)); };
+  auto copy_rows = [&] {
+    for (std::size_t j = 0; j < A; ++j) {
+      const auto row = static_cast<std::size_t>(plan.assignment[j]);
+      std::memcpy(dst.data() + j * d, ws.expert_out.data() + row * d, d * sizeof(float));
     }
+  };
+  // Seconds per call of f, over a batch that follows one untimed call.
+  auto per_call = [reps](auto&& f) {
+    f();
     benchmark::ClobberMemory();
+    return moe_bench::wall_seconds([&] {
+             for (int r = 0; r < reps; ++r) {
+               f();
+               benchmark::ClobberMemory();
+             }
+           }) / reps;
+  };
+  std::vector<double> move_s, copy_s, vs_copy, vs_rows;
+  for (auto _ : state) {
+    const double t = per_call(move), t_copy = per_call(copy);
+    move_s.push_back(t);
+    copy_s.push_back(t_copy);
+    vs_copy.push_back(t_copy / t);
+    if (what == Move::combine) vs_rows.push_back(per_call(copy_rows) / t);
+    state.SetIterationTime(t);
   }
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GB/s"] = bytes * 1e-9 / median(move_s);
+  state.counters["memcpy GB/s"] = bytes * 1e-9 / median(copy_s);
+  state.counters["vs memcpy"] = median(vs_copy);
+  if (what == Move::combine) state.counters["vs rows"] = median(vs_rows);
 }
 
 // One expert on m tokens with cold weights: call i runs expert i mod E, so the weights a call
@@ -630,8 +665,8 @@ void print_summary(const Collector& c) {
   }
   std::printf("  read now, sgemm now: the read bandwidth (GB/s) and sgemm rate (GFLOP/s) measured just before the row's\n"
               "  own timing; roof now: the roofline against those (one sample each: noisy, can pass 1.0)\n");
-  std::printf("  disp/cpy, comb/cpy: dispatch's and combine's bandwidth over memcpy's; comb/rows: over the memcpy of\n"
-              "  the combine's rows in its order\n");
+  std::printf("  disp/cpy, comb/cpy: dispatch's and combine's bandwidth over memcpy's, timed in pairs on one thread;\n"
+              "  comb/rows: over the memcpy of the combine's rows in its order\n");
   std::printf("%-4s %6s %3s %10s %9s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline",
               "roof now", "vs naive", "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows", "read now",
               "sgemm now");
@@ -646,21 +681,24 @@ void print_summary(const Collector& c) {
         const auto* one = c.find("BM_Layer/" + row + "/1");
         const auto* disp = c.find("BM_Dispatch/" + row);
         const auto* comb = c.find("BM_Combine/" + row);
-        const auto* copy = c.find("BM_Memcpy/" + row);
-        const auto* copy_rows = c.find("BM_MemcpyRows/" + row);
-        auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, bool time, double scale = 1.0) {
+        auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, double scale = 1.0) {
           if (a == nullptr || b == nullptr) return std::string("-");
           char buf[32];
-          if (time) std::snprintf(buf, sizeof buf, "%.2f", scale * a->ms / b->ms);
-          else std::snprintf(buf, sizeof buf, "%.2f", a->counters.at("GB/s") / b->counters.at("GB/s"));
+          std::snprintf(buf, sizeof buf, "%.2f", scale * a->ms / b->ms);
+          return std::string(buf);
+        };
+        // A move's bandwidth over memcpy's, as BM_Move measured it pair by pair (on one thread).
+        auto vs = [threads](const Collector::Entry* move, const char* counter) {
+          if (threads != 1 || move == nullptr) return std::string("-");
+          char buf[32];
+          std::snprintf(buf, sizeof buf, "%.2f", move->counters.at(counter));
           return std::string(buf);
         };
         std::printf("%-4s %6d %3d %10.3f %9.2f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads,
                     layer->ms, roofline(*layer, g_limits.at(threads)), roofline_now(*layer),
-                    ratio(naive, layer, true).c_str(), ratio(over, layer, true, 100.0).c_str(),
-                    threads == 2 ? ratio(one, layer, true).c_str() : "-", layer->counters.at("GFLOP/s"),
-                    threads == 1 ? ratio(disp, copy, false).c_str() : "-", threads == 1 ? ratio(comb, copy, false).c_str() : "-",
-                    threads == 1 ? ratio(comb, copy_rows, false).c_str() : "-",
+                    ratio(naive, layer).c_str(), ratio(over, layer, 100.0).c_str(),
+                    threads == 2 ? ratio(one, layer).c_str() : "-", layer->counters.at("GFLOP/s"),
+                    vs(disp, "vs memcpy").c_str(), vs(comb, "vs memcpy").c_str(), vs(comb, "vs rows").c_str(),
                     layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
       }
     }
@@ -681,12 +719,10 @@ void register_shape(const Shape& s) {
   benchmark::RegisterBenchmark(("BM_Overhead/" + n).c_str(), BM_Overhead<M>, s)->Apply(args);
   auto moves = [](benchmark::internal::Benchmark* b) {
     for (const int T : kTokenCounts) b->Arg(T);
-    b->Unit(benchmark::kMicrosecond)->UseRealTime();
+    b->Unit(benchmark::kMicrosecond)->UseManualTime()->Iterations(kMovePairs);
   };
   benchmark::RegisterBenchmark(("BM_Dispatch/" + n).c_str(), BM_Move<M>, s, Move::dispatch)->Apply(moves);
   benchmark::RegisterBenchmark(("BM_Combine/" + n).c_str(), BM_Move<M>, s, Move::combine)->Apply(moves);
-  benchmark::RegisterBenchmark(("BM_Memcpy/" + n).c_str(), BM_Move<M>, s, Move::memcpy)->Apply(moves);
-  benchmark::RegisterBenchmark(("BM_MemcpyRows/" + n).c_str(), BM_Move<M>, s, Move::memcpy_rows)->Apply(moves);
   auto expert_args = [](benchmark::internal::Benchmark* b) {
     for (const int m : kExpertTokens)
       for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({m, threads});
