@@ -12,11 +12,12 @@
 // the summary's roofline is bound ÷ layer time. Weights and the bandwidth buffer sit on 2 MiB
 // pages unless MOE_BENCH_HUGE_PAGES=0.
 //
-//   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; at T ≤ 16 the model's weights
+//   BM_Layer/S/T/threads     MoELayer::forward, warm workspace; at T ≤ 16 the weights it reads
 //                            are flushed from the caches before each iteration (a real model's
 //                            other layers evict them) and the threads woken (they have just run
 //                            those layers; MOE_BENCH_SLEEPING_THREADS=1 lets them sleep)
-//   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree)
+//   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree),
+//                            each iteration timed beside the layer: the ratio of each pair
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine /S/T   the gather and the weighted scatter on one thread, each timed
 //                            in pairs with memcpy of the same bytes (the combine also with its
@@ -258,6 +259,15 @@ struct Model {
     for (const auto& w : mats) all.push_back(&w);
     return all;
   }
+  // The weights a forward under `plan` reads: the router's and those of every expert with a token.
+  std::vector<const Buffer*> weights_read(const moe::Routing<float>& plan) const {
+    std::vector<const Buffer*> read{&gate};
+    for (index_t e = 0; e < shape.E; ++e) {
+      if (plan.tokens_of(e) == 0) continue;
+      for (index_t i = 0; i < shape.matrices(); ++i) read.push_back(&mats[static_cast<std::size_t>(e * shape.matrices() + i)]);
+    }
+    return read;
+  }
   ConstMap in_proj(index_t e, index_t which) const {
     return ConstMap(mats[static_cast<std::size_t>(e * shape.matrices() + which)].data(), shape.ff, shape.d);
   }
@@ -372,11 +382,28 @@ void wake_threads() {
 #endif
 }
 
-// The timed loop of BM_Layer and BM_Naive: forward() writes y; up to 16 tokens (memory bound)
-// start every iteration with the weights flushed from the caches and the threads woken, untimed.
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+// Whether a batch of T tokens (memory bound) starts each iteration with the weights flushed from
+// the caches and the threads woken, untimed.
+bool starts_cold(index_t T) { return T <= 16; }
+
+// Flushes the model's weights once and returns those the batch reads, which are all that an
+// iteration then needs to flush again: the rest stay out of the caches (and flushing S3's 604 MB
+// took longer than its one-token forward ran, many times over).
+template <class M>
+std::vector<const Buffer*> flush_all(const M& m, const moe::Routing<float>& plan) {
+  evict(m.weights());
+  return m.weights_read(plan);
+}
+
+// The timed loop of BM_Layer: forward() writes y.
 template <class Forward>
 void run_iterations(benchmark::State& state, index_t T, const std::vector<const Buffer*>& weights, Forward forward) {
-  const bool cold = T <= 16;
+  const bool cold = starts_cold(T);
   for (auto _ : state) {
     if (cold) {
       state.PauseTiming();
@@ -400,7 +427,7 @@ void BM_Layer(benchmark::State& state, Shape s) {
   moe::Workspace<float> ws;
   m.layer->forward(x, y, ws);
   const Limits now = refresh_limits(threads);
-  run_iterations(state, T, m.weights(), [&] { m.layer->forward(x, y, ws); });
+  run_iterations(state, T, flush_all(m, ws.routing.plan), [&] { m.layer->forward(x, y, ws); });
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
   const Work w = work_of(s, ws.routing.plan, T);
@@ -415,6 +442,11 @@ void BM_Layer(benchmark::State& state, Shape s) {
   state.counters["sgemm GFLOP/s before"] = now.sgemm_now;
 }
 
+// The naive loop, each iteration timed beside the layer: the layer, then the naive loop, each from
+// the same start as BM_Layer's iterations (cold at T ≤ 16). Time = the naive loop's; "vs naive"
+// = the median over the iterations of naive time ÷ layer time, which the summary reads. Timed as
+// separate benchmarks, minutes apart in a full run, S3 T = 1 on one thread gave 0.95–0.97 in two
+// full runs where three runs of those rows alone gave 1.07–1.13.
 template <class M>
 void BM_Naive(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
@@ -422,21 +454,37 @@ void BM_Naive(benchmark::State& state, Shape s) {
   set_threads(threads);
   const M& m = model<M>(s);
   const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d);
+  Mat y(T, s.d), y_layer(T, s.d);
+  moe::Workspace<float> ws;
+  m.layer->forward(x, y_layer, ws);
   {  // both must compute the same layer (a near-tie may flip a choice: allow 1% of rows)
-    moe::Workspace<float> ws;
-    const Mat expected = m.layer->forward(x, ws);
     m.naive_forward(x, y);
-    const float scale = std::max(expected.cwiseAbs().maxCoeff(), 1e-30f);
+    const float scale = std::max(y_layer.cwiseAbs().maxCoeff(), 1e-30f);
     index_t differing = 0;
-    for (index_t t = 0; t < T; ++t) differing += (y.row(t) - expected.row(t)).cwiseAbs().maxCoeff() > 1e-4f * scale;
+    for (index_t t = 0; t < T; ++t) differing += (y.row(t) - y_layer.row(t)).cwiseAbs().maxCoeff() > 1e-4f * scale;
     if (differing * 100 > T) {
       state.SkipWithError(("naive and layer outputs differ on " + std::to_string(differing) + " rows").c_str());
       return;
     }
   }
-  run_iterations(state, T, m.weights(), [&] { m.naive_forward(x, y); });
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
+  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
+  auto timed = [&](auto&& forward) {
+    if (starts_cold(T)) {
+      evict(weights);
+      wake_threads();
+    }
+    return moe_bench::wall_seconds(forward);
+  };
+  std::vector<double> naive_s, vs_naive;
+  for (auto _ : state) {
+    const double t_layer = timed([&] { m.layer->forward(x, y_layer, ws); });
+    const double t_naive = timed([&] { m.naive_forward(x, y); });
+    state.SetIterationTime(t_naive);
+    naive_s.push_back(t_naive);
+    vs_naive.push_back(t_naive / t_layer);
+  }
+  state.counters["tokens/s"] = static_cast<double>(T) / median(naive_s);
+  state.counters["vs naive"] = median(vs_naive);
 }
 
 // The layer's own work besides the experts: route, dispatch, combine (expert outputs as left by
@@ -473,11 +521,6 @@ void BM_Overhead(benchmark::State& state, Shape s) {
 enum class Move { dispatch, combine };
 constexpr double kBatchBytes = 1 << 20;
 constexpr int kMovePairs = 201;
-
-double median(std::vector<double> v) {
-  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-  return v[v.size() / 2];
-}
 
 template <class M>
 void BM_Move(benchmark::State& state, Shape s, Move what) {
@@ -653,6 +696,12 @@ void print_expert_summary(const Collector& c) {
   }
 }
 
+std::string fixed2(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+
 void print_summary(const Collector& c) {
   std::printf("\nSummary (medians; roofline = bound / layer time; share = (route+dispatch+combine) / layer)\n");
   std::printf("  weights on %s pages (%s); anonymous huge pages in use now: %s\n", g_huge_pages ? "2 MiB" : "4 KiB",
@@ -682,21 +731,16 @@ void print_summary(const Collector& c) {
         const auto* disp = c.find("BM_Dispatch/" + row);
         const auto* comb = c.find("BM_Combine/" + row);
         auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, double scale = 1.0) {
-          if (a == nullptr || b == nullptr) return std::string("-");
-          char buf[32];
-          std::snprintf(buf, sizeof buf, "%.2f", scale * a->ms / b->ms);
-          return std::string(buf);
+          return a == nullptr || b == nullptr ? std::string("-") : fixed2(scale * a->ms / b->ms);
         };
         // A move's bandwidth over memcpy's, as BM_Move measured it pair by pair (on one thread).
         auto vs = [threads](const Collector::Entry* move, const char* counter) {
-          if (threads != 1 || move == nullptr) return std::string("-");
-          char buf[32];
-          std::snprintf(buf, sizeof buf, "%.2f", move->counters.at(counter));
-          return std::string(buf);
+          return threads != 1 || move == nullptr ? std::string("-") : fixed2(move->counters.at(counter));
         };
         std::printf("%-4s %6d %3d %10.3f %9.2f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads,
                     layer->ms, roofline(*layer, g_limits.at(threads)), roofline_now(*layer),
-                    ratio(naive, layer).c_str(), ratio(over, layer, 100.0).c_str(),
+                    naive != nullptr ? fixed2(naive->counters.at("vs naive")).c_str() : "-",
+                    ratio(over, layer, 100.0).c_str(),
                     threads == 2 ? ratio(one, layer).c_str() : "-", layer->counters.at("GFLOP/s"),
                     vs(disp, "vs memcpy").c_str(), vs(comb, "vs memcpy").c_str(), vs(comb, "vs rows").c_str(),
                     layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
@@ -706,16 +750,20 @@ void print_summary(const Collector& c) {
   print_expert_summary(c);
 }
 
+// The layer's rows: every token count on 1 and 2 threads.
+void layer_rows(benchmark::internal::Benchmark* b) {
+  for (const int T : kTokenCounts)
+    for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({T, threads});
+  b->Unit(benchmark::kMillisecond);
+}
+
 template <class M>
 void register_shape(const Shape& s) {
   const std::string n = s.name;
-  auto args = [](benchmark::internal::Benchmark* b) {
-    for (const int T : kTokenCounts)
-      for (int threads = 1; threads <= g_max_threads; ++threads) b->Args({T, threads});
-    b->Unit(benchmark::kMillisecond)->UseRealTime();
-  };
+  auto args = [](benchmark::internal::Benchmark* b) { layer_rows(b->UseRealTime()); };
+  auto pairs = [](benchmark::internal::Benchmark* b) { layer_rows(b->UseManualTime()); };
   benchmark::RegisterBenchmark(("BM_Layer/" + n).c_str(), BM_Layer<M>, s)->Apply(args);
-  benchmark::RegisterBenchmark(("BM_Naive/" + n).c_str(), BM_Naive<M>, s)->Apply(args);
+  benchmark::RegisterBenchmark(("BM_Naive/" + n).c_str(), BM_Naive<M>, s)->Apply(pairs);
   benchmark::RegisterBenchmark(("BM_Overhead/" + n).c_str(), BM_Overhead<M>, s)->Apply(args);
   auto moves = [](benchmark::internal::Benchmark* b) {
     for (const int T : kTokenCounts) b->Arg(T);
