@@ -382,6 +382,7 @@ void wake_threads() {
 #endif
 }
 
+// The middle value (for an even count, the upper of the two in the middle).
 double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
   return v[v.size() / 2];
