@@ -446,8 +446,8 @@ void BM_Layer(benchmark::State& state, Shape s) {
 // The naive loop, each iteration timed beside the layer: the layer, then the naive loop, each from
 // the same start as BM_Layer's iterations (cold at T ≤ 16). Time = the naive loop's; "vs naive"
 // = the median over the iterations of naive time ÷ layer time, which the summary reads. Timed as
-// separate benchmarks, minutes apart in a full run, S3 T = 1 on one thread gave 0.95–0.97 in two
-// full runs where three runs of those rows alone gave 1.07–1.13.
+// separate benchmarks (minutes apart in a full run), S3 T = 1 on one thread ranged over 0.76–1.13
+// from run to run; in pairs, 0.99–1.00.
 template <class M>
 void BM_Naive(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
