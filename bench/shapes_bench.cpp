@@ -401,6 +401,12 @@ std::vector<const Buffer*> flush_all(const M& m, const moe::Routing<float>& plan
   return m.weights_read(plan);
 }
 
+// A cold iteration's start, untimed: as a real model's other layers would leave it.
+void start_cold(const std::vector<const Buffer*>& weights) {
+  evict(weights);
+  wake_threads();
+}
+
 // The timed loop of BM_Layer: forward() writes y.
 template <class Forward>
 void run_iterations(benchmark::State& state, index_t T, const std::vector<const Buffer*>& weights, Forward forward) {
@@ -408,8 +414,7 @@ void run_iterations(benchmark::State& state, index_t T, const std::vector<const 
   for (auto _ : state) {
     if (cold) {
       state.PauseTiming();
-      evict(weights);
-      wake_threads();
+      start_cold(weights);
       state.ResumeTiming();
     }
     forward();
@@ -470,10 +475,7 @@ void BM_Naive(benchmark::State& state, Shape s) {
   }
   const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
   auto timed = [&](auto&& forward) {
-    if (starts_cold(T)) {
-      evict(weights);
-      wake_threads();
-    }
+    if (starts_cold(T)) start_cold(weights);
     return moe_bench::wall_seconds(forward);
   };
   std::vector<double> naive_s, vs_naive;
