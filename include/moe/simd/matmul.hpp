@@ -17,8 +17,9 @@
 // is compute bound, and a panel's later token blocks (which compute from L2) fetch the next panel
 // meanwhile (PanelPrefetch), so that memory and arithmetic overlap; the last register block of a
 // panel's first pass fetches the next panel's first rows (next_panel_row). Up to kMaxStreamTokens tokens
-// take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming. A batch that
-// is one token block reads rows shorter than a page a register block's rows apart (RowOrder).
+// take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming, whose blocks
+// take rows a stream apart, so that each row stream reads on through memory. So does a batch that is
+// one token block on rows shorter than a page (RowOrder).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -407,58 +408,78 @@ static_assert(kMaxTokenBlock == 14, "for_token_blocks has one case per token blo
 // slower.
 inline constexpr std::size_t kMaxStreamTokens = 6;
 
-// Weight rows per register block for a streamed batch of mb tokens: with 32 registers, 1–2 tokens
-// take 8 rows (eight row streams keep the hardware prefetcher busy; no software prefetch), 3–4
-// tokens one row (the weights then stream in address order, the next row prefetched: one expert's
-// FFN, 2 threads, 3–4 tokens, 8–22% faster than 2-row blocks), 5–6 tokens 2 rows (one row: slower),
-// not block_rows' 4. That holds for x rows on 64-byte boundaries. Off them, each x load spans two
-// cache lines, and one-row blocks, which load every x vector once per weight vector, ran 3–4 tokens
-// 1.3–1.9× as long as 8-row (3 tokens) and 4-row (4 tokens) blocks, which share each x load among
-// their rows (bench/README.md, "Session 31"); stream_product takes those then. (The layer's
-// dispatched rows are aligned when d · sizeof(T) is a multiple of 64.)
+// Weight rows per register block for a streamed batch of mb tokens: with 32 registers, one token
+// takes 8 rows (eight row streams keep the hardware prefetcher busy; no software prefetch), 2–6
+// tokens 4 rows, each stream prefetching its next row. Until session 46 the blocks took rows in
+// address order, 3–4 tokens one row at a time and 5–6 two. Rows a stream apart (stream_blocks), one
+// thread, cold weights, a plain read of the same bytes ÷ the product, before → after: 1 token
+// 0.87–1.15 → 1.03–1.24, 2 tokens 0.80–0.91 → 0.98–1.14, 3–4 tokens 0.68–0.99 → 0.87–1.16, 5–6
+// tokens 0.54–0.89 → 0.81–1.04; one expert's forward (compare_bench, two runs) took 0.85–0.97 of
+// the time at 1 token, 0.81–0.94 at 2 and 0.77–0.98 at 4 (bench/README.md, "Session 46"). With x
+// rows off 64-byte boundaries (each x load spans two cache lines) the 4 rows share each x load: 3–4
+// tokens then ran faster than with the 8- and 4-row blocks that case took before. With 16
+// registers, block_rows.
 template <class Arch>
 constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
-  if (vector_registers<Arch>() >= 32) return mb <= 2 ? 8 : mb <= 4 ? 1 : 2;
+  if (vector_registers<Arch>() >= 32) return mb <= 1 ? 8 : 4;
   return block_rows<Arch>(mb, 1);
 }
-template <class Arch>
-constexpr std::size_t unaligned_stream_block_rows(std::size_t mb) noexcept {
-  if (vector_registers<Arch>() >= 32 && (mb == 3 || mb == 4)) return mb == 3 ? 8 : 4;
-  return stream_block_rows<Arch>(mb);
-}
 
-// add_tail for out[j * ldo + q] (x rows ldx apart, weight rows k apart). Out of line: rows are
-// usually a multiple of the lane count, and the block's epilogue stays short.
+// add_tail for out[j * ldo + q · stride] (x rows ldx apart, the block's rows stride · k apart). Out of line:
+// rows are usually a multiple of the lane count, and the block's epilogue stays short.
 template <std::size_t MB, std::size_t NB, class T>
-MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t i, std::size_t k, T* out,
-                                   std::size_t ldo) noexcept {
+MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, std::size_t stride, std::size_t i,
+                                   std::size_t k, T* out, std::size_t ldo) noexcept {
   MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
-    MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) out[j * ldo + q] = add_tail(out[j * ldo + q], x + j * ldx, rows + q * k, i, k);
+    MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) {
+      T& o = out[j * ldo + q * stride];
+      o = add_tail(o, x + j * ldx, rows + q * stride * k, i, k);
+    }
 }
 
-// out[j * ldo + r] = dot(x row j, w row r) for j < MB and rows r in [r0, r1) (a multiple of NB
-// apart), NB rows per register block, with dot_block's rounding. While it runs a block of fewer
-// than eight rows, the next block's rows are prefetched. (The loop over blocks lives here, with the
-// block's body: GCC, told to inline a separate block function into it, dropped the prefetches.)
+// The rows a streamed product reads after the current one, whose first register block a last block
+// prefetches: `rows` rows of k elements from `first` (none when rows = 0).
+template <class T>
+struct StreamAhead {
+  const T* first = nullptr;
+  std::size_t rows = 0;
+};
+
+// out[j * ldo + r] = dot(x row j, w row r) for j < MB and r < NB · s, with dot_block's rounding.
+// Register block b takes rows b, b + s, ..., b + (NB - 1) s: each of its NB rows is the next of its own
+// stream through memory, which reads on from one block to the next (rows taken in address order
+// share pages between a block's streams, and each stream stops where the next block's rows begin),
+// and with fewer than eight rows each stream prefetches its next row while the block runs; the last
+// block prefetches the first block of `after` (taken with the same NB). (The loop over blocks lives
+// here, with the block's body: GCC, told to inline a separate block function into it, dropped the
+// prefetches.)
 template <std::size_t MB, std::size_t NB, class Arch, class T>
-void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t r0, std::size_t r1,
-                   T* out, std::size_t ldo) noexcept {
+void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t s, T* out,
+                   std::size_t ldo, StreamAhead<T> after) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   constexpr std::size_t kLine = PanelPrefetch::kLineBytes / sizeof(T);
-  for (std::size_t r = r0; r < r1; r += NB) {
-    const T* rows = w + r * k;
-    const T* next = r + 2 * NB <= r1 ? rows + NB * k : rows;
+  const std::size_t sk = s * k;
+  const T* after_first = after.rows >= NB ? after.first : nullptr;
+  const std::size_t after_sk = after.rows / NB * k;
+  for (std::size_t b = 0; b < s; ++b) {
+    const T* rows = w + b * k;  // stream q's row: rows + q · sk
+    const T* next = rows + k;
+    std::size_t next_sk = sk;
+    if (b + 1 == s) {
+      next = after_first != nullptr ? after_first : rows;
+      next_sk = after_first != nullptr ? after_sk : sk;
+    }
     B acc[MB][NB];
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
       MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) acc[j][q] = B(T(0));
     std::size_t c = 0;
     for (; c + L <= k; c += L) {
       if (NB < kMaxBlockRows && c % kLine == 0)
-        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) prefetch(next + q * k + c);
+        MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) prefetch(next + q * next_sk + c);
       B wv[NB];
       MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) {
-        wv[q] = B::load_unaligned(rows + q * k + c);
+        wv[q] = B::load_unaligned(rows + q * sk + c);
         if (MB > 1 && MB <= 4) keep_in_register(wv[q]);  // (see dot_block)
       }
       MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
@@ -468,26 +489,29 @@ void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k,
       }
     }
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
-      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) out[j * ldo + r + q] = reduce_add(acc[j][q]);
-    if (c < k) add_stream_tails<MB, NB>(x, ldx, rows, c, k, out + r, ldo);
+      MOE_UNROLL for (std::size_t q = 0; q < NB; ++q) out[j * ldo + b + q * s] = reduce_add(acc[j][q]);
+    if (c < k) add_stream_tails<MB, NB>(x, ldx, rows, s, c, k, out + b, ldo);
   }
 }
 
-// out [MB, n] (rows ldo apart) = x [MB, k] (rows ldx apart) · w [n, k]ᵀ, streamed in blocks of NB rows.
+// out [MB, n] (rows ldo apart) = x [MB, k] (rows ldx apart) · w [n, k]ᵀ, streamed in blocks of NB rows
+// (stream_blocks); the last n % NB rows one at a time, in address order.
 template <std::size_t MB, std::size_t NB, class Arch, class T>
 void stream_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t n, T* out,
-                 std::size_t ldo) noexcept {
+                 std::size_t ldo, StreamAhead<T> after) noexcept {
   const std::size_t whole = n - n % NB;
-  stream_blocks<MB, NB>(arch, x, ldx, w, k, 0, whole, out, ldo);
-  if (whole < n) stream_blocks<MB, 1>(arch, x, ldx, w, k, whole, n, out, ldo);
+  stream_blocks<MB, NB>(arch, x, ldx, w, k, whole / NB, out, ldo, after);
+  if (whole < n) stream_blocks<MB, 1>(arch, x, ldx, w + whole * k, k, n - whole, out + whole, ldo, after);
 }
 
 // Whether an m × k product streams (stream_product) rather than going through for_token_blocks:
 // - one token on any rows (dot_block does not chunk them either);
-// - two tokens on rows whose two x rows fit kStreamPairBytes (of the 48 KiB L1): their 8-row
-//   blocks stream whole long rows faster than dot_block's 4 KiB chunks. One thread, µs per
-//   product, medians of 5 interleaved: 12 KiB rows (S3's down projection) 342 → 315, 14 KiB (S1's)
-//   492 → 443, 16 KiB 594 → 549. (3 tokens on 10 KiB rows, 2-row blocks: 352 → 377, so no.)
+// - two tokens on rows whose two x rows fit kStreamPairBytes (of the 48 KiB L1): their blocks
+//   stream whole long rows faster than dot_block's 4 KiB chunks. One thread, µs per product, medians
+//   of 5 interleaved, 8-row blocks in address order then: 12 KiB rows (S3's down projection) 342 →
+//   315, 14 KiB (S1's) 492 → 443, 16 KiB 594 → 549. (3 tokens on 10 KiB rows, 2-row blocks: 352 →
+//   377, so no; nor in 4-row blocks a stream apart, session 46: 3–6 tokens on 12–14 KiB rows took
+//   0.97–1.16 of the chunked time.)
 // - 2–6 tokens on rows it would not chunk.
 inline constexpr std::size_t kStreamPairBytes = 32 * 1024;
 template <class Arch, class T>
@@ -497,27 +521,29 @@ bool streams(std::size_t m, std::size_t k) noexcept {
   return m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && row_bytes <= kChunkAboveBytes;
 }
 
-// stream_rows for the m tokens of a batch that streams(), in blocks of stream_block_rows(m) rows, or
-// unaligned_stream_block_rows(m) where an x row is off a 64-byte boundary.
+// The first region of `ahead` (the next panel's weight rows, or its gate rows) as a StreamAhead.
+template <class T>
+StreamAhead<T> stream_ahead(const PanelPrefetch& ahead, std::size_t k) noexcept {
+  const T* first = reinterpret_cast<const T*>(ahead.at[0]);
+  if (first == nullptr) return {};
+  return {first, static_cast<std::size_t>(reinterpret_cast<const T*>(ahead.end[0]) - first) / k};
+}
+
+// stream_rows for the m tokens of a batch that streams(), in blocks of stream_block_rows(m) rows;
+// `after` is what the caller streams next.
 template <class Arch, class T>
 void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const T* w, std::size_t k, std::size_t n,
-                    T* out, std::size_t ldo) noexcept {
+                    T* out, std::size_t ldo, StreamAhead<T> after) noexcept {
   static_assert(kMaxStreamTokens == 6, "stream_product has one case per token count");
-  constexpr std::size_t kLine = PanelPrefetch::kLineBytes;
-  const bool aligned = reinterpret_cast<std::uintptr_t>(x) % kLine == 0 && ldx * sizeof(T) % kLine == 0;
   if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
-    if (m == 6) return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo);
+    if (m == 6) return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo, after);
   }
   switch (m) {
-    case 5: return stream_rows<5, stream_block_rows<Arch>(5)>(arch, x, ldx, w, k, n, out, ldo);
-    case 4:
-      if (aligned) return stream_rows<4, stream_block_rows<Arch>(4)>(arch, x, ldx, w, k, n, out, ldo);
-      return stream_rows<4, unaligned_stream_block_rows<Arch>(4)>(arch, x, ldx, w, k, n, out, ldo);
-    case 3:
-      if (aligned) return stream_rows<3, stream_block_rows<Arch>(3)>(arch, x, ldx, w, k, n, out, ldo);
-      return stream_rows<3, unaligned_stream_block_rows<Arch>(3)>(arch, x, ldx, w, k, n, out, ldo);
-    case 2: return stream_rows<2, stream_block_rows<Arch>(2)>(arch, x, ldx, w, k, n, out, ldo);
-    default: return stream_rows<1, stream_block_rows<Arch>(1)>(arch, x, ldx, w, k, n, out, ldo);
+    case 5: return stream_rows<5, stream_block_rows<Arch>(5)>(arch, x, ldx, w, k, n, out, ldo, after);
+    case 4: return stream_rows<4, stream_block_rows<Arch>(4)>(arch, x, ldx, w, k, n, out, ldo, after);
+    case 3: return stream_rows<3, stream_block_rows<Arch>(3)>(arch, x, ldx, w, k, n, out, ldo, after);
+    case 2: return stream_rows<2, stream_block_rows<Arch>(2)>(arch, x, ldx, w, k, n, out, ldo, after);
+    default: return stream_rows<1, stream_block_rows<Arch>(1)>(arch, x, ldx, w, k, n, out, ldo, after);
   }
 }
 
@@ -606,7 +632,8 @@ struct AddressOrder {
 template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
                    std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
-  if (streams<Arch, T>(m, k)) return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy);
+  if (streams<Arch, T>(m, k))
+    return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy, stream_ahead<T>(ahead, k));
   auto in_order = [&](const auto& order) {
     for_token_blocks<1>(
         arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + order(u)) * k; },
@@ -727,8 +754,9 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
       std::copy(gate[a], gate[a] + (r1 - r0), h + token * ldh + r0);
     };
     if (streams<Arch, T>(m, k)) {  // the gate rows, then the up rows
-      stream_product(arch, x, k, m, w_gate + r0 * k, k, r1 - r0, gate[0], kMaxPanelPairs);
-      stream_product(arch, x, k, m, w_up + r0 * k, k, r1 - r0, up[0], kMaxPanelPairs);
+      stream_product(arch, x, k, m, w_gate + r0 * k, k, r1 - r0, gate[0], kMaxPanelPairs,
+                     StreamAhead<T>{w_up + r0 * k, r1 - r0});
+      stream_product(arch, x, k, m, w_up + r0 * k, k, r1 - r0, up[0], kMaxPanelPairs, stream_ahead<T>(ahead, k));
       for (std::size_t a = 0; a < m; ++a) finish(a, a);
       return;
     }
