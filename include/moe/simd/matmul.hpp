@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <cstdint>
 #include <cstdlib>
 
 #include "../core/config.hpp"
@@ -447,12 +446,12 @@ struct StreamAhead {
 
 // out[j * ldo + r] = dot(x row j, w row r) for j < MB and r < NB · s, with dot_block's rounding.
 // Register block b takes rows b, b + s, ..., b + (NB - 1) s: each of its NB rows is the next of its own
-// stream through memory, which reads on from one block to the next (rows taken in address order
-// share pages between a block's streams, and each stream stops where the next block's rows begin),
-// and with fewer than eight rows each stream prefetches its next row while the block runs; the last
-// block prefetches the first block of `after` (taken with the same NB). (The loop over blocks lives
-// here, with the block's body: GCC, told to inline a separate block function into it, dropped the
-// prefetches.)
+// stream through memory, which reads on from one block to the next (in address order each stream
+// stops where the next block's rows begin, and rows shorter than a page share pages between a block's
+// streams), and with fewer than eight rows each stream prefetches its next row while the block runs;
+// the last block prefetches the first block of `after` (taken with the same NB). (The loop over blocks
+// lives here, with the block's body: GCC, told to inline a separate block function into it, dropped
+// the prefetches.)
 template <std::size_t MB, std::size_t NB, class Arch, class T>
 void stream_blocks(Arch, const T* x, std::size_t ldx, const T* w, std::size_t k, std::size_t s, T* out,
                    std::size_t ldo, StreamAhead<T> after) noexcept {
