@@ -1078,9 +1078,9 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
   using T = TestType;
   // m covers every token block size (1–14) and the ways batches are cut into blocks: streamed up
-  // to 6 tokens (one-, two-, four- and eight-row blocks), one packed block of 7–14 where their x
-  // fits (these rows are short), near-equal blocks of at most 6 below 64 (15 → 5 + 5 + 5), blocks
-  // of 5 from 64 on (70).
+  // to 6 tokens (eight-row blocks for one, four-row for more, the last rows one at a time), one
+  // packed block of 7–14 where their x fits (these rows are short), near-equal blocks of at most 6
+  // below 64 (15 → 5 + 5 + 5), blocks of 5 from 64 on (70).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 70);
   const std::size_t k = GENERATE(from_range(matmul_k_values<T>()));
   const std::size_t n = GENERATE(from_range(matmul_n_values<T>()));
@@ -1101,6 +1101,24 @@ TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float
     fill_uniform(x.data(), m * ldx, -1.0, 1.0, rng);
     check_matmul(x, ldx, m, k, w, n, offset);
   }
+}
+
+TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on empty rows (k = 0) give zeros over many panels",
+                   "[simd][matmul]", float, double) {
+  using T = TestType;
+  // Empty rows make panels of tens of thousands of rows; with 100,000 of them the products run over
+  // several, and a panel's last block, which prefetches the next panel's first rows, must find none
+  // to fetch rather than divide by the row length.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 4, 8);
+  const std::size_t n = 100000;
+  CAPTURE(m);
+  const std::vector<T> x(1), w(1), w_up(1);  // (non-null pointers; no element is read)
+  std::vector<T> y(m * n, std::numeric_limits<T>::quiet_NaN());
+  moe::simd::matmul_nt(Arch{}, x.data(), m, 0, w.data(), n, y.data(), n);
+  CHECK(std::all_of(y.begin(), y.end(), [](T v) { return v == T(0); }));
+  std::fill(y.begin(), y.end(), std::numeric_limits<T>::quiet_NaN());
+  moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x.data(), m, 0, w.data(), w_up.data(), n, y.data(), n);
+  CHECK(std::all_of(y.begin(), y.end(), [](T v) { return v == T(0); }));
 }
 
 TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a few per panel", "[simd][matmul]",

@@ -242,6 +242,23 @@ void pack_tokens(Arch, const T* const* x, std::size_t k0, std::size_t k1, T* pac
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j, packed += L) B::load_unaligned(x[j] + i).store_aligned(packed);
 }
 
+// Rows of k elements from `first` (none when rows = 0): what a streamed product reads after the
+// current one, whose first register block its last block prefetches (stream_blocks).
+template <class T>
+struct StreamAhead {
+  const T* first = nullptr;
+  std::size_t rows = 0;
+};
+
+// Region i of `ahead` (the next panel's weight rows; in the gated product, 0 its gate rows and 1 its
+// up rows) as whole rows of k elements (none for empty rows: nothing to fetch).
+template <class T>
+StreamAhead<T> rows_ahead(const PanelPrefetch& ahead, std::size_t i, std::size_t k) noexcept {
+  const T* first = reinterpret_cast<const T*>(ahead.at[i]);
+  if (first == nullptr || k == 0) return {};
+  return {first, static_cast<std::size_t>(reinterpret_cast<const T*>(ahead.end[i]) - first) / k};
+}
+
 // Row i of unit q of the panel `ahead` holds (the gated product's regions: gate rows, then up rows),
 // shifted back by k0 so that a block over [k0, k1) of its rows prefetches the row's first k1 - k0
 // elements; `fallback` where there is no next panel or it is shorter. The last block of a panel's
@@ -250,11 +267,9 @@ void pack_tokens(Arch, const T* const* x, std::size_t k0, std::size_t k1, T* pac
 template <class T>
 const T* next_panel_row(const PanelPrefetch& ahead, std::size_t i, std::size_t q, std::size_t k, std::size_t k0,
                         const T* fallback) noexcept {
-  if (ahead.at[i] == nullptr) return fallback;
-  const T* first = reinterpret_cast<const T*>(ahead.at[i]);
-  const auto held = static_cast<std::size_t>(reinterpret_cast<const T*>(ahead.end[i]) - first);
-  if ((q + 1) * k > held) return fallback;
-  const T* row = first + q * k;
+  const StreamAhead<T> region = rows_ahead<T>(ahead, i, k);
+  if (q + 1 > region.rows) return fallback;
+  const T* row = region.first + q * k;
   return row - k0;  // (in the row before it: a next panel never starts at row 0)
 }
 
@@ -436,14 +451,6 @@ MOE_NOINLINE void add_stream_tails(const T* x, std::size_t ldx, const T* rows, s
     }
 }
 
-// The rows a streamed product reads after the current one, whose first register block a last block
-// prefetches: `rows` rows of k elements from `first` (none when rows = 0).
-template <class T>
-struct StreamAhead {
-  const T* first = nullptr;
-  std::size_t rows = 0;
-};
-
 // out[j * ldo + r] = dot(x row j, w row r) for j < MB and r < NB · s, with dot_block's rounding.
 // Register block b takes rows b, b + s, ..., b + (NB - 1) s: each of its NB rows is the next of its own
 // stream through memory, which reads on from one block to the next (in address order each stream
@@ -518,14 +525,6 @@ bool streams(std::size_t m, std::size_t k) noexcept {
   const std::size_t row_bytes = k * sizeof(T);
   if (m == 1 || (m == 2 && 2 * row_bytes <= kStreamPairBytes)) return true;
   return m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && row_bytes <= kChunkAboveBytes;
-}
-
-// The first region of `ahead` (the next panel's weight rows, or its gate rows) as a StreamAhead.
-template <class T>
-StreamAhead<T> stream_ahead(const PanelPrefetch& ahead, std::size_t k) noexcept {
-  const T* first = reinterpret_cast<const T*>(ahead.at[0]);
-  if (first == nullptr) return {};
-  return {first, static_cast<std::size_t>(reinterpret_cast<const T*>(ahead.end[0]) - first) / k};
 }
 
 // stream_rows for the m tokens of a batch that streams(), in blocks of stream_block_rows(m) rows;
@@ -632,7 +631,7 @@ template <class Arch, class T>
 void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t r0,
                    std::size_t r1, T* y, std::size_t ldy, const PanelPrefetch& ahead) noexcept {
   if (streams<Arch, T>(m, k))
-    return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy, stream_ahead<T>(ahead, k));
+    return stream_product(arch, x, ldx, m, w + r0 * k, k, r1 - r0, y + r0, ldy, rows_ahead<T>(ahead, 0, k));
   auto in_order = [&](const auto& order) {
     for_token_blocks<1>(
         arch, x, ldx, m, k, r1 - r0, [&](std::size_t u, const T** ptrs) { ptrs[0] = w + (r0 + order(u)) * k; },
@@ -755,7 +754,7 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
     if (streams<Arch, T>(m, k)) {  // the gate rows, then the up rows
       stream_product(arch, x, k, m, w_gate + r0 * k, k, r1 - r0, gate[0], kMaxPanelPairs,
                      StreamAhead<T>{w_up + r0 * k, r1 - r0});
-      stream_product(arch, x, k, m, w_up + r0 * k, k, r1 - r0, up[0], kMaxPanelPairs, stream_ahead<T>(ahead, k));
+      stream_product(arch, x, k, m, w_up + r0 * k, k, r1 - r0, up[0], kMaxPanelPairs, rows_ahead<T>(ahead, 0, k));
       for (std::size_t a = 0; a < m; ++a) finish(a, a);
       return;
     }
