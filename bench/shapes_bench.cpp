@@ -18,6 +18,8 @@
 //                            those layers; MOE_BENCH_SLEEPING_THREADS=1 lets them sleep)
 //   BM_Naive/S/T/threads     the per-expert Eigen loop a user would write (checked to agree),
 //                            each iteration timed beside the layer: the ratio of each pair
+//   BM_Threads/S/T           the layer on 1 thread and on 2, each iteration timed in a pair
+//                            (checked to give the same bits): the ratio of each pair
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine /S/T   the gather and the weighted scatter on one thread, each timed
 //                            in pairs with memcpy of the same bytes (the combine also with its
@@ -490,6 +492,49 @@ void BM_Naive(benchmark::State& state, Shape s) {
   state.counters["vs naive"] = median(vs_naive);
 }
 
+// 1 thread against 2, each iteration timing one forward on each from the same start as BM_Layer's
+// (cold at T ≤ 16), the order alternating. Time = the 2-thread forward's; "2 thr x" = the median
+// over the iterations of 1-thread time ÷ 2-thread time, which the summary reads (until session 47
+// it divided two BM_Layer rows timed seconds apart, in different moments of the machine). Each
+// pair's outputs must have the same bits, as the threads guarantee.
+template <class M>
+void BM_Threads(benchmark::State& state, Shape s) {
+  const index_t T = state.range(0);
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y1(T, s.d), y2(T, s.d);
+  moe::Workspace<float> ws;
+  set_threads(2);
+  m.layer->forward(x, y2, ws);  // (sizes the workspace for both counts)
+  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
+  auto timed = [&](int threads, Mat& y) {
+    set_threads(threads);
+    if (starts_cold(T)) start_cold(weights);
+    return moe_bench::wall_seconds([&] { m.layer->forward(x, y, ws); });
+  };
+  std::vector<double> speedup;
+  bool one_first = true;
+  for (auto _ : state) {
+    double t1 = 0, t2 = 0;
+    if (one_first) {
+      t1 = timed(1, y1);
+      t2 = timed(2, y2);
+    } else {
+      t2 = timed(2, y2);
+      t1 = timed(1, y1);
+    }
+    one_first = !one_first;
+    if (std::memcmp(y1.data(), y2.data(), static_cast<std::size_t>(y1.size()) * sizeof(float)) != 0) {
+      state.SkipWithError("the 1- and 2-thread outputs differ");
+      break;
+    }
+    state.SetIterationTime(t2);
+    speedup.push_back(t1 / t2);
+  }
+  set_threads(2);
+  if (!speedup.empty()) state.counters["2 thr x"] = median(speedup);
+}
+
 // The layer's own work besides the experts: route, dispatch, combine (expert outputs as left by
 // a real forward).
 template <class M>
@@ -730,7 +775,7 @@ void print_summary(const Collector& c) {
         if (layer == nullptr) continue;
         const auto* naive = c.find("BM_Naive/" + suffix);
         const auto* over = c.find("BM_Overhead/" + suffix);
-        const auto* one = c.find("BM_Layer/" + row + "/1");
+        const auto* paired = c.find("BM_Threads/" + row);
         const auto* disp = c.find("BM_Dispatch/" + row);
         const auto* comb = c.find("BM_Combine/" + row);
         auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, double scale = 1.0) {
@@ -744,7 +789,8 @@ void print_summary(const Collector& c) {
                     layer->ms, roofline(*layer, g_limits.at(threads)), roofline_now(*layer),
                     naive != nullptr ? fixed2(naive->counters.at("vs naive")).c_str() : "-",
                     ratio(over, layer, 100.0).c_str(),
-                    threads == 2 ? ratio(one, layer).c_str() : "-", layer->counters.at("GFLOP/s"),
+                    threads == 2 && paired != nullptr ? fixed2(paired->counters.at("2 thr x")).c_str() : "-",
+                    layer->counters.at("GFLOP/s"),
                     vs(disp, "vs memcpy").c_str(), vs(comb, "vs memcpy").c_str(), vs(comb, "vs rows").c_str(),
                     layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
       }
@@ -768,6 +814,13 @@ void register_shape(const Shape& s) {
   benchmark::RegisterBenchmark(("BM_Layer/" + n).c_str(), BM_Layer<M>, s)->Apply(args);
   benchmark::RegisterBenchmark(("BM_Naive/" + n).c_str(), BM_Naive<M>, s)->Apply(pairs);
   benchmark::RegisterBenchmark(("BM_Overhead/" + n).c_str(), BM_Overhead<M>, s)->Apply(args);
+  auto token_counts = [](benchmark::internal::Benchmark* b) {
+    for (const int T : kTokenCounts) b->Arg(T);
+    b->Unit(benchmark::kMillisecond)->UseManualTime();
+  };
+  if (g_max_threads >= 2) {
+    benchmark::RegisterBenchmark(("BM_Threads/" + n).c_str(), BM_Threads<M>, s)->Apply(token_counts);
+  }
   auto moves = [](benchmark::internal::Benchmark* b) {
     for (const int T : kTokenCounts) b->Arg(T);
     b->Unit(benchmark::kMicrosecond)->UseManualTime()->Iterations(kMovePairs);
