@@ -1131,10 +1131,11 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   // of 5, whose later ones fetch the next panel. Rows of 711 elements are not chunked: in float 11
   // tokens fit one packed block (11 · 2844 bytes ≤ kPackedXBytes) and 12 do not (6 + 6). Rows of
   // 1027 floats (4108 bytes) are cut into packed chunks for 8–14 tokens (chunks_rows), the last
-  // chunk shorter than a vector; 7 tokens take them whole (28756 bytes).
+  // chunk shorter than a vector; 7 tokens take them whole (28756 bytes). Rows of a page are streamed
+  // by 7 and 8 tokens, in 2-row blocks (8 · 4096 bytes = kPackedXBytes).
   const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 14, 15);
-  const std::size_t k =
-      GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3, 711, 1027);
+  const std::size_t k = GENERATE(as<std::size_t>{}, 20003, moe::simd::kChunkAboveBytes / sizeof(T) + 2 * kLanes<T> + 3,
+                                 711, 1027, moe::simd::kPageBytes / sizeof(T));
   const std::size_t n = 19;
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 1);
@@ -1166,16 +1167,39 @@ TEMPLATE_TEST_CASE("simd::matmul_nt over many panels of rows shorter than a page
   check_matmul(x, k, m, k, w, n, 0);
 }
 
+TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt over many panels of rows a page long", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  // 7–8 tokens stream rows of a page in 2-row blocks a stream apart, 2–6 in 4-row blocks, and 9 are
+  // one packed block in address order; 1,001 rows are several panels, the last of an odd number of
+  // rows (the stream blocks' one-row tail), and each panel's last block prefetches the next.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 6, 7, 8, 9);
+  const std::size_t k = moe::simd::kPageBytes / sizeof(T), n = 1001;
+  CAPTURE(m);
+  if (moe::simd::vector_registers<Arch>() >= 32) CHECK(moe::simd::streams<Arch, T>(m, k) == (m <= 8));
+  auto rng = make_rng(m, k, n);
+  Guarded<T> x = input<T>(m * k, 0);
+  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(n * k, 0);
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  check_matmul(x, k, m, k, w, n, 0);
+  Guarded<T> w_up = input<T>(n * k, 0);
+  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
+  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 0);
+}
+
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
                    "[simd][matmul]", float, double) {
   using T = TestType;
   // Each x load of a token row off a 64-byte boundary spans two cache lines, which blocks of several
   // rows share; every element must still be summed in the one order wherever its row starts. The same
-  // values sit at the start of a 64-byte aligned buffer and one element further on.
+  // values sit at the start of a 64-byte aligned buffer and one element further on. 1–6 tokens stream
+  // short rows, and 7–8 rows of a page (the shorter ones, with a tail, are a packed block, whose copy
+  // realigns x).
   constexpr std::size_t per_line = 64 / sizeof(T);
-  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 6);
-  const std::size_t k = GENERATE(as<std::size_t>{}, 3 * per_line, 3 * per_line - 3);  // (the second with a tail)
-  const std::size_t ldx = 3 * per_line, n = 19, ldy = n;
+  const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 6, 7, 8);
+  const std::size_t ldx = m <= 6 ? 3 * per_line : moe::simd::kPageBytes / sizeof(T), n = 19, ldy = n;
+  const std::size_t k = GENERATE_COPY(as<std::size_t>{}, ldx, ldx - 3);  // (the second with a tail)
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 7);
   std::vector<T, moe::HugePageAllocator<T>> on_line((m + 1) * ldx), off_line((m + 1) * ldx);

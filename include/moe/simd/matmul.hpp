@@ -146,6 +146,7 @@ struct PanelPrefetch {
 // while it meets the panel's weight rows: between chunks a register block's lane accumulators
 // are parked in memory and reloaded, which changes no bit (each lane still sums its k in order).
 inline constexpr std::size_t kChunkBytes = 4096;
+inline constexpr std::size_t kPageBytes = 4096;       // where the hardware prefetcher stops
 inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
 inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
 
@@ -418,9 +419,8 @@ static_assert(kMaxTokenBlock == 14, "for_token_blocks has one case per token blo
 // block to the next. Through sweep_units and dot_block, whose bookkeeping serves the token blocks
 // and chunks of larger batches, one token streamed 12–20% slower with inner loops that compiled
 // alike (S1's 4 KiB rows 33.4 → 37.5 GB/s on one thread, S3's 3 KiB rows 35 → 42, as fast as
-// Eigen's GEMV). 7–8 tokens stay with dot_block: streamed, S1's gated product on 8 tokens ran 10%
-// slower.
-inline constexpr std::size_t kMaxStreamTokens = 6;
+// Eigen's GEMV). 7–8 tokens stream only rows of a page or more (streams()).
+inline constexpr std::size_t kMaxStreamTokens = 8;
 
 // Weight rows per register block for a streamed batch of mb tokens: with 32 registers, one token
 // takes 8 rows (eight row streams keep the hardware prefetcher busy; no software prefetch), 2–6
@@ -431,11 +431,11 @@ inline constexpr std::size_t kMaxStreamTokens = 6;
 // tokens 0.54–0.89 → 0.81–1.04; one expert's forward (compare_bench, two runs) took 0.85–0.97 of
 // the time at 1 token, 0.81–0.94 at 2 and 0.77–0.98 at 4 (bench/README.md, "Session 46"). With x
 // rows off 64-byte boundaries (each x load spans two cache lines) the 4 rows share each x load: 3–4
-// tokens then ran faster than with the 8- and 4-row blocks that case took before. With 16
-// registers, block_rows.
+// tokens then ran faster than with the 8- and 4-row blocks that case took before. 7–8 tokens take 2
+// rows (16 accumulators; 3 rows ran as fast or slower). With 16 registers, block_rows.
 template <class Arch>
 constexpr std::size_t stream_block_rows(std::size_t mb) noexcept {
-  if (vector_registers<Arch>() >= 32) return mb <= 1 ? 8 : 4;
+  if (vector_registers<Arch>() >= 32) return mb <= 1 ? 8 : packed_block(mb) ? 2 : 4;
   return block_rows<Arch>(mb, 1);
 }
 
@@ -518,13 +518,23 @@ void stream_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t
 //   315, 14 KiB (S1's) 492 → 443, 16 KiB 594 → 549. (3 tokens on 10 KiB rows, 2-row blocks: 352 →
 //   377, so no; nor in 4-row blocks a stream apart, session 46: 3–6 tokens on 12–14 KiB rows took
 //   0.97–1.16 of the chunked time.)
-// - 2–6 tokens on rows it would not chunk.
+// - 2–6 tokens on rows it would not chunk;
+// - 7–8 tokens (with 32 registers) on rows of a page or more, whole cache lines long, whose x rows
+//   fit kPackedXBytes together: S1's and S2's gate and up rows (d = 1024 floats), which a packed
+//   block takes in address order (RowOrder leaves rows of a page as they are). In 2-row blocks a
+//   stream apart, one thread, cold weights, a plain read ÷ the product: 7 tokens 0.63–0.65 →
+//   0.72–0.74, 8 tokens 0.57–0.59 → 0.68–0.69; S1's gated product took 0.85–0.92 of its time
+//   (bench/README.md, "Session 47"). Shorter rows, which RowOrder already takes a stream apart, did
+//   not gain: 3 KiB rows 0.66–0.75 either way, 2 KiB rows at 8 tokens 0.74–0.76 → 0.66–0.67. Rows
+//   not whole cache lines long (x rows off 64-byte boundaries) stay packed, whose copy realigns x.
 inline constexpr std::size_t kStreamPairBytes = 32 * 1024;
 template <class Arch, class T>
 bool streams(std::size_t m, std::size_t k) noexcept {
   const std::size_t row_bytes = k * sizeof(T);
   if (m == 1 || (m == 2 && 2 * row_bytes <= kStreamPairBytes)) return true;
-  return m <= std::min(kMaxStreamTokens, max_token_block<Arch>()) && row_bytes <= kChunkAboveBytes;
+  if (m > std::min(kMaxStreamTokens, max_token_block<Arch>())) return false;
+  if (!packed_block(m)) return row_bytes <= kChunkAboveBytes;
+  return row_bytes >= kPageBytes && row_bytes % PanelPrefetch::kLineBytes == 0 && m * row_bytes <= kPackedXBytes;
 }
 
 // stream_rows for the m tokens of a batch that streams(), in blocks of stream_block_rows(m) rows;
@@ -532,9 +542,14 @@ bool streams(std::size_t m, std::size_t k) noexcept {
 template <class Arch, class T>
 void stream_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, const T* w, std::size_t k, std::size_t n,
                     T* out, std::size_t ldo, StreamAhead<T> after) noexcept {
-  static_assert(kMaxStreamTokens == 6, "stream_product has one case per token count");
+  static_assert(kMaxStreamTokens == 8, "stream_product has one case per token count");
   if constexpr (max_token_block<Arch>() > 5) {  // (not compiled where blocks stop at 5)
-    if (m == 6) return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo, after);
+    switch (m) {
+      case 8: return stream_rows<8, stream_block_rows<Arch>(8)>(arch, x, ldx, w, k, n, out, ldo, after);
+      case 7: return stream_rows<7, stream_block_rows<Arch>(7)>(arch, x, ldx, w, k, n, out, ldo, after);
+      case 6: return stream_rows<6, stream_block_rows<Arch>(6)>(arch, x, ldx, w, k, n, out, ldo, after);
+      default: break;
+    }
   }
   switch (m) {
     case 5: return stream_rows<5, stream_block_rows<Arch>(5)>(arch, x, ldx, w, k, n, out, ldo, after);
@@ -609,7 +624,6 @@ inline RowRange panel_range(std::ptrdiff_t p, std::size_t panel, std::size_t n) 
 // time and S3's up projection (3 KiB) 0.69–0.95; one expert (compare_bench) at 8 tokens, S2 0.92–0.98
 // and S3 0.92–0.93. Rows of a page or more keep their order (AddressOrder), and so do batches of
 // several token blocks, whose later blocks read the panel from L2.
-inline constexpr std::size_t kPageBytes = 4096;
 struct RowOrder {
   std::size_t nb, stride, whole;
   RowOrder(std::size_t units, std::size_t rows_per_block) noexcept
