@@ -1073,6 +1073,22 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
   CHECK(h.guards_intact());
 }
 
+// check_matmul, and check_gated_matmul<SiLU> when `gated`, on x [m, k] and weights [n, k] drawn
+// from rng, their buffers `offset` elements off 64-byte boundaries.
+template <class T>
+void check_random_products(std::size_t m, std::size_t k, std::size_t n, std::size_t offset, std::mt19937& rng,
+                           bool gated) {
+  Guarded<T> x = input<T>(m * k, offset);
+  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
+  Guarded<T> w = input<T>(n * k, offset);
+  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
+  check_matmul(x, k, m, k, w, n, offset);
+  if (!gated) return;
+  Guarded<T> w_up = input<T>(n * k, offset);
+  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
+  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, offset);
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("simd::matmul_nt computes x · wᵀ", "[simd][matmul]", float, double) {
@@ -1139,14 +1155,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt with weight rows too long for more than a fe
   const std::size_t n = 19;
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 1);
-  Guarded<T> x = input<T>(m * k, 1);
-  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
-  Guarded<T> w = input<T>(n * k, 1);
-  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
-  check_matmul(x, k, m, k, w, n, 1);
-  Guarded<T> w_up = input<T>(n * k, 1);
-  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
-  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 1);
+  check_random_products<T>(m, k, n, 1, rng, true);
 }
 
 TEMPLATE_TEST_CASE("simd::matmul_nt over many panels of rows shorter than a page", "[simd][matmul]", float, double) {
@@ -1160,11 +1169,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt over many panels of rows shorter than a page
   const std::size_t k = 200, n = 2001;
   CAPTURE(m);
   auto rng = make_rng(m, k, n);
-  Guarded<T> x = input<T>(m * k, 0);
-  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
-  Guarded<T> w = input<T>(n * k, 0);
-  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
-  check_matmul(x, k, m, k, w, n, 0);
+  check_random_products<T>(m, k, n, 0, rng, false);
 }
 
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt over many panels of rows a page long", "[simd][matmul]", float,
@@ -1178,14 +1183,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt over many panels of rows
   CAPTURE(m);
   if (moe::simd::vector_registers<Arch>() >= 32) CHECK(moe::simd::streams<Arch, T>(m, k) == (m <= 8));
   auto rng = make_rng(m, k, n);
-  Guarded<T> x = input<T>(m * k, 0);
-  fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
-  Guarded<T> w = input<T>(n * k, 0);
-  fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
-  check_matmul(x, k, m, k, w, n, 0);
-  Guarded<T> w_up = input<T>(n * k, 0);
-  fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
-  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, 0);
+  check_random_products<T>(m, k, n, 0, rng, true);
 }
 
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
