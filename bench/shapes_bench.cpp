@@ -409,6 +409,14 @@ void start_cold(const std::vector<const Buffer*>& weights) {
   wake_threads();
 }
 
+// Seconds of one forward() from the start a BM_Layer iteration has (cold at T ≤ 16, untimed): for
+// the benchmarks that time two forwards in a pair.
+template <class Forward>
+double seconds_from_start(index_t T, const std::vector<const Buffer*>& weights, Forward&& forward) {
+  if (starts_cold(T)) start_cold(weights);
+  return moe_bench::wall_seconds(forward);
+}
+
 // The timed loop of BM_Layer: forward() writes y.
 template <class Forward>
 void run_iterations(benchmark::State& state, index_t T, const std::vector<const Buffer*>& weights, Forward forward) {
@@ -476,14 +484,10 @@ void BM_Naive(benchmark::State& state, Shape s) {
     }
   }
   const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
-  auto timed = [&](auto&& forward) {
-    if (starts_cold(T)) start_cold(weights);
-    return moe_bench::wall_seconds(forward);
-  };
   std::vector<double> naive_s, vs_naive;
   for (auto _ : state) {
-    const double t_layer = timed([&] { m.layer->forward(x, y_layer, ws); });
-    const double t_naive = timed([&] { m.naive_forward(x, y); });
+    const double t_layer = seconds_from_start(T, weights, [&] { m.layer->forward(x, y_layer, ws); });
+    const double t_naive = seconds_from_start(T, weights, [&] { m.naive_forward(x, y); });
     state.SetIterationTime(t_naive);
     naive_s.push_back(t_naive);
     vs_naive.push_back(t_naive / t_layer);
@@ -509,8 +513,7 @@ void BM_Threads(benchmark::State& state, Shape s) {
   const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
   auto timed = [&](int threads, Mat& y) {
     set_threads(threads);
-    if (starts_cold(T)) start_cold(weights);
-    return moe_bench::wall_seconds([&] { m.layer->forward(x, y, ws); });
+    return seconds_from_start(T, weights, [&] { m.layer->forward(x, y, ws); });
   };
   std::vector<double> speedup;
   bool one_first = true;
@@ -531,7 +534,6 @@ void BM_Threads(benchmark::State& state, Shape s) {
     state.SetIterationTime(t2);
     speedup.push_back(t1 / t2);
   }
-  set_threads(2);
   if (!speedup.empty()) state.counters["2 thr x"] = median(speedup);
 }
 
