@@ -1196,7 +1196,9 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on to
   // realigns x).
   constexpr std::size_t per_line = 64 / sizeof(T);
   const std::size_t m = GENERATE(as<std::size_t>{}, 1, 2, 3, 4, 5, 6, 7, 8);
-  const std::size_t ldx = m <= 6 ? 3 * per_line : moe::simd::kPageBytes / sizeof(T), n = 19, ldy = n;
+  // Rows a page long for the token counts that stream only such rows (packed_block: 7 and 8 here).
+  const std::size_t ldx = moe::simd::packed_block(m) ? moe::simd::kPageBytes / sizeof(T) : 3 * per_line;
+  const std::size_t n = 19, ldy = n;
   const std::size_t k = GENERATE_COPY(as<std::size_t>{}, ldx, ldx - 3);  // (the second with a tail)
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 7);
