@@ -31,7 +31,7 @@
 //                            token counts printed beside the table)
 //
 // After the runs it prints a summary table of the ratios from the medians (or the single runs).
-//   OMP_PROC_BIND=true shapes_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+//   OMP_PROC_BIND=true shapes_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 // CI smoke run: shapes_bench --benchmark_min_time=0.01 --benchmark_filter='S2/(1|16)/'
 #include <benchmark/benchmark.h>
 
