@@ -259,8 +259,11 @@ TEST_CASE("Threads take whole experts only when the work shares out evenly", "[t
   REQUIRE_FALSE(moe::detail::share_out_experts(costs.data(), 17, 2, loads));
   costs.push_back(16);  // 18 experts: 160 : 160
   REQUIRE(moe::detail::share_out_experts(costs.data(), 18, 2, loads));
-  REQUIRE(moe::detail::expert_cost(200, 3) == 200 * 8);  // memory-bound: costs as 8 tokens
-  REQUIRE(moe::detail::expert_cost(200, 20) == 200 * 20);
+  // An expert's cost: reading its weights (as much as 8 tokens' arithmetic) plus its tokens' arithmetic,
+  // so that among memory-bound experts more tokens still come first.
+  REQUIRE(moe::detail::expert_cost(200, 3) == 200 * (8 + 3));
+  REQUIRE(moe::detail::expert_cost(200, 20) == 200 * (8 + 20));
+  REQUIRE(moe::detail::expert_cost(200, 8) > moe::detail::expert_cost(200, 1));
 }
 
 TEST_CASE("Forward and backward bits do not depend on the thread count when threads take whole experts",

@@ -47,9 +47,15 @@ struct EnumNames<DroppedTokens> {
   static constexpr const char* names[] = {"zero", "pass_through"};
 };
 
-// An expert's work for MoELayer's thread schedule: weights read × tokens once compute-bound
-// (about 8 tokens: 2 FLOPs per weight per token against 4 bytes of DRAM traffic per weight).
-inline index_t expert_cost(index_t d_ff, index_t tokens) noexcept { return d_ff * std::max<index_t>(tokens, 8); }
+// An expert's work for MoELayer's thread schedule, in units of one token's arithmetic per hidden
+// unit: reading its weights costs about 8 tokens' arithmetic (2 FLOPs per weight per token against
+// 4 bytes of DRAM traffic per weight), and one core hardly overlaps the read with the arithmetic
+// (bench/README.md, sessions 47–48), so the two add. Until session 49 the cost was max(tokens, 8),
+// as if they overlapped fully: every expert of up to 8 tokens then cost the same, though on S1 8
+// tokens took 1.8–1.9× as long as one, and the longest-first order ran them in index order. The layer
+// on 2 threads, new ÷ old timed in pairs (medians of 3–7, three runs): S1 T = 16 0.95–0.99, S3
+// T = 16 0.97–0.99, the other rows 0.98–1.003.
+inline index_t expert_cost(index_t d_ff, index_t tokens) noexcept { return d_ff * (tokens + 8); }
 
 // Whether `threads` threads should take whole experts of these costs (sorted falling) rather than
 // share every product: when there is an expert for every thread and a longest-first assignment
