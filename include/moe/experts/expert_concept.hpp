@@ -7,7 +7,7 @@
 //   struct Gradient { for_each(f) };       calls f on each weight gradient (an Eigen matrix), const and not
 //   index_t d_model() const;               input and output width d
 //   index_t d_ff() const;                  hidden width: the thread schedule weighs an expert's work as
-//                                          d_ff × max(tokens, 8)
+//                                          d_ff × (tokens + 8)
 //   index_t scratch_size(index_t m) const; scratch elements forward needs for m tokens
 //   index_t saved_size(index_t m) const;   elements forward_saving keeps for backward
 //   Gradient zero_gradient() const;        zero gradients of the right shapes
