@@ -20,6 +20,9 @@
 //                            each iteration timed beside the layer: the ratio of each pair
 //   BM_Threads/S/T           the layer on 1 thread and on 2, each iteration timed in a pair
 //                            (checked to give the same bits): the ratio of each pair
+//   BM_Roof/S/T/threads      the layer, each iteration timed in a pair with a plain read of the
+//                            weights it reads, both from cold caches, and then a short sgemm: the
+//                            roofline against the yardsticks of that moment ("roof pairs")
 //   BM_Overhead/S/T/threads  route + dispatch + combine alone (the layer minus the experts)
 //   BM_Dispatch, BM_Combine /S/T   the gather and the weighted scatter on one thread, each timed
 //                            in pairs with memcpy of the same bytes (the combine also with its
@@ -161,6 +164,34 @@ double measure_read_gbs(int reps) {
   return static_cast<double>(n * sizeof(float)) / s * 1e-9;
 }
 
+// Seconds to read `buffers` once with the current thread count, as measure_read_gbs reads (1 MiB
+// chunks dealt to the threads in turn, one stream each): the yardstick for exactly the bytes a
+// batch reads.
+double read_seconds(const std::vector<const Buffer*>& buffers) {
+  constexpr std::size_t kChunk = std::size_t(1) << 20 >> 2;
+  struct Chunk {
+    const float* p;
+    std::size_t n;
+  };
+  std::vector<Chunk> chunks;
+  for (const Buffer* b : buffers)
+    for (std::size_t i = 0; i < b->size(); i += kChunk) chunks.push_back({b->data() + i, std::min(kChunk, b->size() - i)});
+  float sink = 0;
+  const double s = moe_bench::wall_seconds([&] {
+    float total = 0;
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for reduction(max : total) schedule(static, 1)
+#endif
+    for (std::ptrdiff_t c = 0; c < static_cast<std::ptrdiff_t>(chunks.size()); ++c) {
+      const Chunk& chunk = chunks[static_cast<std::size_t>(c)];
+      total = std::max(total, stream_max<1>(chunk.p, chunk.n));
+    }
+    sink += total;
+  });
+  benchmark::DoNotOptimize(sink);
+  return s;
+}
+
 // sgemm rate with the current thread count: the faster of Eigen's GEMM and moe's own kernel, on a
 // compute-bound size.
 void measure_sgemm_gfs(int reps, Limits& l) {
@@ -177,6 +208,19 @@ void measure_sgemm_gfs(int reps, Limits& l) {
   const double gfs = 2.0 * static_cast<double>(m * n * k) / std::min(eigen, ours) * 1e-9;
   if (gfs > l.sgemm_gfs) l.sgemm_gfs = gfs, l.sgemm_source = eigen <= ours ? "Eigen" : "moe";
   l.sgemm_now = gfs;
+}
+
+// GFLOP/s of one product of moe's kernel at 512 × 1024 × 2048 (2.1 GFLOP) with the current thread
+// count: the compute yardstick of a pair (BM_Roof), a quarter of measure_sgemm_gfs's size so that
+// it adds milliseconds, not tens of them, to each pair.
+double pair_sgemm_gfs() {
+  const std::size_t m = 512, k = 1024, n = 2048;
+  static const Mat a = Mat::Random(m, k), bt = Mat::Random(n, k);
+  static Mat c(m, n);
+  const double s = moe_bench::wall_seconds(
+      [&] { moe::simd::matmul_nt(Arch{}, a.data(), m, k, bt.data(), n, c.data(), n); });
+  benchmark::DoNotOptimize(c.data());
+  return 2.0 * static_cast<double>(m * n * k) / s * 1e-9;
 }
 
 // The machine's bandwidth moves by tens of percent within minutes (other guests share it), and
@@ -537,6 +581,57 @@ void BM_Threads(benchmark::State& state, Shape s) {
   if (!speedup.empty()) state.counters["2 thr x"] = median(speedup);
 }
 
+// The roofline in pairs: each iteration times the layer and a plain read of the very weights it
+// reads (read_seconds), both from cold caches with the threads woken, the order alternating, and
+// then a short sgemm (pair_sgemm_gfs). The pair's bound is max(bytes ÷ that read's bandwidth,
+// FLOPs ÷ that sgemm's rate) and "roof pairs" is the median of bound ÷ layer time. The summary's
+// roofline holds every row to the best yardsticks of the whole run, so a row timed in the slow
+// 2-thread mode (reads at 43–53 GB/s, against 75–84 in the fast one) reads low however good the
+// kernel; a pair sees one moment. (Cold at every T, unlike BM_Layer at T > 16, which finds up to
+// the L3's 32 MiB of the last iteration's weights cached: out of 147–576 MB read.)
+constexpr int kRoofPairs = 15;  // per repetition
+template <class M>
+void BM_Roof(benchmark::State& state, Shape s) {
+  const index_t T = state.range(0);
+  set_threads(static_cast<int>(state.range(1)));
+  const M& m = model<M>(s);
+  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
+  Mat y(T, s.d);
+  moe::Workspace<float> ws;
+  m.layer->forward(x, y, ws);
+  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
+  const Work w = work_of(s, ws.routing.plan, T);
+  auto layer = [&] {
+    start_cold(weights);
+    return moe_bench::wall_seconds([&] { m.layer->forward(x, y, ws); });
+  };
+  auto read = [&] {
+    start_cold(weights);
+    return read_seconds(weights);
+  };
+  std::vector<double> roof, read_gbs, sgemm_gfs;
+  bool layer_first = true;
+  for (auto _ : state) {
+    double t_layer = 0, t_read = 0;
+    if (layer_first) {
+      t_layer = layer();
+      t_read = read();
+    } else {
+      t_read = read();
+      t_layer = layer();
+    }
+    layer_first = !layer_first;
+    const double gfs = pair_sgemm_gfs();
+    state.SetIterationTime(t_layer);
+    roof.push_back(std::max(t_read, w.flops * 1e-9 / gfs) / t_layer);
+    read_gbs.push_back(w.bytes * 1e-9 / t_read);
+    sgemm_gfs.push_back(gfs);
+  }
+  state.counters["roof pairs"] = median(roof);
+  state.counters["read GB/s"] = median(read_gbs);
+  state.counters["sgemm GFLOP/s"] = median(sgemm_gfs);
+}
+
 // The layer's own work besides the experts: route, dispatch, combine (expert outputs as left by
 // a real forward).
 template <class M>
@@ -766,9 +861,11 @@ void print_summary(const Collector& c) {
               "  own timing; roof now: the roofline against those (one sample each: noisy, can pass 1.0)\n");
   std::printf("  disp/cpy, comb/cpy: dispatch's and combine's bandwidth over memcpy's, timed in pairs on one thread;\n"
               "  comb/rows: over the memcpy of the combine's rows in its order\n");
-  std::printf("%-4s %6s %3s %10s %9s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s\n", "", "T", "thr", "layer ms", "roofline",
-              "roof now", "vs naive", "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows", "read now",
-              "sgemm now");
+  std::printf("  roof pairs: the roofline against a read of the same weights and a short sgemm, each timed in a pair\n"
+              "  with the layer (BM_Roof; the median of the pairs)\n");
+  std::printf("%-4s %6s %3s %10s %9s %9s %9s %9s %8s %9s %9s %9s %9s %9s %10s %10s\n", "", "T", "thr", "layer ms",
+              "roofline", "roof now", "vs naive", "share %", "2thr x", "GFLOP/s", "disp/cpy", "comb/cpy", "comb/rows",
+              "read now", "sgemm now", "roof pairs");
   for (const Shape& s : kShapes) {
     for (const int T : kTokenCounts) {
       for (int threads = 1; threads <= 2; ++threads) {
@@ -778,6 +875,7 @@ void print_summary(const Collector& c) {
         const auto* naive = c.find("BM_Naive/" + suffix);
         const auto* over = c.find("BM_Overhead/" + suffix);
         const auto* paired = c.find("BM_Threads/" + row);
+        const auto* roof = c.find("BM_Roof/" + suffix);
         const auto* disp = c.find("BM_Dispatch/" + row);
         const auto* comb = c.find("BM_Combine/" + row);
         auto ratio = [](const Collector::Entry* a, const Collector::Entry* b, double scale = 1.0) {
@@ -787,14 +885,15 @@ void print_summary(const Collector& c) {
         auto vs = [threads](const Collector::Entry* move, const char* counter) {
           return threads != 1 || move == nullptr ? std::string("-") : fixed2(move->counters.at(counter));
         };
-        std::printf("%-4s %6d %3d %10.3f %9.2f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f\n", s.name, T, threads,
+        std::printf("%-4s %6d %3d %10.3f %9.2f %9.2f %9s %9s %8s %9.1f %9s %9s %9s %9.1f %10.1f %10s\n", s.name, T, threads,
                     layer->ms, roofline(*layer, g_limits.at(threads)), roofline_now(*layer),
                     naive != nullptr ? fixed2(naive->counters.at("vs naive")).c_str() : "-",
                     ratio(over, layer, 100.0).c_str(),
                     threads == 2 && paired != nullptr ? fixed2(paired->counters.at("2 thr x")).c_str() : "-",
                     layer->counters.at("GFLOP/s"),
                     vs(disp, "vs memcpy").c_str(), vs(comb, "vs memcpy").c_str(), vs(comb, "vs rows").c_str(),
-                    layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"));
+                    layer->counters.at("read GB/s before"), layer->counters.at("sgemm GFLOP/s before"),
+                    roof != nullptr ? fixed2(roof->counters.at("roof pairs")).c_str() : "-");
       }
     }
   }
@@ -816,6 +915,8 @@ void register_shape(const Shape& s) {
   benchmark::RegisterBenchmark(("BM_Layer/" + n).c_str(), BM_Layer<M>, s)->Apply(args);
   benchmark::RegisterBenchmark(("BM_Naive/" + n).c_str(), BM_Naive<M>, s)->Apply(pairs);
   benchmark::RegisterBenchmark(("BM_Overhead/" + n).c_str(), BM_Overhead<M>, s)->Apply(args);
+  auto roof_pairs = [](benchmark::internal::Benchmark* b) { layer_rows(b->UseManualTime()->Iterations(kRoofPairs)); };
+  benchmark::RegisterBenchmark(("BM_Roof/" + n).c_str(), BM_Roof<M>, s)->Apply(roof_pairs);
   auto token_counts = [](benchmark::internal::Benchmark* b) {
     for (const int T : kTokenCounts) b->Arg(T);
     b->Unit(benchmark::kMillisecond)->UseManualTime();
