@@ -164,9 +164,9 @@ double measure_read_gbs(int reps) {
   return static_cast<double>(n * sizeof(float)) / s * 1e-9;
 }
 
-// Seconds to read `buffers` once with the current thread count, as measure_read_gbs reads (1 MiB
-// chunks dealt to the threads in turn, one stream each): the yardstick for exactly the bytes a
-// batch reads.
+// Seconds to read `buffers` once with the current thread count, in 1 MiB chunks dealt to the
+// threads in turn, one stream each: the yardstick for exactly the bytes a batch reads. (One of
+// measure_read_gbs's two patterns, the faster on one thread; it also tries eight streams a chunk.)
 double read_seconds(const std::vector<const Buffer*>& buffers) {
   constexpr std::size_t kChunk = std::size_t(1) << 20 >> 2;
   struct Chunk {
@@ -211,12 +211,13 @@ void measure_sgemm_gfs(int reps, Limits& l) {
 }
 
 // GFLOP/s of one product of moe's kernel at 512 × 1024 × 2048 (2.1 GFLOP) with the current thread
-// count: the compute yardstick of a pair (BM_Roof), a quarter of measure_sgemm_gfs's size so that
-// it adds milliseconds, not tens of them, to each pair.
+// count: the compute yardstick of a pair (BM_Roof), a quarter of measure_sgemm_gfs's size, so that
+// it adds 6–11 ms to a pair rather than 22–45. One sample, not the best of several: a slow one
+// flatters a compute-bound row's pair a little.
 double pair_sgemm_gfs() {
   const std::size_t m = 512, k = 1024, n = 2048;
   static const Mat a = Mat::Random(m, k), bt = Mat::Random(n, k);
-  static Mat c(m, n);
+  static Mat c = Mat::Zero(m, n);  // (touched here, so that no timed product takes its page faults)
   const double s = moe_bench::wall_seconds(
       [&] { moe::simd::matmul_nt(Arch{}, a.data(), m, k, bt.data(), n, c.data(), n); });
   benchmark::DoNotOptimize(c.data());
@@ -586,9 +587,9 @@ void BM_Threads(benchmark::State& state, Shape s) {
 // then a short sgemm (pair_sgemm_gfs). The pair's bound is max(bytes ÷ that read's bandwidth,
 // FLOPs ÷ that sgemm's rate) and "roof pairs" is the median of bound ÷ layer time. The summary's
 // roofline holds every row to the best yardsticks of the whole run, so a row timed in the slow
-// 2-thread mode (reads at 43–53 GB/s, against 75–84 in the fast one) reads low however good the
-// kernel; a pair sees one moment. (Cold at every T, unlike BM_Layer at T > 16, which finds up to
-// the L3's 32 MiB of the last iteration's weights cached: out of 147–576 MB read.)
+// 2-thread mode (reads at 43–53 GB/s, against 75–84 in the fast one) is held to reads it could not
+// reach in its moment; a pair sees one moment. (Cold at every T, unlike BM_Layer at T > 16, which
+// finds up to the L3's 32 MiB of the last iteration's weights cached, out of 352–604 MB read.)
 constexpr int kRoofPairs = 15;  // per repetition
 template <class M>
 void BM_Roof(benchmark::State& state, Shape s) {
