@@ -477,25 +477,34 @@ void run_iterations(benchmark::State& state, index_t T, const std::vector<const 
   }
 }
 
+// A layer row's setup: the shape's model, its first T tokens, an output and a workspace, after one
+// forward on the current thread count (which sizes the workspace and routes the batch).
+template <class M>
+struct LayerRun {
+  const M& m;
+  const moe::ConstMatrixRef<float> x;
+  Mat y;
+  moe::Workspace<float> ws;
+  LayerRun(const Shape& s, index_t T) : m(model<M>(s)), x(m.x.topRows(T)), y(T, s.d) { forward(y); }
+  void forward(Mat& out) { m.layer->forward(x, out, ws); }
+  const moe::Routing<float>& plan() const { return ws.routing.plan; }
+};
+
 template <class M>
 void BM_Layer(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   set_threads(threads);
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d);
-  moe::Workspace<float> ws;
-  m.layer->forward(x, y, ws);
+  LayerRun<M> run(s, T);
   const Limits now = refresh_limits(threads);
-  run_iterations(state, T, flush_all(m, ws.routing.plan), [&] { m.layer->forward(x, y, ws); });
+  run_iterations(state, T, flush_all(run.m, run.plan()), [&] { run.forward(run.y); });
   // The weights' bytes and the FLOPs per second; the summary divides them by the final yardsticks
   // (bound ÷ time = max(bytes ÷ bandwidth, FLOPs ÷ rate) ÷ time).
-  const Work w = work_of(s, ws.routing.plan, T);
+  const Work w = work_of(s, run.plan(), T);
   std::vector<index_t>& counts = g_row_tokens[row_name(s, T)];
   counts.clear();
   for (index_t e = 0; e < s.E; ++e)
-    if (ws.routing.plan.tokens_of(e) > 0) counts.push_back(ws.routing.plan.tokens_of(e));
+    if (run.plan().tokens_of(e) > 0) counts.push_back(run.plan().tokens_of(e));
   std::sort(counts.begin(), counts.end());
   report_work(state, w);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
@@ -513,13 +522,11 @@ void BM_Naive(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   set_threads(threads);
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d), y_layer(T, s.d);
-  moe::Workspace<float> ws;
-  m.layer->forward(x, y_layer, ws);
+  LayerRun<M> run(s, T);
+  const Mat& y_layer = run.y;
+  Mat y(T, s.d);
   {  // both must compute the same layer (a near-tie may flip a choice: allow 1% of rows)
-    m.naive_forward(x, y);
+    run.m.naive_forward(run.x, y);
     const float scale = std::max(y_layer.cwiseAbs().maxCoeff(), 1e-30f);
     index_t differing = 0;
     for (index_t t = 0; t < T; ++t) differing += (y.row(t) - y_layer.row(t)).cwiseAbs().maxCoeff() > 1e-4f * scale;
@@ -528,11 +535,11 @@ void BM_Naive(benchmark::State& state, Shape s) {
       return;
     }
   }
-  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
+  const std::vector<const Buffer*> weights = flush_all(run.m, run.plan());
   std::vector<double> naive_s, vs_naive;
   for (auto _ : state) {
-    const double t_layer = seconds_from_start(T, weights, [&] { m.layer->forward(x, y_layer, ws); });
-    const double t_naive = seconds_from_start(T, weights, [&] { m.naive_forward(x, y); });
+    const double t_layer = seconds_from_start(T, weights, [&] { run.forward(run.y); });
+    const double t_naive = seconds_from_start(T, weights, [&] { run.m.naive_forward(run.x, y); });
     state.SetIterationTime(t_naive);
     naive_s.push_back(t_naive);
     vs_naive.push_back(t_naive / t_layer);
@@ -549,16 +556,14 @@ void BM_Naive(benchmark::State& state, Shape s) {
 template <class M>
 void BM_Threads(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y1(T, s.d), y2(T, s.d);
-  moe::Workspace<float> ws;
   set_threads(2);
-  m.layer->forward(x, y2, ws);  // (sizes the workspace for both counts)
-  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
+  LayerRun<M> run(s, T);  // (on 2 threads: sizes the workspace for both counts)
+  Mat& y2 = run.y;
+  Mat y1(T, s.d);
+  const std::vector<const Buffer*> weights = flush_all(run.m, run.plan());
   auto timed = [&](int threads, Mat& y) {
     set_threads(threads);
-    return seconds_from_start(T, weights, [&] { m.layer->forward(x, y, ws); });
+    return seconds_from_start(T, weights, [&] { run.forward(y); });
   };
   std::vector<double> speedup;
   bool one_first = true;
@@ -585,7 +590,8 @@ void BM_Threads(benchmark::State& state, Shape s) {
 // The roofline in pairs: each iteration times the layer and a plain read of the very weights it
 // reads (read_seconds), both from cold caches with the threads woken, the order alternating, and
 // then a short sgemm (pair_sgemm_gfs). The pair's bound is max(bytes ÷ that read's bandwidth,
-// FLOPs ÷ that sgemm's rate) and "roof pairs" is the median of bound ÷ layer time. The summary's
+// FLOPs ÷ that sgemm's rate) and "roof pairs" is the median of bound ÷ layer time (beside it the
+// medians of the pairs' "read GB/s" and "sgemm GFLOP/s", the yardsticks it used). The summary's
 // roofline holds every row to the best yardsticks of the whole run, so a row timed in the slow
 // 2-thread mode (reads at 43–53 GB/s, against 75–84 in the fast one) is held to reads it could not
 // reach in its moment; a pair sees one moment. (Cold at every T, unlike BM_Layer at T > 16, which
@@ -595,16 +601,12 @@ template <class M>
 void BM_Roof(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
   set_threads(static_cast<int>(state.range(1)));
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d);
-  moe::Workspace<float> ws;
-  m.layer->forward(x, y, ws);
-  const std::vector<const Buffer*> weights = flush_all(m, ws.routing.plan);
-  const Work w = work_of(s, ws.routing.plan, T);
+  LayerRun<M> run(s, T);
+  const std::vector<const Buffer*> weights = flush_all(run.m, run.plan());
+  const Work w = work_of(s, run.plan(), T);
   auto layer = [&] {
     start_cold(weights);
-    return moe_bench::wall_seconds([&] { m.layer->forward(x, y, ws); });
+    return moe_bench::wall_seconds([&] { run.forward(run.y); });
   };
   auto read = [&] {
     start_cold(weights);
@@ -639,17 +641,15 @@ template <class M>
 void BM_Overhead(benchmark::State& state, Shape s) {
   const index_t T = state.range(0);
   set_threads(static_cast<int>(state.range(1)));
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d);
-  moe::Workspace<float> ws;
-  m.layer->forward(x, y, ws);
+  LayerRun<M> run(s, T);
+  const auto& x = run.x;
+  moe::Workspace<float>& ws = run.ws;
   for (auto _ : state) {
-    m.layer->router().route(x, moe::RouteContext{}, ws.routing, Arch{});
+    run.m.layer->router().route(x, moe::RouteContext{}, ws.routing, Arch{});
     const moe::Routing<float>& plan = ws.routing.plan;
     moe::dispatch(Arch{}, plan, x.data(), x.outerStride(), s.d, ws.dispatched.data());
-    moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, y.data(), y.outerStride());
-    benchmark::DoNotOptimize(y.data());
+    moe::combine(Arch{}, plan, ws.expert_out.data(), s.d, run.y.data(), run.y.outerStride());
+    benchmark::DoNotOptimize(run.y.data());
     benchmark::ClobberMemory();
   }
 }
@@ -672,11 +672,10 @@ template <class M>
 void BM_Move(benchmark::State& state, Shape s, Move what) {
   const index_t T = state.range(0);
   set_threads(1);
-  const M& m = model<M>(s);
-  const moe::ConstMatrixRef<float> x = m.x.topRows(T);
-  Mat y(T, s.d);
-  moe::Workspace<float> ws;
-  m.layer->forward(x, y, ws);
+  LayerRun<M> run(s, T);
+  const auto& x = run.x;
+  Mat& y = run.y;
+  moe::Workspace<float>& ws = run.ws;
   const moe::Routing<float>& plan = ws.routing.plan;
   const auto A = static_cast<std::size_t>(plan.num_assignments()), d = static_cast<std::size_t>(s.d);
   Buffer dst(A * d);  // 64-byte aligned, as the moves' destinations are
