@@ -64,6 +64,7 @@
 #include <numeric>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -462,6 +463,22 @@ double seconds_from_start(index_t T, const std::vector<const Buffer*>& weights, 
   return moe_bench::wall_seconds(forward);
 }
 
+// Runs a() and b(), each returning its seconds, in turn: a first when `a_first`, which then flips, so
+// that neither side of a pair always runs second. Returns {a's seconds, b's seconds}.
+template <class A, class B>
+std::pair<double, double> in_turn(bool& a_first, A&& a, B&& b) {
+  double ta = 0, tb = 0;
+  if (a_first) {
+    ta = a();
+    tb = b();
+  } else {
+    tb = b();
+    ta = a();
+  }
+  a_first = !a_first;
+  return {ta, tb};
+}
+
 // The timed loop of BM_Layer: forward() writes y.
 template <class Forward>
 void run_iterations(benchmark::State& state, index_t T, const std::vector<const Buffer*>& weights, Forward forward) {
@@ -568,15 +585,7 @@ void BM_Threads(benchmark::State& state, Shape s) {
   std::vector<double> speedup;
   bool one_first = true;
   for (auto _ : state) {
-    double t1 = 0, t2 = 0;
-    if (one_first) {
-      t1 = timed(1, y1);
-      t2 = timed(2, y2);
-    } else {
-      t2 = timed(2, y2);
-      t1 = timed(1, y1);
-    }
-    one_first = !one_first;
+    const auto [t1, t2] = in_turn(one_first, [&] { return timed(1, y1); }, [&] { return timed(2, y2); });
     if (std::memcmp(y1.data(), y2.data(), static_cast<std::size_t>(y1.size()) * sizeof(float)) != 0) {
       state.SkipWithError("the 1- and 2-thread outputs differ");
       break;
@@ -615,15 +624,7 @@ void BM_Roof(benchmark::State& state, Shape s) {
   std::vector<double> roof, read_gbs, sgemm_gfs;
   bool layer_first = true;
   for (auto _ : state) {
-    double t_layer = 0, t_read = 0;
-    if (layer_first) {
-      t_layer = layer();
-      t_read = read();
-    } else {
-      t_read = read();
-      t_layer = layer();
-    }
-    layer_first = !layer_first;
+    const auto [t_layer, t_read] = in_turn(layer_first, layer, read);
     const double gfs = pair_sgemm_gfs();
     state.SetIterationTime(t_layer);
     roof.push_back(std::max(t_read, w.flops * 1e-9 / gfs) / t_layer);
