@@ -44,8 +44,8 @@ using Buffer = std::vector<float, moe::HugePageAllocator<float>>;
 
 using moe_bench::kShapes;
 using moe_bench::Shape;
-const index_t kTokenCounts[] = {1, 2, 4, 8, 12, 16, 32, 128};
-constexpr index_t kMaxTokens = 128;
+const index_t kTokenCounts[] = {1, 2, 4, 8, 12, 16, 32, 128, 512};
+constexpr index_t kMaxTokens = 512;
 
 // A shape's E experts' weights, nn.Linear's initialization, fixed seed; both sides view the same.
 struct Weights {

@@ -1186,6 +1186,18 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt over many panels of rows
   check_random_products<T>(m, k, n, 0, rng, true);
 }
 
+TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on a batch whose x outgrows the L2", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  // 200 tokens of 1,031 elements are more x than kXInL2Bytes: once a panel's later token blocks have
+  // fetched the next panel, each fetches the next block's x rows (fetch_next_x), the last block none.
+  // 70 rows are two or more panels, so some blocks fetch a panel first and some x only.
+  const std::size_t m = 200, k = 1031, n = 70;
+  CHECK(moe::simd::fetch_next_x(m, k, sizeof(T)));
+  auto rng = make_rng(m, k, n);
+  check_random_products<T>(m, k, n, 0, rng, true);
+}
+
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
                    "[simd][matmul]", float, double) {
   using T = TestType;
