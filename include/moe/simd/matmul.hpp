@@ -377,11 +377,11 @@ std::size_t token_block(std::size_t j, std::size_t m, std::size_t k) noexcept {
 
 // Whether the blocks of a panel that have finished fetching the next panel fetch the next token
 // block's x rows instead (for_token_blocks): where x (m rows, ldx apart) is larger than
-// kXInL2Bytes, most of it has left the L2 since the previous panel, and each token block's first
-// register block would wait on its x rows from L3 (with 2 MiB of L2 per core, x from 512 tokens of
-// 4 KiB rows up). One expert, one thread, compare_bench on an Intel Xeon with AVX-512 (2 MiB L2,
-// session 51, two runs): 512 tokens 0.96–0.98 of the time on one thread, 0.98–0.99 on two; 128
-// tokens 0.99–1.01. The product alone against Eigen's GEMM, 512–2048 tokens of 14 KiB rows: from
+// kXInL2Bytes (a 1 MiB L2 less room for a weight panel and more), much of it has left the L2 since
+// the previous panel, and each token block's first register block would wait on its x rows from L3.
+// One expert, cold weights, compare_bench on an Intel Xeon with AVX-512 and 2 MiB of L2 per core
+// (session 51, two runs): 512 tokens 0.96–0.98 of the time on one thread, 0.98–0.99 on two; 128
+// tokens 0.99–1.02. The product alone against Eigen's GEMM, 512–2048 tokens of 14 KiB rows: from
 // 0.76–0.80 of its rate to 0.81–0.90. The bits do not change.
 inline bool fetch_next_x(std::size_t m, std::size_t ldx, std::size_t bytes_per_element) noexcept {
   return m * ldx * bytes_per_element > kXInL2Bytes;
