@@ -377,8 +377,9 @@ std::size_t token_block(std::size_t j, std::size_t m, std::size_t k) noexcept {
 
 // Whether the blocks of a panel that have finished fetching the next panel fetch the next token
 // block's x rows instead (for_token_blocks): where x (m rows, ldx apart) is larger than
-// kXInL2Bytes (a 1 MiB L2 less room for a weight panel and more), much of it has left the L2 since
-// the previous panel, and each token block's first register block would wait on its x rows from L3.
+// kXInL2Bytes (three quarters of a 1 MiB L2; the rest holds a weight panel), much of it has left the
+// L2 since the previous panel, and each token block's first register block would wait on its x rows
+// from L3.
 // One expert, cold weights, compare_bench on an Intel Xeon with AVX-512 and 2 MiB of L2 per core
 // (session 51, two runs): 512 tokens 0.96–0.98 of the time on one thread, 0.98–0.99 on two; 128
 // tokens 0.99–1.02. The product alone against Eigen's GEMM, 512–2048 tokens of 14 KiB rows: from
