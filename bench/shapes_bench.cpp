@@ -140,55 +140,59 @@ float stream_max(const float* p, std::size_t n) {
   return moe::simd::reduce_max(acc[0]);
 }
 
+// A piece of a buffer that one thread reads in one go.
+struct Chunk {
+  const float* p;
+  std::size_t n;
+};
+
+// `buffers` cut into 1 MiB chunks, in order.
+std::vector<Chunk> chunks_of(const std::vector<const Buffer*>& buffers) {
+  constexpr std::size_t kChunk = std::size_t(1) << 20 >> 2;
+  std::vector<Chunk> chunks;
+  for (const Buffer* b : buffers)
+    for (std::size_t i = 0; i < b->size(); i += kChunk) chunks.push_back({b->data() + i, std::min(kChunk, b->size() - i)});
+  return chunks;
+}
+
+// The largest element of all `chunks`, each read by read_chunk(p, n), the chunks dealt to the
+// current threads in turn (as the layer's threads take neighbouring weight panels).
+template <class ReadChunk>
+float max_over_chunks(const std::vector<Chunk>& chunks, ReadChunk read_chunk) {
+  float total = 0;
+#if defined(MOE_USE_OPENMP)
+#pragma omp parallel for reduction(max : total) schedule(static, 1)
+#endif
+  for (std::ptrdiff_t c = 0; c < static_cast<std::ptrdiff_t>(chunks.size()); ++c) {
+    const Chunk& chunk = chunks[static_cast<std::size_t>(c)];
+    total = std::max(total, read_chunk(chunk.p, chunk.n));
+  }
+  return total;
+}
+
 // Read bandwidth with the current thread count: the faster of two ways to read a buffer far larger
 // than the caches (512 MiB) in 1 MiB chunks dealt to the threads in turn — one stream per chunk,
 // or eight streams 128 KiB apart. Threads reading neighbouring chunks, as the layer's threads read
 // neighbouring weight panels, measured 65–72 GB/s on 2 threads where contiguous halves measured
 // 46–51, and one stream beat eight on 1 thread (35–37 against 32 GB/s).
 double measure_read_gbs(int reps) {
-  static const std::size_t n = std::size_t(512) << 20 >> 2, chunks = 512, chunk = n / chunks;
-  static const Buffer buf(n, 1.0f);
+  static const Buffer buf(std::size_t(512) << 20 >> 2, 1.0f);
+  static const std::vector<Chunk> chunks = chunks_of({&buf});
   float sink = 0;
   auto read_all = [&](auto read_chunk) {
-    return best_seconds(reps, [&] {
-      float total = 0;
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for reduction(max : total) schedule(static, 1)
-#endif
-      for (std::ptrdiff_t c = 0; c < static_cast<std::ptrdiff_t>(chunks); ++c)
-        total = std::max(total, read_chunk(buf.data() + static_cast<std::size_t>(c) * chunk, chunk));
-      sink += total;
-    });
+    return best_seconds(reps, [&] { sink += max_over_chunks(chunks, read_chunk); });
   };
   const double s = std::min(read_all(stream_max<1>), read_all(stream_max<8>));
   benchmark::DoNotOptimize(sink);
-  return static_cast<double>(n * sizeof(float)) / s * 1e-9;
+  return static_cast<double>(buf.size() * sizeof(float)) / s * 1e-9;
 }
 
-// Seconds to read `buffers` once with the current thread count, in 1 MiB chunks dealt to the
-// threads in turn, one stream each: the yardstick for exactly the bytes a batch reads. (One of
+// Seconds to read `chunks` (chunks_of the weights a batch reads) once with the current thread
+// count, one stream each: the yardstick for exactly the bytes a batch reads. (One of
 // measure_read_gbs's two patterns, the faster on one thread; it also tries eight streams a chunk.)
-double read_seconds(const std::vector<const Buffer*>& buffers) {
-  constexpr std::size_t kChunk = std::size_t(1) << 20 >> 2;
-  struct Chunk {
-    const float* p;
-    std::size_t n;
-  };
-  std::vector<Chunk> chunks;
-  for (const Buffer* b : buffers)
-    for (std::size_t i = 0; i < b->size(); i += kChunk) chunks.push_back({b->data() + i, std::min(kChunk, b->size() - i)});
+double read_seconds(const std::vector<Chunk>& chunks) {
   float sink = 0;
-  const double s = moe_bench::wall_seconds([&] {
-    float total = 0;
-#if defined(MOE_USE_OPENMP)
-#pragma omp parallel for reduction(max : total) schedule(static, 1)
-#endif
-    for (std::ptrdiff_t c = 0; c < static_cast<std::ptrdiff_t>(chunks.size()); ++c) {
-      const Chunk& chunk = chunks[static_cast<std::size_t>(c)];
-      total = std::max(total, stream_max<1>(chunk.p, chunk.n));
-    }
-    sink += total;
-  });
+  const double s = moe_bench::wall_seconds([&] { sink += max_over_chunks(chunks, stream_max<1>); });
   benchmark::DoNotOptimize(sink);
   return s;
 }
@@ -612,6 +616,7 @@ void BM_Roof(benchmark::State& state, Shape s) {
   set_threads(static_cast<int>(state.range(1)));
   LayerRun<M> run(s, T);
   const std::vector<const Buffer*> weights = flush_all(run.m, run.plan());
+  const std::vector<Chunk> weight_chunks = chunks_of(weights);
   const Work w = work_of(s, run.plan(), T);
   auto layer = [&] {
     start_cold(weights);
@@ -619,7 +624,7 @@ void BM_Roof(benchmark::State& state, Shape s) {
   };
   auto read = [&] {
     start_cold(weights);
-    return read_seconds(weights);
+    return read_seconds(weight_chunks);
   };
   std::vector<double> roof, read_gbs, sgemm_gfs;
   bool layer_first = true;
