@@ -44,7 +44,7 @@ using Buffer = std::vector<float, moe::HugePageAllocator<float>>;
 
 using moe_bench::kShapes;
 using moe_bench::Shape;
-const index_t kTokenCounts[] = {1, 2, 4, 8, 12, 16, 32, 128, 512};
+const index_t kTokenCounts[] = {1, 2, 4, 8, 12, 16, 32, 64, 96, 128, 192, 512};
 constexpr index_t kMaxTokens = 512;
 
 // A shape's E experts' weights, nn.Linear's initialization, fixed seed; both sides view the same.

@@ -329,8 +329,17 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
   // reserve(ws, 300, 3), then with no warm-up: a batch of 300 equal rows with equal token ids (every
   // token routes alike, so one expert takes them all: the largest expert batch), 300 random rows in
   // 3 routing groups, 7 rows in 2 groups and an empty batch; the same as training steps on a
-  // reserved training workspace. Nothing may allocate.
-  const index_t d = 24, ff = 40, E = 6, most = 300;
+  // reserved training workspace. Nothing may allocate. With d = 1,024 the gate and up products of an
+  // expert with 96 or more tokens take the lane-split product (with AVX-512, in float), whose
+  // per-thread packing buffers reserve grows too (simd::reserve_lane_buffers).
+  const auto dims = GENERATE(values<std::pair<index_t, index_t>>({{24, 40}, {1024, 64}}));
+  const index_t d = dims.first, ff = dims.second, E = 6, most = 300;
+  CAPTURE(d, ff);
+  if (d >= 1024) {
+    using Arch = moe::simd::default_arch;
+    CHECK(moe::simd::lane_split<Arch, float>(most, std::size_t(d), std::size_t(ff)) ==
+          moe::simd::has_lane_product<Arch, float>());
+  }
   const moe::Matrix<float> random = random_matrix<float>(most, d, 5), small = random_matrix<float>(7, d, 6);
   const moe::Matrix<float> alike = random.row(0).replicate(most, 1);
   const moe::Matrix<float> dy = random_matrix<float>(most, d, 8);
@@ -377,4 +386,28 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
     }
   };
   for_each_layer(d, ff, E, check);
+}
+
+TEST_CASE("simd::reserve_lane_buffers grows every thread's packing buffers", "[simd][allocation]") {
+  // Products of many tokens (the lane-split product, with AVX-512 in float) pack x and the weight
+  // rows into buffers of their thread. After reserve_lane_buffers, each thread of a team, running a
+  // product of that size on its own (as when threads take whole experts), allocates nothing. The
+  // size exceeds the products of the tests above, whose batches may have grown this thread's buffers.
+  using Arch = moe::simd::default_arch;
+  const std::size_t m = 400, k = 1100, n = 64;
+  const moe::Matrix<float> x = random_matrix<float>(index_t(m), index_t(k), 1), w = random_matrix<float>(index_t(n), index_t(k), 2);
+  std::vector<moe::Matrix<float>> y(static_cast<std::size_t>(moe::max_threads()), moe::Matrix<float>(index_t(m), index_t(n)));
+  auto on_each_thread = [&](auto&& body) {
+#if defined(_OPENMP)
+#pragma omp parallel
+#endif
+    body(static_cast<std::size_t>(moe::thread_index()));
+  };
+  on_each_thread([](std::size_t) {});  // (the OpenMP runtime's pool, before counting)
+  CHECK(moe::simd::lane_split<Arch, float>(m, k, n) == moe::simd::has_lane_product<Arch, float>());
+  CHECK(moe::simd::reserve_lane_buffers<Arch, float>(m, k));
+  const long before = allocations_now();
+  on_each_thread([&](std::size_t t) { moe::simd::matmul_nt(Arch{}, x.data(), m, k, w.data(), n, y[t].data(), n); });
+  CHECK(allocations_now() - before == 0);
+  for (const auto& product : y) CHECK(product == y.front());
 }

@@ -194,6 +194,31 @@ TEST_CASE("Backward gradients of experts with hundreds of tokens do not depend o
   omp_set_num_threads(2);
 }
 
+TEST_CASE("Products of many tokens (the lane-split product) do not depend on the thread count",
+          "[threads][determinism]") {
+  // With AVX-512, float products of 200 tokens on rows of 1,040 elements are packed once by the
+  // calling thread and their panels shared by the team (simd::lane_rows); 200 rows are four panels
+  // on two threads, the last a partial one.
+  const std::size_t m = 200, k = 1040, n = 200;
+  using Arch = moe::simd::default_arch;
+  const moe::Matrix<float> x = random_matrix<float>(index_t(m), index_t(k), 7);
+  const moe::Matrix<float> w_gate = random_matrix<float>(index_t(n), index_t(k), 8);
+  const moe::Matrix<float> w_up = random_matrix<float>(index_t(n), index_t(k), 9);
+  auto products = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<float> y(m * n), h(m * n);
+    moe::simd::matmul_nt(Arch{}, x.data(), m, k, w_gate.data(), n, y.data(), n);
+    moe::simd::gated_matmul_nt<moe::SiLU>(Arch{}, x.data(), m, k, w_gate.data(), w_up.data(), n, h.data(), n);
+    y.insert(y.end(), h.begin(), h.end());
+    return y;
+  };
+  CHECK(moe::simd::lane_split<Arch, float>(m, k, n) == moe::simd::has_lane_product<Arch, float>());
+  const std::vector<float> one = products(1), two = products(2);
+  REQUIRE(one == two);
+  REQUIRE(one == products(2));
+  omp_set_num_threads(2);
+}
+
 TEST_CASE("Soft MoE forward and backward bits do not depend on the thread count", "[threads][determinism][soft]") {
   const index_t d = 96, ff = 150, E = 4, slots = 2, Tn = 130;
   std::vector<moe::SwiGLU<float>> experts;

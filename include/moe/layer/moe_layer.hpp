@@ -272,6 +272,10 @@ class MoELayer {
       backward_scratch = std::max(backward_scratch, detail::backward_scratch_size(s, Tn));
     }
     ws.scratch.ensure(std::max(scratch * threads, shared_scratch));
+    index_t depth = d;  // the longest rows a product meets: the router's and the experts' (d, d_ff)
+    for (const Expert& e : experts_) depth = std::max(depth, e.d_ff());
+    for (const Expert& s : shared_) depth = std::max(depth, s.d_ff());
+    simd::reserve_lane_buffers<Arch, T>(static_cast<std::size_t>(Tn), static_cast<std::size_t>(depth));
     if (!shared_.empty() || dropped_tokens_ == DroppedTokens::pass_through) {
       ws.extra.ensure(Tn * d);
       ws.shared_out.ensure(Tn * d);

@@ -163,10 +163,12 @@ class SoftMoELayer {
   void reserve(SoftWorkspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
     detail::run_zero_batches("SoftMoELayer::reserve", *this, ws, static_cast<SoftTrainingWorkspace<T>*>(nullptr), max_tokens,
                              max_groups, arch);
+    reserve_products<Arch>(max_tokens, max_groups);
   }
   template <class Arch = simd::default_arch>
   void reserve(SoftTrainingWorkspace<T>& ws, index_t max_tokens, index_t max_groups = 1, Arch arch = {}) const {
     detail::run_zero_batches("SoftMoELayer::reserve", *this, ws, &ws, max_tokens, max_groups, arch);
+    reserve_products<Arch>(max_tokens, max_groups);
   }
 
   // Gradients of L given dy = ∂L/∂y [T, d], for the x of the last forward_train on `ws`:
@@ -195,6 +197,16 @@ class SoftMoELayer {
   }
 
  private:
+  // The products' per-thread buffers (simd::reserve_lane_buffers): a group's tokens or an expert's
+  // slot rows (one per slot and group) on rows of d or an expert's d_ff.
+  template <class Arch>
+  void reserve_products(index_t max_tokens, index_t max_groups) const {
+    index_t depth = d_model();
+    for (const Expert& e : experts_) depth = std::max(depth, e.d_ff());
+    const index_t rows = std::max(max_tokens, slots_per_expert() * max_groups);
+    simd::reserve_lane_buffers<Arch, T>(static_cast<std::size_t>(rows), static_cast<std::size_t>(depth));
+  }
+
   void check_backward(const char* where, const ConstMatrixRef<T>& x, const ConstMatrixRef<T>& dy, const MatrixRef<T>& dx,
                       const Gradients& grads, const SoftTrainingWorkspace<T>& ws) const {
     detail::check_backward_inputs(where, ws.training_tokens, d_model(), x, dy, dx);

@@ -19,8 +19,11 @@
 // panel's first pass fetches the next panel's first rows (next_panel_row). Up to kMaxStreamTokens tokens
 // take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming, whose blocks
 // take rows a stream apart, so that each row stream reads on through memory. So does a batch that is
-// one token block on rows shorter than a page (RowOrder).
+// one token block on rows shorter than a page (RowOrder). From kMinLaneTokens tokens on (AVX-512,
+// float), the same sums, to the bit, come from the lane-split product (lane_product.hpp, lane_rows),
+// a packed GEMM whose register tiles draw half the bytes from L2 per multiply-add.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdlib>
@@ -29,6 +32,7 @@
 #include "../core/threads.hpp"
 #include "../experts/activations.hpp"
 #include "arch.hpp"
+#include "lane_product.hpp"
 
 MOE_NAMESPACE_BEGIN
 namespace simd {
@@ -102,6 +106,14 @@ inline void keep_in_register(B& v) noexcept {
 inline void prefetch(const void* p) noexcept {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+// Into L2 only: for lines that are read once, by a copy.
+inline void prefetch_l2(const void* p) noexcept {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 2);
 #else
   (void)p;
 #endif
@@ -684,6 +696,134 @@ void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   }
 }
 
+// ---- the lane-split product (lane_product.hpp): many tokens -----------------------------------------
+
+// The token tile starting at token j of m: t = ceil(m / kLaneTokens) tiles of near-equal size. From
+// kMinLaneTokens tokens on t ≥ 7, and as m > 14 (t - 1), each tile holds at least 12 tokens
+// (lane_rows compiles 12, 13 and 14).
+inline std::size_t lane_tile_tokens(std::size_t j, std::size_t m) noexcept {
+  const std::size_t tiles = (m + kLaneTokens - 1) / kLaneTokens, size = m / tiles, of_size = tiles - m % tiles;
+  return j < size * of_size ? size : size + 1;
+}
+static_assert(kLaneTokens == 14 && kMinLaneTokens > 6 * kLaneTokens, "lane tiles of 12 to 14 tokens");
+
+
+// x [m, k] (rows ldx apart) packed into this thread's buffer 0 where an m × k × n product takes the
+// lane-split product (lane_split), tile by tile (pack_lanes): the tile starting at token j at
+// j · 16 · (k / 16). Else, or where the buffer could not grow, null.
+template <class Arch, class T>
+const float* lane_packed_tokens(Arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k,
+                                std::size_t n) noexcept {
+#if XSIMD_WITH_AVX512F
+  if constexpr (has_lane_product<Arch, T>()) {
+    if (!lane_split<Arch, T>(m, k, n)) return nullptr;
+    const std::size_t s = k / 16;
+    float* const packed = lane_buffer<0>().reserve(m * 16 * s);
+    if (packed == nullptr) return nullptr;
+    for (std::size_t j = 0, mb = 0; j < m; j += mb) {
+      mb = lane_tile_tokens(j, m);
+      pack_lanes(x + j * ldx, ldx, mb, s, mb, packed + j * 16 * s);
+    }
+    return packed;
+  }
+#endif
+  (void)x, (void)ldx, (void)m, (void)k, (void)n;
+  return nullptr;
+}
+
+// The lane-split product of x (packed_x: lane_packed_tokens; x itself serves the k % 16 tails) with
+// rows [r0, r1) of U weight matrices w[u] ([n, k]), kLaneRows rows at a time, whose rows this thread
+// packs into its buffer 1. finish(j, mb, row, rows, out) receives a block's dots for tokens j .. j + mb
+// and rows row .. row + rows: out[u][a · kLaneRows + q], token j + a with row `row + q` of w[u].
+// Meanwhile the block's successor is fetched into L2, spread over its tiles: the panel's next block,
+// or after its last the next panel's first rows (`ahead`). False, having done nothing, where the
+// buffer could not grow or Arch and T have no lane-split product.
+template <std::size_t U, class Arch, class T, class Finish>
+bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, std::size_t m, std::size_t k,
+               const T* const* w, std::size_t r0, std::size_t r1, const PanelPrefetch& ahead,
+               Finish&& finish) noexcept {
+#if XSIMD_WITH_AVX512F
+  if constexpr (has_lane_product<Arch, T>()) {
+    using B = batch<float, Arch>;
+    const std::size_t s = k / 16, block = kLaneRows * 16 * s;
+    float* const packed_w = lane_buffer<1>().reserve(U * block);
+    if (packed_w == nullptr) return false;
+    const std::size_t tiles = (m + kLaneTokens - 1) / kLaneTokens;
+    alignas(64) float out[U][kLaneTokens * kLaneRows];
+    for (std::size_t row = r0; row < r1; row += kLaneRows) {
+      const std::size_t rows = std::min(kLaneRows, r1 - row);
+      for (std::size_t u = 0; u < U; ++u) pack_lanes(w[u] + row * k, k, rows, s, kLaneRows, packed_w + u * block);
+      PanelPrefetch next;
+      std::size_t bytes = 0;
+      for (std::size_t u = 0; u < U; ++u) {
+        const float* first = w[u] + (row + kLaneRows) * k;
+        std::size_t count = std::min(kLaneRows, r1 - std::min(r1, row + kLaneRows));
+        if (count == 0) {
+          const StreamAhead<float> region = rows_ahead<float>(ahead, u, k);
+          first = region.first, count = std::min(kLaneRows, region.rows);
+        }
+        if (count == 0) continue;
+        next.add(first, first + count * k);
+        bytes += count * k * sizeof(float);
+      }
+      const std::size_t lines = bytes / PanelPrefetch::kLineBytes, calls = tiles * 16 * U;
+      const std::size_t per_call = (lines + calls - 1) / calls;
+      auto fetch = [&] {
+        for (std::size_t q = 0; q < per_call && !next.done(); ++q) {
+          prefetch_l2(next.at[0]);
+          next.advance(next.at[0] + PanelPrefetch::kLineBytes);
+        }
+      };
+      for (std::size_t j = 0, mb = 0; j < m; j += mb) {
+        mb = lane_tile_tokens(j, m);
+        const float* const xp = packed_x + j * 16 * s;
+        for (std::size_t u = 0; u < U; ++u) {
+          B sums[2 * kLaneTokens];
+          static_assert(kLaneTokens == 14, "one case per tile size");
+          switch (mb) {
+            case 14: lane_tile<14>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+            case 13: lane_tile<13>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+            default: lane_tile<12>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+          }
+          for (std::size_t a = 0; a < mb; ++a) {
+            sums[2 * a].store_aligned(out[u] + a * kLaneRows);
+            sums[2 * a + 1].store_aligned(out[u] + a * kLaneRows + 16);
+          }
+          if (k % 16 != 0)
+            for (std::size_t a = 0; a < mb; ++a)
+              for (std::size_t q = 0; q < rows; ++q)
+                out[u][a * kLaneRows + q] =
+                    add_tail(out[u][a * kLaneRows + q], x + (j + a) * ldx, w[u] + (row + q) * k, 16 * s, k);
+        }
+        finish(j, mb, row, rows, out);
+      }
+    }
+    return true;
+  }
+#endif
+  (void)arch, (void)packed_x, (void)x, (void)ldx, (void)m, (void)k, (void)w, (void)r0, (void)r1, (void)ahead;
+  (void)finish;
+  return false;
+}
+
+// Grows the lane-split product's buffers (lane_buffer) for products of up to m tokens on rows of up
+// to k elements, on this thread and, outside a parallel region, on each OpenMP thread (any of them
+// may run an expert's products): a layer's reserve calls it, so that its first batches allocate
+// nothing. False where an allocation failed (those products then take the dot kernel).
+template <class Arch, class T>
+bool reserve_lane_buffers(std::size_t m, std::size_t k) noexcept {
+  if (!lane_split<Arch, T>(m, k, kLaneRows)) return true;
+  std::atomic<bool> reserved{true};
+  auto reserve_here = [&] {
+    if (lane_buffer<0>().reserve(m * k) == nullptr || lane_buffer<1>().reserve(2 * kLaneRows * k) == nullptr)
+      reserved = false;
+  };
+  reserve_here();
+  const int threads = in_parallel() ? 1 : max_threads();
+  if (threads > 1) parallel_for(threads, true, [&](std::ptrdiff_t) { reserve_here(); });
+  return reserved;
+}
+
 // y [m, n] = x [m, k] · w [n, k]ᵀ over weight panels of `panel` rows. With `parallel` the threads
 // take the panels one at a time as they free up, each claiming its next panel before it starts the
 // current one so that it can fetch it ahead (for_each_ahead).
@@ -691,6 +831,7 @@ template <class Arch, class T>
 void panel_products(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t n,
                     T* y, std::size_t ldy, std::size_t panel, bool parallel) noexcept {
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
+  const float* const packed_x = lane_packed_tokens(arch, x, ldx, m, k, n);  // (for the whole team)
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const RowRange rows = panel_range(p, panel, n);
     PanelPrefetch ahead;
@@ -698,6 +839,13 @@ void panel_products(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::
       const RowRange next_rows = panel_range(next, panel, n);
       ahead.add(w + next_rows.begin * k, w + next_rows.end * k);
     }
+    const T* const weights[1] = {w};
+    auto store = [&](std::size_t j, std::size_t mb, std::size_t row, std::size_t count, const auto& out) {
+      for (std::size_t a = 0; a < mb; ++a)
+        std::copy(out[0] + a * kLaneRows, out[0] + a * kLaneRows + count, y + (j + a) * ldy + row);
+    };
+    if (packed_x != nullptr && lane_rows<1>(arch, packed_x, x, ldx, m, k, weights, rows.begin, rows.end, ahead, store))
+      return;
     panel_product(arch, x, ldx, m, k, w, rows.begin, rows.end, y, ldy, ahead);
   });
 }
@@ -720,7 +868,9 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   const bool parallel = open_region(worth_threads<T>(m, n, k));
   const int team = parallel ? max_threads() : 1;
   const auto threads = static_cast<std::size_t>(team);
-  const std::size_t panel = even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, team);
+  const std::size_t panel = lane_split<Arch, T>(m, k, n)
+                                ? even_panel_rows(kLanePanelRows, n, kLaneRows, team)
+                                : even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, team);
   if (parallel && (n + panel - 1) / panel < threads && m >= threads * kMinThreadTokens) {
     const std::size_t share = (m + threads - 1) / threads;
     parallel_for(static_cast<std::ptrdiff_t>(threads), true, [&](std::ptrdiff_t i) {
@@ -769,8 +919,11 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
   if (m == 0 || n == 0) return;
   const bool parallel = open_region(worth_threads<T>(m, n, k, 2));
   const int threads = parallel ? max_threads() : 1;
-  const std::size_t panel = even_panel_rows(gated_panel_pairs<Arch, T>(k, m, n), n, kGatedChunk, threads);
+  const bool lane = lane_split<Arch, T>(m, k, n);
+  const std::size_t panel = lane ? even_panel_rows(kLanePanelRows, n, kLaneRows, threads)
+                                 : even_panel_rows(gated_panel_pairs<Arch, T>(k, m, n), n, kGatedChunk, threads);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
+  const float* const packed_x = lane_packed_tokens(arch, x, k, m, k, n);  // (for the whole team)
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t next) {
     const RowRange rows = panel_range(p, panel, n);
     const std::size_t r0 = rows.begin, r1 = rows.end;
@@ -780,6 +933,15 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
       ahead.add(w_gate + next_rows.begin * k, w_gate + next_rows.end * k);
       ahead.add(w_up + next_rows.begin * k, w_up + next_rows.end * k);
     }
+    const T* const weights[2] = {w_gate, w_up};
+    auto activate_rows = [&](std::size_t j, std::size_t mb, std::size_t row, std::size_t count, auto& out) {
+      for (std::size_t a = 0; a < mb; ++a) {
+        T* const gate = out[0] + a * kLaneRows;
+        activate(arch, gate, out[1] + a * kLaneRows, count);
+        std::copy(gate, gate + count, h + (j + a) * ldh + row);
+      }
+    };
+    if (packed_x != nullptr && lane_rows<2>(arch, packed_x, x, k, m, k, weights, r0, r1, ahead, activate_rows)) return;
     T gate[kMaxTokenBlock][kMaxPanelPairs];
     T up[kMaxTokenBlock][kMaxPanelPairs];
     auto finish = [&](std::size_t a, std::size_t token) {  // the dots of gate[a], up[a] are complete

@@ -1,0 +1,204 @@
+#pragma once
+// The lane-split product: matmul.hpp's dot products for batches of many tokens, computed the way a
+// packed GEMM computes them, with the same bits.
+//
+// dot_block sums element (j, r) of y = x · wᵀ as L lane chains — lane l over k = l, l + L, l + 2L, ...
+// in order, each a run of fused multiply-adds from zero — then adds the L chains in xsimd's hadd
+// tree and the k % L tail in order. Its register blocks (5 tokens × 4 rows from 64 tokens on) load
+// a vector of each token and of each row per step: the x block stays in L1, but each weight row
+// comes from the L2 panel once per token block, 12.8 bytes per FMA, and from 128 tokens on, where
+// the product is compute bound, it ran at 0.80–0.85 of Eigen's GEMM. Here both operands are packed
+// lane-major first (pack_lanes: lane l's elements of a row, l, l + L, ..., contiguous), so that lane
+// l's chains for a tile of kLaneTokens tokens × kLaneRows weight rows form one small GEMM of depth
+// S = k / L, run in outer-product form (lane_chains): two vectors of 16 rows' lane-l elements times
+// each token's element broadcast: 28 FMAs per 128 bytes of weights and 56 of x, 6.6 bytes per FMA.
+// Each chain still runs from zero over its k in order, and a tile's L results are added in hadd's
+// tree (kLaneOrder), so every sum rounds as dot_block's; the k % L tail is added after, in order.
+//
+// For AVX-512 float only (the tree is hadd's for 16 float lanes, as in reduce_add_each), from
+// kMinLaneTokens tokens on rows of at least kMinLaneDepth elements, and with at least kLaneRows
+// rows (lane_split). Measured on an Intel Xeon with AVX-512 (session 52, bench/README.md).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <new>
+#include <type_traits>
+
+#include "../core/config.hpp"
+#include "arch.hpp"
+
+MOE_NAMESPACE_BEGIN
+namespace simd {
+
+inline constexpr std::size_t kLaneTokens = 14;     // tokens per register tile
+inline constexpr std::size_t kLaneRows = 32;       // weight rows per register tile (two vectors)
+// One expert's forward, cold weights, against the dot kernel (compare_bench, medians of 5, one
+// thread and two): 64 tokens 0.98–1.04 of the time, 96 tokens 0.88–0.99, 128 0.87–1.00 (S1 0.87),
+// 512 0.77–0.97 (S1 0.77–0.81). The product alone, weights warm, one thread, against Eigen's GEMM at
+// 128–512 tokens: k 3072–3584 from 0.80–0.89 of its rate to 0.86–0.99; k 1024 from 0.83–0.94 to
+// 0.84–0.95; k 512–768 0.78–0.88 either way, hence kMinLaneDepth.
+inline constexpr std::size_t kMinLaneTokens = 96;
+inline constexpr std::size_t kMinLaneDepth = 1024;
+inline constexpr std::size_t kLanePanelRows = 2 * kLaneRows;  // rows a thread takes at a time
+
+// Whether Arch and T have the lane-split product.
+template <class Arch, class T>
+constexpr bool has_lane_product() noexcept {
+#if XSIMD_WITH_AVX512F
+  return std::is_base_of<xsimd::avx512f, Arch>::value && std::is_same<T, float>::value;
+#else
+  return false;
+#endif
+}
+
+// Whether a product of m tokens with n weight rows of k elements takes the lane-split product (with
+// fewer than kLaneRows rows most of each tile would be padding).
+template <class Arch, class T>
+constexpr bool lane_split(std::size_t m, std::size_t k, std::size_t n) noexcept {
+  return has_lane_product<Arch, T>() && m >= kMinLaneTokens && k >= kMinLaneDepth && n >= kLaneRows;
+}
+
+// A thread's buffer for packed operands, 64-byte aligned: it grows as needed and is kept for the
+// next call, so warm calls allocate nothing. data() is null when an allocation failed (the caller
+// then takes the dot kernel).
+class LaneBuffer {
+ public:
+  LaneBuffer() = default;
+  LaneBuffer(const LaneBuffer&) = delete;
+  LaneBuffer& operator=(const LaneBuffer&) = delete;
+  ~LaneBuffer() { release(); }
+  float* reserve(std::size_t floats) noexcept {
+    if (floats > capacity_) {
+      release();
+      data_ = static_cast<float*>(::operator new(floats * sizeof(float), std::align_val_t(64), std::nothrow));
+      capacity_ = data_ != nullptr ? floats : 0;
+    }
+    return data_;
+  }
+
+ private:
+  void release() noexcept {
+    if (data_ != nullptr) ::operator delete(data_, std::align_val_t(64));
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  float* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+// This thread's buffer `Which`: 0 holds a product's packed x (read by every thread of its team),
+// 1 a thread's packed weight rows.
+template <int Which>
+LaneBuffer& lane_buffer() noexcept {
+  thread_local LaneBuffer buffer;
+  return buffer;
+}
+
+#if XSIMD_WITH_AVX512F
+namespace detail {
+// Interleaves of 32-bit (Ps) and 64-bit (Pd) elements, in their masked forms with every lane
+// selected (as shuffle_quarters, arch.hpp: the plain forms trip GCC 12's -Wmaybe-uninitialized).
+template <bool High>
+inline __m512 unpack_ps(__m512 a, __m512 b) noexcept {
+  const auto all = static_cast<__mmask16>(0xFFFF);
+  return High ? _mm512_mask_unpackhi_ps(a, all, a, b) : _mm512_mask_unpacklo_ps(a, all, a, b);
+}
+template <bool High>
+inline __m512 unpack_pd(__m512 a, __m512 b) noexcept {
+  const auto all = static_cast<__mmask8>(0xFF);
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_castpd_ps(High ? _mm512_mask_unpackhi_pd(x, all, x, y) : _mm512_mask_unpacklo_pd(x, all, x, y));
+}
+
+// r[i] (row i of a 16 × 16 block) becomes column i.
+inline void transpose_16x16(__m512 r[16]) noexcept {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = unpack_ps<false>(r[i], r[i + 1]);
+    t[i + 1] = unpack_ps<true>(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = unpack_pd<false>(t[i], t[i + 2]);
+    r[i + 1] = unpack_pd<true>(t[i], t[i + 2]);
+    r[i + 2] = unpack_pd<false>(t[i + 1], t[i + 3]);
+    r[i + 3] = unpack_pd<true>(t[i + 1], t[i + 3]);
+  }
+  // r[4b + q] now holds, in its 128-bit quarter c, element 4c + q of rows 4b .. 4b + 3: the quarters
+  // of r[i], r[i + 4], r[i + 8], r[i + 12] are transposed as a 4 × 4 block.
+  for (int i = 0; i < 4; ++i) {
+    const __m512 ab0 = moe::detail::shuffle_quarters<0x44>(r[i], r[i + 4]);
+    const __m512 ab1 = moe::detail::shuffle_quarters<0xEE>(r[i], r[i + 4]);
+    const __m512 cd0 = moe::detail::shuffle_quarters<0x44>(r[i + 8], r[i + 12]);
+    const __m512 cd1 = moe::detail::shuffle_quarters<0xEE>(r[i + 8], r[i + 12]);
+    t[i] = moe::detail::shuffle_quarters<0x88>(ab0, cd0);
+    t[i + 4] = moe::detail::shuffle_quarters<0xDD>(ab0, cd0);
+    t[i + 8] = moe::detail::shuffle_quarters<0x88>(ab1, cd1);
+    t[i + 12] = moe::detail::shuffle_quarters<0xDD>(ab1, cd1);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+}  // namespace detail
+
+// Packs `rows` rows of a (rows ≤ g, `lda` apart) over their first s · 16 elements lane-major into
+// p [16][s][g]: element l + 16 i of row q at p[(l · s + i) · g + q]. Rows rows .. g - 1 are zero.
+inline void pack_lanes(const float* a, std::size_t lda, std::size_t rows, std::size_t s, std::size_t g,
+                       float* p) noexcept {
+  for (std::size_t q0 = 0; q0 < g; q0 += 16) {
+    const std::size_t count = std::min<std::size_t>(16, g - q0);
+    const auto mask = static_cast<__mmask16>((1u << count) - 1);
+    for (std::size_t i = 0; i < s; ++i) {
+      __m512 r[16];
+      for (std::size_t q = 0; q < 16; ++q)
+        r[q] = q0 + q < rows ? _mm512_loadu_ps(a + (q0 + q) * lda + i * 16) : _mm512_setzero_ps();
+      detail::transpose_16x16(r);
+      for (std::size_t l = 0; l < 16; ++l) _mm512_mask_storeu_ps(p + (l * s + i) * g + q0, mask, r[l]);
+    }
+  }
+}
+
+// Lane l's chains of a tile over depth s: acc[2j + v] = Σ_i x_j[l + 16 i] · w_{16v + r}[l + 16 i] for
+// each lane r, from zero in order of i (xp: the tile's [s][MR] lane-l elements; wp: [s][32]).
+template <std::size_t MR, class Arch>
+void lane_chains(Arch, const float* xp, const float* wp, std::size_t s, batch<float, Arch>* acc) noexcept {
+  using B = batch<float, Arch>;
+  B c[MR][2];
+  MOE_UNROLL for (std::size_t j = 0; j < MR; ++j) c[j][0] = c[j][1] = B(0.0f);
+  for (std::size_t i = 0; i < s; ++i, xp += MR, wp += kLaneRows) {
+    const B w0 = B::load_aligned(wp), w1 = B::load_aligned(wp + 16);
+    MOE_UNROLL for (std::size_t j = 0; j < MR; ++j) {
+      const B xb(xp[j]);
+      c[j][0] = simd::fma(xb, w0, c[j][0]);
+      c[j][1] = simd::fma(xb, w1, c[j][1]);
+    }
+  }
+  MOE_UNROLL for (std::size_t j = 0; j < MR; ++j) acc[2 * j] = c[j][0], acc[2 * j + 1] = c[j][1];
+}
+
+// The order in which a tile takes its lanes so that adding each result to the partial sums of a
+// binary counter (lane_tile) adds them in hadd's tree: ((0 + 8) + (4 + 12)) + ((1 + 9) + (5 + 13)),
+// then the same from lane 2, and the two added (reduce_add_each describes the tree).
+inline constexpr std::size_t kLaneOrder[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
+
+// The tile's sums over k's whole vectors: sums[2j + v] holds token j's dots with rows 16v .. 16v + 15
+// (xp: the tile packed [16][s][MR]; wp: its 32 rows [16][s][32]). fetch() runs before each lane's
+// chains (the caller's prefetches, spread over the tiles).
+template <std::size_t MR, class Arch, class Fetch>
+void lane_tile(Arch arch, const float* xp, const float* wp, std::size_t s, batch<float, Arch>* sums,
+               Fetch&& fetch) noexcept {
+  using B = batch<float, Arch>;
+  constexpr std::size_t N = 2 * MR;
+  B partial[4][N];
+  for (std::size_t step = 0; step < 16; ++step) {
+    fetch();
+    const std::size_t l = kLaneOrder[step];
+    lane_chains<MR>(arch, xp + l * s * MR, wp + l * s * kLaneRows, s, sums);
+    std::size_t level = 0;
+    for (std::size_t bits = step; (bits & 1) != 0; bits >>= 1, ++level)
+      MOE_UNROLL for (std::size_t a = 0; a < N; ++a) sums[a] = partial[level][a] + sums[a];
+    if (step < 15) MOE_UNROLL for (std::size_t a = 0; a < N; ++a) partial[level][a] = sums[a];
+  }
+}
+#endif
+
+}  // namespace simd
+MOE_NAMESPACE_END
