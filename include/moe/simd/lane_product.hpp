@@ -33,12 +33,12 @@ namespace simd {
 inline constexpr std::size_t kLaneTokens = 14;     // tokens per register tile
 inline constexpr std::size_t kLaneRows = 32;       // weight rows per register tile (two vectors)
 // One expert's forward, cold weights, against the dot kernel (compare_bench, medians of 5, one
-// thread and two): 64 tokens 0.98–1.04 of the time, 96 tokens 0.88–0.99, 128 0.87–1.00 (S1 0.87),
-// 512 0.77–0.97 (S1 0.77–0.81). The product alone, weights warm, one thread, against Eigen's GEMM at
-// 128–512 tokens: k 3072–3584 from 0.80–0.89 of its rate to 0.86–0.99; k 1024 from 0.83–0.94 to
-// 0.84–0.95; k 512–768 0.78–0.88 either way, hence kMinLaneDepth.
+// thread and two): 64 tokens 0.98–1.04 of the time, hence kMinLaneTokens; 96 tokens 0.86–0.99, 128
+// 0.86–1.01 (S1 0.86), 512 0.78–0.97 (S1 0.78–0.82), rows of 1,024 elements or more. Rows of 512
+// (S2's down projection) and 768 (S3's up) too, at 96–512 tokens: 0.94–0.99 and 0.92–0.97 of the
+// time with them than without.
 inline constexpr std::size_t kMinLaneTokens = 96;
-inline constexpr std::size_t kMinLaneDepth = 1024;
+inline constexpr std::size_t kMinLaneDepth = 512;
 inline constexpr std::size_t kLanePanelRows = 2 * kLaneRows;  // rows a thread takes at a time
 
 // Whether Arch and T have the lane-split product.
