@@ -7,7 +7,7 @@
 // tree and the k % L tail in order. Its register blocks (5 tokens × 4 rows from 64 tokens on) load
 // a vector of each token and of each row per step: the x block stays in L1, but each weight row
 // comes from the L2 panel once per token block, 12.8 bytes per FMA, and from 128 tokens on, where
-// the product is compute bound, it ran at 0.80–0.85 of Eigen's GEMM. Here both operands are packed
+// the product is compute bound, it ran at 0.80–0.96 of Eigen's GEMM. Here both operands are packed
 // lane-major first (pack_lanes: lane l's elements of a row, l, l + L, ..., contiguous), so that lane
 // l's chains for a tile of kLaneTokens tokens × kLaneRows weight rows form one small GEMM of depth
 // S = k / L, run in outer-product form (lane_chains): two vectors of 16 rows' lane-l elements times
@@ -33,10 +33,10 @@ namespace simd {
 inline constexpr std::size_t kLaneTokens = 14;     // tokens per register tile
 inline constexpr std::size_t kLaneRows = 32;       // weight rows per register tile (two vectors)
 // One expert's forward, cold weights, against the dot kernel (compare_bench, medians of 5, one
-// thread and two): 64 tokens 0.98–1.04 of the time, hence kMinLaneTokens; 96 tokens 0.86–0.99, 128
-// 0.86–1.01 (S1 0.86), 512 0.78–0.97 (S1 0.78–0.82), rows of 1,024 elements or more. Rows of 512
-// (S2's down projection) and 768 (S3's up) too, at 96–512 tokens: 0.94–0.99 and 0.92–0.97 of the
-// time with them than without.
+// thread and two): 64 tokens 0.98–1.04 of the time, hence kMinLaneTokens; 96 tokens 0.86–1.00, 128
+// 0.86–1.01 (S1 0.86), 512 0.78–0.97 (S1 0.78–0.82), rows of 1,024 elements or more. Taking rows of
+// 512 (S2's down projection) and 768 (S3's up) too, at 96–512 tokens: S2 0.94–0.99 and S3
+// 0.92–0.97 of the time.
 inline constexpr std::size_t kMinLaneTokens = 96;
 inline constexpr std::size_t kMinLaneDepth = 512;
 inline constexpr std::size_t kLanePanelRows = 2 * kLaneRows;  // rows a thread takes at a time

@@ -103,17 +103,12 @@ inline void keep_in_register(B& v) noexcept {
 #endif
 }
 
+// A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines that are read
+// once, by a copy).
+template <int Locality = 3>
 inline void prefetch(const void* p) noexcept {
 #if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 3);
-#else
-  (void)p;
-#endif
-}
-// Into L2 only: for lines that are read once, by a copy.
-inline void prefetch_l2(const void* p) noexcept {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 2);
+  __builtin_prefetch(p, 0, Locality);
 #else
   (void)p;
 #endif
@@ -707,7 +702,6 @@ inline std::size_t lane_tile_tokens(std::size_t j, std::size_t m) noexcept {
 }
 static_assert(kLaneTokens == 14 && kMinLaneTokens > 6 * kLaneTokens, "lane tiles of 12 to 14 tokens");
 
-
 // x [m, k] (rows ldx apart) packed into this thread's buffer 0 where an m × k × n product takes the
 // lane-split product (lane_split), tile by tile (pack_lanes): the tile starting at token j at
 // j · 16 · (k / 16). Else, or where the buffer could not grow, null.
@@ -756,21 +750,19 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
       PanelPrefetch next;
       std::size_t bytes = 0;
       for (std::size_t u = 0; u < U; ++u) {
-        const float* first = w[u] + (row + kLaneRows) * k;
-        std::size_t count = std::min(kLaneRows, r1 - std::min(r1, row + kLaneRows));
-        if (count == 0) {
-          const StreamAhead<float> region = rows_ahead<float>(ahead, u, k);
-          first = region.first, count = std::min(kLaneRows, region.rows);
-        }
+        const std::size_t after = row + rows;  // the next block's first row
+        const StreamAhead<float> region =
+            after < r1 ? StreamAhead<float>{w[u] + after * k, r1 - after} : rows_ahead<float>(ahead, u, k);
+        const std::size_t count = std::min(kLaneRows, region.rows);
         if (count == 0) continue;
-        next.add(first, first + count * k);
+        next.add(region.first, region.first + count * k);
         bytes += count * k * sizeof(float);
       }
       const std::size_t lines = bytes / PanelPrefetch::kLineBytes, calls = tiles * 16 * U;
       const std::size_t per_call = (lines + calls - 1) / calls;
       auto fetch = [&] {
         for (std::size_t q = 0; q < per_call && !next.done(); ++q) {
-          prefetch_l2(next.at[0]);
+          prefetch<2>(next.at[0]);
           next.advance(next.at[0] + PanelPrefetch::kLineBytes);
         }
       };
