@@ -59,8 +59,8 @@ constexpr bool lane_split(std::size_t m, std::size_t k, std::size_t n) noexcept 
 }
 
 // A thread's buffer for packed operands, 64-byte aligned: it grows as needed and is kept for the
-// next call, so warm calls allocate nothing. data() is null when an allocation failed (the caller
-// then takes the dot kernel).
+// next call, so warm calls allocate nothing. reserve() gives null where an allocation failed (the
+// caller then takes the dot kernel).
 class LaneBuffer {
  public:
   LaneBuffer() = default;
