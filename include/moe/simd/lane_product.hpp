@@ -60,7 +60,8 @@ constexpr bool lane_split(std::size_t m, std::size_t k, std::size_t n) noexcept 
 
 // A thread's buffer for packed operands, 64-byte aligned: it grows as needed and is kept for the
 // next call, so warm calls allocate nothing. reserve() gives null where an allocation failed (the
-// caller then takes the dot kernel).
+// caller then takes the dot kernel). Not moe::Buffer (core/workspace.hpp), whose growth throws, and
+// zero-fills and copies what it held: the products are noexcept, and the contents are rewritten.
 class LaneBuffer {
  public:
   LaneBuffer() = default;
