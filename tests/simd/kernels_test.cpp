@@ -1228,6 +1228,32 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane
   }
 }
 
+TEST_CASE("simd::LaneBuffer keeps its block until it must grow, on huge pages from 2 MiB", "[simd][matmul]") {
+  // The lane-split product's packing buffers: 64-byte aligned below a huge page, 2 MiB aligned (and
+  // advised) from one on, as HugePageAllocator's blocks; a smaller request keeps the block; a size
+  // whose byte count overflows gives null and leaves a buffer that still serves.
+  constexpr std::size_t kHugeFloats = moe::kHugePageBytes / sizeof(float);
+  auto on_boundary = [](const void* p, std::size_t alignment) {
+    return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
+  };
+  moe::simd::LaneBuffer buffer;
+  for (const std::size_t floats : {std::size_t(100), kHugeFloats - 1, kHugeFloats, 3 * kHugeFloats + 5}) {
+    CAPTURE(floats);
+    float* const block = buffer.reserve(floats);
+    REQUIRE(block != nullptr);
+    CHECK(on_boundary(block, floats >= kHugeFloats ? moe::kHugePageBytes : 64));
+    for (std::size_t i = 0; i < floats; ++i) block[i] = static_cast<float>(i % 1000);  // (ASan: all of it is ours)
+    CHECK(buffer.reserve(floats / 2) == block);
+    CHECK(buffer.reserve(floats) == block);
+    CHECK(block[floats - 1] == static_cast<float>((floats - 1) % 1000));
+  }
+  CHECK(buffer.reserve(static_cast<std::size_t>(-1) / 2) == nullptr);
+  float* const again = buffer.reserve(10);
+  REQUIRE(again != nullptr);
+  again[9] = 1.0f;
+  CHECK(on_boundary(again, 64));
+}
+
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
                    "[simd][matmul]", float, double) {
   using T = TestType;
