@@ -773,8 +773,8 @@ TEMPLATE_TEST_CASE("simd::top_k_set takes both of its paths above the passes", "
   std::uniform_int_distribution<int> small(-20, 20);
   std::vector<T> x(n);
   for (auto& v : x) v = static_cast<T>(small(rng)) / T(4);
-  x[7] = std::numeric_limits<T>::quiet_NaN();
-  x[300] = -std::numeric_limits<T>::infinity();
+  x.at(7) = std::numeric_limits<T>::quiet_NaN();
+  x.at(300) = -std::numeric_limits<T>::infinity();
   std::vector<T> values(n);
   std::vector<index_t> indices(n);
   for (const std::size_t k : {std::size_t(9), std::size_t(18), std::size_t(19), std::size_t(100), std::size_t(599)}) {
@@ -1000,15 +1000,16 @@ double dot_bound(std::size_t k, double abs_sum) {
 // the double reference; y rows are padded (ldy = n + 3) and the padding must survive. Each
 // token's row must also be bit-identical to the product of that token alone (m = 1): the
 // kernel sums every element in one order whatever m is (batch isolation, README, "Guarantees").
-template <class T>
+// A: the architecture the products run on.
+template <class T, class A = Arch>
 void check_matmul(const Guarded<T>& x, std::size_t ldx, std::size_t m, std::size_t k, const Guarded<T>& w,
                   std::size_t n, std::size_t offset) {
   const std::size_t ldy = n + 3;
   auto product = [&](const T* xs, std::size_t rows, T* y) {
     if (ldx == k) {
-      moe::simd::matmul_nt(Arch{}, xs, rows, k, w.data(), n, y, ldy);
+      moe::simd::matmul_nt(A{}, xs, rows, k, w.data(), n, y, ldy);
     } else {
-      moe::simd::matmul_nt_strided(Arch{}, xs, ldx, rows, k, w.data(), n, y, ldy);
+      moe::simd::matmul_nt_strided(A{}, xs, ldx, rows, k, w.data(), n, y, ldy);
     }
   };
   Guarded<T> y = output<T>(m * ldy, offset);  // [m, ldy]
@@ -1036,13 +1037,13 @@ void check_matmul(const Guarded<T>& x, std::size_t ldx, std::size_t m, std::size
 // with errors dg, du in the dots, |act(g~)·u~ - act(g)·u| <= |u|·(Lip·dg + act_err) +
 // (|act(g)| + Lip·dg)·du + eps·|ref|. As for matmul_nt, each token's row must equal that
 // token's product alone, bit for bit.
-template <class Act, class T>
+template <class Act, class T, class A = Arch>
 void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const Guarded<T>& w_gate,
                         const Guarded<T>& w_up, std::size_t n, std::size_t offset) {
   INFO("activation " << Act::name);
   const std::size_t ldh = n + 3;
   auto product = [&](const T* xs, std::size_t rows, T* h) {
-    moe::simd::gated_matmul_nt<Act>(Arch{}, xs, rows, k, w_gate.data(), w_up.data(), n, h, ldh);
+    moe::simd::gated_matmul_nt<Act>(A{}, xs, rows, k, w_gate.data(), w_up.data(), n, h, ldh);
   };
   Guarded<T> h = output<T>(m * ldh, offset);
   product(x.data(), m, h.data());
@@ -1074,19 +1075,19 @@ void check_gated_matmul(const Guarded<T>& x, std::size_t m, std::size_t k, const
 }
 
 // check_matmul, and check_gated_matmul<SiLU> when `gated`, on x [m, k] and weights [n, k] drawn
-// from rng, their buffers `offset` elements off 64-byte boundaries.
-template <class T>
+// from rng, their buffers `offset` elements off 64-byte boundaries; on architecture A.
+template <class T, class A = Arch>
 void check_random_products(std::size_t m, std::size_t k, std::size_t n, std::size_t offset, std::mt19937& rng,
                            bool gated) {
   Guarded<T> x = input<T>(m * k, offset);
   fill_uniform(x.data(), m * k, -1.0, 1.0, rng);
   Guarded<T> w = input<T>(n * k, offset);
   fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
-  check_matmul(x, k, m, k, w, n, offset);
+  check_matmul<T, A>(x, k, m, k, w, n, offset);
   if (!gated) return;
   Guarded<T> w_up = input<T>(n * k, offset);
   fill_uniform(w_up.data(), n * k, -1.0, 1.0, rng);
-  check_gated_matmul<moe::SiLU>(x, m, k, w, w_up, n, offset);
+  check_gated_matmul<moe::SiLU, T, A>(x, m, k, w, w_up, n, offset);
 }
 
 }  // namespace
@@ -1208,7 +1209,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane
   // token's row must still be its product alone (one token: the dot kernel), bit for bit. 96 tokens
   // are tiles of 13 and 14, 113 of 12 and 13, 200 of 13 and 14; 521 and 1,031 elements leave a tail;
   // 70 rows are two panels (one per thread on two), the second a partial block of 6 rows; 32 rows
-  // are one block. Double, and other architectures, keep the dot kernel: the same checks hold.
+  // are one block. Double, and architectures without the product, keep the dot kernel: the same checks hold.
   const std::size_t m = GENERATE(as<std::size_t>{}, 96, 113, 200);
   const std::size_t k = GENERATE(as<std::size_t>{}, 521, 1024, 1031);
   const std::size_t n = GENERATE(as<std::size_t>{}, 32, 70);
@@ -1226,6 +1227,16 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane
     fill_uniform(w.data(), n * k, -1.0, 1.0, rng);
     check_matmul(x, ldx, m, k, w, n, offset);
   }
+#if XSIMD_WITH_FMA3_AVX2
+  // The AVX2 form (8 lanes, tiles of 4–6 tokens × 16 rows) wherever this target has AVX2 and FMA,
+  // whatever its default architecture: 96 tokens are tiles of 6, 113 of 5 and 6, 200 of 5 and 6;
+  // 70 rows end in a partial block.
+  SECTION("on AVX2 with FMA") {
+    using Avx2 = xsimd::fma3<xsimd::avx2>;
+    CHECK(moe::simd::lane_split<Avx2, T>(m, k, n) == std::is_same<T, float>::value);
+    check_random_products<T, Avx2>(m, k, n, offset, rng, true);
+  }
+#endif
 }
 
 TEST_CASE("simd::LaneBuffer keeps its block until it must grow, on huge pages from 2 MiB", "[simd][matmul]") {

@@ -693,30 +693,33 @@ void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
 
 // ---- the lane-split product (lane_product.hpp): many tokens -----------------------------------------
 
-// The token tile starting at token j of m: t = ceil(m / kLaneTokens) tiles of near-equal size. From
-// kMinLaneTokens tokens on t ≥ 7, and as m > 14 (t - 1), each tile holds at least 12 tokens
-// (lane_rows compiles 12, 13 and 14).
-inline std::size_t lane_tile_tokens(std::size_t j, std::size_t m) noexcept {
-  const std::size_t tiles = (m + kLaneTokens - 1) / kLaneTokens, size = m / tiles, of_size = tiles - m % tiles;
+// The token tile starting at token j of m: t = ceil(m / lane_tokens) tiles of near-equal size, each of
+// lane_tokens - 2 tokens or more (lane_rows compiles those three sizes): from kMinLaneTokens tokens on
+// t ≥ 7 (AVX-512: 14 tokens a tile) or 16 (AVX2: 6), and m > lane_tokens · (t - 1) ≥ (lane_tokens - 2) · t.
+template <class Arch>
+std::size_t lane_tile_tokens(std::size_t j, std::size_t m) noexcept {
+  constexpr std::size_t most = lane_tokens<Arch>();
+  const std::size_t tiles = (m + most - 1) / most, size = m / tiles, of_size = tiles - m % tiles;
   return j < size * of_size ? size : size + 1;
 }
-static_assert(kLaneTokens == 14 && kMinLaneTokens > 6 * kLaneTokens, "lane tiles of 12 to 14 tokens");
+static_assert(kMinLaneTokens > 6 * 14 && kMinLaneTokens > 2 * 6 * 6, "lane tiles of lane_tokens - 2 or more tokens");
 
 // x [m, k] (rows ldx apart) packed into this thread's buffer 0 where an m × k × n product takes the
 // lane-split product (lane_split), tile by tile (pack_lanes): the tile starting at token j at
-// j · 16 · (k / 16). Else, or where the buffer could not grow, null.
+// j · L · (k / L), L the float lanes. Else, or where the buffer could not grow, null.
 template <class Arch, class T>
 const float* lane_packed_tokens(Arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k,
                                 std::size_t n) noexcept {
-#if XSIMD_WITH_AVX512F
+#if MOE_LANE_PRODUCT
   if constexpr (has_lane_product<Arch, T>()) {
     if (!lane_split<Arch, T>(m, k, n)) return nullptr;
-    const std::size_t s = k / 16;
-    float* const packed = lane_buffer<0>().reserve(m * 16 * s);
+    constexpr std::size_t L = lanes<float, Arch>();
+    const std::size_t s = k / L;
+    float* const packed = lane_buffer<0>().reserve(m * L * s);
     if (packed == nullptr) return nullptr;
     for (std::size_t j = 0, mb = 0; j < m; j += mb) {
-      mb = lane_tile_tokens(j, m);
-      pack_lanes(x + j * ldx, ldx, mb, s, mb, packed + j * 16 * s);
+      mb = lane_tile_tokens<Arch>(j, m);
+      pack_lanes(Arch{}, x + j * ldx, ldx, mb, s, mb, packed + j * L * s);
     }
     return packed;
   }
@@ -725,10 +728,10 @@ const float* lane_packed_tokens(Arch, const T* x, std::size_t ldx, std::size_t m
   return nullptr;
 }
 
-// The lane-split product of x (packed_x: lane_packed_tokens; x itself serves the k % 16 tails) with
-// rows [r0, r1) of U weight matrices w[u] ([n, k]), kLaneRows rows at a time, whose rows this thread
-// packs into its buffer 1. finish(j, mb, row, rows, out) receives a block's dots for tokens j .. j + mb
-// and rows row .. row + rows: out[u][a · kLaneRows + q], token j + a with row `row + q` of w[u].
+// The lane-split product of x (packed_x: lane_packed_tokens; x itself serves the k % L tails) with
+// rows [r0, r1) of U weight matrices w[u] ([n, k]), R = lane_tile_rows rows at a time, whose rows this
+// thread packs into its buffer 1. finish(j, mb, row, rows, out) receives a block's dots for tokens
+// j .. j + mb and rows row .. row + rows: out[u][a · R + q], token j + a with row `row + q` of w[u].
 // Meanwhile the block's successor is fetched into L2, spread over its tiles: the panel's next block,
 // or after its last the next panel's first rows (`ahead`). False, having done nothing, where the
 // buffer could not grow or Arch and T have no lane-split product.
@@ -736,29 +739,30 @@ template <std::size_t U, class Arch, class T, class Finish>
 bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, std::size_t m, std::size_t k,
                const T* const* w, std::size_t r0, std::size_t r1, const PanelPrefetch& ahead,
                Finish&& finish) noexcept {
-#if XSIMD_WITH_AVX512F
+#if MOE_LANE_PRODUCT
   if constexpr (has_lane_product<Arch, T>()) {
     using B = batch<float, Arch>;
-    const std::size_t s = k / 16, block = kLaneRows * 16 * s;
+    constexpr std::size_t L = B::size, R = lane_tile_rows<Arch>(), most = lane_tokens<Arch>();
+    const std::size_t s = k / L, block = R * L * s;
     float* const packed_w = lane_buffer<1>().reserve(U * block);
     if (packed_w == nullptr) return false;
-    const std::size_t tiles = (m + kLaneTokens - 1) / kLaneTokens;
-    alignas(64) float out[U][kLaneTokens * kLaneRows];
-    for (std::size_t row = r0; row < r1; row += kLaneRows) {
-      const std::size_t rows = std::min(kLaneRows, r1 - row);
-      for (std::size_t u = 0; u < U; ++u) pack_lanes(w[u] + row * k, k, rows, s, kLaneRows, packed_w + u * block);
+    const std::size_t tiles = (m + most - 1) / most;
+    alignas(64) float out[U][most * R];
+    for (std::size_t row = r0; row < r1; row += R) {
+      const std::size_t rows = std::min(R, r1 - row);
+      for (std::size_t u = 0; u < U; ++u) pack_lanes(arch, w[u] + row * k, k, rows, s, R, packed_w + u * block);
       PanelPrefetch next;
       std::size_t bytes = 0;
       for (std::size_t u = 0; u < U; ++u) {
         const std::size_t after = row + rows;  // the next block's first row
         const StreamAhead<float> region =
             after < r1 ? StreamAhead<float>{w[u] + after * k, r1 - after} : rows_ahead<float>(ahead, u, k);
-        const std::size_t count = std::min(kLaneRows, region.rows);
+        const std::size_t count = std::min(R, region.rows);
         if (count == 0) continue;
         next.add(region.first, region.first + count * k);
         bytes += count * k * sizeof(float);
       }
-      const std::size_t lines = bytes / PanelPrefetch::kLineBytes, calls = tiles * 16 * U;
+      const std::size_t lines = bytes / PanelPrefetch::kLineBytes, calls = tiles * L * U;
       const std::size_t per_call = (lines + calls - 1) / calls;
       auto fetch = [&] {
         for (std::size_t q = 0; q < per_call && !next.done(); ++q) {
@@ -767,25 +771,21 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
         }
       };
       for (std::size_t j = 0, mb = 0; j < m; j += mb) {
-        mb = lane_tile_tokens(j, m);
-        const float* const xp = packed_x + j * 16 * s;
+        mb = lane_tile_tokens<Arch>(j, m);
+        const float* const xp = packed_x + j * L * s;
         for (std::size_t u = 0; u < U; ++u) {
-          B sums[2 * kLaneTokens];
-          static_assert(kLaneTokens == 14, "one case per tile size");
-          switch (mb) {
-            case 14: lane_tile<14>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-            case 13: lane_tile<13>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-            default: lane_tile<12>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-          }
+          B sums[2 * most];
+          if (mb == most) lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch);
+          else if (mb == most - 1) lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch);
+          else lane_tile<most - 2>(arch, xp, packed_w + u * block, s, sums, fetch);
           for (std::size_t a = 0; a < mb; ++a) {
-            sums[2 * a].store_aligned(out[u] + a * kLaneRows);
-            sums[2 * a + 1].store_aligned(out[u] + a * kLaneRows + 16);
+            sums[2 * a].store_aligned(out[u] + a * R);
+            sums[2 * a + 1].store_aligned(out[u] + a * R + L);
           }
-          if (k % 16 != 0)
+          if (k % L != 0)
             for (std::size_t a = 0; a < mb; ++a)
               for (std::size_t q = 0; q < rows; ++q)
-                out[u][a * kLaneRows + q] =
-                    add_tail(out[u][a * kLaneRows + q], x + (j + a) * ldx, w[u] + (row + q) * k, 16 * s, k);
+                out[u][a * R + q] = add_tail(out[u][a * R + q], x + (j + a) * ldx, w[u] + (row + q) * k, L * s, k);
         }
         finish(j, mb, row, rows, out);
       }
@@ -804,10 +804,11 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
 // nothing. False where an allocation failed (those products then take the dot kernel).
 template <class Arch, class T>
 bool reserve_lane_buffers(std::size_t m, std::size_t k) noexcept {
-  if (!lane_split<Arch, T>(m, k, kLaneRows)) return true;
+  constexpr std::size_t R = lane_tile_rows<Arch>();
+  if (!lane_split<Arch, T>(m, k, R)) return true;
   std::atomic<bool> reserved{true};
   auto reserve_here = [&] {
-    if (lane_buffer<0>().reserve(m * k) == nullptr || lane_buffer<1>().reserve(2 * kLaneRows * k) == nullptr)
+    if (lane_buffer<0>().reserve(m * k) == nullptr || lane_buffer<1>().reserve(2 * R * k) == nullptr)
       reserved = false;
   };
   reserve_here();
@@ -833,8 +834,10 @@ void panel_products(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::
     }
     const T* const weights[1] = {w};
     auto store = [&](std::size_t j, std::size_t mb, std::size_t row, std::size_t count, const auto& out) {
-      for (std::size_t a = 0; a < mb; ++a)
-        std::copy(out[0] + a * kLaneRows, out[0] + a * kLaneRows + count, y + (j + a) * ldy + row);
+      for (std::size_t a = 0; a < mb; ++a) {
+        const float* const dots = out[0] + a * lane_tile_rows<Arch>();
+        std::copy(dots, dots + count, y + (j + a) * ldy + row);
+      }
     };
     if (packed_x != nullptr && lane_rows<1>(arch, packed_x, x, ldx, m, k, weights, rows.begin, rows.end, ahead, store))
       return;
@@ -861,7 +864,7 @@ void matmul_nt_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, st
   const int team = parallel ? max_threads() : 1;
   const auto threads = static_cast<std::size_t>(team);
   const std::size_t panel = lane_split<Arch, T>(m, k, n)
-                                ? even_panel_rows(kLanePanelRows, n, kLaneRows, team)
+                                ? even_panel_rows(kLanePanelRows, n, lane_tile_rows<Arch>(), team)
                                 : even_panel_rows(panel_rows<Arch, T>(k, m, n), n, kMaxBlockRows, team);
   if (parallel && (n + panel - 1) / panel < threads && m >= threads * kMinThreadTokens) {
     const std::size_t share = (m + threads - 1) / threads;
@@ -912,7 +915,7 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
   const bool parallel = open_region(worth_threads<T>(m, n, k, 2));
   const int threads = parallel ? max_threads() : 1;
   const bool lane = lane_split<Arch, T>(m, k, n);
-  const std::size_t panel = lane ? even_panel_rows(kLanePanelRows, n, kLaneRows, threads)
+  const std::size_t panel = lane ? even_panel_rows(kLanePanelRows, n, lane_tile_rows<Arch>(), threads)
                                  : even_panel_rows(gated_panel_pairs<Arch, T>(k, m, n), n, kGatedChunk, threads);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
   const float* const packed_x = lane_packed_tokens(arch, x, k, m, k, n);  // (for the whole team)
@@ -928,8 +931,8 @@ void gated_matmul_nt_with(Arch arch, const T* x, std::size_t m, std::size_t k, c
     const T* const weights[2] = {w_gate, w_up};
     auto activate_rows = [&](std::size_t j, std::size_t mb, std::size_t row, std::size_t count, auto& out) {
       for (std::size_t a = 0; a < mb; ++a) {
-        T* const gate = out[0] + a * kLaneRows;
-        activate(arch, gate, out[1] + a * kLaneRows, count);
+        T* const gate = out[0] + a * lane_tile_rows<Arch>();
+        activate(arch, gate, out[1] + a * lane_tile_rows<Arch>(), count);
         std::copy(gate, gate + count, h + (j + a) * ldh + row);
       }
     };
