@@ -775,9 +775,11 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
         const float* const xp = packed_x + j * L * s;
         for (std::size_t u = 0; u < U; ++u) {
           B sums[2 * most];
-          if (mb == most) lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch);
-          else if (mb == most - 1) lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch);
-          else lane_tile<most - 2>(arch, xp, packed_w + u * block, s, sums, fetch);
+          switch (most - mb) {
+            case 0: lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+            case 1: lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+            default: lane_tile<most - 2>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+          }
           for (std::size_t a = 0; a < mb; ++a) {
             sums[2 * a].store_aligned(out[u] + a * R);
             sums[2 * a + 1].store_aligned(out[u] + a * R + L);
