@@ -330,7 +330,7 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
   // token routes alike, so one expert takes them all: the largest expert batch), 300 random rows in
   // 3 routing groups, 7 rows in 2 groups and an empty batch; the same as training steps on a
   // reserved training workspace. Nothing may allocate. With d = 1,024 the gate and up products of an
-  // expert with 96 or more tokens take the lane-split product (with AVX-512, in float), whose
+  // expert with 96 or more tokens take the lane-split product (AVX-512 or AVX2, in float), whose
   // per-thread packing buffers reserve grows too (simd::reserve_lane_buffers).
   const auto dims = GENERATE(values<std::pair<index_t, index_t>>({{24, 40}, {1024, 64}}));
   const index_t d = dims.first, ff = dims.second, E = 6, most = 300;
@@ -389,7 +389,7 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
 }
 
 TEST_CASE("simd::reserve_lane_buffers grows every thread's packing buffers", "[simd][allocation]") {
-  // Products of many tokens (the lane-split product, with AVX-512 in float) pack x and the weight
+  // Products of many tokens (the lane-split product, AVX-512 or AVX2 in float) pack x and the weight
   // rows into buffers of their thread. After reserve_lane_buffers, each thread of a team, running a
   // product of that size on its own (as when threads take whole experts), allocates nothing. The
   // size exceeds the products of the tests above, whose batches may have grown this thread's buffers.

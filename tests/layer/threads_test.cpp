@@ -196,7 +196,7 @@ TEST_CASE("Backward gradients of experts with hundreds of tokens do not depend o
 
 TEST_CASE("Products of many tokens (the lane-split product) do not depend on the thread count",
           "[threads][determinism]") {
-  // With AVX-512, float products of 200 tokens on rows of 1,040 elements are packed once by the
+  // With AVX-512 or AVX2, float products of 200 tokens on rows of 1,040 elements are packed once by the
   // calling thread and their panels shared by the team (simd::lane_rows); 200 rows are four panels
   // on two threads, the last a partial one.
   const std::size_t m = 200, k = 1040, n = 200;

@@ -773,7 +773,7 @@ TEMPLATE_TEST_CASE("simd::top_k_set takes both of its paths above the passes", "
   std::uniform_int_distribution<int> small(-20, 20);
   std::vector<T> x(n);
   for (auto& v : x) v = static_cast<T>(small(rng)) / T(4);
-  x.at(7) = std::numeric_limits<T>::quiet_NaN();
+  x.at(7) = std::numeric_limits<T>::quiet_NaN();  // (at(): g++ 12 -O3 -Wnull-dereference saw an empty x)
   x.at(300) = -std::numeric_limits<T>::infinity();
   std::vector<T> values(n);
   std::vector<index_t> indices(n);
@@ -1204,12 +1204,13 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on a batch whose x outgr
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane-split product", "[simd][matmul]", float,
                    double) {
   using T = TestType;
-  // From kMinLaneTokens tokens on rows of kMinLaneDepth elements or more, float products with AVX-512
-  // are packed lane-major and summed as tiles of 12–14 tokens × 32 rows (lane_product.hpp); each
-  // token's row must still be its product alone (one token: the dot kernel), bit for bit. 96 tokens
-  // are tiles of 13 and 14, 113 of 12 and 13, 200 of 13 and 14; 521 and 1,031 elements leave a tail;
-  // 70 rows are two panels (one per thread on two), the second a partial block of 6 rows; 32 rows
-  // are one block. Double, and architectures without the product, keep the dot kernel: the same checks hold.
+  // From kMinLaneTokens tokens on rows of kMinLaneDepth elements or more and 32 rows or more, float
+  // products with AVX-512 are packed lane-major and summed as tiles of 12–14 tokens × 32 rows
+  // (lane_product.hpp); each token's row must still be its product alone (one token: the dot kernel),
+  // bit for bit. 96 tokens are tiles of 13 and 14, 113 of 12 and 13, 200 of 13 and 14; 521 and 1,031
+  // elements leave a tail; 70 rows are two panels (one per thread on two), the second ending in a
+  // partial block of 6 rows; 32 rows are one block. Double, and architectures without the product,
+  // keep the dot kernel: the same checks hold.
   const std::size_t m = GENERATE(as<std::size_t>{}, 96, 113, 200);
   const std::size_t k = GENERATE(as<std::size_t>{}, 521, 1024, 1031);
   const std::size_t n = GENERATE(as<std::size_t>{}, 32, 70);
@@ -1228,9 +1229,9 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane
     check_matmul(x, ldx, m, k, w, n, offset);
   }
 #if XSIMD_WITH_FMA3_AVX2
-  // The AVX2 form (8 lanes, tiles of 4–6 tokens × 16 rows) wherever this target has AVX2 and FMA,
-  // whatever its default architecture: 96 tokens are tiles of 6, 113 of 5 and 6, 200 of 5 and 6;
-  // 70 rows end in a partial block.
+  // The AVX2 form (8 lanes, tiles of 5–6 tokens × 16 rows) in any build whose target has AVX2 and FMA,
+  // whatever its default architecture: 96 tokens are tiles of 6, 113 of 5 and 6, 200 of 5 and 6; 32
+  // rows are two blocks, and 70 end in a partial one.
   SECTION("on AVX2 with FMA") {
     using Avx2 = xsimd::fma3<xsimd::avx2>;
     CHECK(moe::simd::lane_split<Avx2, T>(m, k, n) == std::is_same<T, float>::value);
@@ -1239,31 +1240,91 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt on many tokens: the lane
 #endif
 }
 
-TEST_CASE("simd::LaneBuffer keeps its block until it must grow, on huge pages from 2 MiB", "[simd][matmul]") {
+TEST_CASE("simd::LaneBuffer keeps its block until it must grow, 2 MiB aligned from 2 MiB", "[simd][matmul]") {
   // The lane-split product's packing buffers: 64-byte aligned below a huge page, 2 MiB aligned (and
-  // advised) from one on, as HugePageAllocator's blocks; a smaller request keeps the block; a size
-  // whose byte count overflows gives null and leaves a buffer that still serves.
+  // advised) and rounded up to whole huge pages from one on, as HugePageAllocator's blocks; a smaller
+  // request keeps the block; a size whose byte count overflows gives null and keeps the block held.
   constexpr std::size_t kHugeFloats = moe::kHugePageBytes / sizeof(float);
   auto on_boundary = [](const void* p, std::size_t alignment) {
     return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
   };
   moe::simd::LaneBuffer buffer;
+  float* held = nullptr;
   for (const std::size_t floats : {std::size_t(100), kHugeFloats - 1, kHugeFloats, 3 * kHugeFloats + 5}) {
     CAPTURE(floats);
     float* const block = buffer.reserve(floats);
     REQUIRE(block != nullptr);
     CHECK(on_boundary(block, floats >= kHugeFloats ? moe::kHugePageBytes : 64));
     for (std::size_t i = 0; i < floats; ++i) block[i] = static_cast<float>(i % 1000);  // (ASan: all of it is ours)
-    CHECK(buffer.reserve(floats / 2) == block);
-    CHECK(buffer.reserve(floats) == block);
+    REQUIRE(buffer.reserve(floats / 2) == block);
+    REQUIRE(buffer.reserve(floats) == block);
     CHECK(block[floats - 1] == static_cast<float>((floats - 1) % 1000));
+    held = block;
   }
+  REQUIRE(buffer.reserve(4 * kHugeFloats) == held);  // (3 · kHugeFloats + 5 took four whole pages)
+  held[4 * kHugeFloats - 1] = 1.0f;
   CHECK(buffer.reserve(static_cast<std::size_t>(-1) / 2) == nullptr);
-  float* const again = buffer.reserve(10);
-  REQUIRE(again != nullptr);
-  again[9] = 1.0f;
-  CHECK(on_boundary(again, 64));
+  CHECK(buffer.reserve(10) == held);
 }
+
+#if MOE_LANE_PRODUCT
+// pack_lanes' layout, and lane_tile's sums against xsimd's hadd, on architecture A.
+template <class A>
+void check_lane_packing_and_order() {
+  using B = moe::simd::batch<float, A>;
+  constexpr std::size_t L = B::size, R = moe::simd::lane_tile_rows<A>(), MR = moe::simd::max_lane_tile_tokens<A>();
+  // Element l + L·i of row q at p[(l·s + i)·g + q]; rows past `rows` zero; nothing written past L·s·g.
+  const std::size_t s = 3, lda = s * L + 5;
+  for (const std::size_t g : {MR - 1, R}) {
+    for (const std::size_t rows : {g, g - 2}) {
+      CAPTURE(g, rows);
+      std::vector<float> a(g * lda);
+      for (std::size_t q = 0; q < g; ++q)
+        for (std::size_t e = 0; e < lda; ++e) a[q * lda + e] = static_cast<float>(1000 * q + e);
+      std::vector<float> p(L * s * g + L, -1.0f);
+      moe::simd::pack_lanes(A{}, a.data(), lda, rows, s, g, p.data());
+      bool laid_out = true;
+      for (std::size_t l = 0; l < L; ++l)
+        for (std::size_t i = 0; i < s; ++i)
+          for (std::size_t q = 0; q < g; ++q)
+            laid_out = laid_out && p[(l * s + i) * g + q] == (q < rows ? a[q * lda + l + L * i] : 0.0f);
+      CHECK(laid_out);
+      CHECK(std::all_of(p.end() - L, p.end(), [](float v) { return v == -1.0f; }));
+    }
+  }
+  // Depth 1 with every token element 1: lane l's chain for row r is w_r[l] alone, so the tile's sum for
+  // row r is its L lane values added in lane_tile's order, which must be hadd's to the bit. Values of
+  // magnitudes 2^-20 to 2^20 make the order show in the last bits.
+  std::mt19937 rng(17);
+  std::uniform_real_distribution<float> mantissa(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  std::vector<float, moe::HugePageAllocator<float>> xp(L * MR, 1.0f), wp(L * R);
+  for (int round = 0; round < 200; ++round) {
+    for (float& v : wp) v = std::ldexp(mantissa(rng), exponent(rng));
+    B sums[2 * MR];
+    moe::simd::lane_tile<MR>(A{}, xp.data(), wp.data(), 1, sums, [] {});
+    bool as_hadd = true;
+    for (std::size_t r = 0; r < R; ++r) {
+      alignas(64) float lane_values[L];
+      for (std::size_t l = 0; l < L; ++l) lane_values[l] = wp[l * R + r];
+      const float expected = xsimd::hadd(B::load_aligned(lane_values));
+      for (std::size_t j = 0; j < MR; ++j) {
+        alignas(64) float got[L];
+        sums[2 * j + r / L].store_aligned(got);
+        as_hadd = as_hadd && got[r % L] == expected;
+      }
+    }
+    CHECK(as_hadd);
+  }
+}
+
+TEST_CASE("simd::pack_lanes lays out lanes, and lane_tile adds them in hadd's order", "[simd][matmul]") {
+  if constexpr (moe::simd::has_lane_product<Arch, float>()) check_lane_packing_and_order<Arch>();
+#if XSIMD_WITH_FMA3_AVX2
+  check_lane_packing_and_order<xsimd::fma3<xsimd::avx2>>();
+#endif
+}
+#endif
 
 TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on token rows on and off 64-byte boundaries",
                    "[simd][matmul]", float, double) {

@@ -42,6 +42,12 @@ inline bool advise_huge_pages(const void* data, std::size_t bytes) noexcept {
 #endif
 }
 
+// bytes rounded up to whole huge pages where they are at least one (and no more than
+// SIZE_MAX - kHugePageBytes); smaller sizes as they are.
+inline std::size_t whole_huge_pages(std::size_t bytes) noexcept {
+  return bytes < kHugePageBytes ? bytes : (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+}
+
 // A standard allocator for weight buffers: blocks of 2 MiB or more are 2 MiB aligned, rounded up
 // to whole huge pages and advised (advise_huge_pages) before anything touches them; smaller blocks
 // are 64-byte aligned, or alignof(T) where that is more. For example
@@ -58,7 +64,7 @@ struct HugePageAllocator {
     if (n > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(T)) MOE_THROW(std::bad_array_new_length());
     const std::size_t bytes = n * sizeof(T);
     if (bytes < kHugePageBytes) return static_cast<T*>(::operator new(bytes, std::align_val_t(kSmallAlignment)));
-    const std::size_t whole_pages = rounded(bytes);
+    const std::size_t whole_pages = whole_huge_pages(bytes);
     void* p = ::operator new(whole_pages, std::align_val_t(kLargeAlignment));
     advise_huge_pages(p, whole_pages);
     return static_cast<T*>(p);
@@ -81,7 +87,6 @@ struct HugePageAllocator {
  private:
   static constexpr std::size_t kSmallAlignment = alignof(T) > 64 ? alignof(T) : 64;
   static constexpr std::size_t kLargeAlignment = alignof(T) > kHugePageBytes ? alignof(T) : kHugePageBytes;
-  static std::size_t rounded(std::size_t bytes) noexcept { return (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes; }
 };
 
 MOE_NAMESPACE_END

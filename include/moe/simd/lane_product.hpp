@@ -7,9 +7,9 @@
 // tree and the k % L tail in order. Its register blocks (5 tokens × 4 rows from 64 tokens on) load
 // a vector of each token and of each row per step: the x block stays in L1, but each weight row
 // comes from the L2 panel once per token block, 12.8 bytes per FMA, and from 128 tokens on, where
-// the product is compute bound, it ran at 0.80–0.96 of Eigen's GEMM. Here both operands are packed
+// the product is compute bound, it ran at 0.80–0.96 of Eigen's GEMM (AVX-512). Here both operands are packed
 // lane-major first (pack_lanes: lane l's elements of a row, l, l + L, ..., contiguous), so that lane
-// l's chains for a tile of lane_tokens tokens × 2L weight rows form one small GEMM of depth S = k / L,
+// l's chains for a tile of max_lane_tile_tokens tokens × 2L weight rows form one small GEMM of depth S = k / L,
 // run in outer-product form (lane_chains): two vectors of L rows' lane-l elements times each token's
 // element broadcast (AVX-512: 14 tokens × 32 rows, 28 FMAs per 128 bytes of weights and 56 of x, 6.6
 // bytes per FMA; AVX2: 6 tokens × 16 rows). Each chain still runs from zero over its k in order, and
@@ -33,17 +33,21 @@
 MOE_NAMESPACE_BEGIN
 namespace simd {
 
-// One expert's forward, cold weights, against the dot kernel (compare_bench, medians of 5, one
-// thread and two): 64 tokens 0.98–1.04 of the time, hence kMinLaneTokens; 96 tokens 0.86–1.00, 128
-// 0.86–1.01 (S1 0.86), 512 0.78–0.97 (S1 0.78–0.82), rows of 1,024 elements or more. Taking rows of
-// 512 (S2's down projection) and 768 (S3's up) too, at 96–512 tokens: S2 0.94–0.99 and S3
-// 0.92–0.97 of the time. AVX2 (-march=haswell on the same machine): 96–512 tokens 0.91–0.97 (S3 on
-// two threads at 512 tokens 1.00); from 64 tokens too, 0.93–1.02 at 64 and 1.06–1.13 at 32.
+// One expert's forward with AVX-512, cold weights, against the dot kernel (compare_bench, medians of
+// 5, one thread and two): 64 tokens 0.98–1.04 of the time, hence kMinLaneTokens; 96 tokens
+// 0.86–1.00, 128 0.86–1.01 (S1 0.86), 512 0.78–0.97 (S1 0.78–0.82), rows of 1,024 elements or more.
+// Taking rows of 512 (S2's down projection) and 768 (S3's up) too, at 96–512 tokens: S2 0.94–0.99
+// and S3 0.92–0.97 of the time. AVX2 (-march=haswell on the same machine): 96–512 tokens 0.91–0.99
+// (S3 on two threads at 512 tokens 1.02); from 64 tokens too, 0.93–1.02 at 64 and 1.06–1.13 at 32.
+// Both from 32 weight rows (kMinLaneRows): with fewer, most of an AVX-512 tile would be padding,
+// and AVX2's 16-row tiles were not measured on routers' 16–31 rows.
 inline constexpr std::size_t kMinLaneTokens = 96;
 inline constexpr std::size_t kMinLaneDepth = 512;
+inline constexpr std::size_t kMinLaneRows = 32;
 inline constexpr std::size_t kLanePanelRows = 64;  // rows a thread takes at a time
 
-// Whether this translation unit compiles the lane-split product (for AVX-512 or AVX2 with FMA).
+// Whether this translation unit compiles the lane-split product (for AVX-512 or AVX2 with FMA): an
+// internal switch, not a setting.
 #if XSIMD_WITH_AVX512F || XSIMD_WITH_FMA3_AVX2
 #define MOE_LANE_PRODUCT 1
 #else
@@ -63,23 +67,24 @@ constexpr bool has_lane_product() noexcept {
   return false;
 }
 
-// A register tile: lane_tokens tokens × lane_tile_rows weight rows (two vectors), 2 · lane_tokens
-// accumulators: 28 of AVX-512's 32 registers, 12 of AVX2's 16 (with two weight vectors and a
+// A register tile: up to max_lane_tile_tokens tokens × lane_tile_rows weight rows (two vectors), 2
+// accumulators a token: 28 of AVX-512's 32 registers, 12 of AVX2's 16 (with two weight vectors and a
 // broadcast token element, 15).
 template <class Arch>
-constexpr std::size_t lane_tokens() noexcept {
+constexpr std::size_t max_lane_tile_tokens() noexcept {
   return vector_registers<Arch>() >= 32 ? 14 : 6;
 }
 template <class Arch>
 constexpr std::size_t lane_tile_rows() noexcept {
+  static_assert(kLanePanelRows % (2 * lanes<float, Arch>()) == 0 && kMinLaneRows >= 2 * lanes<float, Arch>(),
+                "panels of whole tiles, and at least one tile of rows");
   return 2 * lanes<float, Arch>();
 }
 
-// Whether a product of m tokens with n weight rows of k elements takes the lane-split product (with
-// fewer than a tile's rows most of each tile would be padding).
+// Whether a product of m tokens with n weight rows of k elements takes the lane-split product.
 template <class Arch, class T>
 constexpr bool lane_split(std::size_t m, std::size_t k, std::size_t n) noexcept {
-  return has_lane_product<Arch, T>() && m >= kMinLaneTokens && k >= kMinLaneDepth && n >= lane_tile_rows<Arch>();
+  return has_lane_product<Arch, T>() && m >= kMinLaneTokens && k >= kMinLaneDepth && n >= kMinLaneRows;
 }
 
 // A thread's buffer for packed operands: it grows as needed and is kept for the next call, so warm
@@ -97,18 +102,17 @@ class LaneBuffer {
   LaneBuffer& operator=(const LaneBuffer&) = delete;
   ~LaneBuffer() { release(); }
   float* reserve(std::size_t floats) noexcept {
-    if (floats > capacity_) {
-      release();
-      if (floats > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(float)) return nullptr;
-      std::size_t bytes = floats * sizeof(float);
-      const bool huge = bytes >= kHugePageBytes;
-      if (huge) bytes = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-      alignment_ = huge ? kHugePageBytes : 64;
-      data_ = static_cast<float*>(::operator new(bytes, std::align_val_t(alignment_), std::nothrow));
-      if (data_ == nullptr) return nullptr;
-      if (huge) advise_huge_pages(data_, bytes);  // (before the first write, so that it takes effect)
-      capacity_ = bytes / sizeof(float);
-    }
+    if (floats <= capacity_) return data_;
+    if (floats > (static_cast<std::size_t>(-1) - kHugePageBytes) / sizeof(float)) return nullptr;
+    const std::size_t bytes = whole_huge_pages(floats * sizeof(float));
+    const std::size_t alignment = bytes >= kHugePageBytes ? kHugePageBytes : 64;
+    void* const block = ::operator new(bytes, std::align_val_t(alignment), std::nothrow);
+    if (block == nullptr) return nullptr;  // (the block held stays, for smaller products)
+    if (alignment == kHugePageBytes) advise_huge_pages(block, bytes);  // (before the first write)
+    release();
+    data_ = static_cast<float*>(block);
+    capacity_ = bytes / sizeof(float);
+    alignment_ = alignment;
     return data_;
   }
 
@@ -148,8 +152,10 @@ inline __m512 unpack_pd(__m512 a, __m512 b) noexcept {
   return _mm512_castpd_ps(High ? _mm512_mask_unpackhi_pd(x, all, x, y) : _mm512_mask_unpacklo_pd(x, all, x, y));
 }
 
-// r[i] (row i of a 16 × 16 block) becomes column i.
-inline void transpose(__m512 r[16]) noexcept {
+// r[i] (row i of a 16 × 16 block) becomes column i. (The helpers here take the architecture tag, as
+// every kernel does, so that translation units built for AVX2 and for AVX-512 never share one body.)
+template <class Arch>
+inline void transpose(Arch, __m512 r[16]) noexcept {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = unpack_ps<false>(r[i], r[i + 1]);
@@ -175,13 +181,15 @@ inline void transpose(__m512 r[16]) noexcept {
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
-inline void store_first(float* p, __m512 v, std::size_t count) noexcept {
+template <class Arch>
+inline void store_first(Arch, float* p, __m512 v, std::size_t count) noexcept {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
 }
 #endif
 #if XSIMD_WITH_FMA3_AVX2
 // r[i] (row i of an 8 × 8 block) becomes column i.
-inline void transpose(__m256 r[8]) noexcept {
+template <class Arch>
+inline void transpose(Arch, __m256 r[8]) noexcept {
   __m256 t[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -199,7 +207,8 @@ inline void transpose(__m256 r[8]) noexcept {
   }
   for (int i = 0; i < 8; ++i) r[i] = t[i];
 }
-inline void store_first(float* p, __m256 v, std::size_t count) noexcept {
+template <class Arch>
+inline void store_first(Arch, float* p, __m256 v, std::size_t count) noexcept {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane), v);
 }
@@ -209,10 +218,10 @@ inline void store_first(float* p, __m256 v, std::size_t count) noexcept {
 // Packs `rows` rows of a (rows ≤ g, `lda` apart) over their first s · L elements lane-major into
 // p [L][s][g] (L = Arch's float lanes): element l + L i of row q at p[(l · s + i) · g + q]. Rows
 // rows .. g - 1 are zero.
-// (Inlined, so that the weights' g = 2L is a constant: called, it ran 2–4% slower at 96 tokens.)
+// (Inlined, so that the weights' g = 2L is a constant: called, it ran 1–4% slower at 96 tokens.)
 template <class Arch>
-MOE_ALWAYS_INLINE void pack_lanes(Arch, const float* a, std::size_t lda, std::size_t rows, std::size_t s, std::size_t g,
-                float* p) noexcept {
+MOE_ALWAYS_INLINE void pack_lanes(Arch arch, const float* a, std::size_t lda, std::size_t rows, std::size_t s,
+                                  std::size_t g, float* p) noexcept {
   using B = batch<float, Arch>;
   constexpr std::size_t L = B::size;
   for (std::size_t q0 = 0; q0 < g; q0 += L) {
@@ -221,11 +230,11 @@ MOE_ALWAYS_INLINE void pack_lanes(Arch, const float* a, std::size_t lda, std::si
       typename B::register_type r[L];
       for (std::size_t q = 0; q < L; ++q)
         r[q] = q0 + q < rows ? B::load_unaligned(a + (q0 + q) * lda + i * L) : B(0.0f);
-      detail::transpose(r);
-      if (count == L) {  // (weight rows always; token tiles of AVX2 never)
+      detail::transpose(arch, r);
+      if (count == L) {  // (weight rows always; token tiles, of at most 14 or 6 tokens, never)
         for (std::size_t l = 0; l < L; ++l) B(r[l]).store_unaligned(p + (l * s + i) * g + q0);
       } else {
-        for (std::size_t l = 0; l < L; ++l) detail::store_first(p + (l * s + i) * g + q0, r[l], count);
+        for (std::size_t l = 0; l < L; ++l) detail::store_first(arch, p + (l * s + i) * g + q0, r[l], count);
       }
     }
   }

@@ -19,9 +19,10 @@
 // panel's first pass fetches the next panel's first rows (next_panel_row). Up to kMaxStreamTokens tokens
 // take a leaner loop of their own (stream_blocks), with block shapes chosen for streaming, whose blocks
 // take rows a stream apart, so that each row stream reads on through memory. So does a batch that is
-// one token block on rows shorter than a page (RowOrder). From kMinLaneTokens tokens on (AVX-512,
-// float), the same sums, to the bit, come from the lane-split product (lane_product.hpp, lane_rows),
-// a packed GEMM whose register tiles draw half the bytes from L2 per multiply-add.
+// one token block on rows shorter than a page (RowOrder). From kMinLaneTokens tokens on (float, with
+// AVX-512 or AVX2 and FMA), the same sums, to the bit, come from the lane-split product
+// (lane_product.hpp, lane_rows), a packed GEMM whose register tiles draw half the bytes from L2 per
+// multiply-add (AVX-512).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -693,16 +694,25 @@ void panel_product(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
 
 // ---- the lane-split product (lane_product.hpp): many tokens -----------------------------------------
 
-// The token tile starting at token j of m: t = ceil(m / lane_tokens) tiles of near-equal size, each of
-// lane_tokens - 2 tokens or more (lane_rows compiles those three sizes): from kMinLaneTokens tokens on
-// t ≥ 7 (AVX-512: 14 tokens a tile) or 16 (AVX2: 6), and m > lane_tokens · (t - 1) ≥ (lane_tokens - 2) · t.
+// The fewest tokens in a tile of lane_tile_tokens below, for kMinLaneTokens tokens or more. m tokens
+// take t = ceil(m / M) tiles (M = max_lane_tile_tokens), so m > M · (t - 1), and each tile holds
+// floor(m / t) tokens or one more: at least M - 1 where t ≥ M - 1, and at least M - 2 where 2t ≥ M - 1.
+// t grows with m, so the fewest tiles, ceil(kMinLaneTokens / M), decide: AVX2 tiles (M = 6, t ≥ 16)
+// hold 5 or 6 tokens, AVX-512 tiles (M = 14, t ≥ 7) 12 to 14.
+template <class Arch>
+constexpr std::size_t min_lane_tile_tokens() noexcept {
+  constexpr std::size_t most = max_lane_tile_tokens<Arch>(), tiles = (kMinLaneTokens + most - 1) / most;
+  static_assert(2 * tiles + 1 >= most, "tiles of at least M - 2 tokens (lane_rows compiles no fewer)");
+  return tiles + 1 >= most ? most - 1 : most - 2;
+}
+
+// The token tile starting at token j of m: ceil(m / max_lane_tile_tokens) tiles of near-equal size.
 template <class Arch>
 std::size_t lane_tile_tokens(std::size_t j, std::size_t m) noexcept {
-  constexpr std::size_t most = lane_tokens<Arch>();
+  constexpr std::size_t most = max_lane_tile_tokens<Arch>();
   const std::size_t tiles = (m + most - 1) / most, size = m / tiles, of_size = tiles - m % tiles;
   return j < size * of_size ? size : size + 1;
 }
-static_assert(kMinLaneTokens > 6 * 14 && kMinLaneTokens > 2 * 6 * 6, "lane tiles of lane_tokens - 2 or more tokens");
 
 // x [m, k] (rows ldx apart) packed into this thread's buffer 0 where an m × k × n product takes the
 // lane-split product (lane_split), tile by tile (pack_lanes): the tile starting at token j at
@@ -742,7 +752,8 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
 #if MOE_LANE_PRODUCT
   if constexpr (has_lane_product<Arch, T>()) {
     using B = batch<float, Arch>;
-    constexpr std::size_t L = B::size, R = lane_tile_rows<Arch>(), most = lane_tokens<Arch>();
+    constexpr std::size_t L = B::size, R = lane_tile_rows<Arch>(), most = max_lane_tile_tokens<Arch>();
+    constexpr std::size_t least = min_lane_tile_tokens<Arch>();
     const std::size_t s = k / L, block = R * L * s;
     float* const packed_w = lane_buffer<1>().reserve(U * block);
     if (packed_w == nullptr) return false;
@@ -778,7 +789,7 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
           switch (most - mb) {
             case 0: lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch); break;
             case 1: lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-            default: lane_tile<most - 2>(arch, xp, packed_w + u * block, s, sums, fetch); break;
+            default: lane_tile<least>(arch, xp, packed_w + u * block, s, sums, fetch); break;  // (most - 2 or most - 1)
           }
           for (std::size_t a = 0; a < mb; ++a) {
             sums[2 * a].store_aligned(out[u] + a * R);
