@@ -388,13 +388,11 @@ TEST_CASE("A reserved workspace allocates nothing on its first batches", "[layer
   for_each_layer(d, ff, E, check);
 }
 
-TEST_CASE("simd::reserve_lane_buffers grows every thread's packing buffers", "[simd][allocation]") {
-  // Products of many tokens (the lane-split product, AVX-512 or AVX2 in float) pack x and the weight
-  // rows into buffers of their thread. After reserve_lane_buffers, each thread of a team, running a
-  // product of that size on its own (as when threads take whole experts), allocates nothing. The
-  // size exceeds the products of the tests above, whose batches may have grown this thread's buffers.
-  using Arch = moe::simd::default_arch;
-  const std::size_t m = 400, k = 1100, n = 64;
+// Runs an m-token product with 64 rows of k elements on each thread of a team after
+// reserve_lane_buffers<A>(m, k): nothing may allocate, and every thread gets the same product.
+template <class A>
+void check_reserved_lane_product(std::size_t m, std::size_t k) {
+  const std::size_t n = 64;
   const moe::Matrix<float> x = random_matrix<float>(index_t(m), index_t(k), 1), w = random_matrix<float>(index_t(n), index_t(k), 2);
   std::vector<moe::Matrix<float>> y(static_cast<std::size_t>(moe::max_threads()), moe::Matrix<float>(index_t(m), index_t(n)));
   auto on_each_thread = [&](auto&& body) {
@@ -404,10 +402,23 @@ TEST_CASE("simd::reserve_lane_buffers grows every thread's packing buffers", "[s
     body(static_cast<std::size_t>(moe::thread_index()));
   };
   on_each_thread([](std::size_t) {});  // (the OpenMP runtime's pool, before counting)
-  CHECK(moe::simd::lane_split<Arch, float>(m, k, n) == moe::simd::has_lane_product<Arch, float>());
-  CHECK(moe::simd::reserve_lane_buffers<Arch, float>(m, k));
+  CHECK(moe::simd::lane_split<A, float>(m, k, n) == moe::simd::has_lane_product<A, float>());
+  CHECK(moe::simd::reserve_lane_buffers<A, float>(m, k));
   const long before = allocations_now();
-  on_each_thread([&](std::size_t t) { moe::simd::matmul_nt(Arch{}, x.data(), m, k, w.data(), n, y[t].data(), n); });
+  on_each_thread([&](std::size_t t) { moe::simd::matmul_nt(A{}, x.data(), m, k, w.data(), n, y[t].data(), n); });
   CHECK(allocations_now() - before == 0);
   for (const auto& product : y) CHECK(product == y.front());
+}
+
+TEST_CASE("simd::reserve_lane_buffers grows every thread's packing buffers", "[simd][allocation]") {
+  // Products of many tokens (the lane-split product, AVX-512 or AVX2 in float) pack x and the weight
+  // rows into buffers of their thread. After reserve_lane_buffers, each thread of a team, running a
+  // product of that size on its own (as when threads take whole experts), allocates nothing. Each size
+  // exceeds the products before it, whose batches may have grown the threads' buffers: first the AVX2
+  // form, in any build whose target has AVX2 and FMA (its weight blocks are half AVX-512's), then the
+  // default architecture's.
+#if XSIMD_WITH_FMA3_AVX2
+  check_reserved_lane_product<xsimd::fma3<xsimd::avx2>>(400, 1100);
+#endif
+  check_reserved_lane_product<moe::simd::default_arch>(400, 1200);
 }

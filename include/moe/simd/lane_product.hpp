@@ -7,19 +7,19 @@
 // tree and the k % L tail in order. Its register blocks (5 tokens × 4 rows from 64 tokens on) load
 // a vector of each token and of each row per step: the x block stays in L1, but each weight row
 // comes from the L2 panel once per token block, 12.8 bytes per FMA, and from 128 tokens on, where
-// the product is compute bound, it ran at 0.80–0.96 of Eigen's GEMM (AVX-512). Here both operands are packed
-// lane-major first (pack_lanes: lane l's elements of a row, l, l + L, ..., contiguous), so that lane
-// l's chains for a tile of max_lane_tile_tokens tokens × 2L weight rows form one small GEMM of depth S = k / L,
-// run in outer-product form (lane_chains): two vectors of L rows' lane-l elements times each token's
-// element broadcast (AVX-512: 14 tokens × 32 rows, 28 FMAs per 128 bytes of weights and 56 of x, 6.6
-// bytes per FMA; AVX2: 6 tokens × 16 rows). Each chain still runs from zero over its k in order, and
-// a tile's L results are added in hadd's tree (kLaneOrder16, kLaneOrder8), so every sum rounds as
-// dot_block's; the k % L tail is added after, in order.
+// the product is compute bound, it ran at 0.80–0.96 of Eigen's GEMM (AVX-512). Here both operands
+// are packed lane-major first (pack_lanes: lane l's elements of a row, l, l + L, ..., contiguous), so
+// that lane l's chains for a tile of max_lane_tile_tokens tokens × 2L weight rows form one small GEMM
+// of depth S = k / L, run in outer-product form (lane_chains): two vectors of L rows' lane-l elements
+// times each token's element broadcast (AVX-512: 14 tokens × 32 rows, 28 FMAs per 128 bytes of
+// weights and 56 of x, 6.6 bytes per FMA; AVX2: 6 tokens × 16 rows). Each chain still runs from zero
+// over its k in order, and a tile's L results are added in hadd's tree (kLaneOrder16, kLaneOrder8),
+// so every sum rounds as dot_block's; the k % L tail is added after, in order.
 //
 // For float with AVX-512 (the tree of hadd for 16 float lanes, as in reduce_add_each) or AVX2 with
 // FMA (xsimd's AVX hadd for 8), from kMinLaneTokens tokens on rows of at least kMinLaneDepth
-// elements, and with at least 2L rows (lane_split). Measured on an Intel Xeon with AVX-512 (session
-// 52; AVX2 in session 53, compiled for it on that machine: bench/README.md).
+// elements, and with at least kMinLaneRows rows (lane_split). Measured on an Intel Xeon with AVX-512
+// (session 52; AVX2 in session 53, compiled for it on that machine: bench/README.md).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>

@@ -789,7 +789,7 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
           switch (most - mb) {
             case 0: lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch); break;
             case 1: lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-            default: lane_tile<least>(arch, xp, packed_w + u * block, s, sums, fetch); break;  // (most - 2 or most - 1)
+            default: lane_tile<least>(arch, xp, packed_w + u * block, s, sums, fetch); break;  // (most - 2, or 1)
           }
           for (std::size_t a = 0; a < mb; ++a) {
             sums[2 * a].store_aligned(out[u] + a * R);
@@ -818,7 +818,7 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
 template <class Arch, class T>
 bool reserve_lane_buffers(std::size_t m, std::size_t k) noexcept {
   constexpr std::size_t R = lane_tile_rows<Arch>();
-  if (!lane_split<Arch, T>(m, k, R)) return true;
+  if (!lane_split<Arch, T>(m, k, kMinLaneRows)) return true;
   std::atomic<bool> reserved{true};
   auto reserve_here = [&] {
     if (lane_buffer<0>().reserve(m * k) == nullptr || lane_buffer<1>().reserve(2 * R * k) == nullptr)
