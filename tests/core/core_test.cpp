@@ -37,11 +37,6 @@ TEST_CASE("Weight views caller memory and owns copies on request", "[core]") {
   REQUIRE_THROWS_WITH(moe::Weight<float>::view(buffer.data(), -1, 2), Catch::Contains("rows = -1"));
 }
 
-namespace {
-
-bool aligned_to(const void* p, std::size_t alignment) { return reinterpret_cast<std::uintptr_t>(p) % alignment == 0; }
-
-}  // namespace
 
 // Without MOE_USE_OPENMP moe lives in moe::v0; the OpenMP build's namespace is checked in
 // tests/layer/threads_test.cpp.
@@ -75,7 +70,7 @@ TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their c
                                   std::size_t(100)}) {
     std::vector<float, moe::HugePageAllocator<float>> v(count);
     const std::size_t bytes = count * sizeof(float);
-    CHECK(aligned_to(v.data(), bytes >= kHuge ? kHuge : 64));
+    CHECK(moe_test::aligned_to(v.data(), bytes >= kHuge ? kHuge : 64));
     for (std::size_t i = 0; i < count; ++i) v[i] = static_cast<float>(i % 1000);
     std::vector<float, moe::HugePageAllocator<float>> copy = v;  // through a second allocation
     bool same = true;
@@ -95,7 +90,7 @@ TEST_CASE("HugePageAllocator aligns large blocks to huge pages and keeps their c
   moe::HugePageAllocator<Page> pages;
   for (const std::size_t count : {std::size_t(1), std::size_t(3), std::size_t(100)}) {
     Page* p = pages.allocate(count);
-    CHECK(aligned_to(p, alignof(Page)));
+    CHECK(moe_test::aligned_to(p, alignof(Page)));
     pages.deallocate(p, count);
   }
 }

@@ -27,6 +27,8 @@
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+#include "../support/reference.hpp"
+
 // (A namespace of its own: this file may share a translation unit with other test files.)
 namespace kernels_test {
 
@@ -1245,16 +1247,13 @@ TEST_CASE("simd::LaneBuffer keeps its block until it must grow, 2 MiB aligned fr
   // advised) and rounded up to whole huge pages from one on, as HugePageAllocator's blocks; a smaller
   // request keeps the block; a size whose byte count overflows gives null and keeps the block held.
   constexpr std::size_t kHugeFloats = moe::kHugePageBytes / sizeof(float);
-  auto on_boundary = [](const void* p, std::size_t alignment) {
-    return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
-  };
   moe::simd::LaneBuffer buffer;
   float* held = nullptr;
   for (const std::size_t floats : {std::size_t(100), kHugeFloats - 1, kHugeFloats, 3 * kHugeFloats + 5}) {
     CAPTURE(floats);
     float* const block = buffer.reserve(floats);
     REQUIRE(block != nullptr);
-    CHECK(on_boundary(block, floats >= kHugeFloats ? moe::kHugePageBytes : 64));
+    CHECK(moe_test::aligned_to(block, floats >= kHugeFloats ? moe::kHugePageBytes : 64));
     for (std::size_t i = 0; i < floats; ++i) block[i] = static_cast<float>(i % 1000);  // (ASan: all of it is ours)
     REQUIRE(buffer.reserve(floats / 2) == block);
     REQUIRE(buffer.reserve(floats) == block);
@@ -1343,7 +1342,7 @@ TEMPLATE_TEST_CASE("simd::matmul_nt and gated_matmul_nt give the same bits on to
   CAPTURE(m, k);
   auto rng = make_rng(m, k, 7);
   std::vector<T, moe::HugePageAllocator<T>> on_line((m + 1) * ldx), off_line((m + 1) * ldx);
-  REQUIRE(reinterpret_cast<std::uintptr_t>(on_line.data()) % 64 == 0);
+  REQUIRE(moe_test::aligned_to(on_line.data(), 64));
   fill_uniform(on_line.data(), m * ldx, -1.0, 1.0, rng);
   std::copy(on_line.begin(), on_line.begin() + static_cast<std::ptrdiff_t>(m * ldx), off_line.begin() + 1);
   const T* x_on = on_line.data();

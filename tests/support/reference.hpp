@@ -2,6 +2,7 @@
 // Plain, obviously-correct references for the tests: loops in double, no SIMD, no Eigen products.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -104,6 +105,11 @@ double max_relative_error(const A& actual, const Mat& expected) {
       scale = std::max(scale, std::fabs(expected[r][c]));
     }
   return scale > 0 ? err / scale : err;
+}
+
+// Whether p is a multiple of `alignment` (a buffer's block on its boundary).
+inline bool aligned_to(const void* p, std::size_t alignment) {
+  return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
 }
 
 }  // namespace moe_test

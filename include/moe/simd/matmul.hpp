@@ -789,7 +789,7 @@ bool lane_rows(Arch arch, const float* packed_x, const T* x, std::size_t ldx, st
           switch (most - mb) {
             case 0: lane_tile<most>(arch, xp, packed_w + u * block, s, sums, fetch); break;
             case 1: lane_tile<most - 1>(arch, xp, packed_w + u * block, s, sums, fetch); break;
-            default: lane_tile<least>(arch, xp, packed_w + u * block, s, sums, fetch); break;  // (most - 2, or 1)
+            default: lane_tile<least>(arch, xp, packed_w + u * block, s, sums, fetch); break;  // (most - 2 or most - 1)
           }
           for (std::size_t a = 0; a < mb; ++a) {
             sums[2 * a].store_aligned(out[u] + a * R);
