@@ -11,6 +11,13 @@
 //                    The benchmark's own time is the backward time (manual timing).
 //   BM_MakeGradients  layer.make_gradients(): a zero gradient for every weight (O(parameters),
 //                    independent of T); a training loop builds it once (backward only zeroes it)
+//   BM_DxProduct/m, BM_WeightGradient/m   one product of an expert's backward on m tokens, moe's
+//                    kernel and Eigen's GEMM on the same operands, called in turn in each
+//                    iteration (the order alternating), the operands warm:
+//                      dx [m, d] = d_gate [m, d_ff] · W_gate [d_ff, d]       simd::matmul_nn
+//                      dW_gate [d_ff, d] = d_gateᵀ · x [m, d]               simd::matmul_tn, x packed
+//                    The benchmark's time is moe's; counters moe_GFLOP/s, eigen_GFLOP/s and
+//                    moe/eigen (time ratio, below 1 where moe is faster).
 // Counters (per call, means over the iterations): forward_ms, forward_train_ms, backward_ms,
 // accumulate_ms, and the ratios bwd/fwd = backward / forward, bwd/fwd_train = backward /
 // forward_train and acc/bwd = accumulate / backward.
@@ -135,8 +142,69 @@ void BM_MakeGradients(benchmark::State& state) {
   }
 }
 
+// Times moe(), then eigen() (or the other way round on odd iterations) and reports as above.
+template <class Ours, class Theirs>
+void time_against_eigen(benchmark::State& state, double flops, Ours&& moe, Theirs&& eigen) {
+  moe();
+  eigen();
+  double moe_seconds = 0, eigen_seconds = 0;
+  bool moe_first = true;
+  for (auto _ : state) {
+    if (!moe_first) eigen_seconds += moe_bench::wall_seconds(eigen);
+    const double ours = moe_bench::wall_seconds(moe);
+    if (moe_first) eigen_seconds += moe_bench::wall_seconds(eigen);
+    moe_seconds += ours;
+    moe_first = !moe_first;
+    state.SetIterationTime(ours);
+  }
+  const auto n = static_cast<double>(state.iterations());
+  state.counters["moe_GFLOP/s"] = 1e-9 * flops * n / moe_seconds;
+  state.counters["eigen_GFLOP/s"] = 1e-9 * flops * n / eigen_seconds;
+  state.counters["moe/eigen"] = moe_seconds / eigen_seconds;
+}
+
+void BM_DxProduct(benchmark::State& state) {
+  const auto m = static_cast<std::size_t>(state.range(0));
+  moe_bench::Lcg rng(7);
+  Mat d_gate(m, kFF), dx(m, kD);
+  rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
+  const ConstMap w_gate(weights().w1[0].data(), kFF, kD);
+  time_against_eigen(
+      state, 2.0 * static_cast<double>(m * kFF * kD),
+      [&] {
+        moe::simd::matmul_nn(moe::simd::default_arch{}, d_gate.data(), m, kFF, w_gate.data(), kD, dx.data(), false);
+        benchmark::DoNotOptimize(dx.data());
+      },
+      [&] {
+        dx.noalias() = d_gate * w_gate;
+        benchmark::DoNotOptimize(dx.data());
+      });
+}
+
+void BM_WeightGradient(benchmark::State& state) {
+  const auto m = static_cast<std::size_t>(state.range(0));
+  moe_bench::Lcg rng(8);
+  Mat d_gate(m, kFF), grad(kFF, kD);
+  rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
+  const auto x = weights().x.topRows(static_cast<index_t>(m));
+  std::vector<float> packing(moe::simd::tn_packing_size(m, kFF));
+  time_against_eigen(
+      state, 2.0 * static_cast<double>(m * kFF * kD),
+      [&] {
+        moe::simd::matmul_tn(moe::simd::default_arch{}, d_gate.data(), m, kFF, x.data(), kD, grad.data(), false,
+                             packing.data());
+        benchmark::DoNotOptimize(grad.data());
+      },
+      [&] {
+        grad.noalias() = d_gate.transpose() * x;
+        benchmark::DoNotOptimize(grad.data());
+      });
+}
+
 }  // namespace
 
+BENCHMARK(BM_DxProduct)->Arg(16)->Arg(64)->Arg(128)->Arg(512)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_WeightGradient)->Arg(16)->Arg(64)->Arg(128)->Arg(512)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MakeGradients)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_TrainStep)->Arg(1)->Arg(16)->Arg(128)->Arg(512)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMillisecond);
 

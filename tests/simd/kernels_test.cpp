@@ -1857,8 +1857,9 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
-  // m = 9 and 13: two and three row blocks, which the threads share when w is one panel wide.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9, 13);
+  // m = 9 and 13: two and three row blocks, which the threads share when w is one panel wide; 40:
+  // enough blocks that a packed chunk fetches the next one (kNNPrefetchTokens).
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9, 13, 40);
   // k = 300 spans two depth chunks; n covers single columns, whole vectors, a partial panel and
   // more than one panel.
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
@@ -1913,9 +1914,10 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
-  // m rows of y (x's columns): within one register block, several, and a ragged last block; k
-  // (x's and w's rows) as for matmul_nn, 300 spanning two depth chunks and the deep (not shallow) path.
-  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13);
+  // m rows of y (x's columns): within one register block, several, and a ragged last block (100:
+  // two groups of pack_token_blocks, the last block of 4); k (x's and w's rows) as for matmul_nn,
+  // 300 spanning two depth chunks and the deep (not shallow) path.
+  const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13, 100);
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
   const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, panel + L + 1);
   const bool accumulate = GENERATE(false, true);
@@ -1937,7 +1939,15 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
               y.data() + j * ldy);
     std::fill(y.data() + j * ldy + n, y.data() + (j + 1) * ldy, Guarded<T>::sentinel());
   }
+  Guarded<T> y_packing = y;
   moe::simd::matmul_tn_strided(Arch{}, x.data(), ldx, k, m, w.data(), ldw, n, y.data(), ldy, accumulate);
+  // With scratch to pack x in (which the deep path takes): the same bits, and nothing written
+  // outside the scratch.
+  Guarded<T> packing = output<T>(moe::simd::tn_packing_size(k, m), 0);
+  moe::simd::matmul_tn_strided(Arch{}, x.data(), ldx, k, m, w.data(), ldw, n, y_packing.data(), ldy, accumulate,
+                               packing.data());
+  CHECK(packing.guards_intact());
+  CHECK(y_packing.guards_intact());
 
   std::vector<T> x_packed(k * m), w_packed(k * n), y_packed(y0);
   for (std::size_t i = 0; i < k; ++i) {
@@ -1965,6 +1975,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
       CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
       CHECK(y[j * ldy + c] == y_nn[e]);
       CHECK(y[j * ldy + c] == y_packed[e]);
+      CHECK(y[j * ldy + c] == y_packing[j * ldy + c]);
     }
     for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
   }

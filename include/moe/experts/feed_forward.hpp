@@ -79,8 +79,9 @@ class FeedForward {
     simd::matmul_nt(arch, scratch, rows, ff, w_out_.data(), d, y, d);
   }
 
-  // Scratch elements backward() needs for `tokens` rows.
-  index_t backward_scratch_size(index_t tokens) const noexcept { return tokens * d_ff(); }
+  // Scratch elements backward() needs for `tokens` rows: the hidden rows, and room for the weight
+  // gradients' products to pack their x (simd::tn_packing_size).
+  index_t backward_scratch_size(index_t tokens) const noexcept { return tokens * (d_ff() + std::max(d_model(), d_ff())); }
 
   // Given dy [m, d] and what forward_saving kept: dx [m, d], and the weight gradients, added to
   // `grad` when `accumulate` and written over it otherwise (m > 0). `scratch` holds
@@ -91,13 +92,14 @@ class FeedForward {
                 bool accumulate) const {
     const auto rows = static_cast<std::size_t>(m), d = static_cast<std::size_t>(d_model()),
                ff = static_cast<std::size_t>(d_ff());
-    T* hidden = scratch;  // [m, d_ff] act(pre), then ∂L/∂pre
+    T* hidden = scratch;                // [m, d_ff] act(pre), then ∂L/∂pre
+    T* packing = scratch + rows * ff;   // [m, max(d, d_ff)]
     std::copy(saved, saved + rows * ff, hidden);
     for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
-    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
-    simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);           // dy · w_out
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate, packing);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);                    // dy · w_out
     for (std::size_t j = 0; j < rows; ++j) simd::activation_backward<Activation>(arch, saved + j * ff, hidden + j * ff, ff);
-    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate);    // [d_ff, d] d_preᵀ · x
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate, packing);    // [d_ff, d] d_preᵀ · x
     simd::matmul_nn(arch, hidden, rows, ff, w_in_.data(), d, dx, false);
   }
 

@@ -4,6 +4,7 @@
 //   w_up   [d_ff, d]   (Mixtral w3, up_proj)
 //   w_down [d, d_ff]   (Mixtral w2, down_proj)
 // SwiGLU is GatedFeedForward<T, SiLU>; GeGLU is GatedFeedForward<T, GELU>.
+#include <algorithm>
 #include <cstddef>
 
 #include "../core/error.hpp"
@@ -91,8 +92,11 @@ class GatedFeedForward {
     simd::matmul_nt(arch, hidden, rows, ff, w_down_.data(), d, y, d);
   }
 
-  // Scratch elements backward() needs for `tokens` rows.
-  index_t backward_scratch_size(index_t tokens) const noexcept { return 2 * tokens * d_ff(); }
+  // Scratch elements backward() needs for `tokens` rows: two hidden buffers, and room for the
+  // weight gradients' products to pack their x (simd::tn_packing_size).
+  index_t backward_scratch_size(index_t tokens) const noexcept {
+    return tokens * (2 * d_ff() + std::max(d_model(), d_ff()));
+  }
 
   // Given dy [m, d] (the gradient of this expert's output rows) and what forward_saving kept:
   // dx [m, d] = ∂/∂x, and the weight gradients, added to `grad` when `accumulate` and written over
@@ -108,14 +112,15 @@ class GatedFeedForward {
     const T* up = saved + rows * ff;   // [m, d_ff]
     T* hidden = scratch;               // [m, d_ff] act(gate) ⊙ up, then ∂L/∂gate
     T* d_hidden = scratch + rows * ff; // [m, d_ff] dy · w_down, then ∂L/∂up
+    T* packing = d_hidden + rows * ff; // [m, max(d, d_ff)]
     simd::gated_hidden_rows<Activation>(arch, gate, up, rows, ff, hidden);
-    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate, packing);  // [d, d_ff] dyᵀ · hidden
     simd::matmul_nn(arch, dy, rows, d, w_down_.data(), ff, d_hidden, false);
     for (std::size_t j = 0; j < rows; ++j) {
       simd::gated_activation_backward<Activation>(arch, gate + j * ff, up + j * ff, d_hidden + j * ff, hidden + j * ff, ff);
     }
-    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate);    // [d_ff, d] d_gateᵀ · x
-    simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate);    // [d_ff, d] d_upᵀ · x
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate, packing);  // [d_ff, d] d_gateᵀ · x
+    simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate, packing);  // [d_ff, d] d_upᵀ · x
     simd::matmul_nn(arch, hidden, rows, ff, w_gate_.data(), d, dx, false);
     simd::matmul_nn(arch, d_hidden, rows, ff, w_up_.data(), d, dx, true);
   }

@@ -56,6 +56,17 @@ constexpr std::size_t vector_registers() noexcept {
   return std::is_base_of<xsimd::avx512f, Arch>::value ? 32 : 16;
 }
 
+// A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines that are read
+// once, by a copy).
+template <int Locality = 3>
+inline void prefetch(const void* p) noexcept {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, Locality);
+#else
+  (void)p;
+#endif
+}
+
 // Whether Arch multiplies and adds with one rounding. For other architectures xsimd::fma is
 // x * y + z, which the compiler may fuse where the target has FMA (GCC's default
 // -ffp-contract=fast) in one kernel and not in another.

@@ -104,17 +104,6 @@ inline void keep_in_register(B& v) noexcept {
 #endif
 }
 
-// A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines that are read
-// once, by a copy).
-template <int Locality = 3>
-inline void prefetch(const void* p) noexcept {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, Locality);
-#else
-  (void)p;
-#endif
-}
-
 // The weight panel this thread computes next, fetched while it runs the current panel's later
 // token blocks: those read their panel from L2 and leave the memory idle, so spreading the next
 // panel's loads over their k steps overlaps the two, and the next panel's first block (the one

@@ -17,6 +17,12 @@
 // shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and then y is the stream:
 // threads take row blocks, each running over every panel. So do they when w is one panel wide
 // (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
+//
+// Packing, where threads take panels: a full panel copies each depth chunk of w into one block on
+// the stack (rows of w are far apart, a page or more, so the chunk read in place touched 128
+// pages for every token block, and the TLB could not hold them), and fetches the next chunk
+// meanwhile. matmul_tn, whose x is read down its columns, also packs x's token blocks into a
+// caller's scratch, each contiguous. Neither changes an operand or the order of the sums.
 #include <algorithm>
 #include <cstddef>
 
@@ -30,6 +36,7 @@ namespace simd {
 inline constexpr std::size_t kNNTokenBlock = 6;    // token rows per register block
 inline constexpr std::size_t kNNDepthChunk = 128;  // rows of w per depth chunk
 inline constexpr std::size_t kNNShallowBytes = 262144;  // a shallow w: row blocks outside, panels inside
+inline constexpr std::size_t kNNPrefetchTokens = 32;    // from here a packed panel fetches its next chunk
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
@@ -40,17 +47,18 @@ constexpr std::size_t nn_panel_vectors() noexcept {
   return vector_registers<Arch>() >= 32 ? 4 : 2;
 }
 
-// y[j, 0 : NV·L) for j < MB over depth [i0, i1): the sums start from 0 when `from_zero`, else
-// from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the block's column).
+// y[j, 0 : NV·L) for j < MB over the depth rows of w from its pointer: the sums start from 0 when
+// `from_zero`, else from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the
+// block's first row and column).
 template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
-void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1, T* y,
-              std::size_t ldy, bool from_zero) noexcept {
+void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, T* y, std::size_t ldy,
+              bool from_zero) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   B acc[MB][NV];
   MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
     MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = from_zero ? B(T(0)) : B::load_unaligned(y + j * ldy + v * L);
-  for (std::size_t i = i0; i < i1; ++i) {
+  for (std::size_t i = 0; i < depth; ++i) {
     B wv[NV];
     MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) wv[v] = B::load_unaligned(w + i * ldw + v * L);
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) {
@@ -69,8 +77,8 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
 // scalar chain after another, Soft MoE's logits over 8 slots took 13x as long: routing_bench,
 // T = 4096, 17.3 → 1.34 ms.)
 template <std::size_t MB, bool XT, class Arch, class T>
-void nn_tail(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1,
-             std::size_t full_rows, T* y, std::size_t ldy, bool from_zero, std::size_t rem) noexcept {
+void nn_tail(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, std::size_t full_rows,
+             T* y, std::size_t ldy, bool from_zero, std::size_t rem) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   alignas(64) T lanes[L] = {};
@@ -82,9 +90,9 @@ void nn_tail(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std
   auto step = [&](std::size_t i, const B& wv) {
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j) acc[j] = simd::fma(B(x[XT ? i * ldx + j : j * ldx + i]), wv, acc[j]);
   };
-  std::size_t i = i0;
-  for (const std::size_t end = std::min(i1, full_rows); i < end; ++i) step(i, B::load_unaligned(w + i * ldw));
-  for (; i < i1; ++i) {
+  std::size_t i = 0;
+  for (const std::size_t end = std::min(depth, full_rows); i < end; ++i) step(i, B::load_unaligned(w + i * ldw));
+  for (; i < depth; ++i) {
     std::copy(w + i * ldw, w + i * ldw + rem, lanes);
     step(i, B::load_aligned(lanes));
   }
@@ -95,56 +103,81 @@ void nn_tail(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std
 }
 
 // The columns [c0, c0 + width) of the MB token rows, width < NV·L: the last panel's, so they end
-// at w's last column (w has k rows). Whole vectors, then the rest (nn_tail).
+// at w's last column (w has k rows from its pointer). Whole vectors, then the rest (nn_tail).
 template <std::size_t MB, bool XT, class Arch, class T>
-void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1,
-               std::size_t k, T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, std::size_t k,
+               T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
   constexpr std::size_t L = batch<T, Arch>::size;
   std::size_t c = 0;
-  for (; c + L <= width; c += L) nn_block<MB, 1, XT>(arch, x, ldx, w + c, ldw, i0, i1, y + c, ldy, from_zero);
+  for (; c + L <= width; c += L) nn_block<MB, 1, XT>(arch, x, ldx, w + c, ldw, depth, y + c, ldy, from_zero);
   if (c == width) return;
   const std::size_t rem = width - c;
   // A full load at row i ends (k - 1 - i) · ldw + rem - L elements short of w's last element, so
   // it stays within w on every row but the last ceil((L - rem) / ldw).
   const std::size_t spill_rows = ldw == 0 ? k : (L - rem + ldw - 1) / ldw;
   const std::size_t full_rows = k > spill_rows ? k - spill_rows : 0;
-  nn_tail<MB, XT>(arch, x, ldx, w + c, ldw, i0, i1, full_rows, y + c, ldy, from_zero, rem);
+  nn_tail<MB, XT>(arch, x, ldx, w + c, ldw, depth, full_rows, y + c, ldy, from_zero, rem);
 }
 
 template <std::size_t MB, bool XT, class Arch, class T>
-void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t i0, std::size_t i1,
-             std::size_t k, T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, std::size_t k,
+             T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
   constexpr std::size_t NV = nn_panel_vectors<Arch>();
-  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV, XT>(arch, x, ldx, w, ldw, i0, i1, y, ldy, from_zero);
-  else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, i0, i1, k, y, ldy, from_zero, width);
+  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV, XT>(arch, x, ldx, w, ldw, depth, y, ldy, from_zero);
+  else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, depth, k, y, ldy, from_zero, width);
+}
+
+// Scratch elements matmul_tn takes to pack x [k, m]: its token blocks, kNNTokenBlock columns of k
+// rows each, one after another.
+constexpr std::size_t tn_packing_size(std::size_t k, std::size_t m) noexcept { return k * m; }
+
+// x [k, m] (rows ldx apart) into `packed`: the token block of columns [j, j + mb) at packed + j · k,
+// row after row, mb elements each. Threads take groups of blocks, each reading x's rows in order.
+template <class T>
+void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m, T* packed, bool parallel) noexcept {
+  constexpr std::size_t kGroupColumns = 16 * kNNTokenBlock;
+  const auto groups = static_cast<std::ptrdiff_t>((m + kGroupColumns - 1) / kGroupColumns);
+  parallel_for(groups, parallel, [&](std::ptrdiff_t g) {
+    const std::size_t j0 = static_cast<std::size_t>(g) * kGroupColumns, j1 = std::min(m, j0 + kGroupColumns);
+    for (std::size_t i = 0; i < k; ++i)
+      for (std::size_t j = j0; j < j1; j += kNNTokenBlock) {
+        const std::size_t mb = std::min(kNNTokenBlock, m - j);
+        std::copy_n(x + i * ldx + j, mb, packed + j * k + i * mb);
+      }
+  });
 }
 
 // y [m, n] (+)= a [m, k] · w [k, n], where a = x (x [m, k], rows ldx apart) or, with XT, a = xᵀ
 // (x [k, m], rows ldx apart); w rows ldw apart, y rows ldy apart. With `accumulate` the sums start
-// from y, else from 0.
+// from y, else from 0. `x_packing` (XT only; may be null) holds tn_packing_size(k, m) elements.
 template <bool XT, class Arch, class T>
 void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
-                   std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
+                   std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing) noexcept {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
       for (std::size_t j = 0; j < m; ++j) std::fill(y + j * ldy, y + j * ldy + n, T(0));
     return;
   }
-  const std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
-  // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1).
-  auto block = [&](std::size_t j, std::size_t c0, std::size_t i0, std::size_t i1) {
-    const std::size_t width = std::min(panel, n - c0);
+  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  const T* x_packed = nullptr;  // x's token blocks (pack_token_blocks), once packed
+  // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1), with w's
+  // row i0 + r at wc + r · ldwc (in place, or a packed chunk). The kernels see the depth from i0
+  // (and w's rows left from there, which only a narrow panel's tail reads, never a packed one).
+  auto block = [&](std::size_t j, std::size_t c0, std::size_t i0, std::size_t i1, const T* wc, std::size_t ldwc) {
+    const std::size_t width = std::min(panel, n - c0), mb = std::min(kNNTokenBlock, m - j);
     const bool from_zero = i0 == 0 && !accumulate;
-    const T* xb = XT ? x + j : x + j * ldx;
+    const std::size_t ldxb = x_packed != nullptr ? mb : ldx;
+    const T* xb = x_packed != nullptr ? x_packed + j * k + i0 * mb : XT ? x + i0 * ldx + j : x + j * ldx + i0;
     T* yb = y + j * ldy + c0;
-    switch (std::min(kNNTokenBlock, m - j)) {
-      case 6: nn_rows<6, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
-      case 5: nn_rows<5, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
-      case 4: nn_rows<4, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
-      case 3: nn_rows<3, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
-      case 2: nn_rows<2, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
-      default: nn_rows<1, XT>(arch, xb, ldx, w + c0, ldw, i0, i1, k, yb, ldy, from_zero, width); break;
+    const std::size_t depth = i1 - i0, rows_left = k - i0;
+    switch (mb) {
+      case 6: nn_rows<6, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      case 5: nn_rows<5, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      case 4: nn_rows<4, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      case 3: nn_rows<3, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      case 2: nn_rows<2, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      default: nn_rows<1, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
     }
   };
   static_assert(kNNTokenBlock == 6, "one case per token block size");
@@ -159,14 +192,40 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     for_each_ahead(row_blocks, parallel, [&](std::ptrdiff_t r, std::ptrdiff_t) {
       const std::size_t j = static_cast<std::size_t>(r) * kNNTokenBlock;
       for (std::size_t c0 = 0; c0 < n; c0 += panel)
-        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) block(j, c0, i0, std::min(k, i0 + kNNDepthChunk));
+        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
+          block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
     });
     return;
   }
+  if (XT && x_packing != nullptr) {
+    pack_token_blocks(x, ldx, k, m, x_packing, parallel);
+    x_packed = x_packing;
+  }
+  constexpr std::size_t row_lines = (panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
+  const std::size_t blocks = (m + kNNTokenBlock - 1) / kNNTokenBlock;
+  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (kNNDepthChunk * row_lines + blocks - 1) / blocks : 0;
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
     const std::size_t c0 = static_cast<std::size_t>(p) * panel;
-    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
-      for (std::size_t j = 0; j < m; j += kNNTokenBlock) block(j, c0, i0, std::min(k, i0 + kNNDepthChunk));
+    if (n - c0 < panel) {  // the last panel, narrower: read in place
+      for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
+        for (std::size_t j = 0; j < m; j += kNNTokenBlock)
+          block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
+      return;
+    }
+    // 32 KiB for float on AVX-512 (Eigen's GEMM puts up to 128 KiB of its blocks on the stack).
+    alignas(64) T chunk[kNNDepthChunk * panel];
+    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) {
+      const std::size_t i1 = std::min(k, i0 + kNNDepthChunk);
+      for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, panel, chunk + (i - i0) * panel);
+      // The next chunk's rows, a few lines per token block, so that its copy finds them in cache.
+      const std::size_t next_lines = (std::min(k, i1 + kNNDepthChunk) - i1) * row_lines;
+      std::size_t line = 0;
+      for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
+        for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
+          prefetch(w + (i1 + line / row_lines) * ldw + c0 + line % row_lines * (64 / sizeof(T)));
+        block(j, c0, i0, i1, chunk, panel);
+      }
+    }
   });
 }
 
@@ -175,7 +234,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
 template <class Arch, class T>
 void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
                        std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
-  matmul_nn_any<false>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate);
+  matmul_nn_any<false>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, static_cast<T*>(nullptr));
 }
 
 // y [m, n] (+)= x [m, k] · w [k, n] with contiguous rows.
@@ -186,10 +245,12 @@ void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 }
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n]; x, w and y rows ldx, ldw and ldy apart.
+// `x_packing`, if not null, holds tn_packing_size(k, m) elements, where a deep product packs x
+// (the same bits, faster; its contents on return are unspecified).
 template <class Arch, class T>
 void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, std::size_t m, const T* w, std::size_t ldw,
-                       std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
-  matmul_nn_any<true>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate);
+                       std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing = nullptr) noexcept {
+  matmul_nn_any<true>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, x_packing);
 }
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n], contiguous rows: a weight's gradient, such as
@@ -197,8 +258,8 @@ void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, st
 // Each element is one chain over the k rows in order, so the bits do not depend on the threads.
 template <class Arch, class T>
 void matmul_tn(Arch arch, const T* x, std::size_t k, std::size_t m, const T* w, std::size_t n, T* y,
-               bool accumulate) noexcept {
-  matmul_tn_strided(arch, x, m, k, m, w, n, n, y, n, accumulate);
+               bool accumulate, T* x_packing = nullptr) noexcept {
+  matmul_tn_strided(arch, x, m, k, m, w, n, n, y, n, accumulate, x_packing);
 }
 
 }  // namespace simd
