@@ -203,8 +203,8 @@ void BM_WeightGradient(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(BM_DxProduct)->Arg(16)->Arg(64)->Arg(128)->Arg(512)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_WeightGradient)->Arg(16)->Arg(64)->Arg(128)->Arg(512)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DxProduct)->Arg(16)->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Arg(1024)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_WeightGradient)->Arg(16)->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Arg(1024)->Arg(2048)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MakeGradients)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_TrainStep)->Arg(1)->Arg(16)->Arg(128)->Arg(512)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMillisecond);
 

@@ -1982,4 +1982,34 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   CHECK(y.guards_intact());
 }
 
+TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with deep chunks", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
+  // y's panel is m · panel elements, beyond kNNCachedPanelBytes: packed panels take chunks of
+  // kNNDeepChunk rows. k spans two of them and a tail; n two packed panels and a narrow one.
+  const std::size_t m = moe::simd::kNNCachedPanelBytes / (panel * sizeof(T)) + 7;
+  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = 2 * panel + 3;
+  const bool accumulate = GENERATE(false, true);
+  CAPTURE(m, k, n, accumulate);
+  auto rng = make_rng(m, k, accumulate);
+  std::vector<T> x(m * k), xt(k * m), w(k * n), y0(m * n, T(0));
+  fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
+  fill_uniform(w.data(), w.size(), -1.0, 1.0, rng);
+  if (accumulate) fill_uniform(y0.data(), y0.size(), -1.0, 1.0, rng);
+  for (std::size_t j = 0; j < m; ++j)
+    for (std::size_t i = 0; i < k; ++i) xt[i * m + j] = x[j * k + i];
+  std::vector<T> y_nn(y0), y_tn(y0), packing(moe::simd::tn_packing_size(k, m));
+  moe::simd::matmul_nn(Arch{}, x.data(), m, k, w.data(), n, y_nn.data(), accumulate);
+  moe::simd::matmul_tn(Arch{}, xt.data(), k, m, w.data(), n, y_tn.data(), accumulate, packing.data());
+  std::size_t differing = 0;
+  for (std::size_t j = 0; j < m; ++j)
+    for (std::size_t c = 0; c < n; ++c) {
+      T chain = y0[j * n + c];
+      for (std::size_t i = 0; i < k; ++i) chain = std::fma(x[j * k + i], w[i * n + c], chain);
+      differing += !(y_nn[j * n + c] == chain) + !(y_tn[j * n + c] == chain);
+    }
+  CHECK(differing == 0);
+}
+
 }  // namespace kernels_test

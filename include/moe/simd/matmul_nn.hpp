@@ -18,11 +18,12 @@
 // threads take row blocks, each running over every panel. So do they when w is one panel wide
 // (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
 //
-// Packing, where threads take panels: a full panel copies each depth chunk of w into one block on
-// the stack (rows of w are far apart, a page or more, so the chunk read in place touched 128
-// pages for every token block, and the TLB could not hold them), and fetches the next chunk
-// meanwhile. matmul_tn, whose x is read down its columns, also packs x's token blocks into a
-// caller's scratch, each contiguous. Neither changes an operand or the order of the sums.
+// Packing, where threads take panels: a full panel read by more than one token block copies each
+// depth chunk of w into one block on the stack, and fetches the next chunk meanwhile (rows of w
+// are far apart, a page or more, so a chunk read in place touched 128 pages for every token block,
+// more than the TLB holds). Where y's panel outgrows the cache, the chunks are deeper
+// (kNNDeepChunk). matmul_tn, whose x is read down its columns, also packs x's token blocks, each
+// contiguous, into a caller's scratch. Neither changes an operand or the order of the sums.
 #include <algorithm>
 #include <cstddef>
 
@@ -37,6 +38,13 @@ inline constexpr std::size_t kNNTokenBlock = 6;    // token rows per register bl
 inline constexpr std::size_t kNNDepthChunk = 128;  // rows of w per depth chunk
 inline constexpr std::size_t kNNShallowBytes = 262144;  // a shallow w: row blocks outside, panels inside
 inline constexpr std::size_t kNNPrefetchTokens = 32;    // from here a packed panel fetches its next chunk
+// A packed panel's depth chunk: kNNDepthChunk rows, within L1, while the panel's part of y stays
+// in cache (up to kNNCachedPanelBytes), else kNNDeepChunk rows, in L2, so that the sums wait in y,
+// which is read and written again, 4 times less often. (backward_bench, S1's products, one thread,
+// medians of 3, two runs: where y's panel was larger, 128-row chunks ran at 0.77–1.00 of 512-row
+// chunks' rate; where it was 32–64 KiB, 512-row chunks at 0.89–0.94 of 128-row chunks'.)
+inline constexpr std::size_t kNNDeepChunk = 512;
+inline constexpr std::size_t kNNCachedPanelBytes = 65536;
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
@@ -203,26 +211,45 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   }
   constexpr std::size_t row_lines = (panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
   const std::size_t blocks = (m + kNNTokenBlock - 1) / kNNTokenBlock;
-  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (kNNDepthChunk * row_lines + blocks - 1) / blocks : 0;
+  const std::size_t depth_chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
+  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (depth_chunk * row_lines + blocks - 1) / blocks : 0;
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
     const std::size_t c0 = static_cast<std::size_t>(p) * panel;
-    if (n - c0 < panel) {  // the last panel, narrower: read in place
+    // In place: the last panel, narrower, and any panel that one token block reads only once.
+    if (n - c0 < panel || m <= kNNTokenBlock) {
       for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
         for (std::size_t j = 0; j < m; j += kNNTokenBlock)
           block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
       return;
     }
-    // 32 KiB for float on AVX-512 (Eigen's GEMM puts up to 128 KiB of its blocks on the stack).
-    alignas(64) T chunk[kNNDepthChunk * panel];
-    for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) {
-      const std::size_t i1 = std::min(k, i0 + kNNDepthChunk);
+    // 128 KiB for AVX-512 (Eigen's GEMM, too, puts blocks of up to 128 KiB on the stack).
+    alignas(64) T chunk[kNNDeepChunk * panel];
+    for (std::size_t i0 = 0; i0 < k; i0 += depth_chunk) {
+      const std::size_t i1 = std::min(k, i0 + depth_chunk);
       for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, panel, chunk + (i - i0) * panel);
       // The next chunk's rows, a few lines per token block, so that its copy finds them in cache.
-      const std::size_t next_lines = (std::min(k, i1 + kNNDepthChunk) - i1) * row_lines;
+      const std::size_t next_lines = (std::min(k, i1 + depth_chunk) - i1) * row_lines;
       std::size_t line = 0;
       for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
         for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
           prefetch(w + (i1 + line / row_lines) * ldw + c0 + line % row_lines * (64 / sizeof(T)));
+#if MOE_XPF
+        const std::size_t jn = j + kNNTokenBlock;
+        if (jn < m) {
+          const std::size_t mbn = std::min(kNNTokenBlock, m - jn);
+          if (x_packed != nullptr) {
+            const T* xs = x_packed + jn * k + i0 * mbn;
+            for (std::size_t b = 0; b < (i1 - i0) * mbn * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(xs) + b);
+          } else if (!XT) {
+            for (std::size_t r = 0; r < mbn; ++r)
+              for (std::size_t b = 0; b < (i1 - i0) * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(x + (jn + r) * ldx + i0) + b);
+          }
+#if MOE_YPF
+          for (std::size_t r = 0; r < mbn; ++r)
+            for (std::size_t b = 0; b < panel * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(y + (jn + r) * ldy + c0) + b);
+#endif
+        }
+#endif
         block(j, c0, i0, i1, chunk, panel);
       }
     }
