@@ -15,7 +15,7 @@
 //                    kernel and Eigen's GEMM on the same operands, called in turn in each
 //                    iteration (the order alternating), the operands warm:
 //                      dx [m, d] = d_gate [m, d_ff] · W_gate [d_ff, d]       simd::matmul_nn
-//                      dW_gate [d_ff, d] = d_gateᵀ · x [m, d]               simd::matmul_tn, x packed
+//                      dW_gate [d_ff, d] = d_gateᵀ · x [m, d]               simd::matmul_tn, d_gate packed
 //                    The benchmark's time is moe's; counters moe_GFLOP/s, eigen_GFLOP/s and
 //                    moe/eigen (time ratio, below 1 where moe is faster).
 // Counters (per call, means over the iterations): forward_ms, forward_train_ms, backward_ms,
@@ -142,20 +142,21 @@ void BM_MakeGradients(benchmark::State& state) {
   }
 }
 
-// Times moe(), then eigen() (or the other way round on odd iterations) and reports as above.
+// Times ours() (moe's kernel), then theirs() (Eigen's), the other way round on odd iterations, and
+// reports as above.
 template <class Ours, class Theirs>
-void time_against_eigen(benchmark::State& state, double flops, Ours&& moe, Theirs&& eigen) {
-  moe();
-  eigen();
+void time_against_eigen(benchmark::State& state, double flops, Ours&& ours, Theirs&& theirs) {
+  ours();
+  theirs();
   double moe_seconds = 0, eigen_seconds = 0;
   bool moe_first = true;
   for (auto _ : state) {
-    if (!moe_first) eigen_seconds += moe_bench::wall_seconds(eigen);
-    const double ours = moe_bench::wall_seconds(moe);
-    if (moe_first) eigen_seconds += moe_bench::wall_seconds(eigen);
-    moe_seconds += ours;
+    if (!moe_first) eigen_seconds += moe_bench::wall_seconds(theirs);
+    const double seconds = moe_bench::wall_seconds(ours);
+    if (moe_first) eigen_seconds += moe_bench::wall_seconds(theirs);
+    moe_seconds += seconds;
     moe_first = !moe_first;
-    state.SetIterationTime(ours);
+    state.SetIterationTime(seconds);
   }
   const auto n = static_cast<double>(state.iterations());
   state.counters["moe_GFLOP/s"] = 1e-9 * flops * n / moe_seconds;
@@ -164,13 +165,14 @@ void time_against_eigen(benchmark::State& state, double flops, Ours&& moe, Their
 }
 
 void BM_DxProduct(benchmark::State& state) {
-  const auto m = static_cast<std::size_t>(state.range(0));
+  const index_t rows = state.range(0);
+  const auto m = static_cast<std::size_t>(rows);
   moe_bench::Lcg rng(7);
-  Mat d_gate(m, kFF), dx(m, kD);
+  Mat d_gate(rows, kFF), dx(rows, kD);
   rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
   const ConstMap w_gate(weights().w1[0].data(), kFF, kD);
   time_against_eigen(
-      state, 2.0 * static_cast<double>(m * kFF * kD),
+      state, 2.0 * static_cast<double>(rows * kFF * kD),
       [&] {
         moe::simd::matmul_nn(moe::simd::default_arch{}, d_gate.data(), m, kFF, w_gate.data(), kD, dx.data(), false);
         benchmark::DoNotOptimize(dx.data());
@@ -182,14 +184,15 @@ void BM_DxProduct(benchmark::State& state) {
 }
 
 void BM_WeightGradient(benchmark::State& state) {
-  const auto m = static_cast<std::size_t>(state.range(0));
+  const index_t rows = state.range(0);
+  const auto m = static_cast<std::size_t>(rows);
   moe_bench::Lcg rng(8);
-  Mat d_gate(m, kFF), grad(kFF, kD);
+  Mat d_gate(rows, kFF), grad(kFF, kD);
   rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
-  const auto x = weights().x.topRows(static_cast<index_t>(m));
+  const auto x = weights().x.topRows(rows);
   std::vector<float> packing(moe::simd::tn_packing_size(m, kFF));
   time_against_eigen(
-      state, 2.0 * static_cast<double>(m * kFF * kD),
+      state, 2.0 * static_cast<double>(rows * kFF * kD),
       [&] {
         moe::simd::matmul_tn(moe::simd::default_arch{}, d_gate.data(), m, kFF, x.data(), kD, grad.data(), false,
                              packing.data());

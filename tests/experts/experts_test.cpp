@@ -586,6 +586,43 @@ TEMPLATE_TEST_CASE("Expert backward matches central differences; its workspace f
   }
 }
 
+// d = 160 > d_ff = 136, both over two AVX-512 panels, on 140 tokens (over one depth chunk): every
+// weight gradient's product packs its left operand (simd::matmul_tn) into backward's scratch,
+// dyᵀ's d · m elements the most. The gradients against central differences (check_backward), and
+// nothing written past backward_scratch_size(m).
+TEMPLATE_TEST_CASE("Expert backward packs its products' operands within backward_scratch_size", "[experts][backward]",
+                   float, double) {
+  using T = TestType;
+  const index_t m = 140, d = 160, ff = 136;
+  std::mt19937 rng(41);
+  const double in_scale = 1.0 / std::sqrt(double(d)), out_scale = 1.0 / std::sqrt(double(ff));
+  moe::Matrix<T> w_in = random_matrix<T>(ff, d, in_scale, rng), w_out = random_matrix<T>(d, ff, out_scale, rng);
+  moe::Matrix<T> w_up = random_matrix<T>(ff, d, in_scale, rng);
+  const moe::FeedForward<T, moe::GELU> ffn(view_of(w_in), view_of(w_out));
+  const moe::SwiGLU<T> swiglu(view_of(w_in), view_of(w_up), view_of(w_out));
+  auto scratch_guarded = [&](const auto& expert) {
+    const moe::Matrix<T> x = random_matrix<T>(m, d, 1.0, rng), dy = random_matrix<T>(m, d, 1.0, rng);
+    std::vector<T> saved(sz(expert.saved_size(m))), scratch(sz(expert.scratch_size(m)));
+    moe::Matrix<T> y(m, d), dx(m, d);
+    expert.forward_saving(Arch{}, x.data(), m, y.data(), saved.data(), scratch.data());
+    std::vector<T> backward_scratch(sz(expert.backward_scratch_size(m)) + kGuard, sentinel<T>());
+    auto grad = expert.zero_gradient();
+    expert.backward(x.data(), m, dy.data(), saved.data(), dx.data(), grad, Arch{}, backward_scratch.data(), false);
+    for (std::size_t i = sz(expert.backward_scratch_size(m)); i < backward_scratch.size(); ++i)
+      CHECK(backward_scratch[i] == sentinel<T>());
+  };
+  {
+    INFO("FeedForward, GELU");
+    scratch_guarded(ffn);
+    check_backward<T>(ffn, {&w_in, &w_out}, m, rng);
+  }
+  {
+    INFO("SwiGLU");
+    scratch_guarded(swiglu);
+    check_backward<T>(swiglu, {&w_in, &w_up, &w_out}, m, rng);
+  }
+}
+
 // Every zero-computation kind: dx and the value / mix gradients against central differences of
 // L = Σ dy ⊙ E(x) (in double), with d not a multiple of the lane count and m = 0; backward adds to
 // the gradients it is given.

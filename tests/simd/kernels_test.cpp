@@ -1860,10 +1860,10 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
   // m = 9 and 13: two and three row blocks, which the threads share when w is one panel wide; 40:
   // enough blocks that a packed chunk fetches the next one (kNNPrefetchTokens).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 2, 3, 4, 5, 9, 13, 40);
-  // k = 300 spans two depth chunks; n covers single columns, whole vectors, a partial panel and
-  // more than one panel.
+  // k = 300 spans three depth chunks of 128; n covers single columns, whole vectors, a partial
+  // panel, two full panels (the last one packed) and one and a bit.
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
-  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L - 1, L + 1, 2 * L + 3, panel, panel + L + 1);
+  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L - 1, L + 1, 2 * L + 3, panel, 2 * panel, panel + L + 1);
   const bool accumulate = GENERATE(false, true);
   const std::size_t offset = GENERATE(as<std::size_t>{}, 0, 1);
   CAPTURE(m, k, n, accumulate, offset);
@@ -1916,10 +1916,10 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
   // m rows of y (x's columns): within one register block, several, and a ragged last block (100:
   // two groups of pack_token_blocks, the last block of 4); k (x's and w's rows) as for matmul_nn,
-  // 300 spanning two depth chunks and the deep (not shallow) path.
+  // 300 spanning three depth chunks of 128 and the deep (not shallow) path.
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13, 100);
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
-  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, panel + L + 1);
+  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, 2 * panel, panel + L + 1);
   const bool accumulate = GENERATE(false, true);
   CAPTURE(m, k, n, accumulate);
   auto rng = make_rng(1000 * m + k, n, 7 + accumulate);
@@ -1987,9 +1987,10 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
   using T = TestType;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
   // y's panel is m · panel elements, beyond kNNCachedPanelBytes: packed panels take chunks of
-  // kNNDeepChunk rows. k spans two of them and a tail; n two packed panels and a narrow one.
+  // kNNDeepChunk rows. k spans two of them and a tail; n two packed panels, and a narrow one or
+  // not. matmul_tn with x packed and in place.
   const std::size_t m = moe::simd::kNNCachedPanelBytes / (panel * sizeof(T)) + 7;
-  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = 2 * panel + 3;
+  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = GENERATE_COPY(2 * panel, 2 * panel + 3);
   const bool accumulate = GENERATE(false, true);
   CAPTURE(m, k, n, accumulate);
   auto rng = make_rng(m, k, accumulate);
@@ -1999,15 +2000,16 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
   if (accumulate) fill_uniform(y0.data(), y0.size(), -1.0, 1.0, rng);
   for (std::size_t j = 0; j < m; ++j)
     for (std::size_t i = 0; i < k; ++i) xt[i * m + j] = x[j * k + i];
-  std::vector<T> y_nn(y0), y_tn(y0), packing(moe::simd::tn_packing_size(k, m));
+  std::vector<T> y_nn(y0), y_tn(y0), y_tn_in_place(y0), packing(moe::simd::tn_packing_size(k, m));
   moe::simd::matmul_nn(Arch{}, x.data(), m, k, w.data(), n, y_nn.data(), accumulate);
   moe::simd::matmul_tn(Arch{}, xt.data(), k, m, w.data(), n, y_tn.data(), accumulate, packing.data());
+  moe::simd::matmul_tn(Arch{}, xt.data(), k, m, w.data(), n, y_tn_in_place.data(), accumulate);
   std::size_t differing = 0;
   for (std::size_t j = 0; j < m; ++j)
     for (std::size_t c = 0; c < n; ++c) {
       T chain = y0[j * n + c];
       for (std::size_t i = 0; i < k; ++i) chain = std::fma(x[j * k + i], w[i * n + c], chain);
-      differing += !(y_nn[j * n + c] == chain) + !(y_tn[j * n + c] == chain);
+      differing += !(y_nn[j * n + c] == chain) + !(y_tn[j * n + c] == chain) + !(y_tn_in_place[j * n + c] == chain);
     }
   CHECK(differing == 0);
 }

@@ -12,18 +12,18 @@
 // the tokens.
 //
 // Blocking: columns in panels of nn_panel_vectors() vectors (threads take whole panels); the depth
-// in chunks of kNNDepthChunk rows of w, so a panel's chunk stays in cache while every token block
-// meets it. Between chunks the running sums wait in y: the chain goes on with the same bits. A
+// in chunks of kNNDepthChunk rows of w (or kNNDeepChunk, below), so a panel's chunk stays in cache
+// while every token block meets it. Between chunks the running sums wait in y: the chain goes on with the same bits. A
 // shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and then y is the stream:
 // threads take row blocks, each running over every panel. So do they when w is one panel wide
 // (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
 //
 // Packing, where threads take panels: a full panel read by more than one token block copies each
-// depth chunk of w into one block on the stack, and fetches the next chunk meanwhile (rows of w
-// are far apart, a page or more, so a chunk read in place touched 128 pages for every token block,
-// more than the TLB holds). Where y's panel outgrows the cache, the chunks are deeper
-// (kNNDeepChunk). matmul_tn, whose x is read down its columns, also packs x's token blocks, each
-// contiguous, into a caller's scratch. Neither changes an operand or the order of the sums.
+// depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
+// more, so a chunk read in place touched 128 pages for every token block, more than the TLB
+// holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
+// whose x is read down its columns, also packs x's token blocks, each contiguous, into scratch
+// when its caller passes some. Neither changes an operand or the order of the sums.
 #include <algorithm>
 #include <cstddef>
 
@@ -37,12 +37,13 @@ namespace simd {
 inline constexpr std::size_t kNNTokenBlock = 6;    // token rows per register block
 inline constexpr std::size_t kNNDepthChunk = 128;  // rows of w per depth chunk
 inline constexpr std::size_t kNNShallowBytes = 262144;  // a shallow w: row blocks outside, panels inside
-inline constexpr std::size_t kNNPrefetchTokens = 32;    // from here a packed panel fetches its next chunk
-// A packed panel's depth chunk: kNNDepthChunk rows, within L1, while the panel's part of y stays
-// in cache (up to kNNCachedPanelBytes), else kNNDeepChunk rows, in L2, so that the sums wait in y,
-// which is read and written again, 4 times less often. (backward_bench, S1's products, one thread,
-// medians of 3, two runs: where y's panel was larger, 128-row chunks ran at 0.77–1.00 of 512-row
-// chunks' rate; where it was 32–64 KiB, 512-row chunks at 0.89–0.94 of 128-row chunks'.)
+inline constexpr std::size_t kNNPrefetchTokens = 32;    // rows of y from which a packed panel fetches ahead
+// A packed panel's depth chunk: kNNDepthChunk rows (32 KiB on AVX-512, within L1) while the
+// panel's part of y stays in cache (up to kNNCachedPanelBytes), else kNNDeepChunk rows, so that
+// the sums wait in y, which is read and written again, 4 times less often. (backward_bench, S1's
+// products, one thread, medians of 3, two runs: where y's panel was larger, 128-row chunks ran at
+// 0.77–1.00 of 512-row chunks' rate; where it was 32–64 KiB, 512-row chunks at 0.89–0.94 of
+// 128-row chunks'.)
 inline constexpr std::size_t kNNDeepChunk = 512;
 inline constexpr std::size_t kNNCachedPanelBytes = 65536;
 
@@ -55,7 +56,7 @@ constexpr std::size_t nn_panel_vectors() noexcept {
   return vector_registers<Arch>() >= 32 ? 4 : 2;
 }
 
-// y[j, 0 : NV·L) for j < MB over the depth rows of w from its pointer: the sums start from 0 when
+// y[j, 0 : NV·L) for j < MB over `depth` rows of w from its pointer: the sums start from 0 when
 // `from_zero`, else from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the
 // block's first row and column).
 template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
@@ -145,7 +146,7 @@ template <class T>
 void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m, T* packed, bool parallel) noexcept {
   constexpr std::size_t kGroupColumns = 16 * kNNTokenBlock;
   const auto groups = static_cast<std::ptrdiff_t>((m + kGroupColumns - 1) / kGroupColumns);
-  parallel_for(groups, parallel, [&](std::ptrdiff_t g) {
+  parallel_for(groups, parallel && groups > 1, [&](std::ptrdiff_t g) {
     const std::size_t j0 = static_cast<std::size_t>(g) * kGroupColumns, j1 = std::min(m, j0 + kGroupColumns);
     for (std::size_t i = 0; i < k; ++i)
       for (std::size_t j = j0; j < j1; j += kNNTokenBlock) {
@@ -155,9 +156,36 @@ void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m
   });
 }
 
+// The full panel at column c0 of w [k, ·] (rows ldw apart) for the m rows of y: each chunk of
+// Depth rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on
+// AVX-512), then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from
+// kNNPrefetchTokens rows of y, the token blocks fetch the next chunk's rows a few lines each, so
+// that its copy finds them in cache. Out of line, so that only the callers that copy take the
+// stack.
+template <std::size_t Depth, std::size_t Panel, class T, class Block>
+MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t k, std::size_t m, std::size_t c0,
+                               Block& block) noexcept {
+  constexpr std::size_t row_lines = (Panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
+  const std::size_t blocks = (m + kNNTokenBlock - 1) / kNNTokenBlock;
+  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (Depth * row_lines + blocks - 1) / blocks : 0;
+  alignas(64) T chunk[Depth * Panel];
+  for (std::size_t i0 = 0; i0 < k; i0 += Depth) {
+    const std::size_t i1 = std::min(k, i0 + Depth);
+    for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, Panel, chunk + (i - i0) * Panel);
+    const std::size_t next_lines = (std::min(k, i1 + Depth) - i1) * row_lines;
+    std::size_t line = 0;
+    for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
+      for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
+        prefetch(w + (i1 + line / row_lines) * ldw + c0 + line % row_lines * (64 / sizeof(T)));
+      block(j, c0, i0, i1, static_cast<const T*>(chunk), Panel);
+    }
+  }
+}
+
 // y [m, n] (+)= a [m, k] · w [k, n], where a = x (x [m, k], rows ldx apart) or, with XT, a = xᵀ
 // (x [k, m], rows ldx apart); w rows ldw apart, y rows ldy apart. With `accumulate` the sums start
-// from y, else from 0. `x_packing` (XT only; may be null) holds tn_packing_size(k, m) elements.
+// from y, else from 0. `x_packing` (XT only; may be null) holds tn_packing_size(k, m) elements,
+// which may not overlap x, w or y.
 template <bool XT, class Arch, class T>
 void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
                    std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing) noexcept {
@@ -175,8 +203,9 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   auto block = [&](std::size_t j, std::size_t c0, std::size_t i0, std::size_t i1, const T* wc, std::size_t ldwc) {
     const std::size_t width = std::min(panel, n - c0), mb = std::min(kNNTokenBlock, m - j);
     const bool from_zero = i0 == 0 && !accumulate;
-    const std::size_t ldxb = x_packed != nullptr ? mb : ldx;
-    const T* xb = x_packed != nullptr ? x_packed + j * k + i0 * mb : XT ? x + i0 * ldx + j : x + j * ldx + i0;
+    const bool packed = XT && x_packed != nullptr;  // (matmul_nn never packs x)
+    const std::size_t ldxb = packed ? mb : ldx;
+    const T* xb = packed ? x_packed + j * k + i0 * mb : XT ? x + i0 * ldx + j : x + j * ldx + i0;
     T* yb = y + j * ldy + c0;
     const std::size_t depth = i1 - i0, rows_left = k - i0;
     switch (mb) {
@@ -209,10 +238,6 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     pack_token_blocks(x, ldx, k, m, x_packing, parallel);
     x_packed = x_packing;
   }
-  constexpr std::size_t row_lines = (panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
-  const std::size_t blocks = (m + kNNTokenBlock - 1) / kNNTokenBlock;
-  const std::size_t depth_chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
-  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (depth_chunk * row_lines + blocks - 1) / blocks : 0;
   for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
     const std::size_t c0 = static_cast<std::size_t>(p) * panel;
     // In place: the last panel, narrower, and any panel that one token block reads only once.
@@ -222,37 +247,10 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
           block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
       return;
     }
-    // 128 KiB for AVX-512 (Eigen's GEMM, too, puts blocks of up to 128 KiB on the stack).
-    alignas(64) T chunk[kNNDeepChunk * panel];
-    for (std::size_t i0 = 0; i0 < k; i0 += depth_chunk) {
-      const std::size_t i1 = std::min(k, i0 + depth_chunk);
-      for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, panel, chunk + (i - i0) * panel);
-      // The next chunk's rows, a few lines per token block, so that its copy finds them in cache.
-      const std::size_t next_lines = (std::min(k, i1 + depth_chunk) - i1) * row_lines;
-      std::size_t line = 0;
-      for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
-        for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
-          prefetch(w + (i1 + line / row_lines) * ldw + c0 + line % row_lines * (64 / sizeof(T)));
-#if MOE_XPF
-        const std::size_t jn = j + kNNTokenBlock;
-        if (jn < m) {
-          const std::size_t mbn = std::min(kNNTokenBlock, m - jn);
-          if (x_packed != nullptr) {
-            const T* xs = x_packed + jn * k + i0 * mbn;
-            for (std::size_t b = 0; b < (i1 - i0) * mbn * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(xs) + b);
-          } else if (!XT) {
-            for (std::size_t r = 0; r < mbn; ++r)
-              for (std::size_t b = 0; b < (i1 - i0) * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(x + (jn + r) * ldx + i0) + b);
-          }
-#if MOE_YPF
-          for (std::size_t r = 0; r < mbn; ++r)
-            for (std::size_t b = 0; b < panel * sizeof(T); b += 64) prefetch(reinterpret_cast<const char*>(y + (jn + r) * ldy + c0) + b);
-#endif
-        }
-#endif
-        block(j, c0, i0, i1, chunk, panel);
-      }
-    }
+    if (m * panel * sizeof(T) > kNNCachedPanelBytes)
+      packed_panel<kNNDeepChunk, panel>(w, ldw, k, m, c0, block);
+    else
+      packed_panel<kNNDepthChunk, panel>(w, ldw, k, m, c0, block);
   });
 }
 
@@ -272,8 +270,9 @@ void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 }
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n]; x, w and y rows ldx, ldw and ldy apart.
-// `x_packing`, if not null, holds tn_packing_size(k, m) elements, where a deep product packs x
-// (the same bits, faster; its contents on return are unspecified).
+// `x_packing`, if not null, holds tn_packing_size(k, m) elements, which may not overlap x, w or y:
+// where threads would take column panels, x is packed there (the same bits, faster; what it
+// holds on return is unspecified).
 template <class Arch, class T>
 void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, std::size_t m, const T* w, std::size_t ldw,
                        std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing = nullptr) noexcept {
