@@ -145,7 +145,8 @@ void BM_MakeGradients(benchmark::State& state) {
 // Times ours() (moe's kernel), then theirs() (Eigen's), the other way round on odd iterations, and
 // reports as above.
 template <class Ours, class Theirs>
-void time_against_eigen(benchmark::State& state, double flops, Ours&& ours, Theirs&& theirs) {
+void time_against_eigen(benchmark::State& state, Ours&& ours, Theirs&& theirs) {
+  const double flops = 2.0 * static_cast<double>(state.range(0) * kFF * kD);  // both products
   ours();
   theirs();
   double moe_seconds = 0, eigen_seconds = 0;
@@ -164,15 +165,22 @@ void time_against_eigen(benchmark::State& state, double flops, Ours&& ours, Thei
   state.counters["moe/eigen"] = moe_seconds / eigen_seconds;
 }
 
+// d_gate [rows, d_ff], a gradient of the gate projection's output: uniform in [-1, 1].
+Mat gate_gradient(index_t rows) {
+  moe_bench::Lcg rng(7);
+  Mat d_gate(rows, kFF);
+  rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
+  return d_gate;
+}
+
 void BM_DxProduct(benchmark::State& state) {
   const index_t rows = state.range(0);
   const auto m = static_cast<std::size_t>(rows);
-  moe_bench::Lcg rng(7);
-  Mat d_gate(rows, kFF), dx(rows, kD);
-  rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
+  const Mat d_gate = gate_gradient(rows);
+  Mat dx(rows, kD);
   const ConstMap w_gate(weights().w1[0].data(), kFF, kD);
   time_against_eigen(
-      state, 2.0 * static_cast<double>(rows * kFF * kD),
+      state,
       [&] {
         moe::simd::matmul_nn(moe::simd::default_arch{}, d_gate.data(), m, kFF, w_gate.data(), kD, dx.data(), false);
         benchmark::DoNotOptimize(dx.data());
@@ -186,13 +194,12 @@ void BM_DxProduct(benchmark::State& state) {
 void BM_WeightGradient(benchmark::State& state) {
   const index_t rows = state.range(0);
   const auto m = static_cast<std::size_t>(rows);
-  moe_bench::Lcg rng(8);
-  Mat d_gate(rows, kFF), grad(kFF, kD);
-  rng.fill(d_gate.data(), static_cast<std::size_t>(d_gate.size()), 1.0f);
+  const Mat d_gate = gate_gradient(rows);
+  Mat grad(kFF, kD);
   const auto x = weights().x.topRows(rows);
   std::vector<float> packing(moe::simd::tn_packing_size(m, kFF));
   time_against_eigen(
-      state, 2.0 * static_cast<double>(rows * kFF * kD),
+      state,
       [&] {
         moe::simd::matmul_tn(moe::simd::default_arch{}, d_gate.data(), m, kFF, x.data(), kD, grad.data(), false,
                              packing.data());

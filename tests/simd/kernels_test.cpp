@@ -1982,16 +1982,15 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   CHECK(y.guards_intact());
 }
 
-TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with deep chunks", "[simd][matmul]", float,
-                   double) {
-  using T = TestType;
-  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
-  // y's panel is m · panel elements, beyond kNNCachedPanelBytes: packed panels take chunks of
-  // kNNDeepChunk rows. k spans two of them and a tail; n two packed panels, and a narrow one or
-  // not. matmul_tn with x packed and in place.
+// matmul_nn and matmul_tn (x packed and in place) on architecture A, where y's panel (m · panel
+// elements) is beyond kNNCachedPanelBytes, so packed panels take chunks of kNNDeepChunk rows. k
+// spans two of them and a tail; n two packed panels, then a narrow one when `narrow`. Every element
+// against its chain of FMAs.
+template <class T, class A>
+void check_deep_chunks(bool narrow, bool accumulate) {
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<A>() * xsimd::batch<T, A>::size;
   const std::size_t m = moe::simd::kNNCachedPanelBytes / (panel * sizeof(T)) + 7;
-  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = GENERATE_COPY(2 * panel, 2 * panel + 3);
-  const bool accumulate = GENERATE(false, true);
+  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = 2 * panel + (narrow ? 3 : 0);
   CAPTURE(m, k, n, accumulate);
   auto rng = make_rng(m, k, accumulate);
   std::vector<T> x(m * k), xt(k * m), w(k * n), y0(m * n, T(0));
@@ -2001,9 +2000,9 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
   for (std::size_t j = 0; j < m; ++j)
     for (std::size_t i = 0; i < k; ++i) xt[i * m + j] = x[j * k + i];
   std::vector<T> y_nn(y0), y_tn(y0), y_tn_in_place(y0), packing(moe::simd::tn_packing_size(k, m));
-  moe::simd::matmul_nn(Arch{}, x.data(), m, k, w.data(), n, y_nn.data(), accumulate);
-  moe::simd::matmul_tn(Arch{}, xt.data(), k, m, w.data(), n, y_tn.data(), accumulate, packing.data());
-  moe::simd::matmul_tn(Arch{}, xt.data(), k, m, w.data(), n, y_tn_in_place.data(), accumulate);
+  moe::simd::matmul_nn(A{}, x.data(), m, k, w.data(), n, y_nn.data(), accumulate);
+  moe::simd::matmul_tn(A{}, xt.data(), k, m, w.data(), n, y_tn.data(), accumulate, packing.data());
+  moe::simd::matmul_tn(A{}, xt.data(), k, m, w.data(), n, y_tn_in_place.data(), accumulate);
   std::size_t differing = 0;
   for (std::size_t j = 0; j < m; ++j)
     for (std::size_t c = 0; c < n; ++c) {
@@ -2012,6 +2011,17 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
       differing += !(y_nn[j * n + c] == chain) + !(y_tn[j * n + c] == chain) + !(y_tn_in_place[j * n + c] == chain);
     }
   CHECK(differing == 0);
+}
+
+TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with deep chunks", "[simd][matmul]", float,
+                   double) {
+  const bool narrow = GENERATE(false, true), accumulate = GENERATE(false, true);
+  SECTION("on this build's architecture") { check_deep_chunks<TestType, Arch>(narrow, accumulate); }
+#if XSIMD_WITH_FMA3_AVX2
+  SECTION("on AVX2 with FMA (16 registers: panels of two vectors)") {
+    check_deep_chunks<TestType, xsimd::fma3<xsimd::avx2>>(narrow, accumulate);
+  }
+#endif
 }
 
 }  // namespace kernels_test
