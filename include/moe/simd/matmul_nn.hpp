@@ -13,10 +13,11 @@
 //
 // Blocking: columns in panels of nn_panel_vectors() vectors (threads take whole panels); the depth
 // in chunks of kNNDepthChunk rows of w (or kNNDeepChunk, below), so a panel's chunk stays in cache
-// while every token block meets it. Between chunks the running sums wait in y: the chain goes on with the same bits. A
-// shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and then y is the stream:
-// threads take row blocks, each running over every panel. So do they when w is one panel wide
-// (Soft MoE's logits x · Φ with few slots), which would otherwise leave one thread all the work.
+// while every token block meets it. Between chunks the running sums wait in y: the chain goes on
+// with the same bits. A shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and
+// then y is the stream: threads take row blocks, each running over every panel. So do they when w
+// is one panel wide (Soft MoE's logits x · Φ with few slots), which would otherwise leave one
+// thread all the work.
 //
 // Packing, where threads take panels: a full panel read by more than one token block copies each
 // depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
@@ -156,13 +157,13 @@ void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m
   });
 }
 
-// The full panel at column c0 of w [k, ·] (rows ldw apart) for the m rows of y: each chunk of
-// Depth rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on
-// AVX-512), then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from
-// kNNPrefetchTokens rows of y, the token blocks fetch the next chunk's rows a few lines each, so
-// that its copy finds them in cache: in L2, not L1, where the current chunk is (1.04–1.08× the
-// rate of fetching them into L1 at 64–128 tokens, the same from 256). Out of line, so that only the callers that copy take the
-// stack.
+// The full panel at column c0 of w [k, ·] (rows ldw apart) for the m rows of y: each chunk of Depth
+// rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on AVX-512),
+// then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from kNNPrefetchTokens
+// rows of y, the token blocks fetch the next chunk's rows a few lines each, so that its copy finds
+// them in cache: in L2, not L1, where the current chunk is (1.04–1.08× the rate of fetching them
+// into L1 at 64–128 tokens, the same from 256). Out of line, so that only the callers that copy
+// take the stack.
 template <std::size_t Depth, std::size_t Panel, class T, class Block>
 MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t k, std::size_t m, std::size_t c0,
                                Block& block) noexcept {
