@@ -37,7 +37,6 @@ TEST_CASE("Weight views caller memory and owns copies on request", "[core]") {
   REQUIRE_THROWS_WITH(moe::Weight<float>::view(buffer.data(), -1, 2), Catch::Contains("rows = -1"));
 }
 
-
 // Without MOE_USE_OPENMP moe lives in moe::v0; the OpenMP build's namespace is checked in
 // tests/layer/threads_test.cpp.
 TEST_CASE("A build of moe without OpenMP has the plain ABI namespace", "[core]") {

@@ -515,12 +515,15 @@ void check_backward(const Expert& expert, std::vector<moe::Matrix<T>*> weights, 
   // The workspace form over NaN gradients gives the same bits; from `plain`, twice them.
   typename Expert::Gradient over = expert.zero_gradient();
   over.for_each([](auto& g) { g.setConstant(std::numeric_limits<T>::quiet_NaN()); });
-  std::vector<T> backward_scratch(sz(expert.backward_scratch_size(m)));
+  // (Its scratch guarded: nothing written past backward_scratch_size(m).)
+  std::vector<T> backward_scratch(sz(expert.backward_scratch_size(m)) + kGuard, sentinel<T>());
   moe::Matrix<T> dx2(m, d);
   expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), over, Arch{}, backward_scratch.data(), false);
   CHECK(dx2 == dx);
   typename Expert::Gradient twice = plain, plain_twice = plain;
   expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), twice, Arch{}, backward_scratch.data(), true);
+  CHECK(std::all_of(backward_scratch.end() - static_cast<std::ptrdiff_t>(kGuard), backward_scratch.end(),
+                    [](T v) { return v == sentinel<T>(); }));
   expert.backward(x.data(), m, dy.data(), saved.data(), dx2.data(), plain_twice);
   std::vector<const moe::Matrix<T>*> p, o, t, pt;
   plain.for_each([&](const auto& g) { p.push_back(&g); });
@@ -588,7 +591,7 @@ TEMPLATE_TEST_CASE("Expert backward matches central differences; its workspace f
 
 // d = 160 > d_ff = 136, both over two AVX-512 panels, on 140 tokens (over one depth chunk): every
 // weight gradient's product packs its left operand (simd::matmul_tn) into backward's scratch,
-// dyᵀ's d · m elements the most. The gradients against central differences (check_backward), and
+// dyᵀ's d · m elements the most. check_backward: the gradients against central differences, and
 // nothing written past backward_scratch_size(m).
 TEMPLATE_TEST_CASE("Expert backward packs its products' operands within backward_scratch_size", "[experts][backward]",
                    float, double) {
@@ -600,25 +603,12 @@ TEMPLATE_TEST_CASE("Expert backward packs its products' operands within backward
   moe::Matrix<T> w_up = random_matrix<T>(ff, d, in_scale, rng);
   const moe::FeedForward<T, moe::GELU> ffn(view_of(w_in), view_of(w_out));
   const moe::SwiGLU<T> swiglu(view_of(w_in), view_of(w_up), view_of(w_out));
-  auto scratch_guarded = [&](const auto& expert) {
-    const moe::Matrix<T> x = random_matrix<T>(m, d, 1.0, rng), dy = random_matrix<T>(m, d, 1.0, rng);
-    std::vector<T> saved(sz(expert.saved_size(m))), scratch(sz(expert.scratch_size(m)));
-    moe::Matrix<T> y(m, d), dx(m, d);
-    expert.forward_saving(Arch{}, x.data(), m, y.data(), saved.data(), scratch.data());
-    std::vector<T> backward_scratch(sz(expert.backward_scratch_size(m)) + kGuard, sentinel<T>());
-    auto grad = expert.zero_gradient();
-    expert.backward(x.data(), m, dy.data(), saved.data(), dx.data(), grad, Arch{}, backward_scratch.data(), false);
-    for (std::size_t i = sz(expert.backward_scratch_size(m)); i < backward_scratch.size(); ++i)
-      CHECK(backward_scratch[i] == sentinel<T>());
-  };
   {
     INFO("FeedForward, GELU");
-    scratch_guarded(ffn);
     check_backward<T>(ffn, {&w_in, &w_out}, m, rng);
   }
   {
     INFO("SwiGLU");
-    scratch_guarded(swiglu);
     check_backward<T>(swiglu, {&w_in, &w_up, &w_out}, m, rng);
   }
 }

@@ -219,6 +219,10 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
       default: nn_rows<1, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
     }
   };
+  // The same over kNNDepthChunk rows from i0, reading w in place.
+  auto block_in_place = [&](std::size_t j, std::size_t c0, std::size_t i0) {
+    block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
+  };
   static_assert(kNNTokenBlock == 6, "one case per token block size");
   const bool parallel = worth_threads<T>(m, n, k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
@@ -231,8 +235,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     for_each_ahead(row_blocks, parallel, [&](std::ptrdiff_t r, std::ptrdiff_t) {
       const std::size_t j = static_cast<std::size_t>(r) * kNNTokenBlock;
       for (std::size_t c0 = 0; c0 < n; c0 += panel)
-        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
-          block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
+        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) block_in_place(j, c0, i0);
     });
     return;
   }
@@ -245,8 +248,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     // In place: the last panel, narrower, and any panel that one token block reads only once.
     if (n - c0 < panel || m <= kNNTokenBlock) {
       for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
-        for (std::size_t j = 0; j < m; j += kNNTokenBlock)
-          block(j, c0, i0, std::min(k, i0 + kNNDepthChunk), w + i0 * ldw + c0, ldw);
+        for (std::size_t j = 0; j < m; j += kNNTokenBlock) block_in_place(j, c0, i0);
       return;
     }
     if (m * panel * sizeof(T) > kNNCachedPanelBytes)
