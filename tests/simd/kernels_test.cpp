@@ -65,6 +65,18 @@ double dbl(T v) {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// One step of the kernels' chains of multiply-adds: x · y + z rounded once where the target has
+// FMA, and twice where it has none (an SSE2 build: xsimd's lanes multiply, then add).
+template <class T>
+T chain_step(T x, T y, T z) {
+  if constexpr (moe::simd::target_has_fma()) {
+    return std::fma(x, y, z);
+  } else {
+    const T product = x * y;
+    return product + z;
+  }
+}
+
 // `n` elements starting `offset` elements into an aligned allocation, followed by `guard`
 // elements. Everything outside [0, n) holds sentinel() until someone writes there.
 template <class T>
@@ -1527,10 +1539,12 @@ void check_special_values() {
   CHECK(Act::apply(inf) == inf);  // x · (something that tends to 1) for every activation here
 }
 
-// simd::fma rounds once, as std::fma does, on every architecture with FMA. xsimd 8.1's AVX-512
-// fma is a plain x * y + z, fused only where the compiler contracts it (g++ -std=gnu++17, which
-// this suite uses; not -std=c++17, where 35 of these lanes rounded twice in float).
-TEMPLATE_TEST_CASE("simd::fma rounds once, lane for lane as std::fma", "[simd]", float, double) {
+// simd::fma rounds once, as std::fma does, on every architecture with FMA (and twice without, as
+// simd::madd does). xsimd 8.1's AVX-512 fma is a plain x * y + z, fused only where the compiler
+// contracts it (g++ -std=gnu++17, which this suite uses; not -std=c++17, where 35 of these lanes
+// rounded twice in float).
+TEMPLATE_TEST_CASE("simd::fma rounds once where the target has FMA, lane for lane as std::fma", "[simd]", float,
+                   double) {
   using T = TestType;
   using B = moe::simd::batch<T, Arch>;
   constexpr std::size_t L = kLanes<T>;
@@ -1543,7 +1557,10 @@ TEMPLATE_TEST_CASE("simd::fma rounds once, lane for lane as std::fma", "[simd]",
   for (std::size_t i = 0; i < x.size(); i += L) {
     moe::simd::fma(B::load_unaligned(x.data() + i), B::load_unaligned(y.data() + i), B::load_unaligned(z.data() + i))
         .store_aligned(out);
-    for (std::size_t l = 0; l < L; ++l) CHECK(out[l] == std::fma(x[i + l], y[i + l], z[i + l]));
+    for (std::size_t l = 0; l < L; ++l) {
+      CHECK(out[l] == chain_step(x[i + l], y[i + l], z[i + l]));
+      CHECK(moe::simd::madd(x[i + l], y[i + l], z[i + l]) == out[l]);  // the scalar tails' step
+    }
   }
 }
 
@@ -1569,11 +1586,11 @@ void check_reduce_add_each(std::mt19937& rng) {
     std::memcpy(&v, &b, sizeof v);
     return v;
   };
-  if (N > 1) values[L + 3] = nan_with(5), values[2 * L - 1] = nan_with(9);  // two NaNs in one sum
+  if (N > 1) values[L] = nan_with(5), values[2 * L - 1] = nan_with(9);  // two NaNs in one sum (L >= 2)
   const T inf = std::numeric_limits<T>::infinity();
   if (N > 2) values[2 * L] = inf, values[2 * L + 1] = -inf;
   if (N > 3) std::fill(values.begin() + 3 * L, values.begin() + 4 * L, T(-0.0));  // a sum of -0 is -0
-  if (N > 4) std::fill(values.begin() + 4 * L, values.begin() + 5 * L, T(0.0)), values[4 * L + 2] = T(-0.0);  // +0
+  if (N > 4) std::fill(values.begin() + 4 * L, values.begin() + 5 * L, T(0.0)), values[4 * L + L / 2] = T(-0.0);  // +0
   std::vector<B> acc;
   for (std::size_t i = 0; i < N; ++i) acc.push_back(B::load_unaligned(values.data() + i * L));
   std::vector<T> out(N + 1, T(42));
@@ -1891,10 +1908,10 @@ TEMPLATE_TEST_CASE("simd::matmul_nn computes x · w and x · w + y, each row as 
       CAPTURE(c);
       const std::size_t e = j * n + c;
       CHECK(std::abs(dbl(y[j * ldy + c]) - ref.dot[e]) <= dot_bound<T>(k, ref.abs_sum[e]));
-      // The documented order, exactly: one chain of FMAs over i from y0 or 0, whichever lane,
+      // The documented order, exactly: one chain of multiply-adds over i from y0 or 0, whichever lane,
       // vector or padded tail the column falls in.
       T chain = accumulate ? y0[j * ldy + c] : T(0);
-      for (std::size_t i = 0; i < k; ++i) chain = std::fma(x[j * ldx + i], w[i * ldw + c], chain);
+      for (std::size_t i = 0; i < k; ++i) chain = chain_step(x[j * ldx + i], w[i * ldw + c], chain);
       CHECK(y[j * ldy + c] == chain);
     }
     for (std::size_t c = n; c < ldy; ++c) CHECK(y[j * ldy + c] == Guarded<T>::sentinel());
@@ -1985,7 +2002,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
 // matmul_nn and matmul_tn (x packed and in place) on architecture A, where y's panel (m · panel
 // elements) is beyond kNNCachedPanelBytes, so packed panels take chunks of kNNDeepChunk rows. k
 // spans two of them and a tail; n two packed panels, then a narrow one when `narrow`. Every element
-// against its chain of FMAs.
+// against its chain of multiply-adds.
 template <class T, class A>
 void check_deep_chunks(bool narrow, bool accumulate) {
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<A>() * xsimd::batch<T, A>::size;
@@ -2007,7 +2024,7 @@ void check_deep_chunks(bool narrow, bool accumulate) {
   for (std::size_t j = 0; j < m; ++j)
     for (std::size_t c = 0; c < n; ++c) {
       T chain = y0[j * n + c];
-      for (std::size_t i = 0; i < k; ++i) chain = std::fma(x[j * k + i], w[i * n + c], chain);
+      for (std::size_t i = 0; i < k; ++i) chain = chain_step(x[j * k + i], w[i * n + c], chain);
       differing += !(y_nn[j * n + c] == chain) + !(y_tn[j * n + c] == chain) + !(y_tn_in_place[j * n + c] == chain);
     }
   CHECK(differing == 0);

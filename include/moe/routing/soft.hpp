@@ -226,7 +226,7 @@ void soft_column_sum_squares(Arch, const T* row, T* acc, std::size_t n) noexcept
     const B v = B::load_unaligned(row + j);
     simd::fma(v, v, B::load_unaligned(acc + j)).store_unaligned(acc + j);
   }
-  for (; j < n; ++j) acc[j] = std::fma(row[j], row[j], acc[j]);
+  for (; j < n; ++j) acc[j] = simd::madd(row[j], row[j], acc[j]);
 }
 
 // Σ x[i]².
@@ -241,7 +241,7 @@ T soft_sum_squares(Arch, const T* x, std::size_t n) noexcept {
     acc = simd::fma(v, v, acc);
   }
   T sum = simd::reduce_add(acc);
-  for (; i < n; ++i) sum = std::fma(x[i], x[i], sum);
+  for (; i < n; ++i) sum = simd::madd(x[i], x[i], sum);
   return sum;
 }
 

@@ -5,6 +5,7 @@
 // Every kernel takes the architecture as its first argument (a tag such as xsimd::fma3<xsimd::avx2>{}),
 // so two translation units built with different -m flags never share one inline kernel body.
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 #include <utility>
@@ -103,6 +104,19 @@ batch<T, Arch> fma(const batch<T, Arch>& x, const batch<T, Arch>& y, const batch
 #else
   return xsimd::fma(x, y, z);
 #endif
+}
+
+// x · y + z for one scalar, rounded as simd::fma rounds a lane: once where the target has FMA,
+// else twice, after the multiply and after the add (xsimd's SSE and AVX lanes). The kernels' scalar
+// tails use it, so that an element rounds alike in a lane and in a tail. (std::fma rounds once on
+// every target, where it has no FMA instruction by a library call.)
+template <class T>
+MOE_ALWAYS_INLINE T madd(T x, T y, T z) noexcept {
+  if constexpr (target_has_fma()) {
+    return std::fma(x, y, z);
+  } else {
+    return x * y + z;
+  }
 }
 
 template <class T, class Arch>

@@ -160,11 +160,11 @@ inline bool chunks_rows(std::size_t mb, std::size_t row_bytes) noexcept {
          (packed_block(mb) && mb * row_bytes > kPackedXBytes && row_bytes >= 2 * kPackedChunkBytes);
 }
 
-// sum + the k % L tail elements [i, k) of a dot product, in order: std::fma, so that every kernel
-// (dot_block, stream_blocks) rounds an element the same way.
+// sum + the k % L tail elements [i, k) of a dot product, in order, so that every kernel (dot_block,
+// stream_blocks) rounds an element the same way.
 template <class T>
 T add_tail(T sum, const T* x, const T* w, std::size_t i, std::size_t k) noexcept {
-  for (; i < k; ++i) sum = std::fma(x[i], w[i], sum);
+  for (; i < k; ++i) sum = madd(x[i], w[i], sum);
   return sum;
 }
 

@@ -100,7 +100,7 @@ void weighted_row_sum(Arch, const T* src, std::size_t src_stride, const index_t*
   }
   for (; i < n; ++i) {
     T acc = init != nullptr ? init[i] : T(0);
-    for (std::size_t j = 0; j < count; ++j) acc = std::fma(weight_at(j), row_at(j)[i], acc);
+    for (std::size_t j = 0; j < count; ++j) acc = madd(weight_at(j), row_at(j)[i], acc);
     out[i] = acc;
   }
 }
