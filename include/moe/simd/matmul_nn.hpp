@@ -23,8 +23,9 @@
 // depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
 // more, so a chunk read in place touched 128 pages for every token block, more than the TLB
 // holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
-// whose x is read down its columns, also packs x's token blocks, each contiguous, into scratch
-// when its caller passes some. Neither changes an operand or the order of the sums.
+// whose x is read down its columns, also packs x's token blocks into scratch when its caller
+// passes some, chunk by chunk, and where that packed x is large, takes y's rows in groups
+// (kTNGroupBytes). None of this changes an operand or the order of the sums.
 #include <algorithm>
 #include <cstddef>
 
@@ -47,6 +48,15 @@ inline constexpr std::size_t kNNPrefetchTokens = 32;    // rows of y from which 
 // 128-row chunks'.)
 inline constexpr std::size_t kNNDeepChunk = 512;
 inline constexpr std::size_t kNNCachedPanelBytes = 65536;
+// matmul_tn with x packed and larger than kTNGroupBytes takes y's rows in groups whose part of
+// packed x holds about that much (at least kTNMinGroupRows rows), every panel meeting one group
+// before the next: x's group is read from cache by all the panels, and w's panels are copied once
+// per group instead. (backward_bench, a weight gradient over 2,048 tokens, m = 3,584, medians of
+// 3: 0.80 of the time on one thread, 0.91 on two, against no groups; groups of 1, 2 and 4 MiB
+// gave 0.87–1.03 / 0.85–0.89 / 0.82 on one thread, and 1 MiB was 1.07–1.16× slower at 512–1,024
+// tokens.)
+inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
+inline constexpr std::size_t kTNMinGroupRows = 256;
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
@@ -137,14 +147,27 @@ void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw
   else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, depth, k, y, ldy, from_zero, width);
 }
 
-// Scratch elements matmul_tn takes to pack x [k, m]: its token blocks, kNNTokenBlock columns of k
-// rows each, one after another.
+// Scratch elements matmul_tn takes to pack x [k, m]: its token blocks, kNNTokenBlock columns each,
+// chunk by chunk of its rows.
 constexpr std::size_t tn_packing_size(std::size_t k, std::size_t m) noexcept { return k * m; }
 
-// x [k, m] (rows ldx apart) into `packed`: the token block of columns [j, j + mb) at packed + j · k,
-// row after row, mb elements each. Threads take groups of blocks, each reading x's rows in order.
+// Where pack_token_blocks puts row i0 of the token block at column j (mb columns wide), for chunks
+// of `chunk` rows: chunk by chunk, and within a chunk block after block, row after row, so that
+// the token blocks meeting one depth chunk read one stream. (With each block's rows whole, one
+// block after another, a chunk's blocks were 12 KiB pieces 48 KiB apart at 2,048 tokens, for the
+// hardware prefetchers to pick up afresh each time; this layout alone took 0.88–0.95 of the time
+// of that weight gradient on one thread.)
+constexpr std::size_t packed_token_offset(std::size_t k, std::size_t m, std::size_t chunk, std::size_t i0,
+                                          std::size_t j, std::size_t mb) noexcept {
+  const std::size_t first = i0 / chunk * chunk;  // the chunk's first row
+  return first * m + j * std::min(chunk, k - first) + (i0 - first) * mb;
+}
+
+// x [k, m] (rows ldx apart) into `packed`, as packed_token_offset says. Threads take groups of
+// blocks, each reading x's rows in order.
 template <class T>
-void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m, T* packed, bool parallel) noexcept {
+void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m, std::size_t chunk, T* packed,
+                       bool parallel) noexcept {
   constexpr std::size_t kGroupColumns = 16 * kNNTokenBlock;
   const auto groups = static_cast<std::ptrdiff_t>((m + kGroupColumns - 1) / kGroupColumns);
   parallel_for(groups, parallel && groups > 1, [&](std::ptrdiff_t g) {
@@ -152,31 +175,31 @@ void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m
     for (std::size_t i = 0; i < k; ++i)
       for (std::size_t j = j0; j < j1; j += kNNTokenBlock) {
         const std::size_t mb = std::min(kNNTokenBlock, m - j);
-        std::copy_n(x + i * ldx + j, mb, packed + j * k + i * mb);
+        std::copy_n(x + i * ldx + j, mb, packed + packed_token_offset(k, m, chunk, i, j, mb));
       }
   });
 }
 
-// The full panel at column c0 of w [k, ·] (rows ldw apart) for the m rows of y: each chunk of Depth
-// rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on AVX-512),
-// then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from kNNPrefetchTokens
-// rows of y, the token blocks fetch the next chunk's rows a few lines each, so that its copy finds
-// them in cache: in L2, not L1, where the current chunk is (1.04–1.08× the rate of fetching them
-// into L1 at 64–128 tokens, the same from 256). Out of line, so that only the callers that copy
-// take the stack.
+// The full panel at column c0 of w [k, ·] (rows ldw apart) for the rows [j0, j1) of y: each chunk
+// of Depth rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on
+// AVX-512), then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from
+// kNNPrefetchTokens rows of y, the token blocks fetch the next chunk's rows a few lines each, so
+// that its copy finds them in cache: in L2, not L1, where the current chunk is (1.04–1.08× the rate
+// of fetching them into L1 at 64–128 tokens, the same from 256). Out of line, so that only the
+// callers that copy take the stack.
 template <std::size_t Depth, std::size_t Panel, class T, class Block>
-MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t k, std::size_t m, std::size_t c0,
-                               Block& block) noexcept {
+MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t k, std::size_t j0, std::size_t j1,
+                               std::size_t c0, Block& block) noexcept {
   constexpr std::size_t row_lines = (Panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
-  const std::size_t blocks = (m + kNNTokenBlock - 1) / kNNTokenBlock;
-  const std::size_t lines_per_block = m >= kNNPrefetchTokens ? (Depth * row_lines + blocks - 1) / blocks : 0;
+  const std::size_t blocks = (j1 - j0 + kNNTokenBlock - 1) / kNNTokenBlock;
+  const std::size_t lines_per_block = j1 - j0 >= kNNPrefetchTokens ? (Depth * row_lines + blocks - 1) / blocks : 0;
   alignas(64) T chunk[Depth * Panel];
   for (std::size_t i0 = 0; i0 < k; i0 += Depth) {
     const std::size_t i1 = std::min(k, i0 + Depth);
     for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, Panel, chunk + (i - i0) * Panel);
     const std::size_t next_lines = (std::min(k, i1 + Depth) - i1) * row_lines;
     std::size_t line = 0;
-    for (std::size_t j = 0; j < m; j += kNNTokenBlock) {
+    for (std::size_t j = j0; j < j1; j += kNNTokenBlock) {
       for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
         prefetch<2>(w + (i1 + line / row_lines) * ldw + c0 + line % row_lines * (64 / sizeof(T)));
       block(j, c0, i0, i1, static_cast<const T*>(chunk), Panel);
@@ -198,6 +221,8 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     return;
   }
   constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  // Packed panels' depth chunks: deeper where y's part of a panel outgrows the cache.
+  const std::size_t chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
   const T* x_packed = nullptr;  // x's token blocks (pack_token_blocks), once packed
   // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1), with w's
   // row i0 + r at wc + r · ldwc (in place, or a packed chunk). The kernels see the depth from i0
@@ -207,7 +232,9 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     const bool from_zero = i0 == 0 && !accumulate;
     const bool packed = XT && x_packed != nullptr;  // (matmul_nn never packs x)
     const std::size_t ldxb = packed ? mb : ldx;
-    const T* xb = packed ? x_packed + j * k + i0 * mb : XT ? x + i0 * ldx + j : x + j * ldx + i0;
+    const T* xb = packed ? x_packed + packed_token_offset(k, m, chunk, i0, j, mb)
+                  : XT   ? x + i0 * ldx + j
+                         : x + j * ldx + i0;
     T* yb = y + j * ldy + c0;
     const std::size_t depth = i1 - i0, rows_left = k - i0;
     switch (mb) {
@@ -240,22 +267,28 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     return;
   }
   if (XT && x_packing != nullptr) {
-    pack_token_blocks(x, ldx, k, m, x_packing, parallel);
+    pack_token_blocks(x, ldx, k, m, chunk, x_packing, parallel);
     x_packed = x_packing;
   }
-  for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
-    const std::size_t c0 = static_cast<std::size_t>(p) * panel;
-    // In place: the last panel, narrower, and any panel that one token block reads only once.
-    if (n - c0 < panel || m <= kNNTokenBlock) {
-      for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
-        for (std::size_t j = 0; j < m; j += kNNTokenBlock) block_in_place(j, c0, i0);
-      return;
-    }
-    if (m * panel * sizeof(T) > kNNCachedPanelBytes)
-      packed_panel<kNNDeepChunk, panel>(w, ldw, k, m, c0, block);
-    else
-      packed_panel<kNNDepthChunk, panel>(w, ldw, k, m, c0, block);
-  });
+  std::size_t group_rows = m;  // whole token blocks, so that they stay those that x was packed in
+  if (x_packed != nullptr && m * k * sizeof(T) > kTNGroupBytes)
+    group_rows = std::max(kTNMinGroupRows, kTNGroupBytes / (k * sizeof(T))) / kNNTokenBlock * kNNTokenBlock;
+  for (std::size_t r0 = 0; r0 < m; r0 += group_rows) {
+    const std::size_t r1 = std::min(m, r0 + group_rows);
+    for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
+      const std::size_t c0 = static_cast<std::size_t>(p) * panel;
+      // In place: the last panel, narrower, and any panel that one token block reads only once.
+      if (n - c0 < panel || r1 - r0 <= kNNTokenBlock) {
+        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
+          for (std::size_t j = r0; j < r1; j += kNNTokenBlock) block_in_place(j, c0, i0);
+        return;
+      }
+      if (chunk == kNNDeepChunk)
+        packed_panel<kNNDeepChunk, panel>(w, ldw, k, r0, r1, c0, block);
+      else
+        packed_panel<kNNDepthChunk, panel>(w, ldw, k, r0, r1, c0, block);
+    });
+  }
 }
 
 // y [m, n] (+)= x [m, k] · w [k, n]; x, w and y rows ldx, ldw and ldy apart. With `accumulate`
