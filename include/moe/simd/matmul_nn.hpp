@@ -52,9 +52,9 @@ inline constexpr std::size_t kNNCachedPanelBytes = 65536;
 // packed x holds about that much (at least kTNMinGroupRows rows), every panel meeting one group
 // before the next: x's group is read from cache by all the panels, and w's panels are copied once
 // per group instead. (backward_bench, a weight gradient over 2,048 tokens, m = 3,584, medians of
-// 3: 0.80 of the time on one thread, 0.91 on two, against no groups; groups of 1, 2 and 4 MiB
-// gave 0.87–1.03 / 0.85–0.89 / 0.82 on one thread, and 1 MiB was 1.07–1.16× slower at 512–1,024
-// tokens.)
+// 3: 140 ms on one thread and 68.1 on two, against 160 and 75.3 with neither groups nor the
+// chunked packing; with groups of 2 / 4 / 16 MiB, 143–146 / 136–139 / 136 ms on one thread.
+// Groups of 0.5–1 MiB were 1.03–1.15× slower at 512–1,024 tokens.)
 inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
 inline constexpr std::size_t kTNMinGroupRows = 256;
 
@@ -156,7 +156,7 @@ constexpr std::size_t tn_packing_size(std::size_t k, std::size_t m) noexcept { r
 // the token blocks meeting one depth chunk read one stream. (With each block's rows whole, one
 // block after another, a chunk's blocks were 12 KiB pieces 48 KiB apart at 2,048 tokens, for the
 // hardware prefetchers to pick up afresh each time; this layout alone took 0.88–0.95 of the time
-// of that weight gradient on one thread.)
+// of such a weight gradient on one thread.)
 constexpr std::size_t packed_token_offset(std::size_t k, std::size_t m, std::size_t chunk, std::size_t i0,
                                           std::size_t j, std::size_t mb) noexcept {
   const std::size_t first = i0 / chunk * chunk;  // the chunk's first row
