@@ -2045,18 +2045,20 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
 // product without scratch (which never groups), every element in place and a sample against its
 // chain, and nothing written outside the scratch. Shapes: just past the threshold (a last group of
 // 5 or 6 rows, which reads w in place), a last group of a hundred rows, and k deep enough that the
-// groups are their minimum of rows; with a narrow last panel.
+// groups are their minimum of rows (then m spans more than two of them); with a narrow last panel.
 TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes y's rows in groups, with the same bits",
                    "[simd][matmul]", float, double) {
   using T = TestType;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
   const std::size_t k = GENERATE(as<std::size_t>{}, 2 * moe::simd::kNNDeepChunk + 76, 8300);
-  const std::size_t past_threshold = moe::simd::kTNGroupBytes / (k * sizeof(T)) + 1;
-  const std::size_t m = GENERATE_COPY(as<std::size_t>{}, past_threshold, past_threshold + 100);
+  const std::size_t rows_in_bytes = moe::simd::kTNGroupBytes / (k * sizeof(T));
+  const std::size_t least = std::max(rows_in_bytes, 2 * moe::simd::kTNMinGroupRows) + 1;
+  const std::size_t m = GENERATE_COPY(as<std::size_t>{}, least, least + 100);
   const std::size_t n = 2 * panel + 3;
   const bool accumulate = GENERATE(false, true);
   CAPTURE(k, m, accumulate);
   REQUIRE(m * k * sizeof(T) > moe::simd::kTNGroupBytes);
+  REQUIRE(m > std::max(rows_in_bytes, moe::simd::kTNMinGroupRows));  // two groups or more
   auto rng = make_rng(m, k, 11 + accumulate);
   std::vector<T> x(k * m), w(k * n), y0(m * n, T(0));
   fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);

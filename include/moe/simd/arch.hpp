@@ -83,9 +83,10 @@ constexpr bool target_has_fma() noexcept {
   return XSIMD_WITH_FMA3_SSE || XSIMD_WITH_FMA3_AVX || XSIMD_WITH_FMA3_AVX2 || XSIMD_WITH_FMA4 || XSIMD_WITH_AVX512F;
 }
 
-// x · y + z, fused. The kernels' multiply-adds all go through here, so that a token's outputs do
-// not depend on which kernel its batch size picks: with a tag without FMA in a translation unit
-// whose target has it, the compiler would fuse some of them and not others.
+// x · y + z, fused where Arch has FMA (else rounded after the multiply and after the add, as
+// madd below). The kernels' multiply-adds all go through here, so that a token's outputs do not
+// depend on which kernel its batch size picks: with a tag without FMA in a translation unit whose
+// target has it, the compiler would fuse some of them and not others.
 template <class T, class Arch>
 batch<T, Arch> fma(const batch<T, Arch>& x, const batch<T, Arch>& y, const batch<T, Arch>& z) noexcept {
   static_assert(has_fma<Arch>() || !target_has_fma(),
@@ -112,7 +113,12 @@ batch<T, Arch> fma(const batch<T, Arch>& x, const batch<T, Arch>& y, const batch
 // every target, where it has no FMA instruction by a library call.)
 template <class T>
 MOE_ALWAYS_INLINE T madd(T x, T y, T z) noexcept {
-  if constexpr (target_has_fma()) {
+#if defined(__ARM_FEATURE_FMA)
+  constexpr bool fused = true;  // (xsimd's NEON fma is fused there; has_fma() names x86 tags only)
+#else
+  constexpr bool fused = target_has_fma();
+#endif
+  if constexpr (fused) {
     return std::fma(x, y, z);
   } else {
     return x * y + z;

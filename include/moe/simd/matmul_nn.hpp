@@ -2,11 +2,12 @@
 // y [m, n] = x [m, k] · w [k, n] (or y += x · w), all row-major: backward's products against a
 // weight in the nn.Linear layout, such as dx = dh · W with W [out, in] = [k, n].
 //
-// Every element is one chain of fused multiply-adds over i = 0 .. k-1, starting from 0 (or from
-// the y it adds to), whatever m is and whichever block or thread computes it. So a token's row
-// of dx depends neither on the other tokens of its batch nor on the thread count (batch isolation,
-// README, "Guarantees"). Eigen's GEMM does not promise this: with AVX-512 its rounding of a row changed
-// with the row's place in the block, and dx changed under a permutation of the batch.
+// Every element is one chain of multiply-adds (fused where the target has FMA) over i = 0 .. k-1,
+// starting from 0 (or from the y it adds to), whatever m is and whichever block or thread computes
+// it. So a token's row of dx depends neither on the other tokens of its batch nor on the thread
+// count (batch isolation, README, "Guarantees"). Eigen's GEMM does not promise this: with AVX-512
+// its rounding of a row changed with the row's place in the block, and dx changed under a
+// permutation of the batch.
 //
 // matmul_tn, y (+)= xᵀ · w, is the same with x read transposed: the weight gradients, summed over
 // the tokens.
@@ -48,9 +49,10 @@ inline constexpr std::size_t kNNPrefetchTokens = 32;    // rows of y from which 
 // 128-row chunks'.)
 inline constexpr std::size_t kNNDeepChunk = 512;
 inline constexpr std::size_t kNNCachedPanelBytes = 65536;
+static_assert(kNNDeepChunk % kNNDepthChunk == 0, "a narrow panel's in-place chunks lie within packed x's chunks");
 // matmul_tn with x packed and larger than kTNGroupBytes takes y's rows in groups whose part of
-// packed x holds about that much (at least kTNMinGroupRows rows), every panel meeting one group
-// before the next: x's group is read from cache by all the panels, and w's panels are copied once
+// packed x holds about that much (at least kTNMinGroupRows rows; either rounded down to whole
+// token blocks), every panel meeting one group before the next: x's group is read from cache by all the panels, and w's panels are copied once
 // per group instead. (backward_bench, a weight gradient over 2,048 tokens, m = 3,584, medians of
 // 3: 140 ms on one thread and 68.1 on two, against 160 and 75.3 with neither groups nor the
 // chunked packing; with groups of 2 / 4 / 16 MiB, 143–146 / 136–139 / 136 ms on one thread.
@@ -221,7 +223,9 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     return;
   }
   constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
-  // Packed panels' depth chunks: deeper where y's part of a panel outgrows the cache.
+  // Packed panels' depth chunks: deeper where y's part of a panel outgrows the cache. Chosen once
+  // for the whole of y, since it fixes packed x's layout too (a row group whose part of y fits the
+  // cache still takes the deep chunks: speed, not bits).
   const std::size_t chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
   const T* x_packed = nullptr;  // x's token blocks (pack_token_blocks), once packed
   // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1), with w's

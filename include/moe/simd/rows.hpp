@@ -49,7 +49,7 @@ void axpy(Arch, T w, const T* x, T* y, std::size_t n) noexcept {
   const B vw(w);
   std::size_t i = 0;
   for (; i + L <= n; i += L) simd::fma(vw, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
-  for (; i < n; ++i) y[i] += w * x[i];
+  for (; i < n; ++i) y[i] = madd(w, x[i], y[i]);
 }
 
 // out[0, n) = init[0, n) + sum over j in [0, count) of row_weight[rows[j]] * src row rows[j],
