@@ -51,12 +51,12 @@ inline constexpr std::size_t kNNDeepChunk = 512;
 inline constexpr std::size_t kNNCachedPanelBytes = 65536;
 static_assert(kNNDeepChunk % kNNDepthChunk == 0, "a narrow panel's in-place chunks lie within packed x's chunks");
 // matmul_tn with x packed and larger than kTNGroupBytes takes y's rows in groups whose part of
-// packed x holds about that much (at least kTNMinGroupRows rows; either rounded down to whole
-// token blocks), every panel meeting one group before the next: x's group is read from cache by all the panels, and w's panels are copied once
-// per group instead. (backward_bench, a weight gradient over 2,048 tokens, m = 3,584, medians of
-// 3: 140 ms on one thread and 68.1 on two, against 160 and 75.3 with neither groups nor the
-// chunked packing; with groups of 2 / 4 / 16 MiB, 143–146 / 136–139 / 136 ms on one thread.
-// Groups of 0.5–1 MiB were 1.03–1.15× slower at 512–1,024 tokens.)
+// packed x holds about that much (at least kTNMinGroupRows rows; either rounded down to whole token
+// blocks), every panel meeting one group before the next: x's group is read from cache by all the
+// panels, and w's panels are copied once per group instead. (backward_bench, a weight gradient over
+// 2,048 tokens, m = 3,584, medians of 3: 140 ms on one thread and 68.1 on two, against 160 and 75.3
+// with neither groups nor the chunked packing; with groups of 2 / 4 / 16 MiB, 143–146 / 136–139 /
+// 136 ms on one thread. Groups of 0.5–1 MiB were 1.03–1.15× slower at 512–1,024 tokens.)
 inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
 inline constexpr std::size_t kTNMinGroupRows = 256;
 
