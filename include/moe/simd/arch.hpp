@@ -68,6 +68,15 @@ inline void prefetch(const void* p) noexcept {
 #endif
 }
 
+// A prefetch of a line that will be read and then written (PREFETCHW where the target has it).
+inline void prefetch_for_write(const void* p) noexcept {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 1, 3);
+#else
+  (void)p;
+#endif
+}
+
 // Whether Arch multiplies and adds with one rounding. For other architectures xsimd::fma is
 // x * y + z, which the compiler may fuse where the target has FMA (GCC's default
 // -ffp-contract=fast) in one kernel and not in another.
