@@ -250,7 +250,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     // With x packed (one stream), the next token block's rows of y are fetched meanwhile: its sums go
     // on from y, or are stored there, in rows a page or more apart, which the hardware prefetchers do
     // not follow. (backward_bench, a weight gradient over 1,024–2,048 tokens, one thread: 0.98 of the
-    // time. The dx product, x in place, took 1.00–1.03× as long with it.)
+    // time. The dx product, x in place, took 0.97–1.03× as long with it.)
     if (packed && j + kNNTokenBlock < m) {
       const std::size_t next_rows = std::min(kNNTokenBlock, m - j - kNNTokenBlock);
       for (std::size_t r = 0; r < next_rows; ++r)
