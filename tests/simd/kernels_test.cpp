@@ -2041,41 +2041,44 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
 #endif
 }
 
-// matmul_tn with packed x beyond kTNGroupBytes, which takes y's rows in groups: the bits of the
-// product without scratch (which never groups), every element in place and a sample against its
-// chain, and nothing written outside the scratch. Shapes: just past the threshold (a last group of
-// 5 or 6 rows, which reads w in place), a last group of a hundred rows, and k deep enough that the
-// groups are their minimum of rows (then m spans more than two of them); with a narrow last panel.
-TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes y's rows in groups, with the same bits",
+// matmul_tn with packed x beyond kTNGroupBytes, which takes the depth in slabs of one chunk
+// outside the panels, and y's rows in groups where a slab is larger still: the bits of the product
+// without scratch (which does neither), every element in place and a sample against its chain, and
+// nothing written outside the scratch. Shapes: k = 1,100 (three slabs of 512-row chunks, the last
+// one 76 deep) with m just past the threshold and 100 rows more, and with row groups whose last
+// one has 5 rows (read in place) or 100; k = 8,300, whose few rows take 128-row chunks (and 512 at
+// 100 rows more in float); every shape with a narrow last panel.
+TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outside, with the same bits",
                    "[simd][matmul]", float, double) {
   using T = TestType;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
-  const std::size_t k = GENERATE(as<std::size_t>{}, 2 * moe::simd::kNNDeepChunk + 76, 8300);
-  const std::size_t rows_in_bytes = moe::simd::kTNGroupBytes / (k * sizeof(T));
-  const std::size_t least = std::max(rows_in_bytes, 2 * moe::simd::kTNMinGroupRows) + 1;
-  const std::size_t m = GENERATE_COPY(as<std::size_t>{}, least, least + 100);
+  constexpr std::size_t block = moe::simd::kNNTokenBlock;
+  constexpr std::size_t group = moe::simd::kTNGroupBytes / (moe::simd::kNNDeepChunk * sizeof(T)) / block * block;
+  const std::size_t k = GENERATE(as<std::size_t>{}, 1100, 8300);
+  const std::size_t least = moe::simd::kTNGroupBytes / (k * sizeof(T)) + 1;
+  const std::size_t m = k == 1100 ? GENERATE_COPY(as<std::size_t>{}, least, least + 100, group + 5, group + 100)
+                                  : GENERATE_COPY(as<std::size_t>{}, least, least + 100);
   const std::size_t n = 2 * panel + 3;
   const bool accumulate = GENERATE(false, true);
   CAPTURE(k, m, accumulate);
   REQUIRE(m * k * sizeof(T) > moe::simd::kTNGroupBytes);
-  REQUIRE(m > std::max(rows_in_bytes, moe::simd::kTNMinGroupRows));  // two groups or more
   auto rng = make_rng(m, k, 11 + accumulate);
   std::vector<T> x(k * m), w(k * n), y0(m * n, T(0));
   fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
   fill_uniform(w.data(), w.size(), -1.0, 1.0, rng);
   if (accumulate) fill_uniform(y0.data(), y0.size(), -1.0, 1.0, rng);
-  std::vector<T> y_in_place(y0), y_grouped(y0);
+  std::vector<T> y_in_place(y0), y_slabs(y0);
   Guarded<T> packing = output<T>(moe::simd::tn_packing_size(k, m), 0);
   moe::simd::matmul_tn(Arch{}, x.data(), k, m, w.data(), n, y_in_place.data(), accumulate);
-  moe::simd::matmul_tn(Arch{}, x.data(), k, m, w.data(), n, y_grouped.data(), accumulate, packing.data());
+  moe::simd::matmul_tn(Arch{}, x.data(), k, m, w.data(), n, y_slabs.data(), accumulate, packing.data());
   CHECK(packing.guards_intact());
   std::size_t differing = 0, chains_differing = 0;
-  for (std::size_t e = 0; e < m * n; ++e) differing += !(y_grouped[e] == y_in_place[e]);
+  for (std::size_t e = 0; e < m * n; ++e) differing += !(y_slabs[e] == y_in_place[e]);
   for (std::size_t e = 0; e < m * n; e += 37) {
     const std::size_t j = e / n, c = e % n;
     T chain = y0[e];
     for (std::size_t i = 0; i < k; ++i) chain = chain_step(x[i * m + j], w[i * n + c], chain);
-    chains_differing += !(y_grouped[e] == chain);
+    chains_differing += !(y_slabs[e] == chain);
   }
   CHECK(differing == 0);
   CHECK(chains_differing == 0);

@@ -25,8 +25,9 @@
 // more, so a chunk read in place touched 128 pages for every token block, more than the TLB
 // holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
 // whose x is read down its columns, also packs x's token blocks into scratch when its caller
-// passes some, chunk by chunk, and where that packed x is large, takes y's rows in groups
-// (kTNGroupBytes). None of this changes an operand or the order of the sums.
+// passes some, chunk by chunk, and where that packed x is large, takes the depth one chunk at a
+// time outside the panels (kTNGroupBytes). None of this changes an operand or the order of the
+// sums.
 #include <algorithm>
 #include <cstddef>
 
@@ -50,15 +51,15 @@ inline constexpr std::size_t kNNPrefetchTokens = 32;    // rows of y from which 
 inline constexpr std::size_t kNNDeepChunk = 512;
 inline constexpr std::size_t kNNCachedPanelBytes = 65536;
 static_assert(kNNDeepChunk % kNNDepthChunk == 0, "a narrow panel's in-place chunks lie within packed x's chunks");
-// matmul_tn with x packed and larger than kTNGroupBytes takes y's rows in groups whose part of
-// packed x holds about that much (at least kTNMinGroupRows rows; either rounded down to whole token
-// blocks), every panel meeting one group before the next: x's group is read from cache by all the
-// panels, and w's panels are copied once per group instead. (backward_bench, a weight gradient over
-// 2,048 tokens, m = 3,584, medians of 3: 140 ms on one thread and 68.1 on two, against 160 and 75.3
-// with neither groups nor the chunked packing; with groups of 2 / 4 / 16 MiB, 143–146 / 136–139 /
-// 136 ms on one thread. Groups of 0.5–1 MiB were 1.03–1.15× slower at 512–1,024 tokens.)
+// matmul_tn with x packed and larger than kTNGroupBytes takes the depth in slabs of one chunk,
+// outermost (GotoBLAS's order): every panel meets one slab of packed x before the next, so the
+// slab, m · chunk elements, is read from cache by all the panels, however deep x is. Where a slab
+// itself is larger than kTNGroupBytes, y's rows go in groups of that much of it (rounded down to
+// whole token blocks), each over every panel; w's panel chunks are copied once per group. (A weight
+// gradient, m = 3,584, n = 1,024, one thread: over 8,192 tokens 0.80 of the time of session 55's
+// order, y's rows in groups holding 8 MiB of all of packed x, which beyond 8,192 tokens could not
+// hold even its least group of 256 rows within that; over 2,048 tokens 0.93–0.98.)
 inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
-inline constexpr std::size_t kTNMinGroupRows = 256;
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
@@ -196,16 +197,16 @@ void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m
 // of fetching them into L1 at 64–128 tokens, the same from 256). Out of line, so that only the
 // callers that copy take the stack.
 template <std::size_t Depth, std::size_t Panel, class T, class Block>
-MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t k, std::size_t j0, std::size_t j1,
-                               std::size_t c0, Block& block) noexcept {
+MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std::size_t d1, std::size_t j0,
+                               std::size_t j1, std::size_t c0, Block& block) noexcept {
   constexpr std::size_t row_lines = (Panel * sizeof(T) + 63) / 64;  // cache lines of a panel's row
   const std::size_t blocks = (j1 - j0 + kNNTokenBlock - 1) / kNNTokenBlock;
   const std::size_t lines_per_block = j1 - j0 >= kNNPrefetchTokens ? (Depth * row_lines + blocks - 1) / blocks : 0;
   alignas(64) T chunk[Depth * Panel];
-  for (std::size_t i0 = 0; i0 < k; i0 += Depth) {
-    const std::size_t i1 = std::min(k, i0 + Depth);
+  for (std::size_t i0 = d0; i0 < d1; i0 += Depth) {
+    const std::size_t i1 = std::min(d1, i0 + Depth);
     for (std::size_t i = i0; i < i1; ++i) std::copy_n(w + i * ldw + c0, Panel, chunk + (i - i0) * Panel);
-    const std::size_t next_lines = (std::min(k, i1 + Depth) - i1) * row_lines;
+    const std::size_t next_lines = (std::min(d1, i1 + Depth) - i1) * row_lines;
     std::size_t line = 0;
     for (std::size_t j = j0; j < j1; j += kNNTokenBlock) {
       for (const std::size_t end = std::min(next_lines, line + lines_per_block); line < end; ++line)
@@ -289,24 +290,30 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     pack_token_blocks(x, ldx, k, m, chunk, x_packing, parallel);
     x_packed = x_packing;
   }
-  std::size_t group_rows = m;  // whole token blocks, so that they stay those that x was packed in
-  if (x_packed != nullptr && m * k * sizeof(T) > kTNGroupBytes)
-    group_rows = std::max(kTNMinGroupRows, kTNGroupBytes / (k * sizeof(T))) / kNNTokenBlock * kNNTokenBlock;
-  for (std::size_t r0 = 0; r0 < m; r0 += group_rows) {
-    const std::size_t r1 = std::min(m, r0 + group_rows);
-    for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
-      const std::size_t c0 = static_cast<std::size_t>(p) * panel;
-      // In place: the last panel, narrower, and any panel that one token block reads only once.
-      if (n - c0 < panel || r1 - r0 <= kNNTokenBlock) {
-        for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk)
-          for (std::size_t j = r0; j < r1; j += kNNTokenBlock) block_in_place(j, c0, i0);
-        return;
-      }
-      if (chunk == kNNDeepChunk)
-        packed_panel<kNNDeepChunk, panel>(w, ldw, k, r0, r1, c0, block);
-      else
-        packed_panel<kNNDepthChunk, panel>(w, ldw, k, r0, r1, c0, block);
-    });
+  // Depth slabs and row groups (kTNGroupBytes): one of each where x is not packed or is small.
+  std::size_t slab = k, group_rows = m;
+  if (x_packed != nullptr && m * k * sizeof(T) > kTNGroupBytes) {
+    slab = chunk;
+    group_rows = std::max(kNNTokenBlock, kTNGroupBytes / (chunk * sizeof(T)) / kNNTokenBlock * kNNTokenBlock);
+  }
+  for (std::size_t d0 = 0; d0 < k; d0 += slab) {
+    const std::size_t d1 = std::min(k, d0 + slab);
+    for (std::size_t r0 = 0; r0 < m; r0 += group_rows) {
+      const std::size_t r1 = std::min(m, r0 + group_rows);
+      for_each_ahead(panels, parallel, [&](std::ptrdiff_t p, std::ptrdiff_t) {
+        const std::size_t c0 = static_cast<std::size_t>(p) * panel;
+        // In place: the last panel, narrower, and any panel that one token block reads only once.
+        if (n - c0 < panel || r1 - r0 <= kNNTokenBlock) {
+          for (std::size_t i0 = d0; i0 < d1; i0 += kNNDepthChunk)
+            for (std::size_t j = r0; j < r1; j += kNNTokenBlock) block_in_place(j, c0, i0);
+          return;
+        }
+        if (chunk == kNNDeepChunk)
+          packed_panel<kNNDeepChunk, panel>(w, ldw, d0, d1, r0, r1, c0, block);
+        else
+          packed_panel<kNNDepthChunk, panel>(w, ldw, d0, d1, r0, r1, c0, block);
+      });
+    }
   }
 }
 
