@@ -1932,8 +1932,8 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
   // m rows of y (x's columns): within one register block, several, and a ragged last block (100:
-  // two groups of pack_token_blocks, the last block of 4); k (x's and w's rows) as for matmul_nn,
-  // 300 spanning three depth chunks of 128 and the deep (not shallow) path.
+  // the last block of 4); k (x's and w's rows) as for matmul_nn, 300 spanning three depth chunks of
+  // 128 and the deep (not shallow) path, and packed in tiles of 16 rows, the last one of 12.
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13, 100);
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
   const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, 2 * panel, panel + L + 1);
@@ -2044,10 +2044,11 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
 // matmul_tn with packed x beyond kTNGroupBytes, which takes the depth in slabs of one chunk
 // outside the panels, and y's rows in groups where a slab is larger still: the bits of the product
 // without scratch (which does neither), every element in place and a sample against its chain, and
-// nothing written outside the scratch. Shapes: k = 1,100 (three slabs of 512-row chunks, the last
-// one 76 deep) with m just past the threshold and 100 rows more, and with row groups whose last
-// one has 5 rows (read in place) or 100; k = 8,300, whose few rows take 128-row chunks (and 512 at
-// 100 rows more in float); every shape with a narrow last panel.
+// nothing written outside the scratch. Shapes: k = 1,100 (slabs of one chunk, the last one
+// partial) with m just past the threshold and 100 rows more, and with row groups whose last one has
+// 5 rows (read in place) or 100; k = 8,300, whose few rows take 128-row chunks; every shape with a
+// narrow last panel. (The chunk depends on the panel's width: on AVX-512, k = 1,100 takes 512-row
+// chunks, three slabs, in every shape, and k = 8,300 does too at 100 rows more in float.)
 TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outside, with the same bits",
                    "[simd][matmul]", float, double) {
   using T = TestType;

@@ -54,11 +54,11 @@ static_assert(kNNDeepChunk % kNNDepthChunk == 0, "a narrow panel's in-place chun
 // matmul_tn with x packed and larger than kTNGroupBytes takes the depth in slabs of one chunk,
 // outermost (GotoBLAS's order): every panel meets one slab of packed x before the next, so the
 // slab, m · chunk elements, is read from cache by all the panels, however deep x is. Where a slab
-// itself is larger than kTNGroupBytes, y's rows go in groups of that much of it (rounded down to
-// whole token blocks), each over every panel; w's panel chunks are copied once per group. (A weight
+// has more rows than kTNGroupBytes holds (rounded down to whole token blocks), y's rows go in
+// groups of that many, each over every panel; w's panel chunks are copied once per group. (A weight
 // gradient, m = 3,584, n = 1,024, one thread: over 8,192 tokens 0.80 of the time of session 55's
 // order, y's rows in groups holding 8 MiB of all of packed x, which beyond 8,192 tokens could not
-// hold even its least group of 256 rows within that; over 2,048 tokens 0.93–0.98.)
+// hold even its least group of 256 rows within that; over 2,048 tokens 0.93–0.97.)
 inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
 
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
@@ -189,13 +189,13 @@ void pack_token_blocks(const T* x, std::size_t ldx, std::size_t k, std::size_t m
   });
 }
 
-// The full panel at column c0 of w [k, ·] (rows ldw apart) for the rows [j0, j1) of y: each chunk
-// of Depth rows of the panel copied to the stack (Depth · Panel elements: 128 KiB for 512 rows on
-// AVX-512), then block(j, c0, i0, i1, chunk, Panel) for each token block. Meanwhile, from
-// kNNPrefetchTokens rows of y, the token blocks fetch the next chunk's rows a few lines each, so
-// that its copy finds them in cache: in L2, not L1, where the current chunk is (1.04–1.08× the rate
-// of fetching them into L1 at 64–128 tokens, the same from 256). Out of line, so that only the
-// callers that copy take the stack.
+// The full panel at column c0 of w (rows ldw apart) over its rows [d0, d1), for the rows [j0, j1)
+// of y: each chunk of Depth rows of the panel copied to the stack (Depth · Panel elements: 128 KiB
+// for 512 rows on AVX-512), then block(j, c0, i0, i1, chunk, Panel) for each token block.
+// Meanwhile, from kNNPrefetchTokens rows of y, the token blocks fetch the next chunk's rows within
+// [d0, d1) (none in a slab of one chunk) a few lines each, so that its copy finds them in cache: in
+// L2, not L1, where the current chunk is (1.04–1.08× the rate of fetching them into L1 at 64–128
+// tokens, the same from 256). Out of line, so that only the callers that copy take the stack.
 template <std::size_t Depth, std::size_t Panel, class T, class Block>
 MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std::size_t d1, std::size_t j0,
                                std::size_t j1, std::size_t c0, Block& block) noexcept {
@@ -255,7 +255,8 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     if (packed && j + kNNTokenBlock < m) {
       const std::size_t next_rows = std::min(kNNTokenBlock, m - j - kNNTokenBlock);
       for (std::size_t r = 0; r < next_rows; ++r)
-        for (std::size_t e = 0; e < width; e += 64 / sizeof(T)) prefetch_for_write(yb + (kNNTokenBlock + r) * ldy + e);
+        for (std::size_t e = 0; e < width; e += 64 / sizeof(T))
+          prefetch_for_write(yb + (kNNTokenBlock + r) * ldy + e);
     }
     switch (mb) {
       case 6: nn_rows<6, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
