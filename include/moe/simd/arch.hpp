@@ -58,24 +58,19 @@ constexpr std::size_t vector_registers() noexcept {
 }
 
 // A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines that are read
-// once, by a copy).
-template <int Locality = 3>
+// once, by a copy); with ForWrite, of a line that will be read and then written (PREFETCHW where
+// the target has it).
+template <int Locality = 3, bool ForWrite = false>
 inline void prefetch(const void* p) noexcept {
 #if defined(__GNUC__)
-  __builtin_prefetch(p, 0, Locality);
+  __builtin_prefetch(p, ForWrite ? 1 : 0, Locality);
 #else
   (void)p;
 #endif
 }
 
-// A prefetch of a line that will be read and then written (PREFETCHW where the target has it).
-inline void prefetch_for_write(const void* p) noexcept {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 1, 3);
-#else
-  (void)p;
-#endif
-}
+// A prefetch of a line that will be read and then written.
+inline void prefetch_for_write(const void* p) noexcept { prefetch<3, true>(p); }
 
 // Whether Arch multiplies and adds with one rounding. For other architectures xsimd::fma is
 // x * y + z, which the compiler may fuse where the target has FMA (GCC's default

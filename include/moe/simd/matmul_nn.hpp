@@ -295,7 +295,8 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   std::size_t slab = k, group_rows = m;
   if (x_packed != nullptr && m * k * sizeof(T) > kTNGroupBytes) {
     slab = chunk;
-    group_rows = std::max(kNNTokenBlock, kTNGroupBytes / (chunk * sizeof(T)) / kNNTokenBlock * kNNTokenBlock);
+    static_assert(kTNGroupBytes / (kNNDeepChunk * sizeof(T)) >= kNNTokenBlock, "a group holds a token block");
+    group_rows = kTNGroupBytes / (chunk * sizeof(T)) / kNNTokenBlock * kNNTokenBlock;
   }
   for (std::size_t d0 = 0; d0 < k; d0 += slab) {
     const std::size_t d1 = std::min(k, d0 + slab);
