@@ -118,7 +118,10 @@ inline void keep_in_register(B& v) noexcept {
 // slowed them 1.5× and left the next panel as cold as no fetch; one line slowed them 1.2× and
 // fetched part of the half it asked for). One expert, cold weights, against two lines per step
 // (compare_bench, two runs): S3 on 16 tokens 0.89–0.94, S1 and S2 on 16–32 tokens 0.91–1.00, rows
-// without later blocks 0.98–1.03 (the noise). bench/README.md, "Session 44".
+// without later blocks 0.98–1.03 (the noise). bench/README.md, "Session 44". Into L2 only
+// (prefetch<2>): on an Intel Xeon, one expert at 16–96 tokens then took 0.96–0.99 of the time (three
+// runs); two lines per step, or one line in two, were slower still (session 57). The AMD guests
+// filled L1 alike whatever the hint (session 40).
 struct PanelPrefetch {
   static constexpr std::size_t kLineBytes = 64;
   static constexpr std::size_t kLinesPerStep = 1;
@@ -203,7 +206,7 @@ void dot_block(Arch, const T* const* x, const T* const* w, const T* const* next,
       MOE_UNROLL for (std::size_t r = 0; r < NB; ++r) prefetch(np[r] + i);
     if (!FirstPass)
       for (std::size_t q = 0; q < PanelPrefetch::kLinesPerStep && ahead_at < ahead_end; ++q)
-        prefetch(ahead_at), ahead_at += PanelPrefetch::kLineBytes;
+        prefetch<2>(ahead_at), ahead_at += PanelPrefetch::kLineBytes;
     // With 2–4 tokens, weight vectors kept in registers too: else each weight load is folded into
     // every FMA that uses it, and the rows streamed from memory ~30% slower (4 tokens, 14.7 MB of
     // rows: 0.87 → 0.63 ms); with 5–8 tokens, keeping them spilled (5 × 4 from L2: 150 → 106
