@@ -310,6 +310,64 @@ TEMPLATE_TEST_CASE("SoftRouter matches the double reference, with and without gr
   }
 }
 
+// Over enough slots that dΦ = xᵀ · dP packs x into the router's scratch (simd::tn_packs_x: three
+// column panels or more, 129 slots on AVX-512 in float), backward still adds the reference's dΦ and
+// dx (plain logits, two groups): dP = scale · dL with dL through both softmaxes, in double.
+TEMPLATE_TEST_CASE("SoftRouter::backward over many slots, x packed for dΦ, matches the double reference",
+                   "[soft][routing][backward]", float, double) {
+  using T = TestType;
+  using Arch = moe::simd::default_arch;
+  constexpr index_t panel = static_cast<index_t>(moe::simd::nn_panel_vectors<Arch>() * xsimd::batch<T, Arch>::size);
+  const index_t T_ = 200, d = 24, S = 3 * panel + 1;  // 200 tokens: deeper than one depth chunk
+  const double scale = 1.5;
+  REQUIRE(moe::simd::tn_packs_x<Arch, T>(std::size_t(T_), std::size_t(d), std::size_t(S), std::size_t(d)));
+  std::mt19937 rng(57);
+  const Mat<T> x = random_matrix<T>(rng, T_, d);
+  const Mat<T> phi = random_matrix<T>(rng, d, S, 1.0 / std::sqrt(static_cast<double>(d)));
+  const Mat<T> dD = random_matrix<T>(rng, T_, S), dC = random_matrix<T>(rng, T_, S);
+  const Mat<T> dx0 = random_matrix<T>(rng, T_, d), dphi0 = random_matrix<T>(rng, d, S);
+  const std::vector<index_t> bounds{0, 90, T_};
+
+  const moe::SoftRouter<T> router(phi, S, soft_options(1, false, scale));
+  moe::SoftRouting<T> routing;
+  router.route(x, moe::RouteContext::with_groups(bounds), routing);
+  Mat<T> dx = dx0, dphi = dphi0;
+  moe::Buffer<T> scratch;
+  router.backward(x, routing, dD.data(), dC.data(), dx, dphi, Arch{}, &scratch);
+
+  const SoftReference ref = reference_route(to_double(x), to_double(phi), false, scale, bounds);
+  MatD dP(T_, S);
+  for (index_t t = 0; t < T_; ++t) {
+    double row_dot = 0.0;
+    for (index_t j = 0; j < S; ++j) row_dot += ref.combine(t, j) * double(dC(t, j));
+    for (index_t j = 0; j < S; ++j) dP(t, j) = ref.combine(t, j) * (double(dC(t, j)) - row_dot);
+  }
+  for (std::size_t g = 0; g + 1 < bounds.size(); ++g)
+    for (index_t j = 0; j < S; ++j) {
+      double column_dot = 0.0;
+      for (index_t t = bounds[g]; t < bounds[g + 1]; ++t) column_dot += ref.dispatch(t, j) * double(dD(t, j));
+      for (index_t t = bounds[g]; t < bounds[g + 1]; ++t)
+        dP(t, j) += ref.dispatch(t, j) * (double(dD(t, j)) - column_dot);
+    }
+  dP *= scale;
+  MatD want_dphi(d, S), want_dx(T_, d);
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < S; ++j) {
+      double sum = 0.0;
+      for (index_t t = 0; t < T_; ++t) sum += double(x(t, i)) * dP(t, j);
+      want_dphi(i, j) = sum;
+    }
+  for (index_t t = 0; t < T_; ++t)
+    for (index_t i = 0; i < d; ++i) {
+      double sum = 0.0;
+      for (index_t j = 0; j < S; ++j) sum += dP(t, j) * double(phi(i, j));
+      want_dx(t, i) = sum;
+    }
+  const MatD added_dphi = to_double(dphi) - to_double(dphi0), added_dx = to_double(dx) - to_double(dx0);
+  CHECK(relative_error(added_dphi, want_dphi) <= 20 * tolerance<T>());
+  CHECK(relative_error(added_dx, want_dx) <= 20 * tolerance<T>());
+}
+
 TEST_CASE("SoftRouter slot layout is expert-major and groups get their own slots", "[soft][routing]") {
   std::mt19937 rng(7);
   const index_t d = 5, E = 3, s = 2;

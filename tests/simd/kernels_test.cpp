@@ -1933,10 +1933,11 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
   // m rows of y (x's columns): within one register block, several, and a ragged last block (100:
   // the last block of 4); k (x's and w's rows) as for matmul_nn, 300 spanning three depth chunks of
-  // 128 and the deep (not shallow) path, and packed in tiles of 16 rows, the last one of 12.
+  // 128 and the deep (not shallow) path, and packed in tiles of 16 rows, the last one of 12; n from
+  // three panels on packs x (simd::tn_packs_x).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13, 100);
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
-  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, 2 * panel, panel + L + 1);
+  const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, 2 * panel, panel + L + 1, 3 * panel + L + 1);
   const bool accumulate = GENERATE(false, true);
   CAPTURE(m, k, n, accumulate);
   auto rng = make_rng(1000 * m + k, n, 7 + accumulate);
@@ -2001,14 +2002,16 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
 
 // matmul_nn and matmul_tn (x packed and in place) on architecture A, where y's panel (m · panel
 // elements) is beyond kNNCachedPanelBytes, so packed panels take chunks of kNNDeepChunk rows. k
-// spans two of them and a tail; n two packed panels, then a narrow one when `narrow`. Every element
+// spans two of them and a tail; n three packed panels, then a narrow one when `narrow`. Every element
 // against its chain of multiply-adds.
 template <class T, class A>
 void check_deep_chunks(bool narrow, bool accumulate) {
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<A>() * xsimd::batch<T, A>::size;
   const std::size_t m = moe::simd::kNNCachedPanelBytes / (panel * sizeof(T)) + 7;
-  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = 2 * panel + (narrow ? 3 : 0);
+  // Three panels or more, so that matmul_tn packs x (simd::tn_packs_x).
+  const std::size_t k = 2 * moe::simd::kNNDeepChunk + 76, n = 3 * panel + (narrow ? 3 : 0);
   CAPTURE(m, k, n, accumulate);
+  REQUIRE(moe::simd::tn_packs_x<A, T>(k, m, n, m));
   auto rng = make_rng(m, k, accumulate);
   std::vector<T> x(m * k), xt(k * m), w(k * n), y0(m * n, T(0));
   fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
@@ -2063,6 +2066,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outs
   const bool accumulate = GENERATE(false, true);
   CAPTURE(k, m, accumulate);
   REQUIRE(m * k * sizeof(T) > moe::simd::kTNGroupBytes);
+  REQUIRE(moe::simd::tn_packs_x<Arch, T>(k, m, n, m));
   auto rng = make_rng(m, k, 11 + accumulate);
   std::vector<T> x(k * m), w(k * n), y0(m * n, T(0));
   fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);

@@ -399,8 +399,9 @@ class SoftRouter {
   //                dP = dL ⊙ r cᵀ,  dr_t = Σ_j dL·P·c,  dc_j = Σ_t dL·P·r,  ∂L/∂scale = Σ_j dc_j q_j,
   //                ∂r_t/∂x[t,i] = −x[t,i] r_t³,  ∂q_j/∂Φ[i,j] = −Φ[i,j] q_j³
   //   dx += dP · Φᵀ,  dΦ += xᵀ · dP
-  // Temporaries (three [T, S] matrices and Φᵀ) go in `scratch` when given, grown as needed and
-  // reused, so that a warm call allocates nothing; without one, backward allocates its own.
+  // Temporaries (three [T, S] matrices, Φᵀ, and room for dΦ's product to pack x where it would:
+  // simd::tn_packs_x) go in `scratch` when given, grown as needed and reused, so that a warm call
+  // allocates nothing; without one, backward allocates its own.
   template <class Arch = simd::default_arch>
   T backward(const ConstMatrixRef<T>& x, const SoftRouting<T>& routing, const T* grad_dispatch, const T* grad_combine,
              MatrixRef<T> dx, MatrixRef<T> dphi, Arch arch = {}, Buffer<T>* scratch = nullptr) const {
@@ -418,8 +419,13 @@ class SoftRouter {
     detail::check_router_config(where, "routing", routing.router_config(), config_fingerprint());
     check_scale(where, routing);
     if (T_ == 0) return T(0);
+    const auto rows = static_cast<std::size_t>(T_), width = static_cast<std::size_t>(d), slots = static_cast<std::size_t>(S);
+    const auto ldx = static_cast<std::size_t>(x.outerStride());
+    const index_t packing_size =
+        simd::tn_packs_x<Arch, T>(rows, width, slots, ldx) ? static_cast<index_t>(simd::tn_packing_size(rows, width)) : 0;
     Buffer<T> own;
-    T* const temporaries = (scratch != nullptr ? *scratch : own).ensure(3 * T_ * S + S * d + 3 * S + 2 * T_);
+    T* const temporaries =
+        (scratch != nullptr ? *scratch : own).ensure(3 * T_ * S + S * d + 3 * S + 2 * T_ + packing_size);
     MatrixMap<T> dlogits(temporaries, T_, S);                 // [T, S] dL
     MatrixMap<T> product(temporaries + T_ * S, T_, S);        // [T, S] P = x·Φ, with route's bits
     MatrixMap<T> dproduct(temporaries + 2 * T_ * S, T_, S);   // [T, S] dP
@@ -429,6 +435,7 @@ class SoftRouter {
     T* const dc = q + S;                                      // [S] (normalized)
     T* const r = dc + S;                                      // [T] (normalized)
     T* const dr = r + T_;                                     // [T] (normalized)
+    T* const x_packing = packing_size > 0 ? dr + T_ : nullptr;  // [T · d] (simd::tn_packs_x)
     const ConstMatrixMap<T> D = routing.dispatch_weights(), C = routing.combine_weights();  // [T, S]
     const ConstMatrixMap<T> dD(grad_dispatch, T_, S), dC(grad_combine, T_, S);              // [T, S]
     // Combine: softmax over the slots of each row.
@@ -446,8 +453,6 @@ class SoftRouter {
         for (index_t j = 0; j < S; ++j) dlogits(t, j) += D(t, j) * (dD(t, j) - column_dot[j]);
     }
     const ConstMatrixMap<T> phi_map = phi();  // [d, S]
-    const auto rows = static_cast<std::size_t>(T_), width = static_cast<std::size_t>(d), slots = static_cast<std::size_t>(S);
-    const auto ldx = static_cast<std::size_t>(x.outerStride());
     simd::matmul_nn_strided(arch, x.data(), ldx, rows, width, phi_map.data(), slots, slots, product.data(), slots, false);
     const auto scale = static_cast<T>(options_.scale);
     T dscale(0);
@@ -487,7 +492,7 @@ class SoftRouter {
     simd::matmul_nn_strided(arch, dproduct.data(), slots, rows, slots, phi_t.data(), width, width, dx.data(),
                             static_cast<std::size_t>(dx.outerStride()), true);
     simd::matmul_tn_strided(arch, x.data(), ldx, rows, width, dproduct.data(), slots, slots, dphi.data(),
-                            static_cast<std::size_t>(dphi.outerStride()), true);
+                            static_cast<std::size_t>(dphi.outerStride()), true, x_packing);
     return dscale;
   }
 

@@ -25,8 +25,8 @@
 // more, so a chunk read in place touched 128 pages for every token block, more than the TLB
 // holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
 // whose x is read down its columns, also packs x's token blocks into scratch when its caller
-// passes some, chunk by chunk, and where that packed x is large, takes the depth one chunk at a
-// time outside the panels (kTNGroupBytes). None of this changes an operand or the order of the
+// passes some and enough panels read them (tn_packs_x), chunk by chunk, and where that packed x is
+// large, takes the depth one chunk at a time outside the panels (kTNGroupBytes). None of this changes an operand or the order of the
 // sums.
 #include <algorithm>
 #include <cstddef>
@@ -154,6 +154,28 @@ void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw
 // chunk by chunk of its rows.
 constexpr std::size_t tn_packing_size(std::size_t k, std::size_t m) noexcept { return k * m; }
 
+// Whether matmul_nn_any takes row blocks outside and every panel inside (a shallow w, or one panel),
+// rather than giving the threads column panels.
+template <class Arch, class T>
+bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
+  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  return (k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes) || n <= panel;
+}
+
+// Whether matmul_tn, given scratch, packs x [k, m] (rows ldx apart) for y [m, n]: where threads take
+// column panels, and either kTNMinPackedPanels panels or more read the copy, or x's rows are a whole
+// number of pages apart (read in place, a token block's lines then fall in the same few L1 sets).
+// Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), 512–4,096
+// tokens, two threads: over 128 slots (2 panels) with d = 768, 1.08–1.29× the time packed; with
+// d = 1,024, 0.75–0.89; over 192 slots (3 panels), d = 768, 0.90–1.01 (one thread 0.61–0.95).
+inline constexpr std::size_t kTNMinPackedPanels = 3;
+template <class Arch, class T>
+bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
+  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  if (k == 0 || m == 0 || nn_rows_outside<Arch, T>(k, n)) return false;
+  return (n + panel - 1) / panel >= kTNMinPackedPanels || ldx * sizeof(T) % 4096 == 0;
+}
+
 // Where pack_token_blocks puts row i0 of the token block at column j (mb columns wide), for chunks
 // of `chunk` rows: chunk by chunk, and within a chunk block after block, row after row, so that
 // the token blocks meeting one depth chunk read one stream. (With each block's rows whole, one
@@ -274,8 +296,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   static_assert(kNNTokenBlock == 6, "one case per token block size");
   const bool parallel = worth_threads<T>(m, n, k);
   const auto panels = static_cast<std::ptrdiff_t>((n + panel - 1) / panel);
-  const bool shallow = k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes;
-  if (shallow || panels == 1) {
+  if (nn_rows_outside<Arch, T>(k, n)) {
     // Row blocks outside: a shallow w (a weight's gradient from a few tokens) stays in cache whole
     // and y is the stream, each row written in address order; a one-panel w gives the threads
     // row blocks to share, where it has a single panel.
@@ -287,7 +308,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     });
     return;
   }
-  if (XT && x_packing != nullptr) {
+  if (XT && x_packing != nullptr && tn_packs_x<Arch, T>(k, m, n, ldx)) {
     pack_token_blocks(x, ldx, k, m, chunk, x_packing, parallel);
     x_packed = x_packing;
   }
@@ -336,8 +357,8 @@ void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n]; x, w and y rows ldx, ldw and ldy apart.
 // `x_packing`, if not null, holds tn_packing_size(k, m) elements, which may not overlap x, w or y:
-// where threads would take column panels, x is packed there (the same bits, faster; what it
-// holds on return is unspecified).
+// where tn_packs_x, x is packed there (the same bits, faster; what it holds on return is
+// unspecified).
 template <class Arch, class T>
 void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, std::size_t m, const T* w, std::size_t ldw,
                        std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing = nullptr) noexcept {
