@@ -30,6 +30,7 @@
 // sums.
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 #include "../core/config.hpp"
 #include "../core/threads.hpp"
@@ -75,7 +76,7 @@ constexpr std::size_t nn_panel_vectors() noexcept {
 // block's first row and column).
 template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
 void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, T* y, std::size_t ldy,
-              bool from_zero) noexcept {
+              bool from_zero, bool stream) noexcept {
   using B = batch<T, Arch>;
   constexpr std::size_t L = B::size;
   B acc[MB][NV];
@@ -88,6 +89,11 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
       const B xv(x[XT ? i * ldx + j : j * ldx + i]);
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = simd::fma(xv, wv[v], acc[j][v]);
     }
+  }
+  if (stream) {
+    MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
+      MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) store_line(acc[j][v], y + j * ldy + v * L);
+    return;
   }
   MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
     MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v].store_unaligned(y + j * ldy + v * L);
@@ -129,10 +135,10 @@ void nn_tail(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std
 // at w's last column (w has k rows from its pointer). Whole vectors, then the rest (nn_tail).
 template <std::size_t MB, bool XT, class Arch, class T>
 void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, std::size_t k,
-               T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+               T* y, std::size_t ldy, bool from_zero, bool stream, std::size_t width) noexcept {
   constexpr std::size_t L = batch<T, Arch>::size;
   std::size_t c = 0;
-  for (; c + L <= width; c += L) nn_block<MB, 1, XT>(arch, x, ldx, w + c, ldw, depth, y + c, ldy, from_zero);
+  for (; c + L <= width; c += L) nn_block<MB, 1, XT>(arch, x, ldx, w + c, ldw, depth, y + c, ldy, from_zero, stream);
   if (c == width) return;
   const std::size_t rem = width - c;
   // A full load at row i ends (k - 1 - i) · ldw + rem - L elements short of w's last element, so
@@ -144,10 +150,10 @@ void nn_narrow(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t l
 
 template <std::size_t MB, bool XT, class Arch, class T>
 void nn_rows(Arch arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, std::size_t k,
-             T* y, std::size_t ldy, bool from_zero, std::size_t width) noexcept {
+             T* y, std::size_t ldy, bool from_zero, bool stream, std::size_t width) noexcept {
   constexpr std::size_t NV = nn_panel_vectors<Arch>();
-  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV, XT>(arch, x, ldx, w, ldw, depth, y, ldy, from_zero);
-  else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, depth, k, y, ldy, from_zero, width);
+  if (width == NV * batch<T, Arch>::size) nn_block<MB, NV, XT>(arch, x, ldx, w, ldw, depth, y, ldy, from_zero, stream);
+  else nn_narrow<MB, XT>(arch, x, ldx, w, ldw, depth, k, y, ldy, from_zero, stream, width);
 }
 
 // Scratch elements matmul_tn takes to pack x [k, m]: its token blocks, kNNTokenBlock columns each,
@@ -238,6 +244,16 @@ MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std:
   }
 }
 
+// Whether the product may write y [m, n] (rows ldy apart) with store_line, where a block's depth chunk
+// is the whole depth: y written over (not added to), large, in whole aligned lines. Such a y is
+// not read again by the product, and at kNNStreamBytes or more no cache keeps it for long.
+inline constexpr std::size_t kNNStreamBytes = std::size_t(1) << 20;
+template <class Arch, class T>
+bool streams_y(std::size_t m, std::size_t n, const T* y, std::size_t ldy, bool accumulate) noexcept {
+  return streams_lines<Arch, T>() && !accumulate && m * n * sizeof(T) >= kNNStreamBytes &&
+         reinterpret_cast<std::uintptr_t>(y) % 64 == 0 && ldy * sizeof(T) % 64 == 0;
+}
+
 // y [m, n] (+)= a [m, k] · w [k, n], where a = x (x [m, k], rows ldx apart) or, with XT, a = xᵀ
 // (x [k, m], rows ldx apart); w rows ldw apart, y rows ldy apart. With `accumulate` the sums start
 // from y, else from 0. `x_packing` (XT only; may be null) holds tn_packing_size(k, m) elements,
@@ -257,12 +273,13 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   // cache still takes the deep chunks: speed, not bits).
   const std::size_t chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
   const T* x_packed = nullptr;  // x's token blocks (pack_token_blocks), once packed
+  const bool stream_y = XT && streams_y<Arch, T>(m, n, y, ldy, accumulate);  // (a weight gradient)
   // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1), with w's
   // row i0 + r at wc + r · ldwc (in place, or a packed chunk). The kernels see the depth from i0
   // (and w's rows left from there, which only a narrow panel's tail reads, never a packed one).
   auto block = [&](std::size_t j, std::size_t c0, std::size_t i0, std::size_t i1, const T* wc, std::size_t ldwc) {
     const std::size_t width = std::min(panel, n - c0), mb = std::min(kNNTokenBlock, m - j);
-    const bool from_zero = i0 == 0 && !accumulate;
+    const bool from_zero = i0 == 0 && !accumulate, stream = stream_y && i0 == 0 && i1 == k;
     const bool packed = XT && x_packed != nullptr;  // (matmul_nn never packs x)
     const std::size_t ldxb = packed ? mb : ldx;
     const T* xb = packed ? x_packed + packed_token_offset(k, m, chunk, i0, j, mb)
@@ -274,19 +291,19 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     // on from y, or are stored there, in rows a page or more apart, which the hardware prefetchers do
     // not follow. (backward_bench, a weight gradient over 1,024–2,048 tokens, one thread: 0.98 of the
     // time. The dx product, x in place, took 0.97–1.03× as long with it.)
-    if (packed && j + kNNTokenBlock < m) {
+    if (packed && !stream && j + kNNTokenBlock < m) {
       const std::size_t next_rows = std::min(kNNTokenBlock, m - j - kNNTokenBlock);
       for (std::size_t r = 0; r < next_rows; ++r)
         for (std::size_t e = 0; e < width; e += 64 / sizeof(T))
           prefetch_for_write(yb + (kNNTokenBlock + r) * ldy + e);
     }
     switch (mb) {
-      case 6: nn_rows<6, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
-      case 5: nn_rows<5, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
-      case 4: nn_rows<4, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
-      case 3: nn_rows<3, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
-      case 2: nn_rows<2, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
-      default: nn_rows<1, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, width); break;
+      case 6: nn_rows<6, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
+      case 5: nn_rows<5, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
+      case 4: nn_rows<4, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
+      case 3: nn_rows<3, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
+      case 2: nn_rows<2, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
+      default: nn_rows<1, XT>(arch, xb, ldxb, wc, ldwc, depth, rows_left, yb, ldy, from_zero, stream, width); break;
     }
   };
   // The same over kNNDepthChunk rows from i0, reading w in place.
@@ -305,6 +322,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
       const std::size_t j = static_cast<std::size_t>(r) * kNNTokenBlock;
       for (std::size_t c0 = 0; c0 < n; c0 += panel)
         for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) block_in_place(j, c0, i0);
+      if (stream_y) store_fence();
     });
     return;
   }
@@ -329,12 +347,14 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
         if (n - c0 < panel || r1 - r0 <= kNNTokenBlock) {
           for (std::size_t i0 = d0; i0 < d1; i0 += kNNDepthChunk)
             for (std::size_t j = r0; j < r1; j += kNNTokenBlock) block_in_place(j, c0, i0);
+          if (stream_y) store_fence();
           return;
         }
         if (chunk == kNNDeepChunk)
           packed_panel<kNNDeepChunk, panel>(w, ldw, d0, d1, r0, r1, c0, block);
         else
           packed_panel<kNNDepthChunk, panel>(w, ldw, d0, d1, r0, r1, c0, block);
+        if (stream_y) store_fence();
       });
     }
   }
