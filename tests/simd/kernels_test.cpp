@@ -2092,15 +2092,16 @@ TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outs
 // matmul_tn writing a large y over in one pass over the depth, on aligned rows: on AVX-512 it stores
 // y's lines past the caches (simd::streams_y). The bits of the same product into rows off 64-byte
 // lines (stored as usual), a sample of elements against their chains, and nothing written outside
-// y's columns. Paths: a shallow product (row blocks outside), panels read in place (k within one
-// chunk), and panels over packed x in one deep chunk; each with a narrow last panel and a tail.
+// y's columns. Paths: a shallow product (row blocks outside, which stream only up to
+// kNNStreamRowsDepth rows deep), panels read in place (k within one chunk), and panels over packed x
+// in one deep chunk; each with a narrow last panel and a tail.
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
   const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2);  // shallow, panels in place, over packed x
-  const std::size_t k = path == 0 ? 40 : path == 1 ? 100 : 300;
+  const std::size_t k = path == 0 ? moe::simd::kNNStreamRowsDepth : path == 1 ? 100 : 300;
   // (Panels in place: a w deeper than shallow, kNNShallowBytes, though k is within one chunk.)
   const std::size_t wide = (moe::simd::kNNShallowBytes / (k * sizeof(T)) / panel + 1) * panel;
   const std::size_t n = (path == 0 ? panel : path == 1 ? wide : 3 * panel) + L + 3;
@@ -2112,8 +2113,9 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
   fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
   fill_uniform(w.data(), w.size(), -1.0, 1.0, rng);
   Guarded<T> y = output<T>(m * ldy, 0), y_plain = output<T>(m * ldy_plain, 0);
-  REQUIRE(moe::simd::streams_y<Arch, T>(m, n, y.data(), ldy, false) == moe::simd::streams_lines<Arch, T>());
-  REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(m, n, y_plain.data(), ldy_plain, false));
+  REQUIRE(moe::simd::streams_y<Arch, T>(k, m, n, y.data(), ldy, false) == moe::simd::streams_lines<Arch, T>());
+  REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(k, m, n, y_plain.data(), ldy_plain, false));
+  if (path == 0) REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(k + 1, m, n, y.data(), ldy, false));
   REQUIRE(moe::simd::tn_packs_x<Arch, T>(k, m, n, m) == (path != 0));
   std::vector<T> packing(path == 2 ? moe::simd::tn_packing_size(k, m) : 0);
   T* const scratch = path == 2 ? packing.data() : nullptr;
