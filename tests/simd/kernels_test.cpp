@@ -1959,8 +1959,8 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   }
   Guarded<T> y_packing = y;
   moe::simd::matmul_tn_strided(Arch{}, x.data(), ldx, k, m, w.data(), ldw, n, y.data(), ldy, accumulate);
-  // With scratch to pack x in (which the deep path takes): the same bits, and nothing written
-  // outside the scratch.
+  // With scratch to pack x in (which the shapes of three panels or more take: tn_packs_x): the same
+  // bits, and nothing written outside the scratch.
   Guarded<T> packing = output<T>(moe::simd::tn_packing_size(k, m), 0);
   moe::simd::matmul_tn_strided(Arch{}, x.data(), ldx, k, m, w.data(), ldw, n, y_packing.data(), ldy, accumulate,
                                packing.data());
@@ -2089,20 +2089,39 @@ TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outs
   CHECK(chains_differing == 0);
 }
 
-// matmul_tn writing a large y over in one pass over the depth, on aligned rows: on AVX-512 it stores
-// y's lines past the caches (simd::streams_y). The bits of the same product into rows off 64-byte
-// lines (stored as usual), a sample of elements against their chains, and nothing written outside
-// y's columns. Paths: a shallow product (row blocks outside, which stream only up to
-// kNNStreamRowsDepth rows deep), panels read in place (k within one chunk), and panels over packed x
-// in one deep chunk; each with a narrow last panel and a tail.
+// Where matmul_tn packs x given scratch: three panels or more, or fewer where x's rows are a whole
+// number of 4 KiB pages apart; never where row blocks go outside (a shallow w, or one panel).
+TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page apart", "[simd][matmul]", float,
+                   double) {
+  using T = TestType;
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
+  const std::size_t k = 300, m = 40, page_row = 4096 / sizeof(T);
+  CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel + 1, m));
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel, m));
+  CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel, page_row));
+  CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, panel + 1, 2 * page_row));
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel + 1, page_row + 1));
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel, page_row));                  // one panel
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(100, m, 3 * panel, m));                  // shallow
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(0, m, 3 * panel, m));
+}
+
+// matmul_tn with YStore::past_caches writing a large y over in one pass over the depth, on aligned
+// rows: on AVX-512 it stores y's lines past the caches (simd::streams_y). The bits of the same
+// product into rows off 64-byte lines (stored as usual), a sample of elements against their chains,
+// and nothing written outside y's columns. Paths: a shallow product (row blocks outside, which
+// stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
+// and panels over packed x in one deep chunk; each with a narrow last panel and a tail. (Whether
+// the stores did go past the caches is not visible here; on AVX-512, a streamed store of the wrong
+// value fails 12 of the assertions.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
-  const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2);  // shallow, panels in place, over packed x
+  const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2);  // shallow, x in place, x packed
   const std::size_t k = path == 0 ? moe::simd::kNNStreamRowsDepth : path == 1 ? 100 : 300;
-  // (Panels in place: a w deeper than shallow, kNNShallowBytes, though k is within one chunk.)
+  // (x in place: a w larger than a shallow one, kNNShallowBytes, though k is within one chunk.)
   const std::size_t wide = (moe::simd::kNNShallowBytes / (k * sizeof(T)) / panel + 1) * panel;
   const std::size_t n = (path == 0 ? panel : path == 1 ? wide : 3 * panel) + L + 3;
   const std::size_t m = moe::simd::kNNStreamBytes / (n * sizeof(T)) + 7;
@@ -2119,9 +2138,12 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
   REQUIRE(moe::simd::tn_packs_x<Arch, T>(k, m, n, m) == (path != 0));
   std::vector<T> packing(path == 2 ? moe::simd::tn_packing_size(k, m) : 0);
   T* const scratch = path == 2 ? packing.data() : nullptr;
-  moe::simd::matmul_tn_strided(Arch{}, x.data(), m, k, m, w.data(), n, n, y.data(), ldy, false, scratch);
-  moe::simd::matmul_tn_strided(Arch{}, x.data(), m, k, m, w.data(), n, n, y_plain.data(), ldy_plain, false, scratch);
+  constexpr auto past_caches = moe::simd::YStore::past_caches;
+  moe::simd::matmul_tn_strided(Arch{}, x.data(), m, k, m, w.data(), n, n, y.data(), ldy, false, scratch, past_caches);
+  moe::simd::matmul_tn_strided(Arch{}, x.data(), m, k, m, w.data(), n, n, y_plain.data(), ldy_plain, false, scratch,
+                               past_caches);
   CHECK(y.guards_intact());
+  CHECK(y_plain.guards_intact());
   std::size_t differing = 0, chains_differing = 0, padding_written = 0;
   for (std::size_t j = 0; j < m; ++j) {
     for (std::size_t c = 0; c < n; ++c) differing += !(y[j * ldy + c] == y_plain[j * ldy_plain + c]);

@@ -94,12 +94,13 @@ class FeedForward {
                ff = static_cast<std::size_t>(d_ff());
     T* hidden = scratch;                // [m, d_ff] act(pre), then ∂L/∂pre
     T* packing = scratch + rows * ff;   // [m, max(d, d_ff)]
+    constexpr auto gradient = simd::YStore::past_caches;  // (read by the optimizer, after the whole backward)
     std::copy(saved, saved + rows * ff, hidden);
     for (std::size_t j = 0; j < rows; ++j) simd::activate<Activation>(arch, hidden + j * ff, ff);
-    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate, packing);  // [d, d_ff] dyᵀ · hidden
-    simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);                    // dy · w_out
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_out.data(), accumulate, packing, gradient);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_nn(arch, dy, rows, d, w_out_.data(), ff, hidden, false);                              // dy · w_out
     for (std::size_t j = 0; j < rows; ++j) simd::activation_backward<Activation>(arch, saved + j * ff, hidden + j * ff, ff);
-    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate, packing);    // [d_ff, d] d_preᵀ · x
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_in.data(), accumulate, packing, gradient);    // [d_ff, d] d_preᵀ · x
     simd::matmul_nn(arch, hidden, rows, ff, w_in_.data(), d, dx, false);
   }
 

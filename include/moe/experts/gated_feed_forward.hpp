@@ -113,14 +113,15 @@ class GatedFeedForward {
     T* hidden = scratch;               // [m, d_ff] act(gate) ⊙ up, then ∂L/∂gate
     T* d_hidden = scratch + rows * ff; // [m, d_ff] dy · w_down, then ∂L/∂up
     T* packing = d_hidden + rows * ff; // [m, max(d, d_ff)]
+    constexpr auto gradient = simd::YStore::past_caches;  // (read by the optimizer, after the whole backward)
     simd::gated_hidden_rows<Activation>(arch, gate, up, rows, ff, hidden);
-    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate, packing);  // [d, d_ff] dyᵀ · hidden
+    simd::matmul_tn(arch, dy, rows, d, hidden, ff, grad.w_down.data(), accumulate, packing, gradient);  // [d, d_ff] dyᵀ · hidden
     simd::matmul_nn(arch, dy, rows, d, w_down_.data(), ff, d_hidden, false);
     for (std::size_t j = 0; j < rows; ++j) {
       simd::gated_activation_backward<Activation>(arch, gate + j * ff, up + j * ff, d_hidden + j * ff, hidden + j * ff, ff);
     }
-    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate, packing);  // [d_ff, d] d_gateᵀ · x
-    simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate, packing);  // [d_ff, d] d_upᵀ · x
+    simd::matmul_tn(arch, hidden, rows, ff, x, d, grad.w_gate.data(), accumulate, packing, gradient);  // [d_ff, d] d_gateᵀ · x
+    simd::matmul_tn(arch, d_hidden, rows, ff, x, d, grad.w_up.data(), accumulate, packing, gradient);  // [d_ff, d] d_upᵀ · x
     simd::matmul_nn(arch, hidden, rows, ff, w_gate_.data(), d, dx, false);
     simd::matmul_nn(arch, d_hidden, rows, ff, w_up_.data(), d, dx, true);
   }

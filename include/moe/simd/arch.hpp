@@ -57,9 +57,9 @@ constexpr std::size_t vector_registers() noexcept {
   return std::is_base_of<xsimd::avx512f, Arch>::value ? 32 : 16;
 }
 
-// A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines that are read
-// once, by a copy); with ForWrite, of a line that will be read and then written (PREFETCHW where
-// the target has it).
+// A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines read later, not
+// by the loop that fetches them); with ForWrite, of a line that will be read and then written
+// (PREFETCHW where the target has it).
 template <int Locality = 3, bool ForWrite = false>
 inline void prefetch(const void* p) noexcept {
 #if defined(__GNUC__)

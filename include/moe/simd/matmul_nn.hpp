@@ -25,9 +25,10 @@
 // more, so a chunk read in place touched 128 pages for every token block, more than the TLB
 // holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
 // whose x is read down its columns, also packs x's token blocks into scratch when its caller
-// passes some and enough panels read them (tn_packs_x), chunk by chunk, and where that packed x is
-// large, takes the depth one chunk at a time outside the panels (kTNGroupBytes). None of this changes an operand or the order of the
-// sums.
+// passes some, chunk by chunk, where that pays (tn_packs_x: three panels or more, or x's rows pages
+// apart), and where that packed x is large, takes the depth one chunk at a time outside the panels
+// (kTNGroupBytes). A weight gradient written over in one pass over the depth may go past the caches
+// (YStore, streams_y). None of this changes an operand or the order of the sums.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -171,9 +172,10 @@ bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
 // Whether matmul_tn, given scratch, packs x [k, m] (rows ldx apart) for y [m, n]: where threads take
 // column panels, and either kTNMinPackedPanels panels or more read the copy, or x's rows are a whole
 // number of pages apart (read in place, a token block's lines then fall in the same few L1 sets).
-// Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), 512–4,096
-// tokens, two threads: over 128 slots (2 panels) with d = 768, 1.08–1.29× the time packed; with
-// d = 1,024, 0.75–0.89; over 192 slots (3 panels), d = 768, 0.90–1.01 (one thread 0.61–0.95).
+// Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), two
+// threads, 256–4,096 tokens: over 128 slots (2 panels) with d = 768, 1.06–1.34× the time packed; with
+// d = 1,024 (512 and 2,048 tokens), 0.75–0.89; over 192 slots (3 panels), d = 768, 0.90–1.01 (one
+// thread 0.61–0.95). (session 57)
 inline constexpr std::size_t kTNMinPackedPanels = 3;
 template <class Arch, class T>
 bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
@@ -255,6 +257,9 @@ MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std:
 // 0.94–0.96.
 inline constexpr std::size_t kNNStreamBytes = std::size_t(1) << 20;
 inline constexpr std::size_t kNNStreamRowsDepth = 8;
+// How matmul_tn stores y: as usual, or past the caches where streams_y, for a y that nothing reads
+// soon (a weight gradient, read by the optimizer after the whole backward).
+enum class YStore { cached, past_caches };
 template <class Arch, class T>
 bool streams_y(std::size_t k, std::size_t m, std::size_t n, const T* y, std::size_t ldy, bool accumulate) noexcept {
   return streams_lines<Arch, T>() && !accumulate && m * n * sizeof(T) >= kNNStreamBytes &&
@@ -268,7 +273,7 @@ bool streams_y(std::size_t k, std::size_t m, std::size_t n, const T* y, std::siz
 // which may not overlap x, w or y.
 template <bool XT, class Arch, class T>
 void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
-                   std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing) noexcept {
+                   std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing, YStore y_store) noexcept {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
@@ -281,7 +286,8 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   // cache still takes the deep chunks: speed, not bits).
   const std::size_t chunk = m * panel * sizeof(T) > kNNCachedPanelBytes ? kNNDeepChunk : kNNDepthChunk;
   const T* x_packed = nullptr;  // x's token blocks (pack_token_blocks), once packed
-  const bool stream_y = XT && streams_y<Arch, T>(k, m, n, y, ldy, accumulate);  // (a weight gradient)
+  // (k within a chunk: otherwise no block covers the whole depth)
+  const bool stream_y = y_store == YStore::past_caches && k <= chunk && streams_y<Arch, T>(k, m, n, y, ldy, accumulate);
   // The token rows [j, j + kNNTokenBlock) of the panel at column c0 over depth [i0, i1), with w's
   // row i0 + r at wc + r · ldwc (in place, or a packed chunk). The kernels see the depth from i0
   // (and w's rows left from there, which only a narrow panel's tail reads, never a packed one).
@@ -373,7 +379,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
 template <class Arch, class T>
 void matmul_nn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::size_t k, const T* w, std::size_t ldw,
                        std::size_t n, T* y, std::size_t ldy, bool accumulate) noexcept {
-  matmul_nn_any<false>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, static_cast<T*>(nullptr));
+  matmul_nn_any<false>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, static_cast<T*>(nullptr), YStore::cached);
 }
 
 // y [m, n] (+)= x [m, k] · w [k, n] with contiguous rows.
@@ -386,11 +392,12 @@ void matmul_nn(Arch arch, const T* x, std::size_t m, std::size_t k, const T* w, 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n]; x, w and y rows ldx, ldw and ldy apart.
 // `x_packing`, if not null, holds tn_packing_size(k, m) elements, which may not overlap x, w or y:
 // where tn_packs_x, x is packed there (the same bits, faster; what it holds on return is
-// unspecified).
+// unspecified). With YStore::past_caches, y goes past the caches where streams_y (the same bits).
 template <class Arch, class T>
 void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, std::size_t m, const T* w, std::size_t ldw,
-                       std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing = nullptr) noexcept {
-  matmul_nn_any<true>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, x_packing);
+                       std::size_t n, T* y, std::size_t ldy, bool accumulate, T* x_packing = nullptr,
+                       YStore y_store = YStore::cached) noexcept {
+  matmul_nn_any<true>(arch, x, ldx, m, k, w, ldw, n, y, ldy, accumulate, x_packing, y_store);
 }
 
 // y [m, n] (+)= xᵀ · w for x [k, m] and w [k, n], contiguous rows: a weight's gradient, such as
@@ -398,8 +405,8 @@ void matmul_tn_strided(Arch arch, const T* x, std::size_t ldx, std::size_t k, st
 // Each element is one chain over the k rows in order, so the bits do not depend on the threads.
 template <class Arch, class T>
 void matmul_tn(Arch arch, const T* x, std::size_t k, std::size_t m, const T* w, std::size_t n, T* y,
-               bool accumulate, T* x_packing = nullptr) noexcept {
-  matmul_tn_strided(arch, x, m, k, m, w, n, n, y, n, accumulate, x_packing);
+               bool accumulate, T* x_packing = nullptr, YStore y_store = YStore::cached) noexcept {
+  matmul_tn_strided(arch, x, m, k, m, w, n, n, y, n, accumulate, x_packing, y_store);
 }
 
 }  // namespace simd
