@@ -253,8 +253,8 @@ MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std:
 // arithmetic hides the plain stores' traffic, and the stores past the caches cost a little. A weight
 // gradient [3,584, 1,024] into cold memory, one thread, against plain stores (medians of 129 calls,
 // two runs): 4–8 tokens 0.61–0.77 of the time; in row blocks 16–64 tokens 0.99–1.06; in panels 96–128
-// tokens 0.70–0.81 (where a panel's token block also stops fetching its next rows of y) and 512 tokens
-// 0.94–0.96.
+// tokens 0.70–0.82 (where a panel's token block also stops fetching its next rows of y) and 512 tokens
+// 0.93–0.96. (session 57)
 inline constexpr std::size_t kNNStreamBytes = std::size_t(1) << 20;
 inline constexpr std::size_t kNNStreamRowsDepth = 8;
 // How matmul_tn stores y: as usual, or past the caches where streams_y, for a y that nothing reads
