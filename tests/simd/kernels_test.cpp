@@ -2101,8 +2101,8 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
   CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel, page_row));
   CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, panel + 1, 2 * page_row));
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel + 1, page_row + 1));
-  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel, page_row));                  // one panel
-  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(100, m, 3 * panel, m));                  // shallow
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel, page_row));  // one panel
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(100, m, 3 * panel, m));   // shallow
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(0, m, 3 * panel, m));
 }
 
