@@ -2094,8 +2094,8 @@ TEMPLATE_TEST_CASE("simd::matmul_tn with a large packed x takes depth slabs outs
 TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page apart", "[simd][matmul]", float,
                    double) {
   using T = TestType;
-  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * kLanes<T>;
-  const std::size_t k = 300, m = 40, page_row = 4096 / sizeof(T);
+  constexpr std::size_t panel = moe::simd::nn_panel_columns<Arch, T>();
+  const std::size_t k = 300, m = 40, page_row = moe::simd::kPageBytes / sizeof(T);
   CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel + 1, m));
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel, m));
   CHECK(moe::simd::tn_packs_x<Arch, T>(k, m, 2 * panel, page_row));
@@ -2118,7 +2118,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
                    double) {
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
-  constexpr std::size_t panel = moe::simd::nn_panel_vectors<Arch>() * L;
+  constexpr std::size_t panel = moe::simd::nn_panel_columns<Arch, T>();
   const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2);  // shallow, x in place, x packed
   const std::size_t k = path == 0 ? moe::simd::kNNStreamRowsDepth : path == 1 ? 100 : 300;
   // (x in place: a w larger than a shallow one, kNNShallowBytes, though k is within one chunk.)

@@ -57,6 +57,8 @@ constexpr std::size_t vector_registers() noexcept {
   return std::is_base_of<xsimd::avx512f, Arch>::value ? 32 : 16;
 }
 
+inline constexpr std::size_t kPageBytes = 4096;  // where the hardware prefetcher stops
+
 // A read prefetch into every cache level (Locality 3), or not into L1 (2: for lines read later, not
 // by the loop that fetches them); with ForWrite, of a line that will be read and then written
 // (PREFETCHW where the target has it).

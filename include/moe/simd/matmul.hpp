@@ -148,7 +148,6 @@ struct PanelPrefetch {
 // while it meets the panel's weight rows: between chunks a register block's lane accumulators
 // are parked in memory and reloaded, which changes no bit (each lane still sums its k in order).
 inline constexpr std::size_t kChunkBytes = 4096;
-inline constexpr std::size_t kPageBytes = 4096;       // where the hardware prefetcher stops
 inline constexpr std::size_t kChunkAboveBytes = 8192;  // rows up to this long are not chunked
 inline constexpr std::size_t kMaxChunkedRows = 32;     // weight rows per panel the parking space holds
 

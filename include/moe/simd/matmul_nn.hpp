@@ -72,6 +72,12 @@ constexpr std::size_t nn_panel_vectors() noexcept {
   return vector_registers<Arch>() >= 32 ? 4 : 2;
 }
 
+// Columns of y per panel: nn_panel_vectors() vectors of T.
+template <class Arch, class T>
+constexpr std::size_t nn_panel_columns() noexcept {
+  return nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+}
+
 // y[j, 0 : NV·L) for j < MB over `depth` rows of w from its pointer: the sums start from 0 when
 // `from_zero`, else from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the
 // block's first row and column).
@@ -165,7 +171,7 @@ constexpr std::size_t tn_packing_size(std::size_t k, std::size_t m) noexcept { r
 // rather than giving the threads column panels.
 template <class Arch, class T>
 bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
-  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  constexpr std::size_t panel = nn_panel_columns<Arch, T>();
   return (k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes) || n <= panel;
 }
 
@@ -179,9 +185,9 @@ bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
 inline constexpr std::size_t kTNMinPackedPanels = 3;
 template <class Arch, class T>
 bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
-  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  constexpr std::size_t panel = nn_panel_columns<Arch, T>();
   if (k == 0 || m == 0 || nn_rows_outside<Arch, T>(k, n)) return false;
-  return (n + panel - 1) / panel >= kTNMinPackedPanels || ldx * sizeof(T) % 4096 == 0;
+  return (n + panel - 1) / panel >= kTNMinPackedPanels || ldx * sizeof(T) % kPageBytes == 0;
 }
 
 // Where pack_token_blocks puts row i0 of the token block at column j (mb columns wide), for chunks
@@ -280,7 +286,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
       for (std::size_t j = 0; j < m; ++j) std::fill(y + j * ldy, y + j * ldy + n, T(0));
     return;
   }
-  constexpr std::size_t panel = nn_panel_vectors<Arch>() * batch<T, Arch>::size;
+  constexpr std::size_t panel = nn_panel_columns<Arch, T>();
   // Packed panels' depth chunks: deeper where y's part of a panel outgrows the cache. Chosen once
   // for the whole of y, since it fixes packed x's layout too (a row group whose part of y fits the
   // cache still takes the deep chunks: speed, not bits).
