@@ -318,7 +318,8 @@ TEMPLATE_TEST_CASE("SoftRouter::backward over many slots, x packed for dΦ, matc
   using T = TestType;
   using Arch = moe::simd::default_arch;
   constexpr auto panel = static_cast<index_t>(moe::simd::nn_panel_columns<Arch, T>());
-  const index_t T_ = 200, d = 24, S = 3 * panel + 1;  // 200 tokens: deeper than one depth chunk
+  // 200 tokens: deeper than one depth chunk; d = 32: more rows of dΦ than bands take (kNNBandTokens).
+  const index_t T_ = 200, d = 32, S = 3 * panel + 1;
   const double scale = 1.5;
   REQUIRE(moe::simd::tn_packs_x<Arch, T>(std::size_t(T_), std::size_t(d), std::size_t(S), std::size_t(d)));
   std::mt19937 rng(57);

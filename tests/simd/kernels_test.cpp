@@ -77,7 +77,7 @@ T chain_step(T x, T y, T z) {
   }
 }
 
-// `n` elements starting `offset` elements into an aligned allocation, followed by `guard`
+// `n` elements starting `offset` elements into a 64-byte aligned allocation, followed by `guard`
 // elements. Everything outside [0, n) holds sentinel() until someone writes there.
 template <class T>
 class Guarded {
@@ -105,7 +105,7 @@ class Guarded {
  private:
   std::size_t n_;
   std::size_t offset_;
-  std::vector<T, Eigen::aligned_allocator<T>> storage_;
+  std::vector<T, moe::HugePageAllocator<T>> storage_;  // (64-byte aligned at least: whole cache lines)
 };
 
 // Guard elements after an output: more than a vector, so a whole stray store lands in them.
@@ -2044,6 +2044,60 @@ TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn keep each element's chain with
 #endif
 }
 
+// matmul_nn and matmul_tn (with scratch offered) on architecture A with m token rows against a w
+// deeper than a depth chunk (not shallow, so not row blocks outside): up to kNNBandTokens rows, the
+// product goes in bands (kNNBandRows rows, the last one partial, in groups of panels), beyond in
+// panels. `wide`: n spans three groups and ends in a narrow panel; else four panels, which two
+// groups of two share. Every element against its chain of multiply-adds, and y's padding kept.
+template <class T, class A>
+void check_bands(std::size_t m, bool wide, bool accumulate) {
+  constexpr std::size_t L = xsimd::batch<T, A>::size;
+  constexpr std::size_t panel = moe::simd::nn_panel_vectors<A>() * L;
+  const std::size_t k = 8 * moe::simd::kNNBandRows + 21;
+  const std::size_t n = wide ? 2 * (moe::simd::kNNBandBytes / sizeof(T)) + panel + L + 3 : 4 * panel;
+  CAPTURE(m, k, n, accumulate);
+  REQUIRE(!moe::simd::nn_rows_outside<A, T>(k, n));
+  REQUIRE(moe::simd::tn_packs_x<A, T>(k, m, n, m) == (m > moe::simd::kNNBandTokens));
+  auto rng = make_rng(m, n, accumulate);
+  const std::size_t ldy = n + 5;
+  std::vector<T> x(m * k), xt(k * m), w(k * n), y0(m * ldy, Guarded<T>::sentinel());
+  fill_uniform(x.data(), x.size(), -1.0, 1.0, rng);
+  fill_uniform(w.data(), w.size(), -1.0, 1.0, rng);
+  if (accumulate)
+    for (std::size_t j = 0; j < m; ++j) fill_uniform(y0.data() + j * ldy, n, -1.0, 1.0, rng);
+  for (std::size_t j = 0; j < m; ++j)
+    for (std::size_t i = 0; i < k; ++i) xt[i * m + j] = x[j * k + i];
+  std::vector<T> y_nn(y0), y_tn(y0), packing(moe::simd::tn_packing_size(k, m));
+  moe::simd::matmul_nn_strided(A{}, x.data(), k, m, k, w.data(), n, n, y_nn.data(), ldy, accumulate);
+  moe::simd::matmul_tn_strided(A{}, xt.data(), m, k, m, w.data(), n, n, y_tn.data(), ldy, accumulate, packing.data());
+  std::size_t differing = 0, padding_changed = 0;
+  for (std::size_t j = 0; j < m; ++j) {
+    for (std::size_t c = 0; c < n; ++c) {
+      T chain = accumulate ? y0[j * ldy + c] : T(0);
+      for (std::size_t i = 0; i < k; ++i) chain = chain_step(x[j * k + i], w[i * n + c], chain);
+      differing += !(y_nn[j * ldy + c] == chain) + !(y_tn[j * ldy + c] == chain);
+    }
+    for (std::size_t c = n; c < ldy; ++c)
+      padding_changed += !(y_nn[j * ldy + c] == Guarded<T>::sentinel()) + !(y_tn[j * ldy + c] == Guarded<T>::sentinel());
+  }
+  CHECK(differing == 0);
+  CHECK(padding_changed == 0);
+}
+
+TEMPLATE_TEST_CASE("simd::matmul_nn and matmul_tn take few token rows in bands, keeping each element's chain",
+                   "[simd][matmul]", float, double) {
+  // One row, one full token block, one and a ragged one, the most in bands, and one more (panels).
+  const std::size_t m =
+      GENERATE(as<std::size_t>{}, 1, 6, 13, moe::simd::kNNBandTokens, moe::simd::kNNBandTokens + 1);
+  const bool wide = GENERATE(false, true), accumulate = GENERATE(false, true);
+  SECTION("on this build's architecture") { check_bands<TestType, Arch>(m, wide, accumulate); }
+#if XSIMD_WITH_FMA3_AVX2
+  SECTION("on AVX2 with FMA (16 registers: panels of two vectors)") {
+    check_bands<TestType, xsimd::fma3<xsimd::avx2>>(m, wide, accumulate);
+  }
+#endif
+}
+
 // matmul_tn with packed x beyond kTNGroupBytes, which takes the depth in slabs of one chunk
 // outside the panels, and y's rows in groups where a slab is larger still: the bits of the product
 // without scratch (which does neither), every element in place and a sample against its chain, and
@@ -2104,16 +2158,17 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, m, panel, page_row));  // one panel
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(100, m, 3 * panel, m));   // shallow
   CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(0, m, 3 * panel, m));
+  CHECK_FALSE(moe::simd::tn_packs_x<Arch, T>(k, moe::simd::kNNBandTokens, 3 * panel, m));  // bands
 }
 
 // matmul_tn with YStore::past_caches writing a large y over in one pass over the depth, on aligned
-// rows: on AVX-512 it stores y's lines past the caches (simd::streams_y). The bits of the same
+// rows: with AVX-512 or AVX it stores y's lines past the caches (simd::streams_y). The bits of the same
 // product into rows off 64-byte lines (stored as usual), a sample of elements against their chains,
 // and nothing written outside y's columns. Paths: a shallow product (row blocks outside, which
 // stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
 // and panels over packed x in one deep chunk; each with a narrow last panel and a tail. (Whether
 // the stores did go past the caches is not visible here; on AVX-512, a streamed store of the wrong
-// value fails 12 of the assertions.)
+// value fails 12 of the assertions, as on AVX2.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
@@ -2125,7 +2180,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
   const std::size_t wide = (moe::simd::kNNShallowBytes / (k * sizeof(T)) / panel + 1) * panel;
   const std::size_t n = (path == 0 ? panel : path == 1 ? wide : 3 * panel) + L + 3;
   const std::size_t m = moe::simd::kNNStreamBytes / (n * sizeof(T)) + 7;
-  const std::size_t ldy = (n * sizeof(T) + 63) / 64 * 64 / sizeof(T), ldy_plain = n + 1;
+  const std::size_t ldy = (n * sizeof(T) + 63) / 64 * 64 / sizeof(T), ldy_plain = ldy + 1;
   CAPTURE(path, k, m, n);
   auto rng = make_rng(m, k, 23 + path);
   std::vector<T> x(k * m), w(k * n);

@@ -18,7 +18,8 @@
 // with the same bits. A shallow w (one chunk, at most kNNShallowBytes) stays in cache whole, and
 // then y is the stream: threads take row blocks, each running over every panel. So do they when w
 // is one panel wide (Soft MoE's logits x · Φ with few slots), which would otherwise leave one
-// thread all the work.
+// thread all the work. Few rows of y (kNNBandTokens) against a deep w take it in bands of a few
+// rows, several panels wide, so that w is read along its rows.
 //
 // Packing, where threads take panels: a full panel read by more than one token block copies each
 // depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
@@ -63,6 +64,21 @@ static_assert(kNNDeepChunk % kNNDepthChunk == 0, "a narrow panel's in-place chun
 // hold even its least group of 256 rows within that; over 2,048 tokens 0.93–0.97.)
 inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
 
+// Up to kNNBandTokens rows of y, where threads would take panels, the product goes in bands
+// instead: threads take groups of whole panels, kNNBandBytes of each row of w, and in each the depth
+// goes kNNBandRows rows at a time, every token block and panel meeting a band before the next. Few
+// token rows do little arithmetic per element of w, so reading w is the cost; a panel alone down
+// the depth read one to four lines of every row of w, rows a page or more apart, which the hardware
+// prefetchers hardly follow. In bands, w is read 2 KiB (32 lines) of a row at a time. dx = d_gate ·
+// W [3,584, 1,024] and dh = dy · W [1,024, 3,584] on cold weights, one thread, AMD EPYC (Zen 3,
+// AVX2), against a read of the same weights in the same iterations (medians of 41, two runs): 1–6
+// tokens 0.33–0.62 of the panels' time, 8–16 0.50–0.80, 24 0.84–0.96, and from 32 on slower. Bands
+// of 8 rows were as fast at 1–2 tokens and slower from 4; fetching the next band in software was no
+// faster. (session 58)
+inline constexpr std::size_t kNNBandRows = 16;
+inline constexpr std::size_t kNNBandBytes = 2048;
+inline constexpr std::size_t kNNBandTokens = 24;
+
 // Vectors of columns per register block: 6 × 4 accumulators + 4 loads + 1 broadcast fit AVX-512's
 // 32 vector registers; 6 × 2 + 2 + 1 fit the 16 of AVX2 and SSE. (6 rows and depth chunks of 128
 // — a panel's chunk is 32 KiB in float, within L1 — made backward_bench's train steps 1.24–1.46×
@@ -80,7 +96,8 @@ constexpr std::size_t nn_panel_columns() noexcept {
 
 // y[j, 0 : NV·L) for j < MB over `depth` rows of w from its pointer: the sums start from 0 when
 // `from_zero`, else from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the
-// block's first row and column).
+// block's first row and column). With `stream`, y's rows start on 64-byte lines and go past the
+// caches (store_line).
 template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
 void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, T* y, std::size_t ldy,
               bool from_zero, bool stream) noexcept {
@@ -97,7 +114,9 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = simd::fma(xv, wv[v], acc[j][v]);
     }
   }
-  if (stream) {
+  // Past the caches only where each row's NV vectors are whole lines (with AVX2, not a narrow
+  // panel's single vectors, half lines).
+  if (NV * L * sizeof(T) % 64 == 0 && stream) {
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) store_line(acc[j][v], y + j * ldy + v * L);
     return;
@@ -176,8 +195,9 @@ bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
 }
 
 // Whether matmul_tn, given scratch, packs x [k, m] (rows ldx apart) for y [m, n]: where threads take
-// column panels, and either kTNMinPackedPanels panels or more read the copy, or x's rows are a whole
-// number of pages apart (read in place, a token block's lines then fall in the same few L1 sets).
+// column panels (not bands: m > kNNBandTokens), and either kTNMinPackedPanels panels or more read
+// the copy, or x's rows are a whole number of pages apart (read in place, a token block's lines then
+// fall in the same few L1 sets).
 // Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), two
 // threads, 256–4,096 tokens: over 128 slots (2 panels) with d = 768, 1.06–1.34× the time packed; with
 // d = 1,024 (512 and 2,048 tokens), 0.75–0.89; over 192 slots (3 panels), d = 768, 0.90–1.01 (one
@@ -186,7 +206,7 @@ inline constexpr std::size_t kTNMinPackedPanels = 3;
 template <class Arch, class T>
 bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
   constexpr std::size_t panel = nn_panel_columns<Arch, T>();
-  if (k == 0 || m == 0 || nn_rows_outside<Arch, T>(k, n)) return false;
+  if (k == 0 || m == 0 || m <= kNNBandTokens || nn_rows_outside<Arch, T>(k, n)) return false;
   return (n + panel - 1) / panel >= kTNMinPackedPanels || ldx * sizeof(T) % kPageBytes == 0;
 }
 
@@ -343,6 +363,23 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
       for (std::size_t c0 = 0; c0 < n; c0 += panel)
         for (std::size_t i0 = 0; i0 < k; i0 += kNNDepthChunk) block_in_place(j, c0, i0);
       if (stream_y) store_fence();
+    });
+    return;
+  }
+  if (m <= kNNBandTokens) {
+    // Bands (above). Groups of at most half the panels, so that two threads share even a narrow w.
+    const std::size_t group_panels = std::max<std::size_t>(
+        1, std::min(kNNBandBytes / (panel * sizeof(T)), static_cast<std::size_t>(panels + 1) / 2));
+    const std::size_t group = group_panels * panel;
+    const auto groups = static_cast<std::ptrdiff_t>((n + group - 1) / group);
+    for_each_ahead(groups, parallel, [&](std::ptrdiff_t g, std::ptrdiff_t) {
+      const std::size_t c_begin = static_cast<std::size_t>(g) * group, c_end = std::min(n, c_begin + group);
+      for (std::size_t i0 = 0; i0 < k; i0 += kNNBandRows) {
+        const std::size_t i1 = std::min(k, i0 + kNNBandRows);
+        for (std::size_t j = 0; j < m; j += kNNTokenBlock)
+          for (std::size_t c0 = c_begin; c0 < c_end; c0 += panel) block(j, c0, i0, i1, w + i0 * ldw + c0, ldw);
+      }
+      if (stream_y) store_fence();  // (a band is the whole depth only where k <= kNNBandRows)
     });
     return;
   }
