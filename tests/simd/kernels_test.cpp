@@ -2162,13 +2162,13 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
 }
 
 // matmul_tn with YStore::past_caches writing a large y over in one pass over the depth, on aligned
-// rows: with AVX-512 or AVX it stores y's lines past the caches (simd::streams_y). The bits of the same
+// rows: on AVX-512 it stores y's lines past the caches (simd::streams_y). The bits of the same
 // product into rows off 64-byte lines (stored as usual), a sample of elements against their chains,
 // and nothing written outside y's columns. Paths: a shallow product (row blocks outside, which
 // stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
 // and panels over packed x in one deep chunk; each with a narrow last panel and a tail. (Whether
 // the stores did go past the caches is not visible here; on AVX-512, a streamed store of the wrong
-// value fails 12 of the assertions, as on AVX2.)
+// value fails 12 of the assertions.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;

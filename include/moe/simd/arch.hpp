@@ -74,45 +74,35 @@ inline void prefetch(const void* p) noexcept {
 // A prefetch of a line that will be read and then written.
 inline void prefetch_for_write(const void* p) noexcept { prefetch<3, true>(p); }
 
-// Whether store_line writes cache lines past the caches: with AVX-512, where a vector is one 64-byte
-// line, and with AVX, where a line is two vectors stored one after the other. A line written whole
-// and not read soon is then sent to memory without first being read from it, as a plain store's
-// line is. One thread writing 256 MiB: on an Intel Xeon (AVX-512) 9.4 GB/s with plain stores, 21.7
-// with these; on an AMD EPYC (Zen 3, AVX2) 15.4–16.2 and 21.2–22.0.
+// Whether store_line writes a whole cache line past the caches: where a vector is one 64-byte line
+// (AVX-512). A line written whole and not read soon is then sent to memory without first being read
+// from it, as a plain store's line is (on the Intel Xeon, 256 MiB written: 9.4 GB/s with plain
+// stores, 21.7 with these). Not with AVX2, a line in two stores: on an AMD EPYC (Zen 3), one thread
+// wrote 256 MiB at 21.2–22.0 GB/s with them against 15.4–16.2 with plain stores, yet a training
+// step's backward with the experts' weight gradients so streamed took 1.07–1.35× as long
+// (backward_bench, S1, T = 16–512, 2 threads, two rounds; session 58).
 template <class Arch, class T>
 constexpr bool streams_lines() noexcept {
-  constexpr bool real = std::is_same<T, float>::value || std::is_same<T, double>::value;
 #if XSIMD_WITH_AVX512F
-  if (std::is_base_of<xsimd::avx512f, Arch>::value) return real;
-#endif
-#if XSIMD_WITH_AVX
-  if (std::is_base_of<xsimd::avx, Arch>::value) return real;
-#endif
+  return std::is_base_of<xsimd::avx512f, Arch>::value && (std::is_same<T, float>::value || std::is_same<T, double>::value);
+#else
   return false;
+#endif
 }
 
-// Stores v at p, aligned to its size: a non-temporal store where streams_lines, else a plain one.
-// Where a line is more than one vector, the caller stores all of them, in address order, before
-// any other store to the line: the processor then writes the line whole. Other threads may read
-// such lines only after the writer's store_fence.
+// Stores v at p, 64-byte aligned: a non-temporal store where streams_lines, else a plain one. Other
+// threads may read such lines only after the writer's store_fence.
 template <class Arch, class T>
 inline void store_line(const batch<T, Arch>& v, T* p) noexcept {
-  if constexpr (streams_lines<Arch, T>()) {
 #if XSIMD_WITH_AVX512F
-    if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-      if constexpr (std::is_same<T, float>::value) _mm512_stream_ps(p, v);
-      else _mm512_stream_pd(p, v);
-      return;
-    }
-#endif
-#if XSIMD_WITH_AVX
-    if constexpr (std::is_base_of<xsimd::avx, Arch>::value) {
-      if constexpr (std::is_same<T, float>::value) _mm256_stream_ps(p, v);
-      else _mm256_stream_pd(p, v);
-      return;
-    }
-#endif
+  if constexpr (streams_lines<Arch, T>() && std::is_same<T, float>::value) {
+    _mm512_stream_ps(p, v);
+    return;
+  } else if constexpr (streams_lines<Arch, T>()) {
+    _mm512_stream_pd(p, v);
+    return;
   }
+#endif
   v.store_aligned(p);
 }
 

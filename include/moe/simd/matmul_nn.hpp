@@ -97,7 +97,7 @@ constexpr std::size_t nn_panel_columns() noexcept {
 // y[j, 0 : NV·L) for j < MB over `depth` rows of w from its pointer: the sums start from 0 when
 // `from_zero`, else from y. x rows ldx apart, w rows ldw apart, y rows ldy apart (pointers at the
 // block's first row and column). With `stream`, y's rows start on 64-byte lines and go past the
-// caches (store_line).
+// caches (store_line, where a vector is one line).
 template <std::size_t MB, std::size_t NV, bool XT, class Arch, class T>
 void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, std::size_t depth, T* y, std::size_t ldy,
               bool from_zero, bool stream) noexcept {
@@ -114,9 +114,7 @@ void nn_block(Arch, const T* x, std::size_t ldx, const T* w, std::size_t ldw, st
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) acc[j][v] = simd::fma(xv, wv[v], acc[j][v]);
     }
   }
-  // Past the caches only where each row's NV vectors are whole lines (with AVX2, not a narrow
-  // panel's single vectors, half lines).
-  if (NV * L * sizeof(T) % 64 == 0 && stream) {
+  if (stream) {
     MOE_UNROLL for (std::size_t j = 0; j < MB; ++j)
       MOE_UNROLL for (std::size_t v = 0; v < NV; ++v) store_line(acc[j][v], y + j * ldy + v * L);
     return;
