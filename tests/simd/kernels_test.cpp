@@ -77,7 +77,7 @@ T chain_step(T x, T y, T z) {
   }
 }
 
-// `n` elements starting `offset` elements into a 64-byte aligned allocation, followed by `guard`
+// `n` elements starting `offset` elements into an aligned allocation, followed by `guard`
 // elements. Everything outside [0, n) holds sentinel() until someone writes there.
 template <class T>
 class Guarded {
@@ -105,7 +105,7 @@ class Guarded {
  private:
   std::size_t n_;
   std::size_t offset_;
-  std::vector<T, moe::HugePageAllocator<T>> storage_;  // (64-byte aligned at least: whole cache lines)
+  std::vector<T, Eigen::aligned_allocator<T>> storage_;
 };
 
 // Guard elements after an output: more than a vector, so a whole stray store lands in them.
@@ -1934,7 +1934,7 @@ TEMPLATE_TEST_CASE("simd::matmul_tn(_strided) computes xᵀ · w and xᵀ · w +
   // m rows of y (x's columns): within one register block, several, and a ragged last block (100:
   // the last block of 4); k (x's and w's rows) as for matmul_nn, 300 spanning three depth chunks of
   // 128 and the deep (not shallow) path, and packed in tiles of 16 rows, the last one of 12; n from
-  // three panels on packs x (simd::tn_packs_x).
+  // three panels on packs x where m = 100 (simd::tn_packs_x; fewer rows go in bands).
   const std::size_t m = GENERATE(as<std::size_t>{}, 0, 1, 5, 7, 13, 100);
   const std::size_t k = GENERATE(as<std::size_t>{}, 0, 1, 3, 300);
   const std::size_t n = GENERATE_COPY(as<std::size_t>{}, 1, L + 1, panel, 2 * panel, panel + L + 1, 3 * panel + L + 1);
@@ -2077,8 +2077,8 @@ void check_bands(std::size_t m, bool wide, bool accumulate) {
       for (std::size_t i = 0; i < k; ++i) chain = chain_step(x[j * k + i], w[i * n + c], chain);
       differing += !(y_nn[j * ldy + c] == chain) + !(y_tn[j * ldy + c] == chain);
     }
-    for (std::size_t c = n; c < ldy; ++c)
-      padding_changed += !(y_nn[j * ldy + c] == Guarded<T>::sentinel()) + !(y_tn[j * ldy + c] == Guarded<T>::sentinel());
+    const T sentinel = Guarded<T>::sentinel();
+    for (std::size_t c = n; c < ldy; ++c) padding_changed += !(y_nn[j * ldy + c] == sentinel) + !(y_tn[j * ldy + c] == sentinel);
   }
   CHECK(differing == 0);
   CHECK(padding_changed == 0);
@@ -2166,7 +2166,8 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
 // product into rows off 64-byte lines (stored as usual), a sample of elements against their chains,
 // and nothing written outside y's columns. Paths: a shallow product (row blocks outside, which
 // stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
-// and panels over packed x in one deep chunk; each with a narrow last panel and a tail. (Whether
+// panels over packed x in one deep chunk, and bands (few rows of y, which stream only within one
+// band); each with a narrow last panel and a tail. (Whether
 // the stores did go past the caches is not visible here; on AVX-512, a streamed store of the wrong
 // value fails 12 of the assertions.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
@@ -2174,12 +2175,14 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
   using T = TestType;
   constexpr std::size_t L = kLanes<T>;
   constexpr std::size_t panel = moe::simd::nn_panel_columns<Arch, T>();
-  const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2);  // shallow, x in place, x packed
-  const std::size_t k = path == 0 ? moe::simd::kNNStreamRowsDepth : path == 1 ? 100 : 300;
+  const std::size_t path = GENERATE(as<std::size_t>{}, 0, 1, 2, 3);  // shallow, x in place, x packed, bands
+  const std::size_t band_rows = moe::simd::kNNBandRows, band_tokens = moe::simd::kNNBandTokens;
+  const std::size_t k = path == 0 ? moe::simd::kNNStreamRowsDepth : path == 1 ? 100 : path == 2 ? 300 : band_rows;
   // (x in place: a w larger than a shallow one, kNNShallowBytes, though k is within one chunk.)
   const std::size_t wide = (moe::simd::kNNShallowBytes / (k * sizeof(T)) / panel + 1) * panel;
-  const std::size_t n = (path == 0 ? panel : path == 1 ? wide : 3 * panel) + L + 3;
-  const std::size_t m = moe::simd::kNNStreamBytes / (n * sizeof(T)) + 7;
+  const std::size_t bands_wide = moe::simd::kNNStreamBytes / (band_tokens * sizeof(T));  // (and w not shallow)
+  const std::size_t n = (path == 0 ? panel : path == 1 ? wide : path == 2 ? 3 * panel : bands_wide) + L + 3;
+  const std::size_t m = path == 3 ? band_tokens : moe::simd::kNNStreamBytes / (n * sizeof(T)) + 7;
   const std::size_t ldy = (n * sizeof(T) + 63) / 64 * 64 / sizeof(T), ldy_plain = ldy + 1;
   CAPTURE(path, k, m, n);
   auto rng = make_rng(m, k, 23 + path);
@@ -2189,8 +2192,9 @@ TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with 
   Guarded<T> y = output<T>(m * ldy, 0), y_plain = output<T>(m * ldy_plain, 0);
   REQUIRE(moe::simd::streams_y<Arch, T>(k, m, n, y.data(), ldy, false) == moe::simd::streams_lines<Arch, T>());
   REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(k, m, n, y_plain.data(), ldy_plain, false));
-  if (path == 0) REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(k + 1, m, n, y.data(), ldy, false));
-  REQUIRE(moe::simd::tn_packs_x<Arch, T>(k, m, n, m) == (path != 0));
+  if (path == 0 || path == 3) REQUIRE_FALSE(moe::simd::streams_y<Arch, T>(k + 1, m, n, y.data(), ldy, false));
+  REQUIRE(moe::simd::nn_bands<Arch, T>(m, k, n) == (path == 3));
+  REQUIRE(moe::simd::tn_packs_x<Arch, T>(k, m, n, m) == (path == 1 || path == 2));
   std::vector<T> packing(path == 2 ? moe::simd::tn_packing_size(k, m) : 0);
   T* const scratch = path == 2 ? packing.data() : nullptr;
   constexpr auto past_caches = moe::simd::YStore::past_caches;

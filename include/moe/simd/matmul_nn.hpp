@@ -21,7 +21,7 @@
 // thread all the work. Few rows of y (kNNBandTokens) against a deep w take it in bands of a few
 // rows, several panels wide, so that w is read along its rows.
 //
-// Packing, where threads take panels: a full panel read by more than one token block copies each
+// Packing, where threads take single panels: a full panel read by more than one token block copies each
 // depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
 // more, so a chunk read in place touched 128 pages for every token block, more than the TLB
 // holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
@@ -73,8 +73,8 @@ inline constexpr std::size_t kTNGroupBytes = std::size_t(8) << 20;
 // W [3,584, 1,024] and dh = dy · W [1,024, 3,584] on cold weights, one thread, AMD EPYC (Zen 3,
 // AVX2), against a read of the same weights in the same iterations (medians of 41, two runs): 1–6
 // tokens 0.33–0.62 of the panels' time, 8–16 0.50–0.80, 24 0.84–0.96, and from 32 on slower. Bands
-// of 8 rows were as fast at 1–2 tokens and slower from 4; fetching the next band in software was no
-// faster. (session 58)
+// of 8 rows were as fast at 1–2 tokens and slower from 4, of 32 rows slower up to 16 tokens (1.2–1.7×
+// at 1–6); fetching the next band in software was no faster. (session 58)
 inline constexpr std::size_t kNNBandRows = 16;
 inline constexpr std::size_t kNNBandBytes = 2048;
 inline constexpr std::size_t kNNBandTokens = 24;
@@ -192,8 +192,15 @@ bool nn_rows_outside(std::size_t k, std::size_t n) noexcept {
   return (k <= kNNDepthChunk && k * n * sizeof(T) <= kNNShallowBytes) || n <= panel;
 }
 
+// Whether matmul_nn_any takes y's m rows in bands (kNNBandTokens, above): few rows where threads
+// would otherwise take panels.
+template <class Arch, class T>
+bool nn_bands(std::size_t m, std::size_t k, std::size_t n) noexcept {
+  return m <= kNNBandTokens && !nn_rows_outside<Arch, T>(k, n);
+}
+
 // Whether matmul_tn, given scratch, packs x [k, m] (rows ldx apart) for y [m, n]: where threads take
-// column panels (not bands: m > kNNBandTokens), and either kTNMinPackedPanels panels or more read
+// single column panels (not bands), and either kTNMinPackedPanels panels or more read
 // the copy, or x's rows are a whole number of pages apart (read in place, a token block's lines then
 // fall in the same few L1 sets).
 // Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), two
@@ -204,7 +211,7 @@ inline constexpr std::size_t kTNMinPackedPanels = 3;
 template <class Arch, class T>
 bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
   constexpr std::size_t panel = nn_panel_columns<Arch, T>();
-  if (k == 0 || m == 0 || m <= kNNBandTokens || nn_rows_outside<Arch, T>(k, n)) return false;
+  if (k == 0 || m == 0 || nn_rows_outside<Arch, T>(k, n) || nn_bands<Arch, T>(m, k, n)) return false;
   return (n + panel - 1) / panel >= kTNMinPackedPanels || ldx * sizeof(T) % kPageBytes == 0;
 }
 
@@ -270,15 +277,15 @@ MOE_NOINLINE void packed_panel(const T* w, std::size_t ldw, std::size_t d0, std:
   }
 }
 
-// Whether the product writes y [m, n] (rows ldy apart) with store_line where a block's depth chunk is
-// the whole depth: y written over (not added to), large, in whole aligned lines. The product does
+// Whether the product writes y [m, n] (rows ldy apart) with store_line where a block's depth chunk
+// is the whole depth: y written over (not added to), large, in whole aligned lines. The product does
 // not read such a y again, and at kNNStreamBytes or more no cache keeps it for long. Where row
-// blocks go outside (nn_rows_outside), only up to kNNStreamRowsDepth rows deep: deeper, their
-// arithmetic hides the plain stores' traffic, and the stores past the caches cost a little. A weight
-// gradient [3,584, 1,024] into cold memory, one thread, against plain stores (medians of 129 calls,
-// two runs): 4–8 tokens 0.61–0.77 of the time; in row blocks 16–64 tokens 0.99–1.06; in panels 96–128
-// tokens 0.70–0.82 (where a panel's token block also stops fetching its next rows of y) and 512 tokens
-// 0.93–0.96. (session 57)
+// blocks go outside (nn_rows_outside), only up to kNNStreamRowsDepth rows deep (deeper, their
+// arithmetic hides the plain stores' traffic, and the stores past the caches cost a little); in
+// bands (nn_bands), only within one band. A weight gradient [3,584, 1,024] into cold memory, one
+// thread, against plain stores (medians of 129 calls, two runs): 4–8 tokens 0.61–0.77 of the time;
+// in row blocks 16–64 tokens 0.99–1.06; in panels 96–128 tokens 0.70–0.82 (where a panel's token
+// block also stops fetching its next rows of y) and 512 tokens 0.93–0.96. (session 57)
 inline constexpr std::size_t kNNStreamBytes = std::size_t(1) << 20;
 inline constexpr std::size_t kNNStreamRowsDepth = 8;
 // How matmul_tn stores y: as usual, or past the caches where streams_y, for a y that nothing reads
@@ -288,6 +295,7 @@ template <class Arch, class T>
 bool streams_y(std::size_t k, std::size_t m, std::size_t n, const T* y, std::size_t ldy, bool accumulate) noexcept {
   return streams_lines<Arch, T>() && !accumulate && m * n * sizeof(T) >= kNNStreamBytes &&
          (k <= kNNStreamRowsDepth || !nn_rows_outside<Arch, T>(k, n)) &&
+         (k <= kNNBandRows || !nn_bands<Arch, T>(m, k, n)) &&
          reinterpret_cast<std::uintptr_t>(y) % 64 == 0 && ldy * sizeof(T) % 64 == 0;
 }
 
@@ -364,10 +372,12 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
     });
     return;
   }
-  if (m <= kNNBandTokens) {
-    // Bands (above). Groups of at most half the panels, so that two threads share even a narrow w.
+  if (nn_bands<Arch, T>(m, k, n)) {
+    // Bands (above), in groups of at most panels / threads (rounded up), so that every thread has one
+    // even where w is narrow.
+    const auto threads = static_cast<std::size_t>(open_region(parallel) ? std::max(1, max_threads()) : 1);
     const std::size_t group_panels = std::max<std::size_t>(
-        1, std::min(kNNBandBytes / (panel * sizeof(T)), static_cast<std::size_t>(panels + 1) / 2));
+        1, std::min(kNNBandBytes / (panel * sizeof(T)), (static_cast<std::size_t>(panels) + threads - 1) / threads));
     const std::size_t group = group_panels * panel;
     const auto groups = static_cast<std::ptrdiff_t>((n + group - 1) / group);
     for_each_ahead(groups, parallel, [&](std::ptrdiff_t g, std::ptrdiff_t) {
@@ -377,7 +387,7 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
         for (std::size_t j = 0; j < m; j += kNNTokenBlock)
           for (std::size_t c0 = c_begin; c0 < c_end; c0 += panel) block(j, c0, i0, i1, w + i0 * ldw + c0, ldw);
       }
-      if (stream_y) store_fence();  // (a band is the whole depth only where k <= kNNBandRows)
+      if (stream_y) store_fence();  // (in bands, only where one band is the whole depth)
     });
     return;
   }
