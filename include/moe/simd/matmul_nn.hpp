@@ -21,13 +21,13 @@
 // thread all the work. Few rows of y (kNNBandTokens) against a deep w take it in bands of a few
 // rows, several panels wide, so that w is read along its rows.
 //
-// Packing, where threads take single panels: a full panel read by more than one token block copies each
-// depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page or
-// more, so a chunk read in place touched 128 pages for every token block, more than the TLB
-// holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn,
-// whose x is read down its columns, also packs x's token blocks into scratch when its caller
-// passes some, chunk by chunk, where that pays (tn_packs_x: three panels or more, or x's rows pages
-// apart), and where that packed x is large, takes the depth one chunk at a time outside the panels
+// Packing, where threads take single panels: a full panel read by more than one token block copies
+// each depth chunk of w into one block on the stack (packed_panel; rows of w are far apart, a page
+// or more, so a chunk read in place touched 128 pages for every token block, more than the TLB
+// holds). Where y's panel outgrows the cache, the chunks are deeper (kNNDeepChunk). matmul_tn, whose
+// x is read down its columns, also packs x's token blocks into scratch when its caller passes some,
+// chunk by chunk, where that pays (tn_packs_x: three panels or more, or x's rows pages apart), and
+// where that packed x is large, takes the depth one chunk at a time outside the panels
 // (kTNGroupBytes). A weight gradient written over in one pass over the depth may go past the caches
 // (YStore, streams_y). None of this changes an operand or the order of the sums.
 #include <algorithm>
@@ -200,13 +200,12 @@ bool nn_bands(std::size_t m, std::size_t k, std::size_t n) noexcept {
 }
 
 // Whether matmul_tn, given scratch, packs x [k, m] (rows ldx apart) for y [m, n]: where threads take
-// single column panels (not bands), and either kTNMinPackedPanels panels or more read
-// the copy, or x's rows are a whole number of pages apart (read in place, a token block's lines then
-// fall in the same few L1 sets).
-// Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP (m = d, n = slots), two
-// threads, 256–4,096 tokens: over 128 slots (2 panels) with d = 768, 1.06–1.34× the time packed; with
-// d = 1,024 (512 and 2,048 tokens), 0.75–0.89; over 192 slots (3 panels), d = 768, 0.90–1.01 (one
-// thread 0.61–0.95). (session 57)
+// single column panels (not bands), and either kTNMinPackedPanels panels or more read the copy, or
+// x's rows are a whole number of pages apart (read in place, a token block's lines then fall in the
+// same few L1 sets). Elsewhere the copy costs more than it saves. Soft MoE's dΦ = xᵀ · dP
+// (m = d, n = slots), two threads, 256–4,096 tokens: over 128 slots (2 panels) with d = 768,
+// 1.06–1.34× the time packed; with d = 1,024 (512 and 2,048 tokens), 0.75–0.89; over 192 slots
+// (3 panels), d = 768, 0.90–1.01 (one thread 0.61–0.95). (session 57)
 inline constexpr std::size_t kTNMinPackedPanels = 3;
 template <class Arch, class T>
 bool tn_packs_x(std::size_t k, std::size_t m, std::size_t n, std::size_t ldx) noexcept {
