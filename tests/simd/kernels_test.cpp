@@ -2078,7 +2078,8 @@ void check_bands(std::size_t m, bool wide, bool accumulate) {
       differing += !(y_nn[j * ldy + c] == chain) + !(y_tn[j * ldy + c] == chain);
     }
     const T sentinel = Guarded<T>::sentinel();
-    for (std::size_t c = n; c < ldy; ++c) padding_changed += !(y_nn[j * ldy + c] == sentinel) + !(y_tn[j * ldy + c] == sentinel);
+    for (std::size_t c = n; c < ldy; ++c)
+      padding_changed += !(y_nn[j * ldy + c] == sentinel) + !(y_tn[j * ldy + c] == sentinel);
   }
   CHECK(differing == 0);
   CHECK(padding_changed == 0);
@@ -2167,9 +2168,8 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
 // and nothing written outside y's columns. Paths: a shallow product (row blocks outside, which
 // stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
 // panels over packed x in one deep chunk, and bands (few rows of y, which stream only within one
-// band); each with a narrow last panel and a tail. (Whether
-// the stores did go past the caches is not visible here; on AVX-512, a streamed store of the wrong
-// value fails 12 of the assertions.)
+// band); each with a narrow last panel and a tail. (Whether the stores did go past the caches is
+// not visible here; on AVX-512, a streamed store of the wrong value fails 12 of the assertions.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
