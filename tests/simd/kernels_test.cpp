@@ -2169,7 +2169,8 @@ TEMPLATE_TEST_CASE("simd::tn_packs_x packs for three panels, or for rows a page 
 // stream only up to kNNStreamRowsDepth rows deep), panels over x read in place (k within one chunk),
 // panels over packed x in one deep chunk, and bands (few rows of y, which stream only within one
 // band); each with a narrow last panel and a tail. (Whether the stores did go past the caches is
-// not visible here; on AVX-512, a streamed store of the wrong value fails 12 of the assertions.)
+// not visible here. A streamed store of the wrong value failed 12 assertions on AVX-512, session
+// 57, and the bits' checks of every path that streamed, bands too, on AVX2 with these stores tried.)
 TEMPLATE_TEST_CASE("simd::matmul_tn writes a large y over past the caches, with the same bits", "[simd][matmul]", float,
                    double) {
   using T = TestType;
