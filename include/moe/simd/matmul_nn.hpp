@@ -374,9 +374,10 @@ void matmul_nn_any(Arch arch, const T* x, std::size_t ldx, std::size_t m, std::s
   if (nn_bands<Arch, T>(m, k, n)) {
     // Bands (above), in groups of at most panels / threads (rounded up), so that every thread has one
     // even where w is narrow.
+    static_assert(kNNBandBytes >= panel * sizeof(T), "a group holds a panel");
     const auto threads = static_cast<std::size_t>(open_region(parallel) ? std::max(1, max_threads()) : 1);
-    const std::size_t group_panels = std::max<std::size_t>(
-        1, std::min(kNNBandBytes / (panel * sizeof(T)), (static_cast<std::size_t>(panels) + threads - 1) / threads));
+    const std::size_t group_panels =
+        std::min(kNNBandBytes / (panel * sizeof(T)), (static_cast<std::size_t>(panels) + threads - 1) / threads);
     const std::size_t group = group_panels * panel;
     const auto groups = static_cast<std::ptrdiff_t>((n + group - 1) / group);
     for_each_ahead(groups, parallel, [&](std::ptrdiff_t g, std::ptrdiff_t) {
